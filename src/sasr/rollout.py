@@ -1,0 +1,95 @@
+"""Sampling G completions per prompt (and greedy decoding for evaluation) with ``generate``.
+
+Prompts are chat messages rendered with the tokenizer's chat template and left-padded, so every row's
+completion starts at the same column. A completion ends at its first EOS (kept, so the model learns to stop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollouts:
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P]
+    completion_ids: torch.Tensor  # [B, T] right-padded
+    completion_mask: torch.Tensor  # [B, T] 1 up to and including the first EOS
+    texts: list[str]  # decoded completions, special tokens dropped
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)  # [B, P + T]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+
+def render_prompts(tokenizer, messages: list[list[dict[str, str]]]) -> list[str]:
+    """Chat messages -> prompt strings ending with the assistant turn's header."""
+    return [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_length: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Left-padded ids and mask [B, P]; over-long prompts keep their last ``max_length`` tokens."""
+    side = tokenizer.truncation_side
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
+    enc = tokenizer(
+        prompts,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        add_special_tokens=False,  # the chat template already holds them
+    )
+    tokenizer.truncation_side = side
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def completion_mask(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 for every token up to and including the first EOS of each row, 0 after. [B, T] -> [B, T]"""
+    is_eos = ids == eos_token_id
+    seen_before = torch.cumsum(is_eos.int(), dim=1) - is_eos.int()  # EOS count strictly before each position
+    return (seen_before == 0).long()
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    num_generations: int = 1,
+    max_new_tokens: int = 128,
+    max_prompt_length: int = 512,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+) -> Rollouts:
+    """``num_generations`` completions per prompt, grouped consecutively: rows g*i .. g*i+g-1 share prompt i."""
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_length, device)
+    prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)  # [B, P], B = prompts x G
+    prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
+    was_training = model.training
+    model.eval()
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    out = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+        **sampling,
+    )
+    model.train(was_training)
+    completion_ids = out[:, prompt_ids.size(1) :]  # [B, T]
+    if completion_ids.size(1) == 0:  # nothing generated at all: keep one pad column so shapes stay valid
+        completion_ids = torch.full_like(prompt_ids[:, :1], tokenizer.pad_token_id)
+    mask = completion_mask(completion_ids, tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, mask, texts)

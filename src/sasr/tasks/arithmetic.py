@@ -1,0 +1,84 @@
+"""`arithmetic`: multi-step integer expressions with a generated step-by-step chain of thought.
+
+A question is e.g. "Compute (7 + 5) * 3 - 4." and its chain of thought evaluates one operation per
+line in the usual order ("7 + 5 = 12", "12 * 3 = 36", "36 - 4 = 32"), then "Answer: 32".
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from sasr.tasks.base import Example, Score, Task, extract_answer, split_of
+
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+_INT = re.compile(r"^[+-]?\d+$")
+
+
+class Arithmetic(Task):
+    name = "arithmetic"
+    description = "multi-step integer arithmetic (+, -, *), chain of thought written by the generator"
+    options = {
+        "min_terms": 2,  # numbers per expression
+        "max_terms": 4,
+        "max_value": 20,  # operands are drawn from 1..max_value
+        "operators": "+-*",
+        "parentheses": 0.5,  # chance of grouping the first two terms
+        "correct_reward": 1.0,
+        "format_reward": 0.1,  # reward for a well-formed but wrong answer
+    }
+    system_prompt = "Solve the problem step by step, one operation per line. End with 'Answer: <integer>'."
+
+    def _generate(self, rng: random.Random) -> Example:
+        o = self.opts
+        n = rng.randint(o["min_terms"], o["max_terms"])
+        nums = [rng.randint(1, o["max_value"]) for _ in range(n)]
+        ops = [rng.choice(o["operators"]) for _ in range(n - 1)]
+        grouped = n > 2 and rng.random() < o["parentheses"]
+        steps: list[str] = []
+        # Token list in evaluation order: a grouped head is reduced first, then '*' before '+'/'-'.
+        vals, rest_ops = list(nums), list(ops)
+        if grouped:
+            head = _OPS[ops[0]](nums[0], nums[1])
+            steps.append(f"{nums[0]} {ops[0]} {nums[1]} = {head}")
+            vals, rest_ops = [head, *nums[2:]], ops[1:]
+        while "*" in rest_ops:
+            i = rest_ops.index("*")
+            v = vals[i] * vals[i + 1]
+            steps.append(f"{vals[i]} * {vals[i + 1]} = {v}")
+            vals[i : i + 2] = [v]
+            del rest_ops[i]
+        while rest_ops:
+            v = _OPS[rest_ops[0]](vals[0], vals[1])
+            steps.append(f"{vals[0]} {rest_ops[0]} {vals[1]} = {v}")
+            vals[0:2] = [v]
+            del rest_ops[0]
+        expr = " ".join(f"{x} {op}" for x, op in zip(nums, ops)) + f" {nums[-1]}"
+        if grouped:
+            first = f"({nums[0]} {ops[0]} {nums[1]})"
+            expr = " ".join([first] + [f"{op} {x}" for op, x in zip(ops[1:], nums[2:])])
+        return Example(question=f"Compute {expr}.", cot="\n".join(steps), answer=str(vals[0]))
+
+    def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
+        self.check_split(split)
+        rng = random.Random(f"arithmetic/{split}/{seed}")
+        out: list[Example] = []
+        seen: set[str] = set()
+        for _ in range(200 * n + 1000):
+            if len(out) == n:
+                break
+            ex = self._generate(rng)
+            if ex.question not in seen and split_of(ex.question) == split:
+                seen.add(ex.question)
+                out.append(ex)
+        return out
+
+    def target(self, example: Example) -> str:
+        return f"{example.cot}\nAnswer: {example.answer}"
+
+    def score(self, completion: str, example: Example) -> Score:
+        got = extract_answer(completion)
+        formatted = got is not None and bool(_INT.match(got.replace(",", "")))
+        correct = formatted and int(got.replace(",", "")) == int(example.answer)
+        reward = self.opts["correct_reward"] if correct else (self.opts["format_reward"] if formatted else 0.0)
+        return Score(reward=float(reward), correct=correct, formatted=formatted)

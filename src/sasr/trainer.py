@@ -1,0 +1,347 @@
+"""The training loop on accelerate. Read top to bottom: pick the phase, build the batch, compute the loss,
+step, log, save.
+
+Every step is one optimizer step of either SFT (a batch of demonstrations) or GRPO (a batch of prompts,
+G sampled completions each). The schedule picks which; the loop never looks at the method's name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from sasr import models
+from sasr.config import TrainConfig, to_yaml
+from sasr.data import pick, sft_batch
+from sasr.errors import SasrError
+from sasr.evaluate import evaluate, score_all, summarise
+from sasr.losses import completion_logprobs, group_advantages, grpo_loss, masked_mean, sft_loss
+from sasr.reference import ReferencePolicy
+from sasr.rollout import generate, render_prompts
+from sasr.schedules import Decision, get_schedule
+from sasr.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    counts: dict[str, int]
+    eval_before: dict[str, float] | None
+    eval_after: dict[str, float] | None
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def prepare_run_dir(output_dir: str | None, config: TrainConfig, overwrite: bool) -> Path:
+    """The run directory, refused if it exists (unless overwrite) so no earlier run is mixed in."""
+    if output_dir is None:
+        output_dir = f"runs/{config.method}-{config.task.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    path = Path(output_dir)
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise SasrError(f"output directory '{path}' already exists; pass --overwrite or choose another --output")
+        shutil.rmtree(path)
+    return path
+
+
+def apply_lora(model, config: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = config.lora
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, overwrite: bool = False, progress: bool = True) -> None:
+        self.config = c = config
+        self.accelerator = acc = Accelerator()
+        self.progress = progress and acc.is_main_process
+        set_seed(c.seed, device_specific=True)  # sampling differs per rank; schedule draws do not (own RNG)
+
+        # Everything that can fail on bad input fails before the run directory is touched.
+        self.task = get_task(c.task.name, **c.task.options())
+        self.train_examples = self.task.examples("train", c.task.train_size, seed=c.seed)
+        self.test_examples = self.task.examples("test", c.task.test_size, seed=c.seed)
+        if not self.train_examples:
+            raise SasrError(f"task '{c.task.name}' produced no training examples")
+        self.schedule = get_schedule(
+            c.method,
+            steps=c.steps,
+            warmup_steps=c.warmup_steps,
+            seed=c.seed,
+            gamma=c.schedule.gamma,
+            interleave_prob=c.schedule.interleave_prob,
+            interleave_period=c.schedule.interleave_period,
+        )
+        self.tokenizer = models.load_tokenizer(c.model.name)
+        model = models.load_model(c.model.name, c.model.dtype)
+        if c.lora.enabled:
+            model = apply_lora(model, c)
+        self.reference = ReferencePolicy(model, use_lora=c.lora.enabled)
+        if not c.lora.enabled and c.method != "sft":  # full fine-tuning: pi_ref is a copy (retaken after warm-up)
+            self.reference.snapshot()
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=c.optim.learning_rate,
+            betas=(c.optim.adam_beta1, c.optim.adam_beta2),
+            weight_decay=c.optim.weight_decay,
+        )
+        lr_scheduler = get_scheduler(
+            c.optim.lr_scheduler_type, optimizer, num_warmup_steps=c.optim.lr_warmup_steps, num_training_steps=c.steps
+        )
+        self.model, self.optimizer, self.lr_scheduler = acc.prepare(model, optimizer, lr_scheduler)
+
+        self.output_dir = prepare_run_dir(c.output_dir, c, overwrite) if acc.is_main_process else None
+        self.writer = None
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(to_yaml(c.model_copy(update={"output_dir": str(self.output_dir)})))
+            self._write_status("running")
+            if c.logging_tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    # --- the loop ---------------------------------------------------------------------------------------
+
+    def train(self) -> RunResult:
+        c, acc = self.config, self.accelerator
+        start = time.perf_counter()
+        before = self.evaluate("eval before") if c.eval.before and c.task.test_size else None
+        history: list[dict[str, Any]] = []
+        bar = tqdm(range(1, c.steps + 1), desc=f"{c.method}", disable=not self.progress, unit="step")
+        for step in bar:
+            t0 = time.perf_counter()
+            decision = self.schedule.decide(step)
+            if decision.phase == "sft":
+                loss, stats = self.sft_step(step)
+            else:
+                loss, stats = self.grpo_step(step)
+            acc.backward(loss)
+            # Pre-clip global norm (after the DDP all-reduce): the number SASR's p_t is computed from.
+            max_norm = c.optim.max_grad_norm if c.optim.max_grad_norm is not None else math.inf
+            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
+            if math.isfinite(grad_norm):
+                self.optimizer.step()
+            else:
+                log.warning("step %d: non-finite gradient norm, update skipped", step)
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.schedule.observe(decision, grad_norm)
+            if decision.step == c.warmup_steps and c.grpo.reference == "warmup":
+                self.reference.snapshot()
+
+            record = self._record(decision, loss, grad_norm, stats, time.perf_counter() - t0)
+            history.append(record)
+            self._log(record)
+            bar.set_postfix(self._postfix(record), refresh=False)
+        bar.close()
+
+        after = self.evaluate("eval after") if c.eval.after and c.task.test_size else None
+        seconds = time.perf_counter() - start
+        result = RunResult(self.output_dir, dict(self.schedule.counts), before, after, seconds, history)
+        if acc.is_main_process:
+            if c.save_final:
+                self.save_final()
+            self._write_summary(result)
+            if self.writer:
+                self.writer.close()
+        acc.wait_for_everyone()
+        return result
+
+    # --- the two kinds of step -------------------------------------------------------------------------
+
+    def _examples(self, step: int, per_rank: int, kind: str):
+        acc = self.accelerator
+        idx = pick(len(self.train_examples), per_rank, step, self.config.seed, kind, acc.process_index, acc.num_processes)
+        return [self.train_examples[i] for i in idx]
+
+    def sft_step(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """NLL of demonstrations, target tokens only."""
+        c = self.config
+        batch = sft_batch(
+            self.tokenizer, self.task, self._examples(step, c.sft.batch_size, "sft"), c.sft.max_length, self.accelerator.device
+        )
+        T = batch.completion_ids.size(1)
+        logps, _ = completion_logprobs(self.model, batch.input_ids, batch.attention_mask, T)  # [B, T]
+        loss = sft_loss(logps, batch.completion_mask)
+        return loss, {"tokens": batch.completion_mask.sum().item()}
+
+    def grpo_step(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Sample G completions per prompt, score them, and take the clipped policy-gradient step."""
+        c, g = self.config, self.config.grpo
+        examples = self._examples(step, g.batch_size, "grpo")
+        prompts = render_prompts(self.tokenizer, [self.task.messages(ex) for ex in examples])
+        roll = generate(
+            self.accelerator.unwrap_model(self.model),
+            self.tokenizer,
+            prompts,
+            num_generations=g.num_generations,
+            max_new_tokens=g.max_completion_length,
+            max_prompt_length=g.max_prompt_length,
+            temperature=g.temperature,
+            top_p=g.top_p,
+        )  # B = prompts x G rows
+        grouped_examples = [ex for ex in examples for _ in range(g.num_generations)]
+        scores = score_all(self.task, roll.texts, grouped_examples)
+        device = self.accelerator.device
+        rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=device)  # [B]
+        advantages, zero_spread = group_advantages(rewards, g.num_generations, g.advantage, g.scale_rewards)
+
+        T = roll.completion_ids.size(1)
+        logps, entropy = completion_logprobs(
+            self.model, roll.input_ids, roll.attention_mask, T, g.temperature, with_entropy=True
+        )  # [B, T]
+        ref_logps = self.reference.logprobs(roll.input_ids, roll.attention_mask, T, g.temperature)
+        out = grpo_loss(
+            logps,
+            logps.detach(),  # pi_old: the policy that sampled, which is this one (one update per batch)
+            ref_logps,
+            advantages,
+            roll.completion_mask,
+            beta=g.beta,
+            epsilon_low=g.epsilon,
+            epsilon_high=g.epsilon_high if g.epsilon_high is not None else g.epsilon,
+            loss_type=g.loss_type,
+            max_completion_length=g.max_completion_length,
+        )
+        mask = roll.completion_mask
+        stats = {
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item(),
+            "accuracy": sum(s.correct for s in scores) / len(scores),
+            "format_rate": sum(s.formatted for s in scores) / len(scores),
+            "kl": out.kl,
+            "entropy": masked_mean(entropy, mask).item(),
+            "completion_length": mask.sum(1).float().mean().item(),
+            "clip_fraction": out.clip_fraction,
+            "zero_spread_fraction": zero_spread.float().mean().item(),
+            "tokens": mask.sum().item(),
+        }
+        return out.loss, stats
+
+    # --- evaluation, logging, saving -------------------------------------------------------------------
+
+    def evaluate(self, desc: str) -> dict[str, float]:
+        """Greedy held-out evaluation, examples split across ranks, sums reduced."""
+        acc, c = self.accelerator, self.config
+        shard = self.test_examples[acc.process_index :: acc.num_processes]
+        totals = evaluate(
+            acc.unwrap_model(self.model),
+            self.tokenizer,
+            self.task,
+            shard,
+            max_new_tokens=c.eval.max_new_tokens,
+            batch_size=c.eval.batch_size,
+            max_prompt_length=c.grpo.max_prompt_length,
+            progress=self.progress,
+            desc=desc,
+        )
+        keys = sorted(totals)
+        summed = acc.reduce(torch.tensor([totals[k] for k in keys], device=acc.device), reduction="sum")
+        return summarise(dict(zip(keys, summed.tolist())))
+
+    def _record(self, d: Decision, loss: torch.Tensor, grad_norm: float, stats: dict, seconds: float) -> dict:
+        acc = self.accelerator
+        # Mean of each statistic over ranks (the branch, and so the keys, is the same on every rank).
+        keys = sorted(stats)
+        values = torch.tensor([loss.item(), *(stats[k] for k in keys)], device=acc.device, dtype=torch.float64)
+        values = acc.reduce(values, reduction="mean").tolist()
+        tokens = values[1 + keys.index("tokens")] * acc.num_processes
+        record: dict[str, Any] = {
+            "step": d.step,
+            "phase": d.phase,
+            "loss": values[0],
+            "grad_norm": grad_norm,
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            **{k: v for k, v in zip(keys, values[1:]) if k != "tokens"},
+            **d.info,
+            "tokens_per_second": tokens / seconds,
+            "step_seconds": seconds,
+        }
+        return record
+
+    @staticmethod
+    def _postfix(r: dict) -> dict[str, str]:
+        out = {"phase": r["phase"], "loss": f"{r['loss']:.3f}"}
+        if "p_t" in r:
+            out["p_t"] = f"{r['p_t']:.2f}"
+        if "reward_mean" in r:
+            out["reward"] = f"{r['reward_mean']:.2f}"
+            out["acc"] = f"{r['accuracy']:.2f}"
+        return out
+
+    def _log(self, record: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.writer.add_scalar(f"train/{k}", v, record["step"])
+            self.writer.add_scalar("train/is_sft", float(record["phase"] == "sft"), record["step"])
+
+    def save_final(self) -> None:
+        """DIR/final: a plain transformers folder (LoRA merged); DIR/adapter: the LoRA adapter alone."""
+        model = self.accelerator.unwrap_model(self.model)
+        final = self.output_dir / "final"
+        if self.config.lora.enabled:
+            model.save_pretrained(self.output_dir / "adapter")
+            self.tokenizer.save_pretrained(self.output_dir / "adapter")
+            model = model.merge_and_unload()
+        model.config.use_cache = True
+        model.save_pretrained(final)
+        self.tokenizer.save_pretrained(final)
+
+    def _write_status(self, status: str, **extra: Any) -> None:
+        (self.output_dir / "run.json").write_text(json.dumps({"status": status, **extra}, indent=2))
+
+    def _write_summary(self, r: RunResult) -> None:
+        summary = {
+            "method": self.config.method,
+            "task": self.config.task.name,
+            "model": self.config.model.name,
+            "steps": self.config.steps,
+            "sft_steps": r.counts["sft"],
+            "grpo_steps": r.counts["grpo"],
+            "eval_before": r.eval_before,
+            "eval_after": r.eval_after,
+            "seconds": r.seconds,
+        }
+        self._write_status("finished", **summary)
+
+
+def train(config: TrainConfig | dict | str | Path, overwrite: bool = False, progress: bool = True) -> RunResult:
+    """Python API: ``sasr.train(config)`` with a TrainConfig, a nested dict, or a YAML path."""
+    from sasr.config import build_config, validate
+
+    if isinstance(config, (str, Path)):
+        config = build_config(file=config)
+    elif isinstance(config, dict):
+        config = validate(config)
+    return Trainer(config, overwrite=overwrite, progress=progress).train()
