@@ -35,7 +35,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--output", help="run directory (default runs/METHOD-TASK-TIME)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any option, e.g. grpo.beta=0")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any option, e.g. grpo.beta=0"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

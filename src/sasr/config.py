@@ -6,6 +6,7 @@ one names the nearest valid key, a bad value names the key and what it must be.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,7 +57,9 @@ class OptimSection(Section):
 
 class SFTSection(Section):
     batch_size: int = Field(8, ge=1)  # demonstrations per optimizer step per process
-    max_length: int = Field(512, ge=8)  # prompt + target tokens; longer ones are cut on the left of the prompt
+    max_length: int = Field(
+        512, ge=8
+    )  # prompt + target tokens; longer ones are cut on the left of the prompt
 
 
 class GRPOSection(Section):
@@ -73,6 +76,7 @@ class GRPOSection(Section):
     scale_rewards: Literal["group", "batch", "none"] = "group"
     advantage: Literal["mean", "median"] = "mean"  # 'median' is our reading of the paper's G+/G- split
     reference: Literal["initial", "warmup"] = "initial"  # the policy the KL is measured to
+    use_bias_correction_kl: bool = False  # TRL's option: KL term weighted by the importance ratio
 
 
 class ScheduleSection(Section):
@@ -108,7 +112,9 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.method not in METHODS:
-            raise ValueError(f"unknown method '{self.method}'{nearest(self.method, METHODS)}; valid: {', '.join(METHODS)}")
+            raise ValueError(
+                f"unknown method '{self.method}'{nearest(self.method, METHODS)}; valid: {', '.join(METHODS)}"
+            )
         if self.method in ("sasr", "sft-then-grpo", "interleave") and self.warmup_steps >= self.steps:
             raise ValueError(
                 f"warmup_steps ({self.warmup_steps}) must be shorter than steps ({self.steps}) for method '{self.method}'"
@@ -158,10 +164,8 @@ def parse_set(item: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str):  # YAML reads '1e-4' as a string; numbers are what users mean
-        try:
+        with contextlib.suppress(ValueError):
             value = float(value) if any(c in value for c in ".eE") else int(value)
-        except ValueError:
-            pass
     return key.strip(), value
 
 

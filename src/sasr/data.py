@@ -18,7 +18,9 @@ def pick(n_total: int, per_rank: int, step: int, seed: int, kind: str, rank: int
     """
     rng = random.Random(f"{seed}/{kind}/{step}")
     need = per_rank * world
-    idx = [rng.randrange(n_total) for _ in range(need)] if need > n_total else rng.sample(range(n_total), need)
+    idx = (
+        [rng.randrange(n_total) for _ in range(need)] if need > n_total else rng.sample(range(n_total), need)
+    )
     return idx[rank * per_rank : (rank + 1) * per_rank]
 
 
@@ -32,7 +34,9 @@ def sft_batch(
     prompts = render_prompts(tokenizer, [task.messages(ex) for ex in examples])
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_length // 2, device)
     room = max(max_length - prompt_ids.size(1), 1)
-    targets = [tokenizer(task.target(ex), add_special_tokens=False)["input_ids"][: room - 1] for ex in examples]
+    targets = [
+        tokenizer(task.target(ex), add_special_tokens=False)["input_ids"][: room - 1] for ex in examples
+    ]
     targets = [t + [tokenizer.eos_token_id] for t in targets]
     width = max(len(t) for t in targets)
     ids = torch.full((len(targets), width), tokenizer.pad_token_id, dtype=torch.long)

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from sasr.errors import SasrError
 from sasr.rollout import generate, render_prompts
 from sasr.tasks import Example, Score, Task
-from sasr.errors import SasrError
 
 
 def score_all(task: Task, texts: Sequence[str], examples: Sequence[Example]) -> list[Score]:
@@ -46,7 +46,12 @@ def evaluate(
         chunk = list(examples[start : start + batch_size])
         prompts = render_prompts(tokenizer, [task.messages(ex) for ex in chunk])
         roll = generate(
-            model, tokenizer, prompts, max_new_tokens=max_new_tokens, max_prompt_length=max_prompt_length, greedy=True
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            max_prompt_length=max_prompt_length,
+            greedy=True,
         )
         for s in score_all(task, roll.texts, chunk):
             totals["correct"] += s.correct

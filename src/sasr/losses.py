@@ -164,12 +164,14 @@ def grpo_loss(
     epsilon_high: float = 0.2,
     loss_type: str = "grpo",
     max_completion_length: int = 128,
+    use_bias_correction_kl: bool = False,
 ) -> GRPOLossOutput:
     """The clipped surrogate plus beta x k3 KL (METHOD.md §3).
 
     logps, old_logps, ref_logps, mask [B, T]; advantages [B].
     rho = exp(logps - old_logps); with one update per batch old_logps = logps.detach(), so rho = 1 in value
-    but carries the policy gradient A * grad log pi.
+    but carries the policy gradient A * grad log pi. ``use_bias_correction_kl`` multiplies the KL by rho
+    (TRL's option of that name; off by default, as METHOD.md states the loss).
     """
     if loss_type not in LOSS_AGGREGATIONS:
         raise unknown("loss_type", loss_type, LOSS_AGGREGATIONS)
@@ -182,7 +184,7 @@ def grpo_loss(
         delta = ref_logps - logps
         kl = torch.exp(delta) - delta - 1  # k3 estimator, >= 0
         if beta != 0.0:
-            per_token = per_token + beta * kl
+            per_token = per_token + beta * (kl * ratio if use_bias_correction_kl else kl)
     loss = LOSS_AGGREGATIONS[loss_type](per_token, mask, max_completion_length)
     with torch.no_grad():
         is_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))

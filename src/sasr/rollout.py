@@ -33,7 +33,9 @@ def render_prompts(tokenizer, messages: list[list[dict[str, str]]]) -> list[str]
     return [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_length: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+def encode_prompts(
+    tokenizer, prompts: list[str], max_length: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
     """Left-padded ids and mask [B, P]; over-long prompts keep their last ``max_length`` tokens."""
     side = tokenizer.truncation_side
     tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
@@ -76,7 +78,11 @@ def generate(
     prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
     was_training = model.training
     model.eval()
-    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    sampling = (
+        {"do_sample": False}
+        if greedy
+        else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    )
     out = model.generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
@@ -91,5 +97,7 @@ def generate(
     if completion_ids.size(1) == 0:  # nothing generated at all: keep one pad column so shapes stay valid
         completion_ids = torch.full_like(prompt_ids[:, :1], tokenizer.pad_token_id)
     mask = completion_mask(completion_ids, tokenizer.eos_token_id)
-    texts = tokenizer.batch_decode(completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True)
+    texts = tokenizer.batch_decode(
+        completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True
+    )
     return Rollouts(prompt_ids, prompt_mask, completion_ids, mask, texts)

@@ -20,7 +20,9 @@ Phase = Literal["sft", "grpo"]
 class Decision:
     step: int  # 1-based optimizer step
     phase: Phase
-    info: dict[str, float] = field(default_factory=dict)  # what the choice was computed from (p_t, alpha, ...)
+    info: dict[str, float] = field(
+        default_factory=dict
+    )  # what the choice was computed from (p_t, alpha, ...)
 
 
 class Schedule:
@@ -81,7 +83,9 @@ class Interleave(Schedule):
 
     name = "interleave"
 
-    def __init__(self, *args: Any, interleave_prob: float = 0.5, interleave_period: int = 0, **kw: Any) -> None:
+    def __init__(
+        self, *args: Any, interleave_prob: float = 0.5, interleave_period: int = 0, **kw: Any
+    ) -> None:
         super().__init__(*args, **kw)
         self.p, self.period = interleave_prob, interleave_period
 
@@ -115,7 +119,9 @@ class SASR(Schedule):
         p_t = self.g_last / (self.g_last + self.gamma * self.g_warmup)
         alpha = self.rng.random()  # alpha ~ U(0, 1), drawn only in the adaptive phase
         phase: Phase = "sft" if alpha < p_t else "grpo"
-        return Decision(step, phase, {"p_t": p_t, "alpha": alpha, "g_last": self.g_last, "g_warmup": self.g_warmup})
+        return Decision(
+            step, phase, {"p_t": p_t, "alpha": alpha, "g_last": self.g_last, "g_warmup": self.g_warmup}
+        )
 
     def observe(self, decision: Decision, grad_norm: float) -> None:
         super().observe(decision, grad_norm)

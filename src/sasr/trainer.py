@@ -54,7 +54,9 @@ def prepare_run_dir(output_dir: str | None, config: TrainConfig, overwrite: bool
     path = Path(output_dir)
     if path.exists() and any(path.iterdir()):
         if not overwrite:
-            raise SasrError(f"output directory '{path}' already exists; pass --overwrite or choose another --output")
+            raise SasrError(
+                f"output directory '{path}' already exists; pass --overwrite or choose another --output"
+            )
         shutil.rmtree(path)
     return path
 
@@ -100,7 +102,9 @@ class Trainer:
         if c.lora.enabled:
             model = apply_lora(model, c)
         self.reference = ReferencePolicy(model, use_lora=c.lora.enabled)
-        if not c.lora.enabled and c.method != "sft":  # full fine-tuning: pi_ref is a copy (retaken after warm-up)
+        if (
+            not c.lora.enabled and c.method != "sft"
+        ):  # full fine-tuning: pi_ref is a copy (retaken after warm-up)
             self.reference.snapshot()
 
         params = [p for p in model.parameters() if p.requires_grad]
@@ -111,7 +115,10 @@ class Trainer:
             weight_decay=c.optim.weight_decay,
         )
         lr_scheduler = get_scheduler(
-            c.optim.lr_scheduler_type, optimizer, num_warmup_steps=c.optim.lr_warmup_steps, num_training_steps=c.steps
+            c.optim.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=c.optim.lr_warmup_steps,
+            num_training_steps=c.steps,
         )
         self.model, self.optimizer, self.lr_scheduler = acc.prepare(model, optimizer, lr_scheduler)
 
@@ -119,7 +126,9 @@ class Trainer:
         self.writer = None
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(to_yaml(c.model_copy(update={"output_dir": str(self.output_dir)})))
+            (self.output_dir / "config.yaml").write_text(
+                to_yaml(c.model_copy(update={"output_dir": str(self.output_dir)}))
+            )
             self._write_status("running")
             if c.logging_tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
@@ -177,14 +186,26 @@ class Trainer:
 
     def _examples(self, step: int, per_rank: int, kind: str):
         acc = self.accelerator
-        idx = pick(len(self.train_examples), per_rank, step, self.config.seed, kind, acc.process_index, acc.num_processes)
+        idx = pick(
+            len(self.train_examples),
+            per_rank,
+            step,
+            self.config.seed,
+            kind,
+            acc.process_index,
+            acc.num_processes,
+        )
         return [self.train_examples[i] for i in idx]
 
     def sft_step(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """NLL of demonstrations, target tokens only."""
         c = self.config
         batch = sft_batch(
-            self.tokenizer, self.task, self._examples(step, c.sft.batch_size, "sft"), c.sft.max_length, self.accelerator.device
+            self.tokenizer,
+            self.task,
+            self._examples(step, c.sft.batch_size, "sft"),
+            c.sft.max_length,
+            self.accelerator.device,
         )
         T = batch.completion_ids.size(1)
         logps, _ = completion_logprobs(self.model, batch.input_ids, batch.attention_mask, T)  # [B, T]
@@ -193,7 +214,7 @@ class Trainer:
 
     def grpo_step(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Sample G completions per prompt, score them, and take the clipped policy-gradient step."""
-        c, g = self.config, self.config.grpo
+        g = self.config.grpo
         examples = self._examples(step, g.batch_size, "grpo")
         prompts = render_prompts(self.tokenizer, [self.task.messages(ex) for ex in examples])
         roll = generate(
@@ -213,10 +234,11 @@ class Trainer:
         advantages, zero_spread = group_advantages(rewards, g.num_generations, g.advantage, g.scale_rewards)
 
         T = roll.completion_ids.size(1)
+        # The reference pass comes first: it may swap weights in place, which must not touch a live graph.
+        ref_logps = self.reference.logprobs(roll.input_ids, roll.attention_mask, T, g.temperature)  # [B, T]
         logps, entropy = completion_logprobs(
             self.model, roll.input_ids, roll.attention_mask, T, g.temperature, with_entropy=True
         )  # [B, T]
-        ref_logps = self.reference.logprobs(roll.input_ids, roll.attention_mask, T, g.temperature)
         out = grpo_loss(
             logps,
             logps.detach(),  # pi_old: the policy that sampled, which is this one (one update per batch)
@@ -228,6 +250,7 @@ class Trainer:
             epsilon_high=g.epsilon_high if g.epsilon_high is not None else g.epsilon,
             loss_type=g.loss_type,
             max_completion_length=g.max_completion_length,
+            use_bias_correction_kl=g.use_bias_correction_kl,
         )
         mask = roll.completion_mask
         stats = {
@@ -269,7 +292,9 @@ class Trainer:
         acc = self.accelerator
         # Mean of each statistic over ranks (the branch, and so the keys, is the same on every rank).
         keys = sorted(stats)
-        values = torch.tensor([loss.item(), *(stats[k] for k in keys)], device=acc.device, dtype=torch.float64)
+        values = torch.tensor(
+            [loss.item(), *(stats[k] for k in keys)], device=acc.device, dtype=torch.float64
+        )
         values = acc.reduce(values, reduction="mean").tolist()
         tokens = values[1 + keys.index("tokens")] * acc.num_processes
         record: dict[str, Any] = {
@@ -336,7 +361,9 @@ class Trainer:
         self._write_status("finished", **summary)
 
 
-def train(config: TrainConfig | dict | str | Path, overwrite: bool = False, progress: bool = True) -> RunResult:
+def train(
+    config: TrainConfig | dict | str | Path, overwrite: bool = False, progress: bool = True
+) -> RunResult:
     """Python API: ``sasr.train(config)`` with a TrainConfig, a nested dict, or a YAML path."""
     from sasr.config import build_config, validate
 

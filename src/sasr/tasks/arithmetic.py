@@ -80,5 +80,7 @@ class Arithmetic(Task):
         got = extract_answer(completion)
         formatted = got is not None and bool(_INT.match(got.replace(",", "")))
         correct = formatted and int(got.replace(",", "")) == int(example.answer)
-        reward = self.opts["correct_reward"] if correct else (self.opts["format_reward"] if formatted else 0.0)
+        reward = (
+            self.opts["correct_reward"] if correct else (self.opts["format_reward"] if formatted else 0.0)
+        )
         return Score(reward=float(reward), correct=correct, formatted=formatted)

@@ -1,0 +1,47 @@
+"""Shared fixtures: everything offline, on CPU, with the `tiny` random model."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+import sasr  # noqa: E402
+
+TINY = {
+    "model": {"name": "tiny"},
+    "task": {"name": "arithmetic", "train_size": 64, "test_size": 4},
+    "sft": {"batch_size": 2},
+    "grpo": {"batch_size": 2, "num_generations": 4, "max_completion_length": 12},
+    "eval": {"max_new_tokens": 12},
+    "logging_tensorboard": False,
+}
+
+
+def tiny_config(output_dir, **top) -> dict:
+    """The TINY config with top-level keys and whole sections replaced (sections are merged one level)."""
+    cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    cfg["output_dir"] = str(output_dir)
+    return cfg
+
+
+@pytest.fixture
+def run_tiny(tmp_path):
+    """Train `tiny` for a few steps; returns (RunResult, metrics rows)."""
+    import json
+
+    def _run(name: str = "run", **top):
+        out = tmp_path / name
+        result = sasr.train(tiny_config(out, **top), progress=False)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return result, rows
+
+    return _run

@@ -1,0 +1,107 @@
+"""Bad input gets one sentence on stderr and exit code 2, with no traceback and nothing written."""
+
+import subprocess
+import sys
+
+import pytest
+
+from sasr.cli import main
+
+TINY_ARGS = [
+    "--model",
+    "tiny",
+    "--steps",
+    "3",
+    "--warmup-steps",
+    "1",
+    "--quiet",
+    "--set",
+    "task.test_size=2",
+    "--set",
+    "grpo.max_completion_length=8",
+    "--set",
+    "eval.max_new_tokens=8",
+    "--set",
+    "grpo.num_generations=2",
+    "--set",
+    "sft.batch_size=2",
+    "--set",
+    "logging_tensorboard=false",
+]
+
+
+def run_cli(capsys, *argv):
+    code = main(["train", *argv])
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--method", "sasrr"],
+            "unknown method 'sasrr' (did you mean 'sasr'?); valid: sasr, sft, grpo, sft-then-grpo, interleave",
+        ),
+        (["--task", "gsm9k"], "unknown task 'gsm9k'"),
+        (
+            ["--model", "smol"],
+            "model 'smol' is neither a folder, a hub id (owner/name) nor an alias; aliases: smollm2-135m, tiny",
+        ),
+        (["--set", "grpo.bta=0.1"], "unknown config key 'grpo.bta' (did you mean 'grpo.beta'?)"),
+        (["--gamma", "0"], "config key 'schedule.gamma': Input should be greater than 0"),
+        (
+            ["--set", "grpo.num_generations=1"],
+            "grpo.num_generations': Input should be greater than or equal to 2",
+        ),
+        (["--steps", "3", "--warmup-steps", "5"], "warmup_steps (5) must be shorter than steps (3)"),
+        (["--set", "task.n_people=3"], "task 'arithmetic' has no option 'n_people'"),
+    ],
+)
+def test_bad_input_one_sentence_exit_2(capsys, tmp_path, argv, message):
+    out = tmp_path / "run"
+    code, cap = run_cli(capsys, *TINY_ARGS, "--output", str(out), *argv)
+    assert code == 2
+    assert cap.err.startswith("sasr: error: ") and message in cap.err
+    assert cap.err.count("\n") == 1 and "Traceback" not in cap.err
+    assert not out.exists()  # nothing half-written
+
+
+def test_existing_output_dir_needs_overwrite(capsys, tmp_path):
+    out = tmp_path / "run"
+    code, cap = run_cli(capsys, *TINY_ARGS, "--output", str(out))
+    assert code == 0 and "1 SFT" in cap.out or "SFT" in cap.out
+    assert f"run written to {out}/" in cap.out
+    marker = out / "metrics.jsonl"
+    before = marker.read_text()
+    code, cap = run_cli(capsys, *TINY_ARGS, "--output", str(out))
+    assert code == 2 and "already exists; pass --overwrite" in cap.err
+    assert marker.read_text() == before  # the earlier run is untouched
+    code, cap = run_cli(capsys, *TINY_ARGS, "--output", str(out), "--overwrite", "--seed", "5")
+    assert code == 0 and "seed: 5" in (out / "config.yaml").read_text()
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "sasr", "train", "--method", "ppo", "--output", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "sasr: error: unknown method 'ppo' (did you mean 'grpo'?); valid: sasr, sft, grpo, sft-then-grpo, interleave"
+    ]
+
+
+def test_list_commands(capsys):
+    assert main(["models"]) == 0 and "smollm2-135m" in capsys.readouterr().out
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    assert "arithmetic:" in out and "task.max_terms = 4" in out
+
+
+def test_summary_reports_counts_and_evaluation(capsys, tmp_path):
+    code, cap = run_cli(capsys, *TINY_ARGS, "--output", str(tmp_path / "r"), "--method", "sft-then-grpo")
+    assert code == 0
+    assert "steps   3: 1 SFT, 2 GRPO" in cap.out
+    assert "before  accuracy" in cap.out and "after   accuracy" in cap.out

@@ -1,0 +1,89 @@
+import pytest
+
+from sasr.config import VALID_KEYS, build_config, parse_set
+from sasr.errors import SasrError
+
+
+def test_defaults_and_layers(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("method: sft\nsteps: 12\ngrpo:\n  beta: 0.1\n")
+    cfg = build_config(f, {"steps": 30, "task.name": None}, ["grpo.beta=0", "optim.learning_rate=1e-4"])
+    assert cfg.method == "sft"  # file
+    assert cfg.steps == 30  # flag beats file
+    assert cfg.grpo.beta == 0.0  # --set beats file
+    assert cfg.optim.learning_rate == pytest.approx(1e-4)  # '1e-4' parsed as a number
+    assert cfg.task.name == "arithmetic"  # None flag leaves the default
+
+
+def test_parse_set_values():
+    assert parse_set("lora.target_modules=[q_proj, v_proj]") == ("lora.target_modules", ["q_proj", "v_proj"])
+    assert parse_set("optim.max_grad_norm=null") == ("optim.max_grad_norm", None)
+    assert parse_set("lora.enabled=false") == ("lora.enabled", False)
+    with pytest.raises(SasrError, match="key=value"):
+        parse_set("grpo.beta")
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (
+            ["grpo.num_generation=4"],
+            "unknown config key 'grpo.num_generation' (did you mean 'grpo.num_generations'?)",
+        ),
+        (["optim.lerning_rate=1"], "did you mean 'optim.learning_rate'"),
+        (["schedule.gamma=0"], "config key 'schedule.gamma': Input should be greater than 0"),
+        (["schedule.gamma=-1"], "schedule.gamma"),
+        (
+            ["grpo.num_generations=1"],
+            "config key 'grpo.num_generations': Input should be greater than or equal to 2",
+        ),
+        (["grpo.loss_type=ppo"], "grpo.loss_type"),
+        (["warmup_steps=40", "steps=40"], "warmup_steps (40) must be shorter than steps (40)"),
+        (["method=sasr-v2"], "unknown method 'sasr-v2' (did you mean 'sasr'?); valid: sasr, sft, grpo"),
+        (["warmup_steps=0"], "needs warmup_steps >= 1"),
+    ],
+)
+def test_bad_values_name_the_key(sets, message):
+    with pytest.raises(SasrError) as err:
+        build_config(sets=sets)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_task_options_pass_through_and_bad_yaml(tmp_path):
+    cfg = build_config(sets=["task.max_terms=3"])
+    assert cfg.task.options() == {"max_terms": 3}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1,\n")
+    with pytest.raises(SasrError, match="bad.yaml' line 2 is not valid YAML"):
+        build_config(bad)
+    with pytest.raises(SasrError, match="does not exist"):
+        build_config(tmp_path / "missing.yaml")
+    nested_unknown = tmp_path / "n.yaml"
+    nested_unknown.write_text("grpo:\n  betta: 0.1\n")
+    with pytest.raises(SasrError, match="did you mean 'grpo.beta'"):
+        build_config(nested_unknown)
+
+
+def test_every_documented_option_is_settable():
+    for key in [
+        "optim.learning_rate",
+        "sft.batch_size",
+        "grpo.num_generations",
+        "grpo.max_completion_length",
+        "grpo.temperature",
+        "grpo.beta",
+        "grpo.epsilon",
+        "grpo.epsilon_high",
+        "grpo.loss_type",
+        "grpo.scale_rewards",
+        "schedule.interleave_prob",
+        "schedule.interleave_period",
+        "lora.r",
+        "lora.alpha",
+        "lora.target_modules",
+        "lora.enabled",
+        "model.dtype",
+        "grpo.reference",
+    ]:
+        assert key in VALID_KEYS

@@ -1,0 +1,171 @@
+"""The GRPO loss against TRL 1.16's GRPOTrainer on identical log-probs, advantages and masks."""
+
+import pytest
+import torch
+
+from sasr.losses import completion_logprobs, gather_logprobs, group_advantages, grpo_loss, sft_loss
+
+B, T = 8, 6
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logps = (-torch.rand(B, T, generator=g) * 3).requires_grad_(True)
+    # A policy that moved after sampling, so ratios leave [1 - eps, 1 + eps] and clipping is exercised.
+    old = (logps.detach() + torch.randn(B, T, generator=g) * 0.5).clamp(max=0)
+    ref = (logps.detach() + torch.randn(B, T, generator=g) * 0.3).clamp(max=0)
+    adv = torch.randn(B, generator=g)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    return logps, old, ref, adv, mask
+
+
+@pytest.fixture(scope="module")
+def trl_trainer(tmp_path_factory):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from sasr import models
+
+    model = models.load_model("tiny")
+    tok = models.load_tokenizer("tiny")
+    args = GRPOConfig(
+        output_dir=str(tmp_path_factory.mktemp("trl")),
+        per_device_train_batch_size=B,
+        num_generations=4,
+        max_completion_length=T,
+        beta=0.04,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": "hi"}] * B),
+        processing_class=tok,
+    )
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    return trainer
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("beta, bias_correction", [(0.04, False), (0.04, True), (0.0, False)])
+def test_grpo_loss_matches_trl(trl_trainer, loss_type, beta, bias_correction):
+    logps, old, ref, adv, mask = _inputs()
+    trainer = trl_trainer
+    trainer.loss_type = trainer.args.loss_type = loss_type
+    trainer.beta = beta
+    trainer.args.use_bias_correction_kl = bias_correction
+    trl_logps = logps.detach().clone().requires_grad_(True)
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (trl_logps, torch.zeros(B, T), None)
+    inputs = {
+        "prompt_ids": torch.zeros(B, 2, dtype=torch.long),
+        "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+        "completion_ids": torch.zeros(B, T, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": adv,
+        "old_per_token_logps": old,
+        "ref_per_token_logps": ref,
+        "num_items_in_batch": mask.sum(),
+    }
+    expected = trainer._compute_loss(trainer.model, inputs)
+    expected.backward()
+
+    ours = grpo_loss(
+        logps,
+        old,
+        ref,
+        adv,
+        mask,
+        beta=beta,
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        loss_type=loss_type,
+        max_completion_length=T,
+        use_bias_correction_kl=bias_correction,
+    )
+    ours.loss.backward()
+    torch.testing.assert_close(ours.loss, expected.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(logps.grad, trl_logps.grad, rtol=1e-6, atol=1e-7)
+    assert 0 < ours.clip_fraction < 1  # clipping really happened on both sides of the comparison
+
+
+def test_kl_zero_when_policy_is_reference():
+    logps, _, _, adv, mask = _inputs(1)
+    out = grpo_loss(logps, logps.detach(), logps.detach(), adv, mask, beta=0.5)
+    assert out.kl == 0.0
+    _, _, ref, _, _ = _inputs(2)
+    assert grpo_loss(logps, logps.detach(), ref, adv, mask, beta=0.5).kl > 0
+
+
+def test_on_policy_gradient_is_advantage_weighted_score():
+    """With pi_old = pi (rho = 1 in value) and beta = 0, d loss / d logp = -A / |o_i| on unmasked tokens."""
+    logps, _, _, adv, mask = _inputs(3)
+    grpo_loss(logps, logps.detach(), None, adv, mask, beta=0.0).loss.backward()
+    expected = -adv[:, None] * mask / mask.sum(1, keepdim=True) / B
+    torch.testing.assert_close(logps.grad, expected.float())
+
+
+def test_group_advantages():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 0.0, 3.0])
+    adv, zero = group_advantages(rewards, 4)
+    g0 = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    torch.testing.assert_close(adv[:4], (g0 - g0.mean()) / (g0.std() + 1e-4))
+    assert torch.all(adv[4:8] == 0) and zero.tolist() == [False, True, False]  # zero spread: no NaN
+    med, _ = group_advantages(rewards, 4, centre="median")
+    g2 = torch.tensor([1.0, 1.0, 0.0, 3.0])
+    torch.testing.assert_close(med[8:], (g2 - g2.median()) / (g2.std() + 1e-4))
+    raw, _ = group_advantages(rewards, 4, scale="none")
+    torch.testing.assert_close(raw[:4], g0 - 0.25)
+
+
+def test_gather_logprobs_equals_log_softmax():
+    logits = torch.randn(5, 7, 50)
+    ids = torch.randint(0, 50, (5, 7))
+    full = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(gather_logprobs(logits, ids, chunk=2), full)
+
+
+def test_completion_logprobs_match_a_full_forward():
+    from sasr import models
+
+    model = models.load_model("tiny")
+    ids = torch.randint(0, 1000, (3, 10))
+    attn = torch.ones_like(ids)
+    logps, ent = completion_logprobs(model, ids, attn, 4, with_entropy=True)
+    logits = model(input_ids=ids).logits
+    full = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)[:, -4:]
+    torch.testing.assert_close(logps, full, rtol=1e-5, atol=1e-5)
+    assert ent.shape == (3, 4) and torch.all(ent > 0)
+
+
+def test_sft_loss_ignores_prompt_tokens():
+    """Prompt tokens carry no SFT loss: changing the prompt part of the log-probs changes nothing."""
+    from sasr import models
+    from sasr.data import sft_batch
+    from sasr.tasks import get_task
+
+    tok = models.load_tokenizer("tiny")
+    task = get_task("arithmetic")
+    exs = task.examples("train", 3, seed=0)
+    batch = sft_batch(tok, task, exs, 512, torch.device("cpu"))
+    # The masked targets are exactly the task targets followed by EOS, and nothing of the prompt.
+    for i, ex in enumerate(exs):
+        kept = batch.completion_ids[i][batch.completion_mask[i].bool()].tolist()
+        assert tok.decode(kept[:-1]) == task.target(ex) and kept[-1] == tok.eos_token_id
+    model = models.load_model("tiny")
+    T = batch.completion_ids.size(1)
+    logps, _ = completion_logprobs(model, batch.input_ids, batch.attention_mask, T)
+    loss = sft_loss(logps, batch.completion_mask)
+    manual = -(logps * batch.completion_mask).sum() / batch.completion_mask.sum()
+    torch.testing.assert_close(loss, manual)
+    # Gradient flows to target positions only.
+    leaf = logps.detach().requires_grad_(True)
+    sft_loss(leaf, batch.completion_mask).backward()
+    assert torch.all(leaf.grad[batch.completion_mask == 0] == 0)
+    assert torch.all(leaf.grad[batch.completion_mask == 1] < 0)

@@ -1,0 +1,105 @@
+"""End-to-end runs on the `tiny` model: every method, the SASR rule read back from real metrics."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sasr.config import METHODS
+
+REQUIRED = {"step", "phase", "loss", "grad_norm", "lr", "step_seconds"}
+GRPO_KEYS = {"reward_mean", "reward_std", "accuracy", "kl", "completion_length", "clip_fraction"}
+SASR_KEYS = {"p_t", "alpha", "g_last", "g_warmup"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_and_writes_a_loadable_final(run_tiny, method):
+    result, rows = run_tiny(method, method=method, steps=5, warmup_steps=2)
+    out = result.output_dir
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    for r in rows:
+        assert r.keys() >= REQUIRED and r["phase"] in ("sft", "grpo")
+        assert (r.keys() >= GRPO_KEYS) == (r["phase"] == "grpo")
+        assert (r.keys() >= SASR_KEYS) == (method == "sasr" and r["step"] > 2)
+    phases = [r["phase"] for r in rows]
+    expected = {
+        "sft": ["sft"] * 5,
+        "grpo": ["grpo"] * 5,
+        "sft-then-grpo": ["sft", "sft", "grpo", "grpo", "grpo"],
+    }
+    if method in expected:
+        assert phases == expected[method]
+    assert result.counts == {"sft": phases.count("sft"), "grpo": phases.count("grpo")}
+    status = json.loads((out / "run.json").read_text())
+    assert status["status"] == "finished" and status["sft_steps"] == phases.count("sft")
+    assert "method: " + method in (out / "config.yaml").read_text()
+    # final/ is a plain transformers folder: LoRA merged, loadable without peft; the adapter beside it.
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    AutoTokenizer.from_pretrained(out / "final")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    assert (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_sasr_rule_from_a_real_run(run_tiny):
+    steps, warmup = 24, 3
+    result, rows = run_tiny("a", method="sasr", steps=steps, warmup_steps=warmup, schedule={"gamma": 0.5})
+    g_warmup = rows[warmup - 1]["grad_norm"]  # the pre-clip norm of the last warm-up step
+    g_last = g_warmup
+    for r in rows[warmup:]:
+        assert r["g_warmup"] == pytest.approx(g_warmup)
+        assert r["g_last"] == pytest.approx(g_last)  # only SFT steps move it
+        assert r["p_t"] == pytest.approx(g_last / (g_last + 0.5 * g_warmup))
+        assert (r["phase"] == "sft") == (r["alpha"] < r["p_t"])
+        if r["phase"] == "sft":
+            g_last = r["grad_norm"]
+    assert rows[warmup]["p_t"] == pytest.approx(1 / 1.5)
+    adaptive = {r["phase"] for r in rows[warmup:]}
+    assert adaptive == {"sft", "grpo"}, "24 steps at p ~ 2/3 should see both branches"
+    # Same seed, same branch sequence; another seed, another one.
+    _, again = run_tiny("b", method="sasr", steps=steps, warmup_steps=warmup, schedule={"gamma": 0.5})
+    assert [r["phase"] for r in again] == [r["phase"] for r in rows]
+    assert [r["alpha"] for r in again[warmup:]] == [r["alpha"] for r in rows[warmup:]]
+    _, other = run_tiny("c", method="sasr", steps=steps, warmup_steps=warmup, seed=1, schedule={"gamma": 0.5})
+    assert [r.get("alpha") for r in other] != [r.get("alpha") for r in rows]
+
+
+def test_kl_to_the_loaded_model(run_tiny):
+    """pi_ref = the loaded model (LoRA switched off): equal to the policy at step 1 (LoRA B starts at zero),
+    apart from it once SFT steps have moved the adapter."""
+    _, rows = run_tiny("g", method="grpo", steps=1, grpo={"beta": 0.1})
+    assert rows[0]["kl"] == 0.0
+    _, rows = run_tiny("s", method="sft-then-grpo", steps=3, warmup_steps=2, optim={"learning_rate": 5e-2})
+    assert rows[2]["kl"] > 0.0
+
+
+@pytest.mark.parametrize("reference", ["initial", "warmup"])
+def test_full_finetuning_and_reference_choice(run_tiny, reference):
+    _, rows = run_tiny(
+        method="sft-then-grpo",
+        steps=4,
+        warmup_steps=2,
+        lora={"enabled": False},
+        grpo={"reference": reference},
+        optim={"learning_rate": 1e-2},
+    )
+    first_grpo = rows[2]
+    if reference == "warmup":
+        assert first_grpo["kl"] == 0.0  # the snapshot was taken right after the last warm-up step
+    else:
+        assert first_grpo["kl"] > 0.0  # two SFT steps moved the policy away from the loaded model
+
+
+def test_final_model_equals_trained_weights(run_tiny):
+    """The merged final/ computes what the trained LoRA model computed."""
+    from peft import PeftModel
+
+    from sasr import models
+
+    result, _ = run_tiny(method="sft", steps=3, optim={"learning_rate": 1e-2})
+    merged = AutoModelForCausalLM.from_pretrained(result.output_dir / "final")
+    base = models.load_model("tiny")
+    lora = PeftModel.from_pretrained(base, result.output_dir / "adapter")
+    ids = torch.randint(0, 1000, (2, 8))
+    torch.testing.assert_close(merged(ids).logits, lora(ids).logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(merged(ids).logits, models.load_model("tiny")(ids).logits)
