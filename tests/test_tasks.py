@@ -1,23 +1,7 @@
 import pytest
 
 from sasr.errors import SasrError
-from sasr.tasks import TASKS, extract_answer, get_task
-
-
-@pytest.mark.parametrize("name", sorted(TASKS))
-def test_targets_score_correct_and_splits_disjoint(name):
-    task = get_task(name)
-    train, test = task.examples("train", 200, seed=0), task.examples("test", 200, seed=0)
-    assert len(train) == 200 and len(test) == 200
-    assert not {e.question for e in train} & {e.question for e in test}
-    assert task.examples("train", 200, seed=0) == train  # deterministic
-    for ex in train + test:
-        s = task.score(task.target(ex), ex)
-        assert s.correct and s.formatted and s.reward == task.opts["correct_reward"]
-        wrong = task.target(ex).rsplit(ex.answer, 1)[0] + str(int(ex.answer) + 1)
-        w = task.score(wrong, ex)
-        assert not w.correct and w.formatted and w.reward < s.reward
-        assert not task.score(ex.cot, ex).formatted or ex.cot.strip().endswith(ex.answer)
+from sasr.tasks import extract_answer, get_task
 
 
 def test_arithmetic_chain_of_thought_is_right():

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from sasr.errors import SasrError
 
@@ -28,6 +29,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--config", help="YAML file of options (see configs/)")
     p.add_argument("--method", help=f"one of {', '.join(METHODS)} (default sasr)")
     p.add_argument("--task", help="task name (see `sasr tasks`; default arithmetic)")
+    p.add_argument("--reward", help="jsonl tasks: reward function module:function (TRL signature)")
     p.add_argument("--model", help="hub id, local folder, or alias (see `sasr models`; default smollm2-135m)")
     p.add_argument("--steps", type=int, help="total optimizer steps, warm-up included")
     p.add_argument("--warmup-steps", type=int, help="W: SFT steps before the adaptive phase")
@@ -48,6 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {
         "method": args.method,
         "task.name": args.task,
+        "task.reward": args.reward,
         "model.name": args.model,
         "steps": args.steps,
         "warmup_steps": args.warmup_steps,
@@ -117,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     handlers = {"train": cmd_train, "models": cmd_models, "tasks": cmd_tasks}
     try:
         return handlers[args.command](args)

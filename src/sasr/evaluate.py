@@ -13,17 +13,24 @@ from sasr.tasks import Example, Score, Task
 
 
 def score_all(task: Task, texts: Sequence[str], examples: Sequence[Example]) -> list[Score]:
-    """Score each completion against its example; a judge that raises stops with the example's index."""
-    scores = []
-    for i, (text, ex) in enumerate(zip(texts, examples)):
-        try:
-            scores.append(task.score(text, ex))
-        except Exception as exc:  # a user's judge may raise anything; name it, the example and the error
-            raise SasrError(
-                f"reward function of task '{task.name}' raised {type(exc).__name__}: {exc} "
-                f"on example {i} ({ex.question[:60]!r})"
-            ) from exc
-    return scores
+    """Score completions against their examples; a reward function that raises stops the run with one
+    sentence naming it and the first example it fails on."""
+    try:
+        return task.score_batch(list(texts), list(examples))
+    except SasrError:
+        raise
+    except Exception as batch_exc:  # a user's judge may raise anything: find the example it fails on
+        for i, (text, ex) in enumerate(zip(texts, examples)):
+            try:
+                task.score_batch([text], [ex])
+            except Exception as exc:
+                raise SasrError(
+                    f"reward function {task.reward_name} raised {type(exc).__name__}: {exc} "
+                    f"on example {i} ({ex.question[:60]!r})"
+                ) from exc
+        raise SasrError(
+            f"reward function {task.reward_name} raised {type(batch_exc).__name__}: {batch_exc}"
+        ) from batch_exc
 
 
 @torch.no_grad()

@@ -95,6 +95,15 @@ class Task:
     def score(self, completion: str, example: Example) -> Score:
         raise NotImplementedError
 
+    def score_batch(self, completions: list[str], examples: list[Example]) -> list[Score]:
+        """Score many completions at once; tasks with a batched reward function override this."""
+        return [self.score(c, e) for c, e in zip(completions, examples)]
+
+    @property
+    def reward_name(self) -> str:
+        """How errors name the reward function."""
+        return f"{type(self).__name__}.score"
+
     @staticmethod
     def check_split(split: str) -> None:
         if split not in SPLITS:
