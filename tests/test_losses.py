@@ -50,7 +50,12 @@ def trl_trainer(tmp_path_factory):
     )
     trainer.current_gradient_accumulation_steps = 1
     trainer.model.train()
-    return trainer
+    yield trainer
+    # TRL's trainer leaves a process-wide accelerate state (bf16 by default); later runs in this process
+    # must start from a clean one, as a fresh `sasr train` does.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])

@@ -5,11 +5,11 @@ from sasr.errors import SasrError
 from sasr.tasks import get_task
 
 
-def train(config, overwrite: bool = False, progress: bool = True):
+def train(config, overwrite: bool = False, progress: bool = True, resume: bool = False):
     """Train with a TrainConfig, a nested dict or a YAML path; returns a RunResult. See sasr.trainer."""
     from sasr.trainer import train as _train
 
-    return _train(config, overwrite=overwrite, progress=progress)
+    return _train(config, overwrite=overwrite, progress=progress, resume=resume)
 
 
 __all__ = ["SasrError", "TrainConfig", "build_config", "get_task", "train"]

@@ -37,6 +37,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--output", help="run directory (default runs/METHOD-TASK-TIME)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--save-every", type=int, help="write a checkpoint every N steps (kept: save_total_limit)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest complete checkpoint")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any option, e.g. grpo.beta=0"
     )
@@ -44,8 +46,8 @@ def _train_parser(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from sasr.config import build_config
-    from sasr.trainer import Trainer
+    from sasr.config import build_config, resume_config
+    from sasr.trainer import Trainer, TrainingStopped
 
     overrides = {
         "method": args.method,
@@ -57,10 +59,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         "schedule.gamma": args.gamma,
         "seed": args.seed,
         "output_dir": args.output,
+        "save_every": args.save_every,
     }
-    config = build_config(args.config, overrides, args.set)
-    trainer = Trainer(config, overwrite=args.overwrite, progress=not args.quiet)
-    result = trainer.train()
+    if args.resume:
+        if args.config or args.output:
+            raise SasrError(
+                "--resume takes its configuration and directory from the run; drop --config/--output"
+            )
+        config = resume_config(args.resume, overrides, args.set)
+    else:
+        config = build_config(args.config, overrides, args.set)
+    trainer = Trainer(config, overwrite=args.overwrite, progress=not args.quiet, resume=bool(args.resume))
+    try:
+        result = trainer.train()
+    except TrainingStopped as stop:
+        if trainer.accelerator.is_main_process:
+            print(
+                f"sasr: {stop}; resume with: sasr train --resume {stop.run_dir}",
+                file=sys.stderr,
+            )
+        return 130 if stop.signal_name == "SIGINT" else 143
     if trainer.accelerator.is_main_process:
         print(summary_text(config, result))
     return 0

@@ -53,6 +53,7 @@ class OptimSection(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)  # null: no clipping (the norm is still measured)
     lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
+    max_nonfinite_steps: int = Field(3, ge=1)  # stop after this many non-finite losses/gradients in a row
 
 
 class SFTSection(Section):
@@ -99,6 +100,8 @@ class TrainConfig(Section):
     seed: int = 0
     output_dir: str | None = None
     save_final: bool = True
+    save_every: int = Field(0, ge=0)  # checkpoint every N steps (0: only when stopped by a signal)
+    save_total_limit: int = Field(2, ge=1)  # keep the newest K checkpoints
     logging_tensorboard: bool = True
     model: ModelSection = ModelSection()
     lora: LoraSection = LoraSection()
@@ -224,6 +227,44 @@ def validate(tree: dict[str, Any]) -> TrainConfig:
         if not key:
             raise SasrError(msg) from None
         raise SasrError(f"config key '{key}': {msg} (got {err.get('input')!r})") from None
+
+
+# Keys a resumed run may change: they alter neither the optimisation so far nor what it means.
+RESUME_SAFE_KEYS = (
+    "steps",
+    "save_every",
+    "save_total_limit",
+    "save_final",
+    "logging_tensorboard",
+    "output_dir",
+)
+RESUME_SAFE_SECTIONS = ("eval.",)
+
+
+def resume_config(
+    run_dir: str | Path, overrides: dict[str, Any] | None = None, sets: list[str] | None = None
+) -> TrainConfig:
+    """The saved config of ``run_dir`` with only resume-safe changes applied, or one sentence naming the
+    keys that differ."""
+    saved_file = Path(run_dir) / "config.yaml"
+    if not saved_file.is_file():
+        raise SasrError(f"'{run_dir}' is not a run directory (no config.yaml); nothing to resume")
+    saved = build_config(saved_file)
+    wanted = build_config(saved_file, overrides, sets).model_copy(update={"output_dir": str(run_dir)})
+    old = dict(_flatten(saved.model_dump(mode="json")))
+    new = dict(_flatten(wanted.model_dump(mode="json")))
+    unsafe = [
+        k
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS and not k.startswith(RESUME_SAFE_SECTIONS)
+    ]
+    if unsafe:
+        diff = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in unsafe)
+        raise SasrError(
+            f"cannot resume '{run_dir}' with a different configuration ({diff}); a resumed run may change only "
+            f"{', '.join(RESUME_SAFE_KEYS[:-1])} and eval.*"
+        )
+    return wanted
 
 
 def to_yaml(config: TrainConfig) -> str:

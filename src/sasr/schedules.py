@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sasr.errors import unknown
+from sasr.errors import SasrError, unknown
 
 Phase = Literal["sft", "grpo"]
 
@@ -38,7 +38,8 @@ class Schedule:
     def decide(self, step: int) -> Decision:
         raise NotImplementedError
 
-    def observe(self, decision: Decision, grad_norm: float) -> None:
+    def observe(self, decision: Decision, grad_norm: float | None) -> None:
+        """After the step: its pre-clip gradient norm, or None when it was not finite (update skipped)."""
         self.counts[decision.phase] += 1
 
     def state_dict(self) -> dict[str, Any]:
@@ -115,7 +116,10 @@ class SASR(Schedule):
     def decide(self, step: int) -> Decision:
         if step <= self.warmup_steps:
             return Decision(step, "sft")
-        assert self.g_warmup is not None and self.g_last is not None, "warm-up must be observed first"
+        if self.g_warmup is None or self.g_last is None:
+            raise SasrError(
+                f"warm-up ended at step {self.warmup_steps} without a finite gradient norm to set G_warmup"
+            )
         p_t = self.g_last / (self.g_last + self.gamma * self.g_warmup)
         alpha = self.rng.random()  # alpha ~ U(0, 1), drawn only in the adaptive phase
         phase: Phase = "sft" if alpha < p_t else "grpo"
@@ -123,9 +127,9 @@ class SASR(Schedule):
             step, phase, {"p_t": p_t, "alpha": alpha, "g_last": self.g_last, "g_warmup": self.g_warmup}
         )
 
-    def observe(self, decision: Decision, grad_norm: float) -> None:
+    def observe(self, decision: Decision, grad_norm: float | None) -> None:
         super().observe(decision, grad_norm)
-        if decision.phase == "sft":
+        if decision.phase == "sft" and grad_norm is not None:
             self.g_last = float(grad_norm)
             if decision.step == self.warmup_steps:
                 self.g_warmup = float(grad_norm)

@@ -7,10 +7,14 @@ G sampled completions each). The schedule picks which; the loop never looks at t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,11 +23,11 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from sasr import models
+from sasr import checkpoint, models
 from sasr.config import TrainConfig, to_yaml
 from sasr.data import pick, sft_batch
 from sasr.errors import SasrError
@@ -47,17 +51,23 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def prepare_run_dir(output_dir: str | None, config: TrainConfig, overwrite: bool) -> Path:
-    """The run directory, refused if it exists (unless overwrite) so no earlier run is mixed in."""
-    if output_dir is None:
-        output_dir = f"runs/{config.method}-{config.task.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    path = Path(output_dir)
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise SasrError(
-                f"output directory '{path}' already exists; pass --overwrite or choose another --output"
-            )
-        shutil.rmtree(path)
+class TrainingStopped(Exception):
+    """A signal asked the run to stop; a checkpoint of ``step`` was saved."""
+
+    def __init__(self, step: int, signal_name: str, run_dir: Path) -> None:
+        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint saved")
+        self.step, self.signal_name, self.run_dir = step, signal_name, run_dir
+
+
+def resolve_run_dir(config: TrainConfig, overwrite: bool, resume: bool, acc: Accelerator) -> Path:
+    """The run directory (identical on every rank), refused if it exists unless overwrite or resume."""
+    name = config.output_dir or f"runs/{config.method}-{config.task.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = broadcast_object_list([name])[0] if acc.num_processes > 1 else name  # one timestamp for all ranks
+    path = Path(name)
+    if not resume and path.exists() and any(path.iterdir()) and not overwrite:
+        raise SasrError(
+            f"output directory '{path}' already exists; pass --overwrite or choose another --output"
+        )
     return path
 
 
@@ -76,13 +86,24 @@ def apply_lora(model, config: TrainConfig):
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, overwrite: bool = False, progress: bool = True) -> None:
+    def __init__(
+        self, config: TrainConfig, overwrite: bool = False, progress: bool = True, resume: bool = False
+    ) -> None:
         self.config = c = config
-        self.accelerator = acc = Accelerator()
+        # Without a GPU, several processes talk over gloo (accelerate's MULTI_CPU).
+        try:
+            self.accelerator = acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+        except ValueError as exc:  # another library (e.g. a TRL trainer) set up accelerate differently
+            raise SasrError(
+                "this Python process already holds an accelerate state with other settings "
+                f"({str(exc).splitlines()[0]}); run sasr in a fresh process"
+            ) from None
         self.progress = progress and acc.is_main_process
         set_seed(c.seed, device_specific=True)  # sampling differs per rank; schedule draws do not (own RNG)
 
         # Everything that can fail on bad input fails before the run directory is touched.
+        self.run_dir = resolve_run_dir(c, overwrite, resume, acc)
+        resume_from = checkpoint.latest(self.run_dir) if resume else None
         self.task = get_task(c.task.name, **c.task.options())
         self.train_examples = self.task.examples("train", c.task.train_size, seed=c.seed)
         self.test_examples = self.task.examples("test", c.task.test_size, seed=c.seed)
@@ -104,7 +125,7 @@ class Trainer:
         self.reference = ReferencePolicy(model, use_lora=c.lora.enabled)
         if (
             not c.lora.enabled and c.method != "sft"
-        ):  # full fine-tuning: pi_ref is a copy (retaken after warm-up)
+        ):  # full fine-tuning: pi_ref is a copy, retaken after warm-up
             self.reference.snapshot()
 
         params = [p for p in model.parameters() if p.requires_grad]
@@ -114,65 +135,114 @@ class Trainer:
             betas=(c.optim.adam_beta1, c.optim.adam_beta2),
             weight_decay=c.optim.weight_decay,
         )
-        lr_scheduler = get_scheduler(
+        # Not passed to accelerate.prepare: its wrapper steps the scheduler once per process.
+        self.lr_scheduler = get_scheduler(
             c.optim.lr_scheduler_type,
             optimizer,
             num_warmup_steps=c.optim.lr_warmup_steps,
             num_training_steps=c.steps,
         )
-        self.model, self.optimizer, self.lr_scheduler = acc.prepare(model, optimizer, lr_scheduler)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
 
-        self.output_dir = prepare_run_dir(c.output_dir, c, overwrite) if acc.is_main_process else None
+        self.eval_before: dict[str, float] | None = None
+        self.start_step = checkpoint.load(self, resume_from) if resume_from else 0
         self.writer = None
+        self.stop_signal: str | None = None
+        self.rank_log = os.environ.get("SASR_RANK_LOG_DIR")  # diagnostics: each rank's branch sequence
         if acc.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(
-                to_yaml(c.model_copy(update={"output_dir": str(self.output_dir)}))
-            )
-            self._write_status("running")
+            if not resume:
+                if self.run_dir.exists():
+                    shutil.rmtree(self.run_dir)
+                self.run_dir.mkdir(parents=True)
+                (self.run_dir / "config.yaml").write_text(
+                    to_yaml(c.model_copy(update={"output_dir": str(self.run_dir)}))
+                )
+            else:  # forget the lines of steps after the checkpoint: they are redone identically
+                _truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
+                (self.run_dir / "config.yaml").write_text(to_yaml(c))
+            self._write_status("running", step=self.start_step)
             if c.logging_tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
+                self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.start_step + 1)
+        acc.wait_for_everyone()
+
+    @property
+    def output_dir(self) -> Path:
+        return self.run_dir
 
     # --- the loop ---------------------------------------------------------------------------------------
 
     def train(self) -> RunResult:
         c, acc = self.config, self.accelerator
         start = time.perf_counter()
-        before = self.evaluate("eval before") if c.eval.before and c.task.test_size else None
+        if self.start_step == 0 and c.eval.before and c.task.test_size:
+            self.eval_before = self.evaluate("eval before")
         history: list[dict[str, Any]] = []
-        bar = tqdm(range(1, c.steps + 1), desc=f"{c.method}", disable=not self.progress, unit="step")
-        for step in bar:
-            t0 = time.perf_counter()
-            decision = self.schedule.decide(step)
-            if decision.phase == "sft":
-                loss, stats = self.sft_step(step)
-            else:
-                loss, stats = self.grpo_step(step)
-            acc.backward(loss)
-            # Pre-clip global norm (after the DDP all-reduce): the number SASR's p_t is computed from.
-            max_norm = c.optim.max_grad_norm if c.optim.max_grad_norm is not None else math.inf
-            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
-            if math.isfinite(grad_norm):
-                self.optimizer.step()
-            else:
-                log.warning("step %d: non-finite gradient norm, update skipped", step)
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.schedule.observe(decision, grad_norm)
-            if decision.step == c.warmup_steps and c.grpo.reference == "warmup":
-                self.reference.snapshot()
+        nonfinite = 0
+        bar = tqdm(
+            range(self.start_step + 1, c.steps + 1),
+            desc=c.method,
+            disable=not self.progress,
+            unit="step",
+            initial=self.start_step,
+            total=c.steps,
+        )
+        with self._catch_signals():
+            for step in bar:
+                t0 = time.perf_counter()
+                decision = self.schedule.decide(step)
+                if decision.phase == "sft":
+                    loss, stats = self.sft_step(step)
+                else:
+                    loss, stats = self.grpo_step(step)
+                acc.backward(loss)
+                # Pre-clip global norm (after the DDP all-reduce): the number SASR's p_t is computed from.
+                max_norm = c.optim.max_grad_norm if c.optim.max_grad_norm is not None else math.inf
+                grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
+                finite = math.isfinite(grad_norm) and math.isfinite(loss.item())
+                if finite:
+                    self.optimizer.step()
+                    nonfinite = 0
+                else:  # skip the update; the schedule does not learn from a broken norm
+                    nonfinite += 1
+                    log.warning("step %d: non-finite loss or gradient norm; update skipped", step)
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.schedule.observe(decision, grad_norm if finite else None)
+                if decision.step == c.warmup_steps and c.grpo.reference == "warmup":
+                    self.reference.snapshot()
 
-            record = self._record(decision, loss, grad_norm, stats, time.perf_counter() - t0)
-            history.append(record)
-            self._log(record)
-            bar.set_postfix(self._postfix(record), refresh=False)
+                record = self._record(decision, loss, grad_norm, stats, time.perf_counter() - t0)
+                if not finite:
+                    record["skipped"] = True
+                history.append(record)
+                self._log(record)
+                if self.rank_log:
+                    with open(Path(self.rank_log) / f"rank{acc.process_index}.jsonl", "a") as f:
+                        f.write(
+                            json.dumps({"step": step, "phase": decision.phase, "grad_norm": grad_norm}) + "\n"
+                        )
+                bar.set_postfix(self._postfix(record), refresh=False)
+                if nonfinite >= c.optim.max_nonfinite_steps:
+                    self._write_status("failed", step=step)
+                    raise SasrError(
+                        f"{nonfinite} non-finite losses or gradient norms in a row (last at step {step}); "
+                        "lower optim.learning_rate or set optim.max_grad_norm"
+                    )
+                stop = self._stop_requested()
+                if stop or (c.save_every and step % c.save_every == 0 and step < c.steps):
+                    checkpoint.save(self, step)
+                if stop:
+                    self._write_status("stopped", step=step)
+                    raise TrainingStopped(step, stop, self.run_dir)
         bar.close()
 
         after = self.evaluate("eval after") if c.eval.after and c.task.test_size else None
         seconds = time.perf_counter() - start
-        result = RunResult(self.output_dir, dict(self.schedule.counts), before, after, seconds, history)
+        result = RunResult(
+            self.run_dir, dict(self.schedule.counts), self.eval_before, after, seconds, history
+        )
         if acc.is_main_process:
             if c.save_final:
                 self.save_final()
@@ -181,6 +251,30 @@ class Trainer:
                 self.writer.close()
         acc.wait_for_everyone()
         return result
+
+    @contextlib.contextmanager
+    def _catch_signals(self):
+        """SIGTERM / SIGINT: finish the current step, save a checkpoint, stop (see ``_stop_requested``)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            self.stop_signal = signal.Signals(signum).name
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _stop_requested(self) -> str | None:
+        """Whether any rank got a stop signal (all ranks must agree to stop after the same step)."""
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return (self.stop_signal or "SIGTERM") if flag.item() else None
 
     # --- the two kinds of step -------------------------------------------------------------------------
 
@@ -323,10 +417,12 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if not self.accelerator.is_main_process:
             return
-        with open(self.output_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        # Strict JSON: a non-finite number (a skipped step) is written as null.
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
         if self.writer:
-            for k, v in record.items():
+            for k, v in clean.items():
                 if isinstance(v, (int, float)) and k != "step":
                     self.writer.add_scalar(f"train/{k}", v, record["step"])
             self.writer.add_scalar("train/is_sft", float(record["phase"] == "sft"), record["step"])
@@ -334,17 +430,19 @@ class Trainer:
     def save_final(self) -> None:
         """DIR/final: a plain transformers folder (LoRA merged); DIR/adapter: the LoRA adapter alone."""
         model = self.accelerator.unwrap_model(self.model)
-        final = self.output_dir / "final"
+        final = self.run_dir / "final"
         if self.config.lora.enabled:
-            model.save_pretrained(self.output_dir / "adapter")
-            self.tokenizer.save_pretrained(self.output_dir / "adapter")
+            model.save_pretrained(self.run_dir / "adapter")
+            self.tokenizer.save_pretrained(self.run_dir / "adapter")
             model = model.merge_and_unload()
         model.config.use_cache = True
         model.save_pretrained(final)
         self.tokenizer.save_pretrained(final)
 
     def _write_status(self, status: str, **extra: Any) -> None:
-        (self.output_dir / "run.json").write_text(json.dumps({"status": status, **extra}, indent=2))
+        if not self.accelerator.is_main_process:
+            return
+        (self.run_dir / "run.json").write_text(json.dumps({"status": status, **extra}, indent=2))
 
     def _write_summary(self, r: RunResult) -> None:
         summary = {
@@ -361,14 +459,27 @@ class Trainer:
         self._write_status("finished", **summary)
 
 
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the metrics lines of steps up to ``last_step`` (a resumed run rewrites the later ones)."""
+    if path.exists():
+        lines = [
+            line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step
+        ]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
 def train(
-    config: TrainConfig | dict | str | Path, overwrite: bool = False, progress: bool = True
+    config: TrainConfig | dict | str | Path,
+    overwrite: bool = False,
+    progress: bool = True,
+    resume: bool = False,
 ) -> RunResult:
-    """Python API: ``sasr.train(config)`` with a TrainConfig, a nested dict, or a YAML path."""
+    """Python API: ``sasr.train(config)`` with a TrainConfig, a nested dict, or a YAML path.
+    ``resume=True`` continues ``config.output_dir`` from its newest checkpoint."""
     from sasr.config import build_config, validate
 
     if isinstance(config, (str, Path)):
         config = build_config(file=config)
     elif isinstance(config, dict):
         config = validate(config)
-    return Trainer(config, overwrite=overwrite, progress=progress).train()
+    return Trainer(config, overwrite=overwrite, progress=progress, resume=resume).train()

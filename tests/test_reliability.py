@@ -1,0 +1,190 @@
+"""Exact resume after SIGKILL, graceful stop, guards, several processes, and bad resume input."""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from sasr.checkpoint import complete_checkpoints, latest
+from sasr.cli import main
+
+TIMING = {"step_seconds", "tokens_per_second"}
+ARGS = ["--model", "tiny", "--quiet", "--set", "grpo.num_generations=2", "--set", "grpo.max_completion_length=8",
+        "--set", "eval.max_new_tokens=8", "--set", "task.test_size=2", "--set", "sft.batch_size=2",
+        "--set", "logging_tensorboard=false", "--set", "grpo.reference=warmup"]  # fmt: skip
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def cli(*argv, **popen):
+    return subprocess.Popen([sys.executable, "-m", "sasr", "train", *argv], env=ENV, **popen)
+
+
+def metrics(run: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def weights(run: Path) -> dict:
+    return load_file(run / "final" / "model.safetensors")
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert metrics(a) == metrics(b)
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert (wa[k] == wb[k]).all(), f"{k} differs"  # bit-identical
+
+
+def wait_for(predicate, proc, timeout=120.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.005)
+    raise AssertionError("timed out waiting")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted reference run: 12 steps of SASR."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert main(["train", *ARGS, "--steps", "12", "--warmup-steps", "3", "--output", str(out)]) == 0
+    return out
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, straight, capsys):
+    run = tmp_path / "run"
+    proc = cli(*ARGS, "--steps", "12", "--warmup-steps", "3", "--output", str(run), "--save-every", "3",
+               stderr=subprocess.DEVNULL)  # fmt: skip
+    wait_for(lambda: (run / "checkpoints" / "step-000006").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads((run / "run.json").read_text())["status"] == "running"  # not mistaken for finished
+    assert not (run / "final").exists()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert_same_run(straight, run)
+    kept = [p.name for p in complete_checkpoints(run)]
+    assert len(kept) <= 2 and not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigterm_saves_and_says_how_to_resume(tmp_path, straight):
+    run = tmp_path / "run"
+    proc = cli(*ARGS, "--steps", "12", "--warmup-steps", "3", "--output", str(run),
+               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    wait_for(
+        lambda: (
+            (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2
+        ),
+        proc,
+    )
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    assert f"resume with: sasr train --resume {run}" in err and "Traceback" not in err
+    status = json.loads((run / "run.json").read_text())
+    assert status["status"] == "stopped"
+    assert latest(run).name == f"step-{status['step']:06d}"
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert_same_run(straight, run)
+
+
+def test_half_written_checkpoints_are_never_picked(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step-000004").mkdir(parents=True)
+    (root / "step-000004" / "trainer_state.json").write_text("{}")
+    (root / ".tmp-step-000008").mkdir()  # killed while saving
+    (root / "step-000006").mkdir()  # no trainer_state.json: not complete
+    assert latest(tmp_path).name == "step-000004"
+
+
+def test_resume_bad_input(tmp_path, straight, capsys):
+    code = main(["train", "--resume", str(tmp_path)])
+    assert code == 2 and "is not a run directory (no config.yaml)" in capsys.readouterr().err
+    assert main(["train", "--resume", str(straight)]) == 2  # finished without --save-every: no checkpoint
+    assert "has no complete checkpoint to resume from" in capsys.readouterr().err
+    code = main(["train", "--resume", str(straight), "--set", "grpo.beta=0.5", "--seed", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "different configuration (grpo.beta 0.04 -> 0.5, seed 0 -> 3)" in err
+
+
+def test_resume_may_extend_the_step_count(tmp_path, straight):
+    run = tmp_path / "run"
+    assert (
+        main(
+            ["train", *ARGS, "--steps", "6", "--warmup-steps", "3", "--output", str(run), "--save-every", "3"]
+        )
+        == 0
+    )
+    # step 6 is the last: no checkpoint is written after it, so extend from the one of step 3
+    assert latest(run).name == "step-000003"
+    assert main(["train", "--resume", str(run), "--steps", "12", "--quiet"]) == 0
+    assert_same_run(straight, run)
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, straight):
+    run = tmp_path / "run"
+    proc = cli(*ARGS, "--steps", "12", "--warmup-steps", "3", "--output", str(run), "--save-every", "3",
+               stderr=subprocess.DEVNULL)  # fmt: skip
+    wait_for(lambda: (run / "checkpoints" / "step-000003").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    def small_files():  # the OS refuses any file over 40 kB: the next checkpoint cannot be written
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    limited = subprocess.run([sys.executable, "-m", "sasr", "train", "--resume", str(run), "--quiet"], env=ENV,
+                             preexec_fn=small_files, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert limited.returncode == 2, limited.stderr
+    last = limited.stderr.strip().splitlines()[-1]
+    assert last.startswith("sasr: error: cannot write the checkpoint of step") and "is intact" in last
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0  # the earlier checkpoint still works
+    assert_same_run(straight, run)
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, capsys):
+    run = tmp_path / "run"
+    code = main(["train", *ARGS, "--method", "sft", "--steps", "10", "--output", str(run),
+                 "--set", "optim.learning_rate=1e30", "--set", "optim.max_grad_norm=null"])  # fmt: skip
+    assert code == 2
+    assert "3 non-finite losses or gradient norms in a row (last at step 4)" in capsys.readouterr().err
+    rows = metrics(run)
+    assert [r.get("skipped", False) for r in rows] == [False, True, True, True]
+    assert rows[1]["loss"] is None  # strict JSON: null, not NaN
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+
+
+def test_zero_spread_groups_give_no_nan(run_tiny):
+    _, rows = run_tiny(method="grpo", steps=2)  # the random model never earns a reward
+    for r in rows:
+        assert r["zero_spread_fraction"] == 1.0 and r["reward_std"] == 0.0
+        assert r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"]  # not NaN
+
+
+def test_two_processes_take_the_same_branches(tmp_path):
+    run, ranks = tmp_path / "run", tmp_path / "ranks"
+    ranks.mkdir()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sasr", "train",
+           *ARGS, "--steps", "10", "--warmup-steps", "2", "--output", str(run)]  # fmt: skip
+    proc = subprocess.run(cmd, env={**ENV, "SASR_RANK_LOG_DIR": str(ranks)}, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r0 = [json.loads(x) for x in (ranks / "rank0.jsonl").read_text().splitlines()]
+    r1 = [json.loads(x) for x in (ranks / "rank1.jsonl").read_text().splitlines()]
+    assert len(r0) == 10 and [x["phase"] for x in r0] == [x["phase"] for x in r1]
+    assert {x["phase"] for x in r0} == {"sft", "grpo"}
+    # Each rank saw different data, yet both read the same (all-reduced, global) gradient norm.
+    assert [x["grad_norm"] for x in r0] == [x["grad_norm"] for x in r1]
+    assert len(metrics(run)) == 10  # only rank 0 wrote the run directory
+    assert proc.stdout.count("finished in") == 1
