@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 import warnings
 
@@ -106,6 +107,132 @@ def summary_text(config, result) -> str:
     )
 
 
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model or a run directory on a task's held-out split")
+    p.add_argument(
+        "--model", required=True, help="hub id, folder, alias, or a run directory (uses DIR/final)"
+    )
+    p.add_argument("--task", help="task name (default: the run's task, else arithmetic)")
+    p.add_argument(
+        "--n", type=int, default=None, help="held-out examples (default: the run's test_size, else 100)"
+    )
+    p.add_argument(
+        "--samples", type=int, default=0, help="K samples per question for pass@K, maj@K, diversity"
+    )
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1.0)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--output", help="also write the numbers as JSON to this file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. task.n_people=3")
+    p.add_argument("--quiet", action="store_true")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from sasr.compare import evaluate_model
+    from sasr.config import build_config, load_yaml
+
+    run = Path(args.model)
+    is_run = (run / "config.yaml").is_file() and (run / "final").is_dir()
+    run_task = load_yaml(run / "config.yaml").get("task", {}).get("name") if is_run else None
+    use_run_config = is_run and args.task in (None, run_task)  # the run's task options and test split
+    overrides = {
+        "model.name": str(run / "final") if is_run else args.model,
+        "task.name": args.task,
+        "task.test_size": args.n if args.n is not None else (None if use_run_config else 100),
+        "eval.samples": args.samples,
+        "eval.temperature": args.temperature,
+        "seed": args.seed,
+    }
+    config = build_config(run / "config.yaml" if use_run_config else None, overrides, args.set)
+    result = evaluate_model(config.model.name, config, config.seed, progress=not args.quiet)
+    print(eval_table(config.model.name, config, result))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2))
+        print(f"written to {args.output}")
+    return 0
+
+
+def eval_table(model: str, config, result: dict) -> str:
+    lines = [f"sasr eval: {model} on task '{config.task.name}' ({result['n']} held-out questions)"]
+    for key, value in result.items():
+        if key != "n":
+            lines.append(f"  {key:<18} {value:.4f}")
+    return "\n".join(lines)
+
+
+def _compare_parser(sub) -> None:
+    from sasr.config import METHODS
+
+    p = sub.add_parser("compare", help="train and evaluate several methods over seeds; table and plots")
+    p.add_argument("--task", help="task name")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list (default {','.join(METHODS)})")
+    p.add_argument("--steps", type=int, help="optimizer steps of every run")
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--seeds", default="1,2,3", help="comma list of seeds (default 1,2,3)")
+    p.add_argument("--model", help="model for every run")
+    p.add_argument("--samples", type=int, default=None, help="K samples per question (default 4)")
+    p.add_argument("--config", help="YAML file of options shared by every run")
+    p.add_argument("--output", required=True, help="comparison directory (re-running skips finished runs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--quiet", action="store_true")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sasr.compare import compare
+    from sasr.config import METHODS, build_config
+    from sasr.errors import unknown
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise unknown("method", m, METHODS)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise SasrError(f"--seeds must be a comma list of integers, got '{args.seeds}'") from None
+    overrides = {
+        "task.name": args.task,
+        "model.name": args.model,
+        "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
+        "eval.samples": 4 if args.samples is None else args.samples,
+    }
+    base = build_config(args.config, overrides, args.set)
+    if not base.eval.every:
+        base = base.model_copy(
+            update={"eval": base.eval.model_copy(update={"every": max(1, base.steps // 5)})}
+        )
+    for m in methods:  # fail on a bad budget before the first run, not in the middle
+        build_config(args.config, {**overrides, "method": m}, args.set)
+    command = "sasr " + " ".join(shlex.quote(a) for a in args.argv)
+    results = compare(base, methods, seeds, Path(args.output), progress=not args.quiet, command=command)
+    print((Path(args.output) / "results.md").read_text())
+    del results
+    return 0
+
+
+def _report_parser(sub) -> None:
+    p = sub.add_parser("report", help="draw the plots of a run directory (DIR/report/)")
+    p.add_argument("run_dir")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sasr.report import write_run_report
+
+    run = Path(args.run_dir)
+    if not (run / "metrics.jsonl").is_file():
+        raise SasrError(f"'{run}' is not a run directory (no metrics.jsonl)")
+    path = write_run_report(run)
+    print(f"report written to {path} (figure {path.parent / 'training.png'})")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from sasr.models import ALIASES
 
@@ -129,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sasr", description="Step-wise adaptive SFT + GRPO post-training.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _eval_parser(sub)
+    _compare_parser(sub)
+    _report_parser(sub)
     sub.add_parser("models", help="list model aliases")
     sub.add_parser("tasks", help="list tasks and their options")
     return parser
@@ -137,13 +267,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in results.md so a comparison can be rerun exactly
     if getattr(args, "quiet", False):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    handlers = {"train": cmd_train, "models": cmd_models, "tasks": cmd_tasks}
+    handlers = {
+        "train": cmd_train,
+        "eval": cmd_eval,
+        "compare": cmd_compare,
+        "report": cmd_report,
+        "models": cmd_models,
+        "tasks": cmd_tasks,
+    }
     try:
         return handlers[args.command](args)
     except SasrError as exc:

@@ -89,6 +89,9 @@ class ScheduleSection(Section):
 class EvalSection(Section):
     before: bool = True  # evaluate the loaded model on the held-out split before training
     after: bool = True
+    every: int = Field(0, ge=0)  # also every N steps (greedy), logged as eval_* in that step's metrics line
+    samples: int = Field(0, ge=0)  # after training: K samples per question for pass@K, maj@K, diversity
+    temperature: float = Field(1.0, gt=0)  # sampling temperature of those K samples
     max_new_tokens: int = Field(128, ge=1)
     batch_size: int = Field(32, ge=1)
 

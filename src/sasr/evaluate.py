@@ -1,15 +1,67 @@
-"""Held-out evaluation: greedy accuracy (pass@1), mean reward, format rate, completion length."""
+"""Held-out evaluation: greedy accuracy, and with K samples pass@k, maj@k and the diversity of reasoning.
+
+``evaluate`` returns one record per example (so records from several processes can be gathered);
+``summarise`` averages them. Metrics:
+- greedy: ``accuracy`` (pass@1 of greedy decoding), ``reward_mean``, ``format_rate``, ``completion_length``;
+- K samples at a temperature: ``sample_accuracy`` (mean over samples), ``pass@K`` (the unbiased estimator
+  of Chen et al. 2021 with n = K), ``maj@K`` (the most frequent final answer is right), and diversity among
+  the K samples of a prompt: ``distinct_1..4`` (distinct word n-grams / all n-grams), ``edit_distance``
+  (mean pairwise Levenshtein distance / longer length), ``distinct_answers`` (number of different final answers).
+"""
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
+import Levenshtein
 import torch
 from tqdm.auto import tqdm
 
 from sasr.errors import SasrError
 from sasr.rollout import generate, render_prompts
-from sasr.tasks import Example, Score, Task
+from sasr.tasks import Example, Score, Task, extract_answer
+
+# --- the metrics, as plain functions ----------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k samples drawn without replacement from n (c correct) is correct."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_correct(answers: Sequence[str | None], correct: Sequence[bool]) -> bool:
+    """maj@k: the most frequent extracted answer (first seen wins ties; None never votes) is a correct one."""
+    votes = Counter(a for a in answers if a is not None)
+    if not votes:
+        return False
+    top = max(votes.values())
+    winner = next(a for a in answers if a is not None and votes[a] == top)
+    return any(ok for a, ok in zip(answers, correct) if a == winner)
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct word n-grams over all n-grams of the texts (1.0: no n-gram repeats); 0 when none exist."""
+    grams = [tuple(ws[i : i + n]) for t in texts for ws in [t.split()] for i in range(len(ws) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def mean_edit_distance(texts: Sequence[str]) -> float:
+    """Mean over pairs of the character Levenshtein distance divided by the longer text's length."""
+    pairs = list(itertools.combinations(texts, 2))
+    if not pairs:
+        return 0.0
+    return sum(Levenshtein.distance(a, b) / max(len(a), len(b), 1) for a, b in pairs) / len(pairs)
+
+
+# --- scoring and generation ------------------------------------------------------------------------------
 
 
 def score_all(task: Task, texts: Sequence[str], examples: Sequence[Example]) -> list[Score]:
@@ -40,15 +92,18 @@ def evaluate(
     task: Task,
     examples: Sequence[Example],
     *,
+    samples: int = 0,
+    temperature: float = 1.0,
     max_new_tokens: int = 128,
     batch_size: int = 32,
     max_prompt_length: int = 512,
     progress: bool = True,
     desc: str = "eval",
-) -> dict[str, float]:
-    """Greedy-decode every example and score it. Returns sums and counts as floats (see ``summarise``)."""
-    totals = {"n": 0.0, "correct": 0.0, "reward": 0.0, "formatted": 0.0, "tokens": 0.0}
-    bar = tqdm(total=len(examples), desc=desc, disable=not progress, leave=False)
+) -> list[dict[str, Any]]:
+    """One record per example: greedy result, and with ``samples`` = K > 0 the sampled metrics."""
+    records: list[dict[str, Any]] = []
+    per_batch = max(1, batch_size // max(samples, 1))  # prompts per generate call when sampling
+    bar = tqdm(total=len(examples) * (1 + (samples > 0)), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start : start + batch_size])
         prompts = render_prompts(tokenizer, [task.messages(ex) for ex in chunk])
@@ -60,24 +115,56 @@ def evaluate(
             max_prompt_length=max_prompt_length,
             greedy=True,
         )
-        for s in score_all(task, roll.texts, chunk):
-            totals["correct"] += s.correct
-            totals["reward"] += s.reward
-            totals["formatted"] += s.formatted
-        totals["tokens"] += roll.completion_mask.sum().item()
-        totals["n"] += len(chunk)
+        lengths = roll.completion_mask.sum(1).tolist()
+        for s, n_tok in zip(score_all(task, roll.texts, chunk), lengths):
+            records.append(
+                {
+                    "correct": float(s.correct),
+                    "reward": s.reward,
+                    "formatted": float(s.formatted),
+                    "length": n_tok,
+                }
+            )
         bar.update(len(chunk))
+    if samples > 0:
+        for start in range(0, len(examples), per_batch):
+            chunk = list(examples[start : start + per_batch])
+            prompts = render_prompts(tokenizer, [task.messages(ex) for ex in chunk])
+            roll = generate(
+                model, tokenizer, prompts, num_generations=samples, max_new_tokens=max_new_tokens,
+                max_prompt_length=max_prompt_length, temperature=temperature,
+            )  # fmt: skip
+            grouped = [ex for ex in chunk for _ in range(samples)]
+            scores = score_all(task, roll.texts, grouped)
+            for i in range(len(chunk)):
+                texts = roll.texts[i * samples : (i + 1) * samples]
+                group = scores[i * samples : (i + 1) * samples]
+                answers = [extract_answer(t) for t in texts]
+                ok = [s.correct for s in group]
+                rec = records[start + i]
+                rec["sample_accuracy"] = sum(ok) / samples
+                rec[f"pass@{samples}"] = pass_at_k(samples, sum(ok), samples)
+                rec[f"maj@{samples}"] = float(majority_correct(answers, ok))
+                for n in range(1, 5):
+                    rec[f"distinct_{n}"] = distinct_n(texts, n)
+                rec["edit_distance"] = mean_edit_distance(texts)
+                rec["distinct_answers"] = len({a for a in answers if a is not None})
+            bar.update(len(chunk))
     bar.close()
-    return totals
+    return records
 
 
-def summarise(totals: dict[str, float]) -> dict[str, float]:
-    """Sums and counts -> accuracy, reward_mean, format_rate, completion_length."""
-    n = max(totals["n"], 1.0)
-    return {
-        "n": int(totals["n"]),
-        "accuracy": totals["correct"] / n,
-        "reward_mean": totals["reward"] / n,
-        "format_rate": totals["formatted"] / n,
-        "completion_length": totals["tokens"] / n,
+def summarise(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Mean of every metric over examples; ``n`` the number of examples."""
+    out: dict[str, float] = {"n": len(records)}
+    if not records:
+        return out
+    names = {
+        "correct": "accuracy",
+        "reward": "reward_mean",
+        "formatted": "format_rate",
+        "length": "completion_length",
     }
+    for key in records[0]:
+        out[names.get(key, key)] = sum(r[key] for r in records) / len(records)
+    return out

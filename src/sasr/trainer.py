@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -216,6 +216,9 @@ class Trainer:
                 record = self._record(decision, loss, grad_norm, stats, time.perf_counter() - t0)
                 if not finite:
                     record["skipped"] = True
+                if c.eval.every and step % c.eval.every == 0 and c.task.test_size:
+                    held_out = self.evaluate(f"eval step {step}")
+                    record.update({f"eval_{k}": v for k, v in held_out.items() if k != "n"})
                 history.append(record)
                 self._log(record)
                 if self.rank_log:
@@ -238,7 +241,7 @@ class Trainer:
                     raise TrainingStopped(step, stop, self.run_dir)
         bar.close()
 
-        after = self.evaluate("eval after") if c.eval.after and c.task.test_size else None
+        after = self.evaluate("eval after", c.eval.samples) if c.eval.after and c.task.test_size else None
         seconds = time.perf_counter() - start
         result = RunResult(
             self.run_dir, dict(self.schedule.counts), self.eval_before, after, seconds, history
@@ -363,24 +366,26 @@ class Trainer:
 
     # --- evaluation, logging, saving -------------------------------------------------------------------
 
-    def evaluate(self, desc: str) -> dict[str, float]:
-        """Greedy held-out evaluation, examples split across ranks, sums reduced."""
+    def evaluate(self, desc: str, samples: int = 0) -> dict[str, float]:
+        """Held-out evaluation, examples split across ranks, records gathered, then averaged."""
         acc, c = self.accelerator, self.config
         shard = self.test_examples[acc.process_index :: acc.num_processes]
-        totals = evaluate(
+        records = evaluate(
             acc.unwrap_model(self.model),
             self.tokenizer,
             self.task,
             shard,
+            samples=samples,
+            temperature=c.eval.temperature,
             max_new_tokens=c.eval.max_new_tokens,
             batch_size=c.eval.batch_size,
             max_prompt_length=c.grpo.max_prompt_length,
             progress=self.progress,
             desc=desc,
         )
-        keys = sorted(totals)
-        summed = acc.reduce(torch.tensor([totals[k] for k in keys], device=acc.device), reduction="sum")
-        return summarise(dict(zip(keys, summed.tolist())))
+        if acc.num_processes > 1:
+            records = gather_object(records)
+        return summarise(records)
 
     def _record(self, d: Decision, loss: torch.Tensor, grad_norm: float, stats: dict, seconds: float) -> dict:
         acc = self.accelerator

@@ -1,0 +1,148 @@
+"""``sasr compare``: every method with the same budget, data and seeds, evaluated the same way.
+
+Layout of DIR: ``runs/METHOD-sSEED/`` (a normal run directory each, plus ``eval.json``),
+``runs/untrained-sSEED/eval.json``, ``results.json``, ``results.md`` and the comparison plots.
+Re-running skips the runs and evaluations that already finished.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from sasr import models
+from sasr.config import TrainConfig
+from sasr.evaluate import evaluate, summarise
+from sasr.report import markdown_table, plot_compare
+from sasr.tasks import get_task
+from sasr.trainer import Trainer
+
+METRICS = ("accuracy", "pass@{k}", "maj@{k}", "distinct_2", "edit_distance", "distinct_answers")
+
+
+def _finished(run_dir: Path) -> bool:
+    status = run_dir / "run.json"
+    return status.exists() and json.loads(status.read_text()).get("status") == "finished"
+
+
+def evaluate_model(model_path: str, config: TrainConfig, seed: int, progress: bool = True) -> dict:
+    """Greedy (+ ``eval.samples`` sampled) evaluation of a model folder or alias on the config's
+    held-out split; the same numbers for a run's final/ and a copy of it anywhere else."""
+    import torch
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+    task = get_task(config.task.name, **config.task.options())
+    examples = task.examples("test", config.task.test_size, seed=config.seed)
+    tokenizer = models.load_tokenizer(model_path)
+    model = models.load_model(model_path, config.model.dtype)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    e = config.eval
+    records = evaluate(
+        model, tokenizer, task, examples, samples=e.samples, temperature=e.temperature,
+        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, max_prompt_length=config.grpo.max_prompt_length,
+        progress=progress, desc=f"eval {Path(model_path).name}",
+    )  # fmt: skip
+    return summarise(records)
+
+
+def evaluate_cached(model_path: str, config: TrainConfig, seed: int, out_file: Path, progress: bool) -> dict:
+    """``evaluate_model``, read from ``out_file`` when an earlier compare wrote it."""
+    if out_file.exists():
+        return json.loads(out_file.read_text())
+    result = evaluate_model(model_path, config, seed, progress)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def compare(
+    base: TrainConfig,
+    methods: list[str],
+    seeds: list[int],
+    output: Path,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Train and evaluate every (method, seed); write results.json, results.md and plots into ``output``."""
+    output.mkdir(parents=True, exist_ok=True)
+    k = base.eval.samples
+    rows: dict[str, list[dict]] = {m: [] for m in ["untrained", *methods]}
+    run_dirs: dict[str, list[Path]] = {m: [] for m in methods}
+    for seed in seeds:
+        untrained = evaluate_cached(base.model.name, base.model_copy(update={"seed": seed}), seed,
+                                    output / "runs" / f"untrained-s{seed}" / "eval.json", progress)  # fmt: skip
+        rows["untrained"].append({**untrained, "seconds": 0.0, "sft_steps": 0, "grpo_steps": 0})
+        for method in methods:
+            run_dir = output / "runs" / f"{method}-s{seed}"
+            config = base.model_copy(update={"method": method, "seed": seed, "output_dir": str(run_dir)})
+            config = TrainConfig.model_validate(config.model_dump())  # re-check (e.g. warm-up vs steps)
+            if not _finished(run_dir):
+                if progress:
+                    print(f"sasr compare: training {method} seed {seed} -> {run_dir}", file=sys.stderr)
+                Trainer(config, overwrite=True, progress=progress).train()
+            status = json.loads((run_dir / "run.json").read_text())
+            ev = evaluate_cached(str(run_dir / "final"), config, seed, run_dir / "eval.json", progress)
+            rows[method].append({**ev, "seconds": status["seconds"], "sft_steps": status["sft_steps"],
+                                 "grpo_steps": status["grpo_steps"]})  # fmt: skip
+            run_dirs[method].append(run_dir)
+
+    metric_names = [m.format(k=k) for m in METRICS if k or "{k}" not in m]
+    if not k:
+        metric_names = ["accuracy", "format_rate", "completion_length"]
+    results = {
+        "command": command or "(Python API) sasr.compare.compare",
+        "task": base.task.name,
+        "model": base.model.name,
+        "steps": base.steps,
+        "warmup_steps": base.warmup_steps,
+        "seeds": seeds,
+        "samples": k,
+        "methods": {
+            m: {
+                **{
+                    name: _mean_std([r[name] for r in rs])
+                    for name in [*metric_names, "seconds", "sft_steps", "grpo_steps"]
+                },
+                "per_seed": rs,
+            }
+            for m, rs in rows.items()
+        },
+    }
+    (output / "results.json").write_text(json.dumps(results, indent=2))
+    plot_compare(run_dirs, output)
+
+    header = ["method", *metric_names, "wall s", "SFT steps", "GRPO steps"]
+    table = []
+    for m, res in results["methods"].items():
+        cells = [m] + [f"{res[n][0]:.3f} ± {res[n][1]:.3f}" for n in metric_names]
+        cells += [f"{res['seconds'][0]:.0f}", f"{res['sft_steps'][0]:.1f}", f"{res['grpo_steps'][0]:.1f}"]
+        table.append(cells)
+    md = [
+        f"# {base.task.name}: {', '.join(methods)} on {base.model.name}",
+        "",
+        f"{base.steps} optimizer steps ({base.warmup_steps} warm-up where the method has one), seeds "
+        f"{', '.join(map(str, seeds))}; {base.task.test_size} held-out questions"
+        + (f", {k} samples each at temperature {base.eval.temperature}" if k else "")
+        + ". Mean ± std over seeds.",
+        "",
+        markdown_table(header, table),
+        "",
+        "Command:",
+        "",
+        f"    {results['command']}",
+        "",
+        "![held-out accuracy](accuracy_vs_step.png) ![train reward](reward_vs_step.png)",
+    ]
+    if "sasr" in methods:
+        md.append("![SASR dynamics](sasr_dynamics.png)")
+    (output / "results.md").write_text("\n".join(md) + "\n")
+    return results

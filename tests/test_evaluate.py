@@ -1,0 +1,155 @@
+"""Evaluation metrics on hand-computed cases; compare, eval and report end to end on `tiny`."""
+
+import json
+import shutil
+
+import matplotlib.image
+import pytest
+
+from sasr.cli import main
+from sasr.evaluate import distinct_n, majority_correct, mean_edit_distance, pass_at_k, summarise
+
+
+@pytest.mark.parametrize(
+    "n, c, k, expected",
+    [
+        (5, 0, 1, 0.0),
+        (5, 5, 3, 1.0),
+        (4, 1, 1, 0.25),
+        (4, 1, 2, 0.5),
+        (10, 3, 5, 1 - 21 / 252),
+        (8, 2, 8, 1.0),
+    ],
+)
+def test_pass_at_k(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_pass_at_k_needs_enough_samples():
+    with pytest.raises(ValueError):
+        pass_at_k(2, 1, 3)
+
+
+@pytest.mark.parametrize(
+    "answers, correct, expected",
+    [
+        (["3", "4", "3", None], [True, False, True, False], True),
+        (["4", "4", "3"], [False, False, True], False),  # the right answer is in the minority
+        (["3", "4"], [False, True], False),  # a tie goes to the answer seen first
+        ([None, None], [False, False], False),
+        ([None, "7", None], [False, True, False], True),  # unparsed samples do not vote
+    ],
+)
+def test_majority(answers, correct, expected):
+    assert majority_correct(answers, correct) is expected
+
+
+def test_diversity_on_fixed_strings():
+    texts = ["a b c", "a b d"]
+    assert distinct_n(texts, 1) == pytest.approx(4 / 6)
+    assert distinct_n(texts, 2) == pytest.approx(3 / 4)
+    assert distinct_n(texts, 3) == 1.0
+    assert distinct_n(texts, 4) == 0.0
+    assert distinct_n(["x y", "x y"], 2) == 0.5
+    assert mean_edit_distance(["abc", "abd"]) == pytest.approx(1 / 3)
+    assert mean_edit_distance(["abc", "abc", "xyz"]) == pytest.approx(2 / 3)
+    assert mean_edit_distance(["only one"]) == 0.0
+
+
+def test_summarise_names_and_means():
+    recs = [{"correct": 1.0, "reward": 1.0, "formatted": 1.0, "length": 10}, {"correct": 0.0, "reward": 0.1,
+            "formatted": 1.0, "length": 20}]  # fmt: skip
+    s = summarise(recs)
+    assert s == {"n": 2, "accuracy": 0.5, "reward_mean": 0.55, "format_rate": 1.0, "completion_length": 15.0}
+
+
+SMALL = ["--model", "tiny", "--quiet", "--set", "task.test_size=4", "--set", "grpo.num_generations=2",
+         "--set", "grpo.max_completion_length=8", "--set", "eval.max_new_tokens=8", "--set", "sft.batch_size=2",
+         "--set", "logging_tensorboard=false"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cmp") / "cmp"
+    argv = ["compare", "--task", "arithmetic", "--methods", "sasr,grpo", "--steps", "6", "--warmup-steps", "2",
+            "--seeds", "1,2", "--samples", "3", "--output", str(out), *SMALL]  # fmt: skip
+    assert main(argv) == 0
+    return out, argv
+
+
+def test_compare_writes_every_file(compared):
+    out, _ = compared
+    for name in [
+        "results.md",
+        "results.json",
+        "accuracy_vs_step.png",
+        "reward_vs_step.png",
+        "sasr_dynamics.png",
+    ]:
+        assert (out / name).is_file(), name
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"untrained", "sasr", "grpo"}
+    sasr = results["methods"]["sasr"]
+    assert (
+        len(sasr["per_seed"]) == 2
+        and {"accuracy", "pass@3", "maj@3", "distinct_2", "edit_distance"} <= sasr.keys()
+    )
+    assert (
+        results["methods"]["grpo"]["grpo_steps"] == [6.0, 0.0]
+        and results["methods"]["grpo"]["sft_steps"][0] == 0
+    )
+    md = (out / "results.md").read_text()
+    assert "| sasr |" in md and "| grpo |" in md and "| untrained |" in md and "sasr compare" in md
+    for seed in (1, 2):
+        for m in ("sasr", "grpo"):
+            assert (out / "runs" / f"{m}-s{seed}" / "final" / "config.json").is_file()
+
+
+def test_compare_plots_have_the_expected_series(compared):
+    out, _ = compared
+    plots = json.loads((out / "plots.json").read_text())
+    assert set(plots["accuracy_vs_step"]) == {"sasr", "grpo"}
+    # eval.every defaults to steps // 5 = 1: held-out accuracy at every step, averaged over both seeds
+    assert [p[0] for p in plots["accuracy_vs_step"]["sasr"]] == [1, 2, 3, 4, 5, 6]
+    assert len(plots["reward_vs_step"]["grpo"]) == 6
+    assert set(plots["sasr_dynamics"]) == {"p_t", "g_last / G_warmup", "KL to reference"}
+    assert plots["sasr_dynamics"]["p_t"][0] == [3, 0.5]  # p_1 = 1 / (1 + gamma) right after warm-up
+    for name in ["accuracy_vs_step.png", "reward_vs_step.png", "sasr_dynamics.png"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        h, w, _ = matplotlib.image.imread(out / name).shape
+        assert h > 200 and w > 300
+
+
+def test_compare_rerun_skips_finished_runs(compared, capsys):
+    out, argv = compared
+    before = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.jsonl")}
+    assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.jsonl")} == before
+
+
+def test_eval_run_dir_equals_hub_style_folder(compared, tmp_path, capsys):
+    out, _ = compared
+    run = out / "runs" / "sasr-s1"
+    copy = tmp_path / "some-org" / "model"
+    shutil.copytree(run / "final", copy)
+    common = ["--task", "arithmetic", "--n", "4", "--samples", "2", "--seed", "5", "--quiet",
+              "--set", "eval.max_new_tokens=8"]  # fmt: skip
+    assert main(["eval", "--model", str(run), *common, "--output", str(tmp_path / "a.json")]) == 0
+    assert main(["eval", "--model", str(copy), *common, "--output", str(tmp_path / "b.json")]) == 0
+    a, b = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
+    assert a == b and a["n"] == 4 and "pass@2" in a
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_report_of_a_run(compared, capsys):
+    out, _ = compared
+    run = out / "runs" / "sasr-s2"
+    assert main(["report", str(run)]) == 0
+    png = run / "report" / "training.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    plots = json.loads((run / "report" / "plots.json").read_text())["training"]
+    assert {"loss/SFT loss", "sasr/p_t", "kl/KL to reference", "held_out/held-out accuracy"} <= plots.keys()
+    assert len(plots["loss/SFT loss"]) + len(plots["loss/GRPO loss"]) == 6
+    assert "training.png" in (run / "report" / "report.md").read_text()
+    assert main(["report", str(out)]) == 2  # not a run directory
+    assert "is not a run directory" in capsys.readouterr().err
