@@ -53,6 +53,15 @@ def wait_for(predicate, proc, timeout=120.0):
     raise AssertionError("timed out waiting")
 
 
+def killed_after_checkpoint(run: Path, step: int) -> None:
+    """Start the 12-step run with a checkpoint every 3 steps and SIGKILL it once ``step``'s exists."""
+    proc = cli(*ARGS, "--steps", "12", "--warmup-steps", "3", "--output", str(run), "--save-every", "3",
+               stderr=subprocess.DEVNULL)  # fmt: skip
+    wait_for(lambda: (run / "checkpoints" / f"step-{step:06d}").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """The uninterrupted reference run: 12 steps of SASR."""
@@ -63,11 +72,7 @@ def straight(tmp_path_factory):
 
 def test_sigkill_then_resume_is_bit_identical(tmp_path, straight, capsys):
     run = tmp_path / "run"
-    proc = cli(*ARGS, "--steps", "12", "--warmup-steps", "3", "--output", str(run), "--save-every", "3",
-               stderr=subprocess.DEVNULL)  # fmt: skip
-    wait_for(lambda: (run / "checkpoints" / "step-000006").exists(), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed_after_checkpoint(run, 6)
     assert json.loads((run / "run.json").read_text())["status"] == "running"  # not mistaken for finished
     assert not (run / "final").exists()
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
@@ -132,11 +137,7 @@ def test_resume_may_extend_the_step_count(tmp_path, straight):
 
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, straight):
     run = tmp_path / "run"
-    proc = cli(*ARGS, "--steps", "12", "--warmup-steps", "3", "--output", str(run), "--save-every", "3",
-               stderr=subprocess.DEVNULL)  # fmt: skip
-    wait_for(lambda: (run / "checkpoints" / "step-000003").exists(), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed_after_checkpoint(run, 3)
 
     def small_files():  # the OS refuses any file over 40 kB: the next checkpoint cannot be written
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

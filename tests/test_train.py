@@ -103,3 +103,15 @@ def test_final_model_equals_trained_weights(run_tiny):
     ids = torch.randint(0, 1000, (2, 8))
     torch.testing.assert_close(merged(ids).logits, lora(ids).logits, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(merged(ids).logits, models.load_model("tiny")(ids).logits)
+
+
+def test_tensorboard_events_hold_every_step(run_tiny):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result, rows = run_tiny(method="sasr", steps=4, warmup_steps=2, logging_tensorboard=True)
+    acc = EventAccumulator(str(result.output_dir / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss", "train/grad_norm", "train/is_sft", "train/p_t"} <= set(tags)
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.value for e in acc.Scalars("train/grad_norm")] == pytest.approx([r["grad_norm"] for r in rows])

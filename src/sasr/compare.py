@@ -83,14 +83,21 @@ def compare(
         rows["untrained"].append({**untrained, "seconds": 0.0, "sft_steps": 0, "grpo_steps": 0})
         for method in methods:
             run_dir = output / "runs" / f"{method}-s{seed}"
-            config = base.model_copy(update={"method": method, "seed": seed, "output_dir": str(run_dir)})
+            # The untrained model is evaluated once above; the trainer's own evaluation after training
+            # (greedy + eval.samples) is the final model's evaluation.
+            no_before = base.eval.model_copy(update={"before": False})
+            config = base.model_copy(
+                update={"method": method, "seed": seed, "output_dir": str(run_dir), "eval": no_before}
+            )
             config = TrainConfig.model_validate(config.model_dump())  # re-check (e.g. warm-up vs steps)
             if not _finished(run_dir):
                 if progress:
                     print(f"sasr compare: training {method} seed {seed} -> {run_dir}", file=sys.stderr)
                 Trainer(config, overwrite=True, progress=progress).train()
             status = json.loads((run_dir / "run.json").read_text())
-            ev = evaluate_cached(str(run_dir / "final"), config, seed, run_dir / "eval.json", progress)
+            ev = status.get("eval_after") or {}
+            if not ev or (k and f"pass@{k}" not in ev):  # a run trained without the evaluation compare needs
+                ev = evaluate_cached(str(run_dir / "final"), config, seed, run_dir / "eval.json", progress)
             rows[method].append({**ev, "seconds": status["seconds"], "sft_steps": status["sft_steps"],
                                  "grpo_steps": status["grpo_steps"]})  # fmt: skip
             run_dirs[method].append(run_dir)

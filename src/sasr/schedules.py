@@ -64,7 +64,12 @@ class SFTOnly(Schedule):
 
 
 class GRPOOnly(Schedule):
+    """GRPO from the loaded model: no warm-up, whatever warmup_steps says."""
+
     name = "grpo"
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **{**kw, "warmup_steps": 0})
 
     def decide(self, step: int) -> Decision:
         return Decision(step, "grpo")

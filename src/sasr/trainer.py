@@ -123,9 +123,7 @@ class Trainer:
         if c.lora.enabled:
             model = apply_lora(model, c)
         self.reference = ReferencePolicy(model, use_lora=c.lora.enabled)
-        if (
-            not c.lora.enabled and c.method != "sft"
-        ):  # full fine-tuning: pi_ref is a copy, retaken after warm-up
+        if not c.lora.enabled and c.method != "sft":  # full fine-tuning: pi_ref is a copy
             self.reference.snapshot()
 
         params = [p for p in model.parameters() if p.requires_grad]
@@ -191,29 +189,18 @@ class Trainer:
         with self._catch_signals():
             for step in bar:
                 t0 = time.perf_counter()
-                decision = self.schedule.decide(step)
-                if decision.phase == "sft":
+                decision = self.schedule.decide(step)  # 1. pick the phase
+                if decision.phase == "sft":  # 2-3. build the batch, compute the loss
                     loss, stats = self.sft_step(step)
                 else:
                     loss, stats = self.grpo_step(step)
-                acc.backward(loss)
-                # Pre-clip global norm (after the DDP all-reduce): the number SASR's p_t is computed from.
-                max_norm = c.optim.max_grad_norm if c.optim.max_grad_norm is not None else math.inf
-                grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
-                finite = math.isfinite(grad_norm) and math.isfinite(loss.item())
-                if finite:
-                    self.optimizer.step()
-                    nonfinite = 0
-                else:  # skip the update; the schedule does not learn from a broken norm
-                    nonfinite += 1
-                    log.warning("step %d: non-finite loss or gradient norm; update skipped", step)
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                grad_norm, finite = self.optimizer_step(loss, step)  # 4. step
                 self.schedule.observe(decision, grad_norm if finite else None)
-                if decision.step == c.warmup_steps and c.grpo.reference == "warmup":
+                if step == self.schedule.warmup_steps and c.grpo.reference == "warmup":
                     self.reference.snapshot()
+                nonfinite = 0 if finite else nonfinite + 1
 
-                record = self._record(decision, loss, grad_norm, stats, time.perf_counter() - t0)
+                record = self._record(decision, loss, grad_norm, stats, time.perf_counter() - t0)  # 5. log
                 if not finite:
                     record["skipped"] = True
                 if c.eval.every and step % c.eval.every == 0 and c.task.test_size:
@@ -221,13 +208,9 @@ class Trainer:
                     record.update({f"eval_{k}": v for k, v in held_out.items() if k != "n"})
                 history.append(record)
                 self._log(record)
-                if self.rank_log:
-                    with open(Path(self.rank_log) / f"rank{acc.process_index}.jsonl", "a") as f:
-                        f.write(
-                            json.dumps({"step": step, "phase": decision.phase, "grad_norm": grad_norm}) + "\n"
-                        )
                 bar.set_postfix(self._postfix(record), refresh=False)
-                if nonfinite >= c.optim.max_nonfinite_steps:
+
+                if nonfinite >= c.optim.max_nonfinite_steps:  # 6. guard, save, stop
                     self._write_status("failed", step=step)
                     raise SasrError(
                         f"{nonfinite} non-finite losses or gradient norms in a row (last at step {step}); "
@@ -254,6 +237,23 @@ class Trainer:
                 self.writer.close()
         acc.wait_for_everyone()
         return result
+
+    def optimizer_step(self, loss: torch.Tensor, step: int) -> tuple[float, bool]:
+        """Backward, clip, update. Returns the pre-clip global gradient norm (read after the DDP all-reduce:
+        the number SASR's p_t is computed from) and whether loss and norm were finite; if not, the update
+        is skipped."""
+        c, acc = self.config, self.accelerator
+        acc.backward(loss)
+        max_norm = c.optim.max_grad_norm if c.optim.max_grad_norm is not None else math.inf
+        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
+        finite = math.isfinite(grad_norm) and math.isfinite(loss.item())
+        if finite:
+            self.optimizer.step()
+        else:
+            log.warning("step %d: non-finite loss or gradient norm; update skipped", step)
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, finite
 
     @contextlib.contextmanager
     def _catch_signals(self):
@@ -420,6 +420,10 @@ class Trainer:
         return out
 
     def _log(self, record: dict) -> None:
+        if self.rank_log:  # every rank: its own branch and gradient norm, to check that ranks agree
+            line = {"step": record["step"], "phase": record["phase"], "grad_norm": record["grad_norm"]}
+            with open(Path(self.rank_log) / f"rank{self.accelerator.process_index}.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
         if not self.accelerator.is_main_process:
             return
         # Strict JSON: a non-finite number (a skipped step) is written as null.

@@ -12,7 +12,7 @@ from typing import Any
 
 from sasr.errors import SasrError
 from sasr.tasks.base import Example, Score, Task, extract_answer, split_of
-from sasr.tasks.judges import normalise_number, numeric_equal
+from sasr.tasks.judges import NumericAnswer
 
 TEST_FRACTION = 0.5  # the question space is unbounded: an even split keeps generation cheap for both
 
@@ -238,7 +238,7 @@ def _as_tuple(s: Any) -> Statement:
 # --- GSM-symbolic -----------------------------------------------------------------------------------------
 
 
-class GSMSymbolic(Task):
+class GSMSymbolic(NumericAnswer, Task):
     name = "gsm-symbolic"
     description = "GSM-symbolic word problems (reasoning-gym); its answer_cot is the chain of thought"
     options = {"correct_reward": 1.0, "format_reward": 0.1}
@@ -252,15 +252,3 @@ class GSMSymbolic(Task):
             cot = re.sub(r"\n?####[^\n]*$", "", cot).strip()
             out.append(Example(item["question"], cot, str(item["answer"]).strip()))
         return out
-
-    def target(self, example: Example) -> str:
-        return f"{example.cot}\nAnswer: {example.answer}"
-
-    def score(self, completion: str, example: Example) -> Score:
-        got = extract_answer(completion)
-        formatted = normalise_number(got) is not None
-        correct = formatted and numeric_equal(got, example.answer)
-        reward = (
-            self.opts["correct_reward"] if correct else (self.opts["format_reward"] if formatted else 0.0)
-        )
-        return Score(float(reward), correct, formatted)

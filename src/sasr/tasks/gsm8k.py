@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import re
 
-from sasr.tasks.base import Example, Score, extract_answer
+from sasr.tasks.base import Example
 from sasr.tasks.file_task import FileTask
-from sasr.tasks.judges import normalise_number, numeric_equal
+from sasr.tasks.judges import NumericAnswer
 
 _CALC = re.compile(r"<<[^>]*>>")
 
 
-class GSM8K(FileTask):
+class GSM8K(NumericAnswer, FileTask):
     name = "gsm8k"
     description = "GSM8K word problems (openai/gsm8k format) from the hub or a local JSONL/Parquet file"
     options = {
@@ -32,15 +32,3 @@ class GSM8K(FileTask):
         solution, _, final = str(row["answer"]).rpartition("####")
         cot = _CALC.sub("", solution).strip()
         return Example(question=str(row["question"]).strip(), cot=cot, answer=final.strip().replace(",", ""))
-
-    def target(self, example: Example) -> str:
-        return f"{example.cot}\nAnswer: {example.answer}"
-
-    def score(self, completion: str, example: Example) -> Score:
-        got = extract_answer(completion)
-        formatted = normalise_number(got) is not None
-        correct = formatted and numeric_equal(got, example.answer)
-        reward = (
-            self.opts["correct_reward"] if correct else (self.opts["format_reward"] if formatted else 0.0)
-        )
-        return Score(float(reward), correct, formatted)

@@ -69,3 +69,22 @@ class MathJudge:
 
 
 JUDGES = {"exact": exact_equal, "numeric": numeric_equal, "math": MathJudge}
+
+
+class NumericAnswer:
+    """Mixin for tasks whose target ends 'Answer: <number>' and whose judge compares numbers.
+    Reads ``correct_reward`` and ``format_reward`` from the task's options."""
+
+    def target(self, example) -> str:
+        return f"{example.cot}\nAnswer: {example.answer}"
+
+    def score(self, completion: str, example):
+        from sasr.tasks.base import Score, extract_answer
+
+        got = extract_answer(completion)
+        formatted = normalise_number(got) is not None
+        correct = formatted and numeric_equal(got, example.answer)
+        reward = (
+            self.opts["correct_reward"] if correct else (self.opts["format_reward"] if formatted else 0.0)
+        )
+        return Score(float(reward), correct, formatted)
