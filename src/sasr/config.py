@@ -78,6 +78,7 @@ class GRPOSection(Section):
     advantage: Literal["mean", "median"] = "mean"  # 'median' is our reading of the paper's G+/G- split
     reference: Literal["initial", "warmup"] = "initial"  # the policy the KL is measured to
     use_bias_correction_kl: bool = False  # TRL's option: KL term weighted by the importance ratio
+    generation_kwargs: dict[str, Any] = {}  # extra `generate` arguments, as TRL's (e.g. min_new_tokens)
 
 
 class ScheduleSection(Section):

@@ -70,6 +70,7 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     greedy: bool = False,
+    **generation_kwargs,
 ) -> Rollouts:
     """``num_generations`` completions per prompt, grouped consecutively: rows g*i .. g*i+g-1 share prompt i."""
     device = next(model.parameters()).device
@@ -91,6 +92,7 @@ def generate(
         eos_token_id=tokenizer.eos_token_id,
         use_cache=True,
         **sampling,
+        **generation_kwargs,
     )
     model.train(was_training)
     completion_ids = out[:, prompt_ids.size(1) :]  # [B, T]

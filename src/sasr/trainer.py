@@ -323,6 +323,7 @@ class Trainer:
             max_prompt_length=g.max_prompt_length,
             temperature=g.temperature,
             top_p=g.top_p,
+            **g.generation_kwargs,
         )  # B = prompts x G rows
         grouped_examples = [ex for ex in examples for _ in range(g.num_generations)]
         scores = score_all(self.task, roll.texts, grouped_examples)

@@ -1,0 +1,182 @@
+"""sasr's GRPO and SFT steps against TRL's GRPOTrainer / SFTTrainer at identical settings.
+
+Each side runs in its own subprocess (so each peak memory is its own), on the same model, prompts,
+G, number of generated tokens (min_new_tokens = max_completion_length, so both sample exactly as many),
+beta, loss type, LoRA or full fine-tuning. After --warmup untimed steps, --steps steps are timed; the
+table gives medians and peak resident memory, and the last line the ratio TRL / sasr.
+
+    python benchmarks/steps.py --model smollm2-135m --steps 3 --tokens 128          # the issue's setting
+    python benchmarks/steps.py --model tiny --steps 3 --tokens 32                   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORKERS = ("sasr-grpo", "trl-grpo", "sasr-sft", "trl-sft")
+
+
+def sasr_config(a, method: str, out: str) -> dict:
+    return {
+        "method": method,
+        "steps": a.warmup + a.steps,
+        "warmup_steps": 0 if method != "sft" else 1,
+        "model": {"name": a.model},
+        "lora": {"enabled": not a.full},
+        "task": {"name": "arithmetic", "train_size": 256, "test_size": 0},
+        "optim": {"learning_rate": 1e-5, "max_grad_norm": 1.0},
+        "sft": {"batch_size": a.sft_batch},
+        "grpo": {
+            "batch_size": a.prompts,
+            "num_generations": a.generations,
+            "max_completion_length": a.tokens,
+            "beta": a.beta,
+            "loss_type": a.loss_type,
+            "generation_kwargs": {"min_new_tokens": a.tokens},
+        },
+        "eval": {"before": False, "after": False},
+        "save_final": False,
+        "logging_tensorboard": False,
+        "output_dir": out,
+    }
+
+
+def run_sasr(a, kind: str) -> list[float]:
+    from sasr.config import validate
+    from sasr.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(validate(sasr_config(a, "grpo" if kind == "grpo" else "sft", out)), progress=False)
+        times = []
+        for step in range(1, a.warmup + a.steps + 1):
+            t0 = time.perf_counter()
+            loss, _ = trainer.grpo_step(step) if kind == "grpo" else trainer.sft_step(step)
+            trainer.optimizer_step(loss, step)
+            times.append(time.perf_counter() - t0)
+    return times[a.warmup :]
+
+
+def run_trl(a, kind: str) -> list[float]:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+
+    from sasr import models
+    from sasr.tasks import Example, get_task
+
+    task = get_task("arithmetic")
+    examples = task.examples("train", 256, seed=0)
+    tok = models.load_tokenizer(a.model)
+    model = models.load_model(a.model)
+    peft = (
+        None
+        if a.full
+        else LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    common = dict(
+        max_steps=a.warmup + a.steps, learning_rate=1e-5, max_grad_norm=1.0, logging_steps=1, report_to=[],
+        save_strategy="no", use_cpu=a.device == "cpu", bf16=False, dataloader_num_workers=0,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as out:
+        if kind == "grpo":
+            from trl import GRPOConfig, GRPOTrainer
+
+            data = Dataset.from_list([{"prompt": task.messages(ex), "answer": ex.answer} for ex in examples])
+
+            def reward(completions, answer, **kw):  # the task's own judge, as sasr uses it
+                texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+                return [task.score(t, Example("", "", a)).reward for t, a in zip(texts, answer)]
+
+            args = GRPOConfig(
+                output_dir=out, per_device_train_batch_size=a.prompts * a.generations,
+                num_generations=a.generations, max_completion_length=a.tokens,
+                generation_kwargs={"min_new_tokens": a.tokens}, beta=a.beta, loss_type=a.loss_type,
+                temperature=1.0, top_k=0, **common,
+            )  # fmt: skip
+            trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
+                                  processing_class=tok, peft_config=peft, callbacks=[Timer()])  # fmt: skip
+        else:
+            from trl import SFTConfig, SFTTrainer
+
+            data = Dataset.from_list(
+                [{"prompt": task.messages(ex), "completion": [{"role": "assistant", "content": task.target(ex)}]}
+                 for ex in examples]
+            )  # fmt: skip
+            args = SFTConfig(
+                output_dir=out, per_device_train_batch_size=a.sft_batch, max_length=512, **common
+            )
+            trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
+                                 peft_config=peft, callbacks=[Timer()])  # fmt: skip
+        trainer.train()
+    return times[a.warmup :]
+
+
+def worker(a) -> None:
+    side, kind = a.worker.split("-")
+    times = run_sasr(a, kind) if side == "sasr" else run_trl(a, kind)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps({"times": times, "median": statistics.median(times), "peak_mb": peak_mb}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--generations", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=128, help="generated tokens per completion (fixed)")
+    p.add_argument("--sft-batch", type=int, default=8)
+    p.add_argument("--beta", type=float, default=0.04)
+    p.add_argument("--loss-type", default="grpo")
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--only", default=",".join(WORKERS), help="comma list of " + ",".join(WORKERS))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        return worker(a)
+
+    results = {}
+    for name in a.only.split(","):
+        cmd = [sys.executable, __file__, "--worker", name, *sys.argv[1:]]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+        results[name] = json.loads(line.removeprefix("RESULT "))
+        print(f"{name:<10} median {results[name]['median']:8.2f} s/step   peak {results[name]['peak_mb']:8.0f} MB   "
+              f"steps {', '.join(f'{t:.2f}' for t in results[name]['times'])}", flush=True)  # fmt: skip
+    setting = (f"model={a.model} {'full' if a.full else 'LoRA'} prompts={a.prompts} G={a.generations} "
+               f"tokens={a.tokens} beta={a.beta} loss={a.loss_type} device={a.device}")  # fmt: skip
+    print(setting)
+    for kind in ("sft", "grpo"):
+        if f"sasr-{kind}" in results and f"trl-{kind}" in results:
+            s, t = results[f"sasr-{kind}"], results[f"trl-{kind}"]
+            print(f"{kind.upper()} step: TRL / sasr time {t['median'] / s['median']:.2f}x, "
+                  f"peak memory TRL / sasr {t['peak_mb'] / s['peak_mb']:.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
