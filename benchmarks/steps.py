@@ -32,7 +32,7 @@ def sasr_config(a, method: str, out: str) -> dict:
         "method": method,
         "steps": a.warmup + a.steps,
         "warmup_steps": 0 if method != "sft" else 1,
-        "model": {"name": a.model},
+        "model": {"name": a.model, "gradient_checkpointing": a.gradient_checkpointing},
         "lora": {"enabled": not a.full},
         "task": {"name": "arithmetic", "train_size": 256, "test_size": 0},
         "optim": {"learning_rate": 1e-5, "max_grad_norm": 1.0},
@@ -97,6 +97,7 @@ def run_trl(a, kind: str) -> list[float]:
     common = dict(
         max_steps=a.warmup + a.steps, learning_rate=1e-5, max_grad_norm=1.0, logging_steps=1, report_to=[],
         save_strategy="no", use_cpu=a.device == "cpu", bf16=False, dataloader_num_workers=0,
+        gradient_checkpointing=a.gradient_checkpointing,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as out:
         if kind == "grpo":
@@ -152,6 +153,9 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--loss-type", default="grpo")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", help="on both sides (TRL's default is on)"
+    )
     p.add_argument("--only", default=",".join(WORKERS), help="comma list of " + ",".join(WORKERS))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -169,7 +173,8 @@ def main() -> None:
         print(f"{name:<10} median {results[name]['median']:8.2f} s/step   peak {results[name]['peak_mb']:8.0f} MB   "
               f"steps {', '.join(f'{t:.2f}' for t in results[name]['times'])}", flush=True)  # fmt: skip
     setting = (f"model={a.model} {'full' if a.full else 'LoRA'} prompts={a.prompts} G={a.generations} "
-               f"tokens={a.tokens} beta={a.beta} loss={a.loss_type} device={a.device}")  # fmt: skip
+               f"tokens={a.tokens} beta={a.beta} loss={a.loss_type} device={a.device} "
+               f"gradient_checkpointing={a.gradient_checkpointing}")  # fmt: skip
     print(setting)
     for kind in ("sft", "grpo"):
         if f"sasr-{kind}" in results and f"trl-{kind}" in results:

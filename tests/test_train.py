@@ -115,3 +115,11 @@ def test_tensorboard_events_hold_every_step(run_tiny):
     assert {"train/loss", "train/grad_norm", "train/is_sft", "train/p_t"} <= set(tags)
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
     assert [e.value for e in acc.Scalars("train/grad_norm")] == pytest.approx([r["grad_norm"] for r in rows])
+
+
+def test_gradient_checkpointing_gives_the_same_step(run_tiny):
+    _, plain = run_tiny("plain", method="sft", steps=2)
+    _, ckpt = run_tiny("ckpt", method="sft", steps=2, model={"name": "tiny", "gradient_checkpointing": True})
+    for a, b in zip(plain, ckpt):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)

@@ -25,6 +25,7 @@ class Section(BaseModel):
 class ModelSection(Section):
     name: str = "smollm2-135m"  # hub id, folder, or alias (smollm2-135m, tiny)
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
 
 
 class LoraSection(Section):
