@@ -163,11 +163,9 @@ def load(trainer: Trainer, path: Path) -> int:
     weights_file = next((path / "model").glob("*.safetensors"))
     weights = load_file(weights_file, device=str(acc.device))
     if trainer.config.lora.enabled:
-        result = set_peft_model_state_dict(model, weights)
-        unexpected = result.unexpected_keys
-    else:
-        result = model.load_state_dict(weights, strict=False)
-        unexpected = result.unexpected_keys
+        unexpected = set_peft_model_state_dict(model, weights).unexpected_keys
+    else:  # strict=False: save_pretrained leaves out tied weights (lm_head = embeddings)
+        unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
     if unexpected:
         raise SasrError(f"checkpoint {path} does not fit this model (unexpected weights: {unexpected[:3]})")
     trainer.optimizer.load_state_dict(

@@ -209,9 +209,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for m in methods:  # fail on a bad budget before the first run, not in the middle
         build_config(args.config, {**overrides, "method": m}, args.set)
     command = "sasr " + " ".join(shlex.quote(a) for a in args.argv)
-    results = compare(base, methods, seeds, Path(args.output), progress=not args.quiet, command=command)
+    compare(base, methods, seeds, Path(args.output), progress=not args.quiet, command=command)
     print((Path(args.output) / "results.md").read_text())
-    del results
     return 0
 
 

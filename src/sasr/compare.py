@@ -1,7 +1,7 @@
 """``sasr compare``: every method with the same budget, data and seeds, evaluated the same way.
 
-Layout of DIR: ``runs/METHOD-sSEED/`` (a normal run directory each, plus ``eval.json``),
-``runs/untrained-sSEED/eval.json``, ``results.json``, ``results.md`` and the comparison plots.
+Layout of DIR: ``runs/METHOD-sSEED/`` (a normal run directory each; its ``run.json`` holds the evaluation
+after training), ``runs/untrained-sSEED/eval.json``, ``results.json``, ``results.md`` and the plots.
 Re-running skips the runs and evaluations that already finished.
 """
 
@@ -102,9 +102,7 @@ def compare(
                                  "grpo_steps": status["grpo_steps"]})  # fmt: skip
             run_dirs[method].append(run_dir)
 
-    metric_names = [m.format(k=k) for m in METRICS if k or "{k}" not in m]
-    if not k:
-        metric_names = ["accuracy", "format_rate", "completion_length"]
+    metric_names = [m.format(k=k) for m in METRICS] if k else ["accuracy", "format_rate", "completion_length"]
     results = {
         "command": command or "(Python API) sasr.compare.compare",
         "task": base.task.name,

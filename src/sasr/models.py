@@ -46,12 +46,14 @@ def _gguf_folder() -> Path:
     return Path(spec.origin).parent
 
 
-def _atomic_save(folder: Path, save) -> Path:
-    """Write into folder.tmp then rename, so a killed conversion never leaves a half folder."""
+def _atomic_save(folder: Path, *objects) -> Path:
+    """``save_pretrained`` each object into folder.tmp, then rename, so a killed conversion never leaves
+    a half folder."""
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save(tmp)
+    for obj in objects:
+        obj.save_pretrained(tmp)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
@@ -62,7 +64,7 @@ def smollm2_tokenizer_folder() -> Path:
     folder = cache_dir() / "tokenizers" / "smollm2"
     if not (folder / "tokenizer_config.json").exists():
         tok = AutoTokenizer.from_pretrained(_gguf_folder(), gguf_file=GGUF_FILE)
-        _atomic_save(folder, tok.save_pretrained)
+        _atomic_save(folder, tok)
     return folder
 
 
@@ -78,11 +80,7 @@ def smollm2_folder() -> Path:
         model.is_quantized = False
         tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_folder())
 
-        def save(tmp: Path) -> None:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-
-        _atomic_save(folder, save)
+        _atomic_save(folder, model, tok)
     return folder
 
 
@@ -108,11 +106,7 @@ def tiny_folder() -> Path:
             torch.manual_seed(0)
             model = LlamaForCausalLM(config)
 
-        def save(tmp: Path) -> None:
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-
-        _atomic_save(folder, save)
+        _atomic_save(folder, model, tok)
     return folder
 
 

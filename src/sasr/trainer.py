@@ -167,10 +167,6 @@ class Trainer:
                 self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.start_step + 1)
         acc.wait_for_everyone()
 
-    @property
-    def output_dir(self) -> Path:
-        return self.run_dir
-
     # --- the loop ---------------------------------------------------------------------------------------
 
     def train(self) -> RunResult:
