@@ -1,11 +1,17 @@
-"""sasr's GRPO and SFT steps against TRL's GRPOTrainer / SFTTrainer at identical settings.
+"""sasr's GRPO and SFT steps against TRL's GRPOTrainer / SFTTrainer at identical settings, and sasr's
+rollout engine against ``model.generate``.
 
 Each side runs in its own subprocess (so each peak memory is its own), on the same model, prompts,
 G, number of generated tokens (min_new_tokens = max_completion_length, so both sample exactly as many),
-beta, loss type, LoRA or full fine-tuning. After --warmup untimed steps, --steps steps are timed; the
-table gives medians and peak resident memory, and the last line the ratio TRL / sasr.
+beta, loss type, LoRA or full fine-tuning, dtype. After --warmup untimed steps, --steps steps are timed; the
+table gives medians and peak memory (resident on CPU, allocated on CUDA), and the last line the ratio TRL / sasr.
 
-    python benchmarks/steps.py --model smollm2-135m --steps 3 --tokens 128          # the issue's setting
+The rollout worker times, in one process, ``model.generate`` and the engine (eager; with CUDA graphs; with
+torch.compile too under --compile) at --rollout-rows rows x --tokens tokens, and on CUDA the fraction of
+the memory-bandwidth roofline reached: every decode step must read the weights and each row's KV cache.
+
+    python benchmarks/steps.py --model smollm2-135m --steps 3 --tokens 128          # the CPU setting
+    python benchmarks/steps.py --device cuda --compile                              # GPU: Qwen2.5-0.5B shape
     python benchmarks/steps.py --model tiny --steps 3 --tokens 32                   # a smoke run
 """
 
@@ -24,7 +30,8 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WORKERS = ("sasr-grpo", "trl-grpo", "sasr-sft", "trl-sft")
+WORKERS = ("rollout", "sasr-grpo", "trl-grpo", "sasr-sft", "trl-sft")
+BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # HBM bytes/s by card name (SXM parts)
 
 
 def sasr_config(a, method: str, out: str) -> dict:
@@ -32,7 +39,7 @@ def sasr_config(a, method: str, out: str) -> dict:
         "method": method,
         "steps": a.warmup + a.steps,
         "warmup_steps": 0 if method != "sft" else 1,
-        "model": {"name": a.model, "gradient_checkpointing": a.gradient_checkpointing},
+        "model": {"name": a.model, "gradient_checkpointing": a.gradient_checkpointing, "dtype": a.dtype},
         "lora": {"enabled": not a.full},
         "task": {"name": "arithmetic", "train_size": 256, "test_size": 0},
         "optim": {"learning_rate": 1e-5, "max_grad_norm": 1.0},
@@ -44,6 +51,7 @@ def sasr_config(a, method: str, out: str) -> dict:
             "beta": a.beta,
             "loss_type": a.loss_type,
             "generation_kwargs": {"min_new_tokens": a.tokens},
+            "cuda_graphs": not a.no_graphs,
         },
         "eval": {"before": False, "after": False},
         "save_final": False,
@@ -63,6 +71,7 @@ def run_sasr(a, kind: str) -> list[float]:
             t0 = time.perf_counter()
             loss, _ = trainer.grpo_step(step) if kind == "grpo" else trainer.sft_step(step)
             trainer.optimizer_step(loss, step)
+            _sync(a)
             times.append(time.perf_counter() - t0)
     return times[a.warmup :]
 
@@ -78,7 +87,7 @@ def run_trl(a, kind: str) -> list[float]:
     task = get_task("arithmetic")
     examples = task.examples("train", 256, seed=0)
     tok = models.load_tokenizer(a.model)
-    model = models.load_model(a.model)
+    model = models.load_model(a.model, a.dtype)
     peft = (
         None
         if a.full
@@ -92,11 +101,12 @@ def run_trl(a, kind: str) -> list[float]:
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            _sync(a)
             times.append(time.perf_counter() - self.t0)
 
     common = dict(
         max_steps=a.warmup + a.steps, learning_rate=1e-5, max_grad_norm=1.0, logging_steps=1, report_to=[],
-        save_strategy="no", use_cpu=a.device == "cpu", bf16=False, dataloader_num_workers=0,
+        save_strategy="no", use_cpu=a.device == "cpu", bf16=a.dtype == "bfloat16", dataloader_num_workers=0,
         gradient_checkpointing=a.gradient_checkpointing,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as out:
@@ -133,17 +143,124 @@ def run_trl(a, kind: str) -> list[float]:
     return times[a.warmup :]
 
 
+def _sync(a) -> None:
+    if a.device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _peak_mb(a) -> float:
+    if a.device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _copy_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written per second: the card's practical peak."""
+    import torch
+
+    x = torch.empty(2**29, dtype=torch.float16, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 2 * 10 / (time.perf_counter() - t0)
+
+
+def run_rollout(a) -> dict:
+    """Tokens/s of model.generate and of the engine variants; on CUDA the bandwidth roofline fraction."""
+    import torch
+
+    from sasr import models
+    from sasr.engine import _kv_shape
+    from sasr.rollout import generate, render_prompts
+    from sasr.tasks import get_task
+
+    tok = models.load_tokenizer(a.model)
+    model = models.load_model(a.model, a.dtype).to(a.device).eval()
+    task = get_task("arithmetic")
+    n_layers, kv_heads, head_dim, dtype = _kv_shape(model)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    variants = {"generate": {"backend": "hf"}, "sasr eager": {"cuda_graphs": False}}
+    if a.device == "cuda":
+        variants["sasr graphs"] = {"cuda_graphs": True}
+        if a.compile:
+            variants["sasr graphs+compile"] = {"cuda_graphs": True, "compile": True}
+    out = {}
+    for rows in [int(r) for r in a.rollout_rows.split(",")]:
+        prompts = render_prompts(tok, [task.messages(ex) for ex in task.examples("test", rows, seed=0)])
+        P = len(tok(prompts[0]).input_ids)
+        # KV bytes read per decode step, averaged over the T steps: each row reads P + t cached positions.
+        kv_bytes = rows * n_layers * 2 * kv_heads * head_dim * dtype.itemsize * (P + a.tokens / 2)
+        step_bytes = weight_bytes + kv_bytes
+        for name, opts in variants.items():
+            times = []
+            for _ in range(a.warmup + a.steps):
+                _sync(a)
+                t0 = time.perf_counter()
+                generate(model, tok, prompts, max_new_tokens=a.tokens, temperature=1.0, min_new_tokens=a.tokens,
+                         **opts)  # fmt: skip
+                _sync(a)
+                times.append(time.perf_counter() - t0)
+            med = statistics.median(times[a.warmup :])
+            out[f"{name} @{rows}"] = {"tok_s": rows * a.tokens / med, "median": med, "step_bytes": step_bytes,
+                                      "rows": rows}  # fmt: skip
+    if a.device == "cuda":
+        name = torch.cuda.get_device_name()
+        copy_bw = _copy_bandwidth()
+        bw = next((v for k, v in BANDWIDTH.items() if k in name), copy_bw)
+        out["_device"] = {
+            "name": name,
+            "bandwidth": bw,
+            "copy_bandwidth": copy_bw,
+            "weight_bytes": weight_bytes,
+        }
+    return out
+
+
 def worker(a) -> None:
+    if a.worker == "rollout":
+        print("RESULT " + json.dumps(run_rollout(a)))
+        return
     side, kind = a.worker.split("-")
     times = run_sasr(a, kind) if side == "sasr" else run_trl(a, kind)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps({"times": times, "median": statistics.median(times), "peak_mb": peak_mb}))
+    print(
+        "RESULT " + json.dumps({"times": times, "median": statistics.median(times), "peak_mb": _peak_mb(a)})
+    )
+
+
+def print_rollout(res: dict) -> None:
+    dev = res.pop("_device", None)
+    base = {}
+    for key, r in res.items():
+        name, rows = key.split(" @")
+        base.setdefault(rows, r["tok_s"]) if name == "generate" else None
+        line = f"rollout {name:<20} rows {rows:>4}: {r['tok_s']:9.0f} tok/s ({r['tok_s'] / base[rows]:.2f}x generate)"
+        if dev:
+            roof = (
+                r["rows"] * dev["bandwidth"] / r["step_bytes"]
+            )  # tokens/s if every step ran at full bandwidth
+            line += f", {r['tok_s'] / roof:6.1%} of the bandwidth roofline ({roof:.0f} tok/s)"
+        print(line, flush=True)
+    if dev:
+        print(f"device {dev['name']}: roofline bandwidth {dev['bandwidth'] / 1e12:.2f} TB/s, measured copy "
+              f"{dev['copy_bandwidth'] / 1e12:.2f} TB/s, weights {dev['weight_bytes'] / 1e9:.2f} GB")  # fmt: skip
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", help="default smollm2-135m on cpu, qwen2.5-0.5b-random on cuda")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", help="both sides (default float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--rollout-rows", default=None, help="rollout batch sizes (default prompts x generations)")
+    p.add_argument("--compile", action="store_true", help="also time the engine with torch.compile (cuda)")
+    p.add_argument("--no-graphs", action="store_true", help="sasr's GRPO step without CUDA graphs")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--prompts", type=int, default=2)
@@ -159,6 +276,9 @@ def main() -> None:
     p.add_argument("--only", default=",".join(WORKERS), help="comma list of " + ",".join(WORKERS))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
+    a.model = a.model or ("qwen2.5-0.5b-random" if a.device == "cuda" else "smollm2-135m")
+    a.dtype = a.dtype or ("bfloat16" if a.device == "cuda" else "float32")
+    a.rollout_rows = a.rollout_rows or str(a.prompts * a.generations)
     if a.worker:
         return worker(a)
 
@@ -170,10 +290,13 @@ def main() -> None:
         if line is None:
             sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
         results[name] = json.loads(line.removeprefix("RESULT "))
+        if name == "rollout":
+            print_rollout(results[name])
+            continue
         print(f"{name:<10} median {results[name]['median']:8.2f} s/step   peak {results[name]['peak_mb']:8.0f} MB   "
               f"steps {', '.join(f'{t:.2f}' for t in results[name]['times'])}", flush=True)  # fmt: skip
     setting = (f"model={a.model} {'full' if a.full else 'LoRA'} prompts={a.prompts} G={a.generations} "
-               f"tokens={a.tokens} beta={a.beta} loss={a.loss_type} device={a.device} "
+               f"tokens={a.tokens} beta={a.beta} loss={a.loss_type} device={a.device} dtype={a.dtype} "
                f"gradient_checkpointing={a.gradient_checkpointing}")  # fmt: skip
     print(setting)
     for kind in ("sft", "grpo"):

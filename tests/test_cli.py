@@ -45,7 +45,7 @@ def run_cli(capsys, *argv):
         (["--task", "gsm9k"], "unknown task 'gsm9k'"),
         (
             ["--model", "smol"],
-            "model 'smol' is neither a folder, a hub id (owner/name) nor an alias; aliases: smollm2-135m, tiny",
+            "model 'smol' is neither a folder, a hub id (owner/name) nor an alias; aliases: smollm2-135m, tiny, qwen2.5-0.5b-random",
         ),
         (["--set", "grpo.bta=0.1"], "unknown config key 'grpo.bta' (did you mean 'grpo.beta'?)"),
         (["--gamma", "0"], "config key 'schedule.gamma': Input should be greater than 0"),

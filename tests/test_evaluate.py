@@ -153,3 +153,32 @@ def test_report_of_a_run(compared, capsys):
     assert "training.png" in (run / "report" / "report.md").read_text()
     assert main(["report", str(out)]) == 2  # not a run directory
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_compare_jobs_trains_in_parallel_processes_with_the_same_results(compared, tmp_path):
+    out, argv = compared
+    par = tmp_path / "par"
+    i = argv.index("--output")
+    argv = [*argv[:i], "--output", str(par), *argv[i + 2 :]]
+    argv[argv.index("--seeds") + 1] = "1"
+    assert main([*argv, "--jobs", "2", "--quiet"]) == 0
+    for m in ("sasr", "grpo"):
+        assert (par / "runs" / f"{m}-s1.log").is_file()  # each run was its own `sasr train` process
+        ours = [json.loads(x) for x in (par / "runs" / f"{m}-s1" / "metrics.jsonl").read_text().splitlines()]
+        serial = [
+            json.loads(x) for x in (out / "runs" / f"{m}-s1" / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in serial], rel=1e-5)
+    a = json.loads((par / "results.json").read_text())["methods"]["sasr"]["per_seed"][0]
+    b = json.loads((out / "results.json").read_text())["methods"]["sasr"]["per_seed"][0]
+    assert a["accuracy"] == b["accuracy"] and a["pass@3"] == b["pass@3"]
+
+
+def test_compare_jobs_reports_a_failed_run(tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    argv = ["compare", "--task", "arithmetic", "--methods", "sft,grpo", "--steps", "2", "--warmup-steps", "1",
+            "--seeds", "1", "--output", str(tmp_path / "c"), "--jobs", "2", *SMALL, "--model", str(missing)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "runs failed: sft-s1 (exit 2:" in err and "grpo-s1" in err
+    assert "is neither a folder" in err and "sft-s1.log" in err

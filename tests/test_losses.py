@@ -136,6 +136,28 @@ def test_gather_logprobs_equals_log_softmax():
     torch.testing.assert_close(gather_logprobs(logits, ids, chunk=2), full)
 
 
+def test_gather_logprobs_keeps_no_float_copy_for_backward():
+    """Same values and gradient as a full log-softmax, while backward keeps only the bf16 logits themselves."""
+    torch.manual_seed(0)
+    logits = torch.randn(8, 6, 1000, dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.randint(0, 1000, (8, 6))
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ours = gather_logprobs(logits, ids, temperature=0.7, chunk=2)
+    full = torch.log_softmax(logits.float() / 0.7, -1).gather(-1, ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(ours, full)
+    (g_ours,) = torch.autograd.grad(ours.sum(), logits)
+    (g_full,) = torch.autograd.grad(full.sum(), logits)
+    torch.testing.assert_close(g_ours, g_full)
+    logits_bytes = logits.numel() * logits.element_size()
+    assert sum(saved) < 1.01 * logits_bytes  # the chunks of the logits (+ ids), no [B, T, V] float32 copy
+
+
 def test_completion_logprobs_match_a_full_forward():
     from sasr import models
 

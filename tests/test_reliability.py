@@ -153,6 +153,22 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, straight
     assert_same_run(straight, run)
 
 
+def test_out_of_memory_is_one_sentence_that_names_the_knobs(tmp_path):
+    def little_memory():  # 6 GiB of address space: the SFT batch below needs ~20 GB of logits
+        resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
+
+    cmd = [sys.executable, "-m", "sasr", "train", "--model", "tiny", "--method", "sft", "--steps", "2",
+           "--warmup-steps", "1", "--output", str(tmp_path / "run"), "--quiet", "--set", "sft.batch_size=2048",
+           "--set", "task.test_size=0"]  # fmt: skip
+    done = subprocess.run(cmd, env=ENV, preexec_fn=little_memory, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("sasr: error: out of memory (") and "sft.batch_size" in lines[-1]
+    assert not any("Traceback" in line for line in lines)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] != "finished"
+    assert not (tmp_path / "run" / "final").exists()
+
+
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, capsys):
     run = tmp_path / "run"
     code = main(["train", *ARGS, "--method", "sft", "--steps", "10", "--output", str(run),

@@ -175,6 +175,9 @@ def _compare_parser(sub) -> None:
     p.add_argument("--samples", type=int, default=None, help="K samples per question (default 4)")
     p.add_argument("--config", help="YAML file of options shared by every run")
     p.add_argument("--output", required=True, help="comparison directory (re-running skips finished runs)")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="runs trained at once, each its own process (default 1)"
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true")
 
@@ -209,7 +212,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for m in methods:  # fail on a bad budget before the first run, not in the middle
         build_config(args.config, {**overrides, "method": m}, args.set)
     command = "sasr " + " ".join(shlex.quote(a) for a in args.argv)
-    compare(base, methods, seeds, Path(args.output), progress=not args.quiet, command=command)
+    if args.jobs < 1:
+        raise SasrError(f"--jobs must be at least 1, got {args.jobs}")
+    compare(base, methods, seeds, Path(args.output), progress=not args.quiet, command=command, jobs=args.jobs)
     print((Path(args.output) / "results.md").read_text())
     return 0
 
@@ -290,6 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sasr: interrupted", file=sys.stderr)
         return 130
+    except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if not any(s in message for s in ("out of memory", "can't allocate memory")) and not isinstance(
+            exc, MemoryError
+        ):
+            raise
+        print(f"sasr: error: out of memory ({message[:160]}); lower grpo.batch_size, grpo.num_generations, "
+              "sft.batch_size, eval.batch_size or the length limits, set model.gradient_checkpointing=true, "
+              "or run fewer compare --jobs at once", file=sys.stderr)  # fmt: skip
+        return 2
 
 
 if __name__ == "__main__":

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from sasr import models
-from sasr.config import TrainConfig
+from sasr.config import TrainConfig, to_yaml
+from sasr.errors import SasrError
 from sasr.evaluate import evaluate, summarise
 from sasr.report import markdown_table, plot_compare
 from sasr.tasks import get_task
@@ -45,7 +50,8 @@ def evaluate_model(model_path: str, config: TrainConfig, seed: int, progress: bo
     records = evaluate(
         model, tokenizer, task, examples, samples=e.samples, temperature=e.temperature,
         max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, max_prompt_length=config.grpo.max_prompt_length,
-        progress=progress, desc=f"eval {Path(model_path).name}",
+        progress=progress, desc=f"eval {Path(model_path).name}", backend=config.grpo.generation_backend,
+        cuda_graphs=config.grpo.cuda_graphs,
     )  # fmt: skip
     return summarise(records)
 
@@ -64,6 +70,46 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def run_config(base: TrainConfig, method: str, seed: int, run_dir: Path) -> TrainConfig:
+    """One run of the comparison. The untrained model is evaluated once per seed by compare itself; the
+    trainer's own evaluation after training (greedy + eval.samples) is the final model's evaluation."""
+    no_before = base.eval.model_copy(update={"before": False})
+    config = base.model_copy(
+        update={"method": method, "seed": seed, "output_dir": str(run_dir), "eval": no_before}
+    )
+    return TrainConfig.model_validate(config.model_dump())  # re-check (e.g. warm-up vs steps)
+
+
+def _train_in_parallel(
+    base: TrainConfig, pending: list[tuple[str, int]], output: Path, jobs: int, progress: bool
+):
+    """``sasr train`` for each pending (method, seed), ``jobs`` processes at a time (a small model leaves a
+    GPU mostly idle: several runs share it). Each run logs to runs/METHOD-sSEED.log."""
+    runs = output / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+
+    def one(method: str, seed: int) -> tuple[str, int, Path]:
+        name = f"{method}-s{seed}"
+        config_file, log_file = runs / f"{name}.yaml", runs / f"{name}.log"
+        config_file.write_text(to_yaml(run_config(base, method, seed, runs / name)))
+        cmd = [sys.executable, "-m", "sasr", "train", "--config", str(config_file), "--overwrite", "--quiet"]
+        with log_file.open("w") as log:
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        return name, code, log_file
+
+    bar = tqdm(total=len(pending), desc=f"compare: {jobs} runs at a time", disable=not progress)
+    failed = []
+    with ThreadPoolExecutor(jobs) as pool:
+        for name, code, log_file in pool.map(lambda ms: one(*ms), pending):
+            bar.update(1)
+            if code != 0:
+                lines = log_file.read_text().strip().splitlines()
+                failed.append(f"{name} (exit {code}: {lines[-1] if lines else 'no output'}; log {log_file})")
+    bar.close()
+    if failed:
+        raise SasrError("sasr compare: runs failed: " + "; ".join(failed))
+
+
 def compare(
     base: TrainConfig,
     methods: list[str],
@@ -71,25 +117,26 @@ def compare(
     output: Path,
     progress: bool = True,
     command: str | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
-    """Train and evaluate every (method, seed); write results.json, results.md and plots into ``output``."""
+    """Train and evaluate every (method, seed); write results.json, results.md and plots into ``output``.
+
+    ``jobs`` > 1 trains the runs that have not finished in that many parallel ``sasr train`` processes first.
+    """
     output.mkdir(parents=True, exist_ok=True)
     k = base.eval.samples
     rows: dict[str, list[dict]] = {m: [] for m in ["untrained", *methods]}
     run_dirs: dict[str, list[Path]] = {m: [] for m in methods}
+    pending = [(m, s) for s in seeds for m in methods if not _finished(output / "runs" / f"{m}-s{s}")]
+    if jobs > 1 and pending:
+        _train_in_parallel(base, pending, output, jobs, progress)
     for seed in seeds:
         untrained = evaluate_cached(base.model.name, base.model_copy(update={"seed": seed}), seed,
                                     output / "runs" / f"untrained-s{seed}" / "eval.json", progress)  # fmt: skip
         rows["untrained"].append({**untrained, "seconds": 0.0, "sft_steps": 0, "grpo_steps": 0})
         for method in methods:
             run_dir = output / "runs" / f"{method}-s{seed}"
-            # The untrained model is evaluated once above; the trainer's own evaluation after training
-            # (greedy + eval.samples) is the final model's evaluation.
-            no_before = base.eval.model_copy(update={"before": False})
-            config = base.model_copy(
-                update={"method": method, "seed": seed, "output_dir": str(run_dir), "eval": no_before}
-            )
-            config = TrainConfig.model_validate(config.model_dump())  # re-check (e.g. warm-up vs steps)
+            config = run_config(base, method, seed, run_dir)
             if not _finished(run_dir):
                 if progress:
                     print(f"sasr compare: training {method} seed {seed} -> {run_dir}", file=sys.stderr)

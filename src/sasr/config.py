@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sasr.engine import unsupported_kwargs
 from sasr.errors import SasrError, nearest
 
 METHODS = ("sasr", "sft", "grpo", "sft-then-grpo", "interleave")
@@ -80,6 +81,17 @@ class GRPOSection(Section):
     reference: Literal["initial", "warmup"] = "initial"  # the policy the KL is measured to
     use_bias_correction_kl: bool = False  # TRL's option: KL term weighted by the importance ratio
     generation_kwargs: dict[str, Any] = {}  # extra `generate` arguments, as TRL's (e.g. min_new_tokens)
+    # 'sasr': the rollout engine (static KV cache, finished rows dropped, CUDA graphs); 'hf': model.generate
+    generation_backend: Literal["sasr", "hf"] = "sasr"
+    cuda_graphs: bool = True  # sasr backend on a GPU: capture each decode step once, replay it
+    torch_compile: bool = False  # sasr backend: also torch.compile the decode step (a compile per batch size)
+
+    @model_validator(mode="after")
+    def _engine_takes_kwargs(self) -> GRPOSection:
+        problem = unsupported_kwargs(self.generation_kwargs) if self.generation_backend == "sasr" else None
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class ScheduleSection(Section):

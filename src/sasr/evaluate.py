@@ -99,6 +99,8 @@ def evaluate(
     max_prompt_length: int = 512,
     progress: bool = True,
     desc: str = "eval",
+    backend: str = "sasr",
+    cuda_graphs: bool = True,
 ) -> list[dict[str, Any]]:
     """One record per example: greedy result, and with ``samples`` = K > 0 the sampled metrics."""
     records: list[dict[str, Any]] = []
@@ -114,6 +116,8 @@ def evaluate(
             max_new_tokens=max_new_tokens,
             max_prompt_length=max_prompt_length,
             greedy=True,
+            backend=backend,
+            cuda_graphs=cuda_graphs,
         )
         lengths = roll.completion_mask.sum(1).tolist()
         for s, n_tok in zip(score_all(task, roll.texts, chunk), lengths):
@@ -132,7 +136,7 @@ def evaluate(
             prompts = render_prompts(tokenizer, [task.messages(ex) for ex in chunk])
             roll = generate(
                 model, tokenizer, prompts, num_generations=samples, max_new_tokens=max_new_tokens,
-                max_prompt_length=max_prompt_length, temperature=temperature,
+                max_prompt_length=max_prompt_length, temperature=temperature, backend=backend, cuda_graphs=cuda_graphs,
             )  # fmt: skip
             grouped = [ex for ex in chunk for _ in range(samples)]
             scores = score_all(task, roll.texts, grouped)
@@ -154,17 +158,15 @@ def evaluate(
     return records
 
 
+GREEDY = ("accuracy", "reward_mean", "format_rate", "completion_length")  # what greedy decoding gives
+
+
 def summarise(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     """Mean of every metric over examples; ``n`` the number of examples."""
     out: dict[str, float] = {"n": len(records)}
     if not records:
         return out
-    names = {
-        "correct": "accuracy",
-        "reward": "reward_mean",
-        "formatted": "format_rate",
-        "length": "completion_length",
-    }
+    names = dict(zip(("correct", "reward", "formatted", "length"), GREEDY))
     for key in records[0]:
         out[names.get(key, key)] = sum(r[key] for r in records) / len(records)
     return out

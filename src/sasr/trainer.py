@@ -31,7 +31,7 @@ from sasr import checkpoint, models
 from sasr.config import TrainConfig, to_yaml
 from sasr.data import pick, sft_batch
 from sasr.errors import SasrError
-from sasr.evaluate import evaluate, score_all, summarise
+from sasr.evaluate import GREEDY, evaluate, score_all, summarise
 from sasr.losses import completion_logprobs, group_advantages, grpo_loss, masked_mean, sft_loss
 from sasr.reference import ReferencePolicy
 from sasr.rollout import generate, render_prompts
@@ -175,6 +175,7 @@ class Trainer:
         if self.start_step == 0 and c.eval.before and c.task.test_size:
             self.eval_before = self.evaluate("eval before")
         history: list[dict[str, Any]] = []
+        after: dict[str, float] | None = None
         nonfinite = 0
         bar = tqdm(
             range(self.start_step + 1, c.steps + 1),
@@ -202,8 +203,11 @@ class Trainer:
                 if not finite:
                     record["skipped"] = True
                 if c.eval.every and step % c.eval.every == 0 and c.task.test_size:
-                    held_out = self.evaluate(f"eval step {step}")
-                    record.update({f"eval_{k}": v for k, v in held_out.items() if k != "n"})
+                    if step == c.steps and c.eval.after:  # the final evaluation's greedy part is this one
+                        held_out = after = self.evaluate("eval after", c.eval.samples)
+                    else:
+                        held_out = self.evaluate(f"eval step {step}")
+                    record.update({f"eval_{k}": v for k, v in held_out.items() if k != "n" and k in GREEDY})
                 history.append(record)
                 self._log(record)
                 bar.set_postfix(self._postfix(record), refresh=False)
@@ -222,7 +226,8 @@ class Trainer:
                     raise TrainingStopped(step, stop, self.run_dir)
         bar.close()
 
-        after = self.evaluate("eval after", c.eval.samples) if c.eval.after and c.task.test_size else None
+        if after is None and c.eval.after and c.task.test_size:
+            after = self.evaluate("eval after", c.eval.samples)
         seconds = time.perf_counter() - start
         result = RunResult(
             self.run_dir, dict(self.schedule.counts), self.eval_before, after, seconds, history
@@ -321,6 +326,9 @@ class Trainer:
             max_prompt_length=g.max_prompt_length,
             temperature=g.temperature,
             top_p=g.top_p,
+            backend=g.generation_backend,
+            cuda_graphs=g.cuda_graphs,
+            compile=g.torch_compile,
             **g.generation_kwargs,
         )  # B = prompts x G rows
         grouped_examples = [ex for ex in examples for _ in range(g.num_generations)]
@@ -361,6 +369,8 @@ class Trainer:
             "zero_spread_fraction": zero_spread.float().mean().item(),
             "tokens": mask.sum().item(),
         }
+        if roll.logprobs is not None:  # how far the sampler's numbers are from the learner's (bf16, kernels)
+            stats["sampler_logprob_gap"] = masked_mean((logps.detach() - roll.logprobs).abs(), mask).item()
         return out.loss, stats
 
     # --- evaluation, logging, saving -------------------------------------------------------------------
@@ -381,6 +391,8 @@ class Trainer:
             max_prompt_length=c.grpo.max_prompt_length,
             progress=self.progress,
             desc=desc,
+            backend=c.grpo.generation_backend,
+            cuda_graphs=c.grpo.cuda_graphs,
         )
         if acc.num_processes > 1:
             records = gather_object(records)

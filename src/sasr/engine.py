@@ -1,0 +1,373 @@
+"""sasr's rollout engine: a decode loop over a preallocated KV cache, built for GRPO's many short rollouts.
+
+What it does that ``model.generate`` does not:
+
+- the KV cache is allocated once per (batch, length) as ``[B, H_kv, L, D]`` per layer and written in place:
+  no per-token concatenation, and tensors whose addresses never move;
+- sampling (temperature, top-k, top-p, min_new_tokens) happens on the device, and the log-prob of each
+  sampled token under ``softmax(logits / temperature)`` is kept: it is pi_old, so no forward pass recomputes it;
+- rows that have finished (EOS) are dropped: the batch is compacted to its live rows;
+- on CUDA each decode step is captured once as a CUDA graph per (batch bucket, cache length) and replayed,
+  which removes the per-kernel launch cost that dominates decoding a small model.
+
+The model is any transformers decoder whose attention calls ``past_key_values.update(k, v, layer_idx)`` and
+accepts a ready 4-D attention mask (Llama, Qwen2, Mistral, SmolLM, ...), wrapped by peft or not.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+# generate() arguments the engine understands besides the ones rollout.generate names explicitly.
+ENGINE_KWARGS = {"min_new_tokens", "top_k"}
+LENGTH_QUANTUM = 128  # cache lengths are rounded up to this, so CUDA graphs are reused across batches
+MAX_STATES = 8  # (batch, length) states (cache + graph) kept per model on CUDA
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+    min_new_tokens: int = 0
+
+
+class StaticKVCache:
+    """Preallocated keys/values per layer; the transformers ``Cache`` calls a decoder layer makes.
+
+    ``write_at`` holds the cache columns the next forward writes (``[P]`` for a prefill, ``[1]`` for a decode
+    step); it is a device tensor so that a captured CUDA graph advances it itself.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], write_at: torch.Tensor) -> None:
+        self.keys, self.values, self.write_at = keys, values, write_at  # keys[l]: [b, H_kv, L, D]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        # key_states: [b, H_kv, q, D] -> the whole cache [b, H_kv, L, D]; the mask hides unwritten columns
+        self.keys[layer_idx].index_copy_(2, self.write_at, key_states.to(self.keys[layer_idx].dtype))
+        self.values[layer_idx].index_copy_(2, self.write_at, value_states.to(self.values[layer_idx].dtype))
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # only used when position_ids are missing
+        return 0
+
+
+def _kv_shape(model) -> tuple[int, int, int, torch.dtype]:
+    """(layers, kv heads, head dim, dtype) from the model's config and weights."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    return cfg.num_hidden_layers, kv_heads, head_dim, dtype
+
+
+def exponential_race(probs: torch.Tensor) -> torch.Tensor:
+    """argmax(p / E), E ~ Exp(1): the same law as multinomial, with no host sync, so it fits a CUDA graph."""
+    return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+
+
+def sample(
+    logits: torch.Tensor, params: SamplingParams, eos_token_id: int, eos_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next token and its log-prob under softmax(logits / T), all on the device. [b, V] -> [b], [b]
+
+    The log-prob is the unprocessed one (no top-k/top-p/min-length), the quantity the GRPO ratio uses.
+    """
+    temperature = 1.0 if params.greedy else params.temperature
+    scaled = logits.float() / temperature  # [b, V]
+    filtered = scaled.clone()
+    filtered[:, eos_token_id] += eos_bias  # -inf while min_new_tokens forbids stopping
+    if params.greedy:
+        token = filtered.argmax(-1)
+    else:
+        if params.top_k > 0:
+            kth = filtered.topk(min(params.top_k, filtered.size(-1)), dim=-1).values[:, -1:]
+            filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+        if params.top_p < 1.0:
+            sorted_logits, order = filtered.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            outside = probs.cumsum(-1) - probs > params.top_p  # mass before this token already covers top_p
+            filtered = filtered.scatter(1, order, sorted_logits.masked_fill(outside, float("-inf")))
+        probs = filtered.softmax(-1)
+        # On a CPU, drawing V exponentials per row costs more than multinomial's one uniform.
+        token = exponential_race(probs) if probs.is_cuda else torch.multinomial(probs, 1).squeeze(1)
+    logprob = scaled.gather(1, token[:, None]).squeeze(1) - scaled.logsumexp(-1)
+    return token, logprob
+
+
+class _DecodeState:
+    """The live rows of one decode: their cache, next inputs and bookkeeping. Fixed addresses, so graphable.
+
+    One state is allocated per (batch, length); ``view(b)`` gives the state of its first b rows, sharing the
+    storage, with a CUDA graph of its own. Compaction moves the live rows to the front and steps a smaller view,
+    so dropping finished rows costs no allocation.
+    """
+
+    BUFFERS = ("tokens", "positions", "mask", "next_token", "next_logprob", "rows", "done")
+
+    def __init__(self, batch: int, length: int, parent: _DecodeState | None = None, model=None, device=None):
+        self.batch, self.length = batch, length
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.views: dict[int, _DecodeState] = {}
+        self.root = parent if parent is not None else self  # views are always taken of the root
+        if parent is not None:  # the first `batch` rows of every buffer of the parent
+            for name in self.BUFFERS:
+                setattr(self, name, getattr(parent, name)[:batch])
+            self.cache = StaticKVCache(
+                [k[:batch] for k in parent.cache.keys],
+                [v[:batch] for v in parent.cache.values],
+                parent.decode_at,
+            )
+            self.decode_at, self.eos_bias = parent.decode_at, parent.eos_bias
+            return
+        n_layers, kv_heads, head_dim, dtype = _kv_shape(model)
+        shape = (batch, kv_heads, length, head_dim)
+        self.decode_at = torch.zeros(1, dtype=torch.long, device=device)  # [1] column a decode step writes
+        self.cache = StaticKVCache(
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)],
+            self.decode_at,
+        )
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [b, 1] next input
+        self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [b, 1]
+        self.mask = torch.zeros(batch, 1, 1, length, dtype=torch.bool, device=device)  # [b, 1, 1, L] visible
+        self.next_token = torch.zeros(batch, dtype=torch.long, device=device)  # [b]
+        self.next_logprob = torch.zeros(batch, dtype=torch.float32, device=device)  # [b]
+        self.rows = torch.zeros(batch, dtype=torch.long, device=device)  # [b] output row of each slot
+        self.done = torch.ones(batch, dtype=torch.bool, device=device)  # [b] finished or empty slot
+        self.eos_bias = torch.zeros((), dtype=torch.float32, device=device)  # -inf while EOS is held back
+
+    def view(self, batch: int) -> _DecodeState:
+        if batch == self.batch:
+            return self
+        if batch not in self.views:
+            self.views[batch] = _DecodeState(batch, self.length, parent=self)
+        return self.views[batch]
+
+    def move_rows(self, pick: torch.Tensor, into: _DecodeState) -> None:
+        """``into``'s slot i takes this state's slot ``pick[i]`` (``into`` is a view of the same storage)."""
+        for mine, theirs in zip(self.cache.keys + self.cache.values, into.cache.keys + into.cache.values):
+            theirs.copy_(mine.index_select(0, pick))  # index_select copies first: overlapping storage is safe
+        for name in ("tokens", "positions", "mask", "rows"):
+            getattr(into, name).copy_(getattr(self, name).index_select(0, pick))
+
+    def step(self, model, params: SamplingParams, eos_token_id: int) -> None:
+        """One decode step, in place: this column becomes visible, the model runs, a token is sampled."""
+        self.mask.index_fill_(3, self.decode_at, True)
+        logits = model(
+            input_ids=self.tokens,
+            position_ids=self.positions,
+            attention_mask=self.mask,
+            past_key_values=self.cache,
+            use_cache=True,
+        ).logits[:, -1]  # [b, V]
+        token, logprob = sample(logits, params, eos_token_id, self.eos_bias)
+        self.next_token.copy_(token)
+        self.next_logprob.copy_(logprob)
+        self.tokens.copy_(token[:, None])
+        self.positions.add_(1)
+        self.decode_at.add_(1)
+
+    def capture(self, model, params: SamplingParams, eos_token_id: int) -> None:
+        """Record one step as a CUDA graph. The warm-up runs mutate the inputs (and write cache columns not yet
+        visible), so the inputs are restored after."""
+        held = (self.tokens, self.positions, self.mask, self.decode_at)
+        saved = [t.clone() for t in held]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # lazy initialisation (cuBLAS handles, workspaces) happens outside the graph
+                self.step(model, params, eos_token_id)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step(model, params, eos_token_id)
+        for t, s in zip(held, saved):
+            t.copy_(s)
+
+
+class RolloutEngine:
+    """Decodes batches of left-padded prompts for one model; on CUDA it keeps states and graphs between calls."""
+
+    def __init__(self, model, *, cuda_graphs: bool = True, compile: bool = False) -> None:
+        self.model = model
+        self.cuda_graphs = cuda_graphs
+        # torch.compile fuses the decode step's small kernels; each new batch bucket costs a compilation,
+        # so it pays off for long or repeated rollouts of one shape.
+        self.forward = torch.compile(model, dynamic=False) if compile else model
+        self._states: OrderedDict[tuple, _DecodeState] = OrderedDict()
+        self.stats = {"decode_steps": 0, "row_steps": 0, "graph_captures": 0}  # of the last decode()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _graphs(self) -> bool:
+        return self.cuda_graphs and self.device.type == "cuda"
+
+    def _state(self, batch: int, length: int, params: SamplingParams, eos_token_id: int) -> _DecodeState:
+        """The root state for this shape: pooled on CUDA (its views keep their graphs), fresh elsewhere."""
+        if not self._graphs():
+            return _DecodeState(batch, length, model=self.model, device=self.device)
+        key = (batch, length, params, eos_token_id)
+        if key in self._states:
+            self._states.move_to_end(key)
+            return self._states[key]
+        while len(self._states) >= MAX_STATES:
+            self._states.popitem(last=False)
+        self._states[key] = _DecodeState(batch, length, model=self.model, device=self.device)
+        return self._states[key]
+
+    def _graphed(self, state: _DecodeState, params: SamplingParams, eos_token_id: int) -> _DecodeState:
+        if self._graphs() and state.graph is None:
+            state.capture(self.forward, params, eos_token_id)
+            self.stats["graph_captures"] += 1
+        return state
+
+    def _bucket(self, live: int, current: int) -> int:
+        """Batch size to compact ``live`` rows into: exact on CPU, powers of two under CUDA graphs."""
+        if not self._graphs():
+            return live
+        size = 1
+        while size < live:
+            size *= 2
+        return min(size, current)
+
+    @torch.no_grad()
+    def decode(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        *,
+        max_new_tokens: int,
+        eos_token_id: int,
+        pad_token_id: int,
+        params: SamplingParams,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Completions and their sampling log-probs for left-padded prompts. [B, P] -> [B, T], [B, T]
+
+        Tokens after a row's EOS are ``pad_token_id`` with log-prob 0; T is the longest row's length.
+        """
+        model, device = self.model, self.device
+        B, P = prompt_ids.shape
+        length = (
+            -(-(P + max_new_tokens) // LENGTH_QUANTUM) * LENGTH_QUANTUM
+            if self._graphs()
+            else P + max_new_tokens
+        )
+        out_ids = torch.full((B + 1, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        out_logp = torch.zeros(B + 1, max_new_tokens, device=device)  # row B: where empty slots write
+        was_training = model.training
+        model.eval()
+        self.stats = dict.fromkeys(self.stats, 0)
+        try:
+            state = self._graphed(self._state(B, length, params, eos_token_id), params, eos_token_id)
+            first_token, first_logp = self._prefill(state, prompt_ids, prompt_mask, params, eos_token_id)
+            state.rows.copy_(torch.arange(B, device=device))
+            state.done.zero_()
+            t_end = self._loop(state, first_token, first_logp, out_ids, out_logp, max_new_tokens, params,
+                               eos_token_id, pad_token_id)  # fmt: skip
+        finally:
+            model.train(was_training)
+        return out_ids[:B, :t_end], out_logp[:B, :t_end]
+
+    def _prefill(self, state, prompt_ids, prompt_mask, params, eos_token_id):
+        """Run the prompts through the model, filling the cache's first P columns; sample the first token."""
+        B, P = prompt_ids.shape
+        device = prompt_ids.device
+        mask = prompt_mask.bool()
+        positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P]
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()  # [P, P]
+        visible = causal[None] & mask[:, None, :]  # [B, P(query), P(key)]
+        visible |= torch.eye(P, dtype=torch.bool, device=device)[None]  # pads see themselves: no empty rows
+        full = torch.zeros(B, 1, P, state.length, dtype=torch.bool, device=device)
+        full[:, 0, :, :P] = visible
+        state.cache.write_at = torch.arange(P, device=device)
+        logits = self.model(
+            input_ids=prompt_ids,
+            position_ids=positions,
+            attention_mask=full,
+            past_key_values=state.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]  # [B, V]
+        # Decode state: the prompt's real tokens are visible, generation starts at column P.
+        state.cache.write_at = state.decode_at
+        state.decode_at.fill_(P)
+        state.mask.zero_()
+        state.mask[:, 0, 0, :P] = mask
+        state.positions.copy_(prompt_mask.long().sum(-1, keepdim=True))
+        state.eos_bias.fill_(float("-inf") if params.min_new_tokens > 0 else 0.0)
+        token, logprob = sample(logits, params, eos_token_id, state.eos_bias)
+        state.tokens.copy_(token[:, None])
+        return token, logprob
+
+    def _loop(
+        self, state, token, logprob, out_ids, out_logp, max_new_tokens, params, eos_token_id, pad_token_id
+    ):
+        """Record token t of every live row, stop finished rows, compact, step. Returns the columns used."""
+        scratch = out_ids.size(0) - 1
+        check_every = 4 if state.graph is not None else 1  # a live-row count is a host sync: not every step
+        t = 0
+        while True:
+            out_ids[state.rows, t] = torch.where(state.done, pad_token_id, token)
+            out_logp[state.rows, t] = torch.where(state.done, 0.0, logprob)
+            state.done |= token == eos_token_id
+            t += 1
+            if t == max_new_tokens:
+                return t
+            if t == params.min_new_tokens:
+                state.eos_bias.fill_(0.0)
+            if t % check_every == 0:
+                live = (~state.done).nonzero().squeeze(1)  # [n]
+                if live.numel() == 0:
+                    return t
+                size = self._bucket(live.numel(), state.batch)
+                if size < state.batch:
+                    state = self._compact(state, live, size, params, eos_token_id, scratch)
+            self.stats["decode_steps"] += 1
+            self.stats["row_steps"] += state.batch  # rows computed: finished ones are dropped
+            if state.graph is not None:
+                state.graph.replay()
+            else:
+                state.step(self.forward, params, eos_token_id)
+            token, logprob = state.next_token, state.next_logprob
+
+    def _compact(self, old, live, size, params, eos_token_id, scratch) -> _DecodeState:
+        """Move the live rows to the front; spare slots repeat a live row and write to the scratch row."""
+        n = live.numel()
+        pick = torch.cat([live, live[:1].expand(size - n)])  # [size]
+        new = self._graphed(old.root.view(size), params, eos_token_id)  # captured before the rows move
+        old.move_rows(pick, new)
+        new.rows[n:] = scratch
+        new.done.zero_()
+        new.done[n:] = True
+        return new
+
+
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def engine_for(model, cuda_graphs: bool = True, compile: bool = False) -> RolloutEngine:
+    """The model's engine, kept alive with it so its CUDA graphs are captured once."""
+    engine = _ENGINES.get(model)
+    if engine is None or (engine.cuda_graphs, engine.forward is not model) != (cuda_graphs, compile):
+        engine = _ENGINES[model] = RolloutEngine(model, cuda_graphs=cuda_graphs, compile=compile)
+    return engine
+
+
+def unsupported_kwargs(generation_kwargs: dict) -> str | None:
+    """What is wrong with these generate() arguments for the engine, or None."""
+    unknown = sorted(set(generation_kwargs) - ENGINE_KWARGS)
+    if not unknown:
+        return None
+    return (
+        f"generation_kwargs {unknown} are not supported by the sasr rollout engine (it takes "
+        f"{sorted(ENGINE_KWARGS)}); set grpo.generation_backend=hf to pass them to model.generate"
+    )
