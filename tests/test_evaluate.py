@@ -1,7 +1,12 @@
 """Evaluation metrics on hand-computed cases; compare, eval and report end to end on `tiny`."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import matplotlib.image
 import pytest
@@ -182,3 +187,22 @@ def test_compare_jobs_reports_a_failed_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "runs failed: sft-s1 (exit 2:" in err and "grpo-s1" in err
     assert "is neither a folder" in err and "sft-s1.log" in err
+
+
+def test_compare_jobs_passes_sigterm_to_its_runs(tmp_path):
+    out = tmp_path / "c"
+    cmd = [sys.executable, "-m", "sasr", "compare", "--task", "arithmetic", "--methods", "sft,grpo", "--steps",
+           "400", "--warmup-steps", "1", "--seeds", "1", "--output", str(out), "--jobs", "2", *SMALL]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    logs = [out / "runs" / "sft-s1.log", out / "runs" / "grpo-s1.log"]
+    deadline = time.time() + 120
+    while time.time() < deadline and not all(
+        (out / "runs" / n / "metrics.jsonl").exists() for n in ("sft-s1", "grpo-s1")
+    ):
+        time.sleep(0.5)  # both runs are training
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.strip().splitlines()[-1].startswith("sasr: error: sasr compare: stopped by SIGTERM")
+    for log in logs:  # each run got the signal, saved a checkpoint and said how to resume
+        assert "stopped by SIGTERM after step" in log.read_text()

@@ -8,6 +8,7 @@ Re-running skips the runs and evaluations that already finished.
 from __future__ import annotations
 
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -88,24 +89,47 @@ def _train_in_parallel(
     runs = output / "runs"
     runs.mkdir(parents=True, exist_ok=True)
 
+    live: set[subprocess.Popen] = set()
+    stopped: list[str] = []
+
+    def forward(signum, frame) -> None:  # each run saves a checkpoint and stops; compare then stops too
+        stopped.append(signal.Signals(signum).name)
+        for proc in list(live):
+            proc.send_signal(signum)
+
     def one(method: str, seed: int) -> tuple[str, int, Path]:
         name = f"{method}-s{seed}"
         config_file, log_file = runs / f"{name}.yaml", runs / f"{name}.log"
+        if stopped:
+            return name, -1, log_file
         config_file.write_text(to_yaml(run_config(base, method, seed, runs / name)))
         cmd = [sys.executable, "-m", "sasr", "train", "--config", str(config_file), "--overwrite", "--quiet"]
         with log_file.open("w") as log:
-            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            live.add(proc)
+            code = proc.wait()
+            live.discard(proc)
         return name, code, log_file
 
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     bar = tqdm(total=len(pending), desc=f"compare: {jobs} runs at a time", disable=not progress)
     failed = []
-    with ThreadPoolExecutor(jobs) as pool:
-        for name, code, log_file in pool.map(lambda ms: one(*ms), pending):
-            bar.update(1)
-            if code != 0:
-                lines = log_file.read_text().strip().splitlines()
-                failed.append(f"{name} (exit {code}: {lines[-1] if lines else 'no output'}; log {log_file})")
-    bar.close()
+    try:
+        with ThreadPoolExecutor(jobs) as pool:
+            for name, code, log_file in pool.map(lambda ms: one(*ms), pending):
+                bar.update(1)
+                if code > 0 and not stopped:
+                    lines = log_file.read_text().strip().splitlines()
+                    failed.append(
+                        f"{name} (exit {code}: {lines[-1] if lines else 'no output'}; log {log_file})"
+                    )
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        bar.close()
+    if stopped:
+        raise SasrError(f"sasr compare: stopped by {stopped[0]}; the runs in progress stopped too (their logs say "
+                        "where); re-running the same command trains every unfinished run again")  # fmt: skip
     if failed:
         raise SasrError("sasr compare: runs failed: " + "; ".join(failed))
 

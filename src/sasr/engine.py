@@ -25,7 +25,9 @@ import torch
 # generate() arguments the engine understands besides the ones rollout.generate names explicitly.
 ENGINE_KWARGS = {"min_new_tokens", "top_k"}
 LENGTH_QUANTUM = 128  # cache lengths are rounded up to this, so CUDA graphs are reused across batches
-MAX_STATES = 8  # (batch, length) states (cache + graph) kept per model on CUDA
+POOL_BYTES = (
+    4 * 2**30
+)  # KV caches (and their graphs) kept per model on CUDA for reuse, least recent out first
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,10 @@ class _DecodeState:
         self.done = torch.ones(batch, dtype=torch.bool, device=device)  # [b] finished or empty slot
         self.eos_bias = torch.zeros((), dtype=torch.float32, device=device)  # -inf while EOS is held back
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.cache.keys + self.cache.values)
+
     def view(self, batch: int) -> _DecodeState:
         if batch == self.batch:
             return self
@@ -219,8 +225,10 @@ class RolloutEngine:
         if key in self._states:
             self._states.move_to_end(key)
             return self._states[key]
-        while len(self._states) >= MAX_STATES:
-            self._states.popitem(last=False)
+        n_layers, kv_heads, head_dim, dtype = _kv_shape(self.model)
+        need = 2 * n_layers * batch * kv_heads * length * head_dim * dtype.itemsize
+        while self._states and sum(st.nbytes for st in self._states.values()) + need > POOL_BYTES:
+            self._states.popitem(last=False)  # its cache, graphs and graph memory go with it
         self._states[key] = _DecodeState(batch, length, model=self.model, device=self.device)
         return self._states[key]
 
