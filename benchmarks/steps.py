@@ -178,14 +178,13 @@ def run_rollout(a) -> dict:
     import torch
 
     from sasr import models
-    from sasr.engine import _kv_shape
+    from sasr.engine import kv_cache_bytes
     from sasr.rollout import generate, render_prompts
     from sasr.tasks import get_task
 
     tok = models.load_tokenizer(a.model)
     model = models.load_model(a.model, a.dtype).to(a.device).eval()
     task = get_task("arithmetic")
-    n_layers, kv_heads, head_dim, dtype = _kv_shape(model)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     variants = {"generate": {"backend": "hf"}, "sasr eager": {"cuda_graphs": False}}
     if a.device == "cuda":
@@ -197,8 +196,7 @@ def run_rollout(a) -> dict:
         prompts = render_prompts(tok, [task.messages(ex) for ex in task.examples("test", rows, seed=0)])
         P = len(tok(prompts[0]).input_ids)
         # KV bytes read per decode step, averaged over the T steps: each row reads P + t cached positions.
-        kv_bytes = rows * n_layers * 2 * kv_heads * head_dim * dtype.itemsize * (P + a.tokens / 2)
-        step_bytes = weight_bytes + kv_bytes
+        step_bytes = weight_bytes + kv_cache_bytes(model, rows, P + a.tokens / 2)
         for name, opts in variants.items():
             times = []
             for _ in range(a.warmup + a.steps):

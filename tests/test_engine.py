@@ -116,3 +116,12 @@ def test_cuda_graphs_equal_eager(smol, dtype):
     mask = roll.completion_mask.bool()
     diff = (roll.logprobs - _plain_logprobs(model, roll, 1.0))[mask].abs()
     assert diff.mean() < (1e-4 if dtype == "float32" else 5e-2)
+
+
+def test_one_engine_per_option_set_and_hf_takes_top_k():
+    model, tok = models.load_model("tiny"), models.load_tokenizer("tiny")
+    eager, graphed = engine_for(model, cuda_graphs=False), engine_for(model, cuda_graphs=True)
+    assert eager is not graphed  # evaluating with other options keeps the GRPO engine (and its graphs)
+    assert engine_for(model, cuda_graphs=False) is eager and engine_for(model, cuda_graphs=True) is graphed
+    roll = generate(model, tok, ["Hi"], num_generations=2, max_new_tokens=4, backend="hf", top_k=5)
+    assert roll.completion_ids.shape[0] == 2 and roll.logprobs is None

@@ -25,9 +25,8 @@ import torch
 # generate() arguments the engine understands besides the ones rollout.generate names explicitly.
 ENGINE_KWARGS = {"min_new_tokens", "top_k"}
 LENGTH_QUANTUM = 128  # cache lengths are rounded up to this, so CUDA graphs are reused across batches
-POOL_BYTES = (
-    4 * 2**30
-)  # KV caches (and their graphs) kept per model on CUDA for reuse, least recent out first
+# KV caches (and their graphs) kept per engine on CUDA for reuse, least recently used out first.
+POOL_BYTES = 4 * 2**30
 
 
 @dataclass(frozen=True)
@@ -67,6 +66,12 @@ def _kv_shape(model) -> tuple[int, int, int, torch.dtype]:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     return cfg.num_hidden_layers, kv_heads, head_dim, dtype
+
+
+def kv_cache_bytes(model, batch: int, length: float) -> float:
+    """Bytes of keys and values for ``batch`` rows of ``length`` positions."""
+    n_layers, kv_heads, head_dim, dtype = _kv_shape(model)
+    return 2 * n_layers * batch * kv_heads * length * head_dim * dtype.itemsize
 
 
 def exponential_race(probs: torch.Tensor) -> torch.Tensor:
@@ -225,8 +230,7 @@ class RolloutEngine:
         if key in self._states:
             self._states.move_to_end(key)
             return self._states[key]
-        n_layers, kv_heads, head_dim, dtype = _kv_shape(self.model)
-        need = 2 * n_layers * batch * kv_heads * length * head_dim * dtype.itemsize
+        need = kv_cache_bytes(self.model, batch, length)
         while self._states and sum(st.nbytes for st in self._states.values()) + need > POOL_BYTES:
             self._states.popitem(last=False)  # its cache, graphs and graph memory go with it
         self._states[key] = _DecodeState(batch, length, model=self.model, device=self.device)
@@ -359,15 +363,17 @@ class RolloutEngine:
         return new
 
 
+# model -> {(cuda_graphs, compile): engine}: one engine per option set, so evaluating with other options
+# between two GRPO steps never throws away the GRPO engine's graphs or compiled code.
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def engine_for(model, cuda_graphs: bool = True, compile: bool = False) -> RolloutEngine:
-    """The model's engine, kept alive with it so its CUDA graphs are captured once."""
-    engine = _ENGINES.get(model)
-    if engine is None or (engine.cuda_graphs, engine.forward is not model) != (cuda_graphs, compile):
-        engine = _ENGINES[model] = RolloutEngine(model, cuda_graphs=cuda_graphs, compile=compile)
-    return engine
+    """The model's engine for these options, kept alive with the model so its CUDA graphs are captured once."""
+    engines = _ENGINES.setdefault(model, {})
+    if (cuda_graphs, compile) not in engines:
+        engines[cuda_graphs, compile] = RolloutEngine(model, cuda_graphs=cuda_graphs, compile=compile)
+    return engines[cuda_graphs, compile]
 
 
 def unsupported_kwargs(generation_kwargs: dict) -> str | None:

@@ -89,8 +89,7 @@ def _hf_generate(
         pad_token_id=pad,
         eos_token_id=eos,
         use_cache=True,
-        **sampling,
-        **generation_kwargs,
+        **{**sampling, **generation_kwargs},  # the caller's generate arguments win (e.g. top_k)
     )
     model.train(was_training)
     return out[:, prompt_ids.size(1) :], None
