@@ -125,3 +125,29 @@ def test_one_engine_per_option_set_and_hf_takes_top_k():
     assert engine_for(model, cuda_graphs=False) is eager and engine_for(model, cuda_graphs=True) is graphed
     roll = generate(model, tok, ["Hi"], num_generations=2, max_new_tokens=4, backend="hf", top_k=5)
     assert roll.completion_ids.shape[0] == 2 and roll.logprobs is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the KV pool exists only under CUDA graphs")
+def test_kv_pool_evicts_the_oldest_shape_and_stays_correct(smol, monkeypatch):
+    import sasr.engine as engine
+
+    _, tok, prompts = smol
+    model = models.load_model("smollm2-135m", dtype="float32").cuda()
+    lengths = (24, 24 + engine.LENGTH_QUANTUM)  # two cache shapes
+    eager = {
+        n: generate(model, tok, prompts, max_new_tokens=n, greedy=True, cuda_graphs=False) for n in lengths
+    }
+    pooled = engine_for(model, cuda_graphs=True)
+    for n in lengths:
+        generate(model, tok, prompts, max_new_tokens=n, greedy=True, cuda_graphs=True)
+    sizes = [s.nbytes for s in pooled._states.values()]
+    assert len(sizes) == 2  # under the default cap both shapes stay
+    monkeypatch.setattr(engine, "POOL_BYTES", max(sizes))  # now room for one shape at a time
+    pooled._states.clear()
+    for n in (lengths[0], *lengths):  # each new shape evicts the other
+        graphed = generate(model, tok, prompts, max_new_tokens=n, greedy=True, cuda_graphs=True)
+        assert (
+            len(pooled._states) == 1 and sum(s.nbytes for s in pooled._states.values()) <= engine.POOL_BYTES
+        )
+        T = min(graphed.completion_ids.size(1), eager[n].completion_ids.size(1))
+        assert torch.equal(graphed.completion_ids[:, :T], eager[n].completion_ids[:, :T])

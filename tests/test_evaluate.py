@@ -2,11 +2,13 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -189,20 +191,41 @@ def test_compare_jobs_reports_a_failed_run(tmp_path, capsys):
     assert "is neither a folder" in err and "sft-s1.log" in err
 
 
-def test_compare_jobs_passes_sigterm_to_its_runs(tmp_path):
-    out = tmp_path / "c"
-    cmd = [sys.executable, "-m", "sasr", "compare", "--task", "arithmetic", "--methods", "sft,grpo", "--steps",
-           "400", "--warmup-steps", "1", "--seeds", "1", "--output", str(out), "--jobs", "2", *SMALL]  # fmt: skip
+def _stop_compare_after(cmd: list[str], out: Path, steps: dict[str, int]) -> str:
+    """Start ``sasr compare``, wait until each named run has logged more than ``steps[name]`` steps, SIGTERM it;
+    its stderr."""
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    logs = [out / "runs" / "sft-s1.log", out / "runs" / "grpo-s1.log"]
+
+    def logged(name: str) -> int:
+        metrics = out / "runs" / name / "metrics.jsonl"
+        return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
     deadline = time.time() + 120
-    while time.time() < deadline and not all(
-        (out / "runs" / n / "metrics.jsonl").exists() for n in ("sft-s1", "grpo-s1")
-    ):
-        time.sleep(0.5)  # both runs are training
+    while time.time() < deadline and not all(logged(n) > s for n, s in steps.items()):
+        time.sleep(0.5)  # every run is training
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert err.strip().splitlines()[-1].startswith("sasr: error: sasr compare: stopped by SIGTERM")
-    for log in logs:  # each run got the signal, saved a checkpoint and said how to resume
-        assert "stopped by SIGTERM after step" in log.read_text()
+    return err
+
+
+def test_compare_jobs_passes_sigterm_to_its_runs_and_continues_them(tmp_path):
+    out = tmp_path / "c"
+    cmd = [sys.executable, "-m", "sasr", "compare", "--task", "arithmetic", "--methods", "sft,grpo", "--steps",
+           "400", "--warmup-steps", "1", "--seeds", "1", "--output", str(out), "--jobs", "2", *SMALL]  # fmt: skip
+    names = ("sft-s1", "grpo-s1")
+    _stop_compare_after(cmd, out, dict.fromkeys(names, 0))
+    pattern = re.compile(r"stopped by SIGTERM after step (\d+)")
+    first = {}
+    for n in names:  # each run got the signal, saved a checkpoint and said how to resume
+        first[n] = [int(x) for x in pattern.findall((out / "runs" / f"{n}.log").read_text())]
+        assert len(first[n]) == 1 and (out / "runs" / n / "checkpoints" / f"step-{first[n][0]:06d}").is_dir()
+
+    # The same command again continues each run from its checkpoint: same log, metrics without a gap.
+    _stop_compare_after(cmd, out, {n: first[n][0] for n in names})
+    for n in names:
+        stops = [int(x) for x in pattern.findall((out / "runs" / f"{n}.log").read_text())]
+        assert len(stops) == 2 and stops[0] == first[n][0] < stops[1]
+        metrics = [json.loads(x) for x in (out / "runs" / n / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in metrics] == list(range(1, stops[1] + 1))

@@ -98,8 +98,11 @@ def test_sigterm_saves_and_says_how_to_resume(tmp_path, straight):
     status = json.loads((run / "run.json").read_text())
     assert status["status"] == "stopped"
     assert latest(run).name == f"step-{status['step']:06d}"
+    before = json.loads((latest(run) / "trainer_state.json").read_text())["seconds"]
+    assert before > 0
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert_same_run(straight, run)
+    assert json.loads((run / "run.json").read_text())["seconds"] > before  # wall time counts every segment
 
 
 def test_half_written_checkpoints_are_never_picked(tmp_path):

@@ -5,7 +5,7 @@ A checkpoint ``DIR/checkpoints/step-000012/`` holds
 - ``optimizer.pt``, ``scheduler.pt``;
 - ``reference.safetensors``: the reference snapshot, when the reference is one;
 - ``trainer_state.json``: the step, the schedule's state (G_warmup, g_last, its generator, counts),
-  the evaluation before training;
+  the evaluation before training, the wall seconds so far;
 - ``rng_state_RANK.pt``: python, numpy and torch generators of every process.
 The data position needs no state: each step's examples are a pure function of (seed, step).
 
@@ -112,6 +112,7 @@ def save(trainer: Trainer, step: int) -> Path:
                 "step": step,
                 "schedule": trainer.schedule.state_dict(),
                 "eval_before": trainer.eval_before,
+                "seconds": trainer.elapsed(),
                 "num_processes": acc.num_processes,
             }
             (tmp / "trainer_state.json").write_text(json.dumps(state))
@@ -176,5 +177,6 @@ def load(trainer: Trainer, path: Path) -> int:
         trainer.reference.snapshot_ = load_file(path / "reference.safetensors", device=str(acc.device))
     trainer.schedule.load_state_dict(state["schedule"])
     trainer.eval_before = state["eval_before"]
+    trainer.seconds_before = state.get("seconds", 0.0)
     _set_rng_state(torch.load(path / f"rng_state_{acc.process_index}.pt", weights_only=False))
     return int(state["step"])

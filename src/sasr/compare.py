@@ -2,7 +2,8 @@
 
 Layout of DIR: ``runs/METHOD-sSEED/`` (a normal run directory each; its ``run.json`` holds the evaluation
 after training), ``runs/untrained-sSEED/eval.json``, ``results.json``, ``results.md`` and the plots.
-Re-running skips the runs and evaluations that already finished.
+Re-running skips the runs and evaluations that already finished, and continues a stopped run (same
+configuration, a complete checkpoint) from its newest checkpoint instead of training it again.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from sasr import models
-from sasr.config import TrainConfig, to_yaml
+from sasr import checkpoint, models
+from sasr.config import TrainConfig, build_config, to_yaml
 from sasr.errors import SasrError
 from sasr.evaluate import evaluate, summarise
 from sasr.report import markdown_table, plot_compare
@@ -32,6 +33,17 @@ METRICS = ("accuracy", "pass@{k}", "maj@{k}", "distinct_2", "edit_distance", "di
 def _finished(run_dir: Path) -> bool:
     status = run_dir / "run.json"
     return status.exists() and json.loads(status.read_text()).get("status") == "finished"
+
+
+def _resumable(run_dir: Path, config: TrainConfig) -> bool:
+    """A stopped run of exactly ``config`` with a complete checkpoint: continue it rather than start over."""
+    saved = run_dir / "config.yaml"
+    if not checkpoint.complete_checkpoints(run_dir) or not saved.is_file():
+        return False
+    try:
+        return build_config(saved).model_dump(mode="json") == config.model_dump(mode="json")
+    except SasrError:  # an unreadable saved config: train again
+        return False
 
 
 def evaluate_model(model_path: str, config: TrainConfig, seed: int, progress: bool = True) -> dict:
@@ -102,9 +114,15 @@ def _train_in_parallel(
         config_file, log_file = runs / f"{name}.yaml", runs / f"{name}.log"
         if stopped:
             return name, -1, log_file
-        config_file.write_text(to_yaml(run_config(base, method, seed, runs / name)))
-        cmd = [sys.executable, "-m", "sasr", "train", "--config", str(config_file), "--overwrite", "--quiet"]
-        with log_file.open("w") as log:
+        config = run_config(base, method, seed, runs / name)
+        config_file.write_text(to_yaml(config))
+        start = (
+            ["--resume", str(runs / name)]
+            if _resumable(runs / name, config)
+            else ["--config", str(config_file), "--overwrite"]
+        )
+        cmd = [sys.executable, "-m", "sasr", "train", *start, "--quiet"]
+        with log_file.open("a" if start[0] == "--resume" else "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             live.add(proc)
             code = proc.wait()
@@ -129,7 +147,7 @@ def _train_in_parallel(
         bar.close()
     if stopped:
         raise SasrError(f"sasr compare: stopped by {stopped[0]}; the runs in progress stopped too (their logs say "
-                        "where); re-running the same command trains every unfinished run again")  # fmt: skip
+                        "where); re-running the same command continues each of them from its checkpoint")  # fmt: skip
     if failed:
         raise SasrError("sasr compare: runs failed: " + "; ".join(failed))
 
@@ -162,9 +180,11 @@ def compare(
             run_dir = output / "runs" / f"{method}-s{seed}"
             config = run_config(base, method, seed, run_dir)
             if not _finished(run_dir):
+                resume = _resumable(run_dir, config)
                 if progress:
-                    print(f"sasr compare: training {method} seed {seed} -> {run_dir}", file=sys.stderr)
-                Trainer(config, overwrite=True, progress=progress).train()
+                    verb = "continuing" if resume else "training"
+                    print(f"sasr compare: {verb} {method} seed {seed} -> {run_dir}", file=sys.stderr)
+                Trainer(config, overwrite=not resume, progress=progress, resume=resume).train()
             status = json.loads((run_dir / "run.json").read_text())
             ev = status.get("eval_after") or {}
             if not ev or (k and f"pass@{k}" not in ev):  # a run trained without the evaluation compare needs

@@ -145,6 +145,8 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
 
         self.eval_before: dict[str, float] | None = None
+        self.seconds_before = 0.0  # wall time of the segments before a resume (a checkpoint holds it)
+        self.started = time.perf_counter()
         self.start_step = checkpoint.load(self, resume_from) if resume_from else 0
         self.writer = None
         self.stop_signal: str | None = None
@@ -169,9 +171,13 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------------------
 
+    def elapsed(self) -> float:
+        """Wall seconds of the whole run so far, the segments before a resume included."""
+        return self.seconds_before + time.perf_counter() - self.started
+
     def train(self) -> RunResult:
         c, acc = self.config, self.accelerator
-        start = time.perf_counter()
+        self.started = time.perf_counter()
         if self.start_step == 0 and c.eval.before and c.task.test_size:
             self.eval_before = self.evaluate("eval before")
         history: list[dict[str, Any]] = []
@@ -228,7 +234,7 @@ class Trainer:
 
         if after is None and c.eval.after and c.task.test_size:
             after = self.evaluate("eval after", c.eval.samples)
-        seconds = time.perf_counter() - start
+        seconds = self.elapsed()
         result = RunResult(
             self.run_dir, dict(self.schedule.counts), self.eval_before, after, seconds, history
         )
