@@ -50,6 +50,22 @@ def test_greedy_tokens_equal_generate_and_finished_rows_are_dropped(smol):
     assert stats["row_steps"] < B * (T - 1)
 
 
+def test_a_repeated_prompt_is_prefilled_once_and_decodes_like_a_single_one(smol):
+    model, tok, prompts = smol
+    single = generate(model, tok, prompts[:2], max_new_tokens=24, greedy=True)
+    shapes = []
+    hook = model.register_forward_hook(
+        lambda module, args, kwargs, out: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        grouped = generate(model, tok, prompts[:2], num_generations=3, max_new_tokens=24, greedy=True)
+    finally:
+        hook.remove()
+    assert torch.equal(grouped.completion_ids, single.completion_ids.repeat_interleave(3, dim=0))
+    assert shapes[0][0] == 2 and shapes[0][1] > 1  # the prefill: 2 prompts through the model, not 6 rows
+    assert shapes[1] == (6, 1)  # then every row decodes
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_sampling_logprobs_equal_a_plain_forward(smol, temperature, top_p):
     model, tok, prompts = smol

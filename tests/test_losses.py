@@ -171,6 +171,55 @@ def test_completion_logprobs_match_a_full_forward():
     assert ent.shape == (3, 4) and torch.all(ent > 0)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompt_pass_equals_the_plain_forward_in_value_and_gradient(checkpointing):
+    """GRPO rows of one prompt compute it once: the same log-probs and LoRA gradients as one pass per row."""
+    from peft import LoraConfig, get_peft_model
+
+    from sasr import models
+    from sasr.rollout import generate, render_prompts
+    from sasr.tasks import get_task
+
+    torch.manual_seed(0)
+    tok, task = models.load_tokenizer("tiny"), get_task("arithmetic")
+    base = models.load_model("tiny")
+    if checkpointing:  # falls back to the plain pass (a checkpointed layer would re-append to the cache)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    )
+    prompts = render_prompts(tok, [task.messages(ex) for ex in task.examples("test", 2, seed=3)])
+    prompts[0] += " Show every step."  # prompts of different lengths: real left padding
+    roll = generate(model, tok, prompts, num_generations=3, max_new_tokens=12, temperature=1.0)  # B = 6
+    assert not bool(roll.attention_mask[:, :2].all())  # some rows are padded
+    model.train()
+    T = roll.completion_ids.size(1)
+    calls = []
+    base.register_forward_hook(lambda module, args, out: calls.append(1))
+    results = []
+    for group_size in (1, 3):
+        model.zero_grad()
+        calls.clear()
+        logps, ent = completion_logprobs(model, roll.input_ids, roll.attention_mask, T, 0.7, True, group_size)
+        assert len(calls) == (1 if group_size == 1 or checkpointing else 2)  # prompts pass, completions pass
+        (logps * roll.completion_mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((logps.detach(), ent, grads))
+    (plain, plain_ent, plain_grads), (shared, shared_ent, shared_grads) = results
+    mask = roll.completion_mask.bool()
+    torch.testing.assert_close(shared[mask], plain[mask], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(shared_ent[mask], plain_ent[mask], rtol=1e-4, atol=1e-5)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(
+            shared_grads[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=name
+        )
+    # rows that do not share prompts take the plain path
+    mixed = roll.input_ids.flip(0)
+    one, _ = completion_logprobs(model, mixed, roll.attention_mask.flip(0), T, 0.7, group_size=1)
+    grouped, _ = completion_logprobs(model, mixed, roll.attention_mask.flip(0), T, 0.7, group_size=4)
+    torch.testing.assert_close(grouped, one)
+
+
 def test_sft_loss_ignores_prompt_tokens():
     """Prompt tokens carry no SFT loss: changing the prompt part of the log-probs changes nothing."""
     from sasr import models

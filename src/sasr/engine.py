@@ -290,27 +290,43 @@ class RolloutEngine:
         return out_ids[:B, :t_end], out_logp[:B, :t_end]
 
     def _prefill(self, state, prompt_ids, prompt_mask, params, eos_token_id):
-        """Run the prompts through the model, filling the cache's first P columns; sample the first token."""
+        """Run the prompts through the model, filling the cache's first P columns; sample the first token.
+
+        Repeated prompts (GRPO's G rows per prompt are consecutive) go through the model once; their keys and
+        values are then copied to every row that shares them.
+        """
         B, P = prompt_ids.shape
         device = prompt_ids.device
-        mask = prompt_mask.bool()
-        positions = (prompt_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, P]
+        rows, inverse = torch.unique_consecutive(
+            torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True
+        )  # [U, 2P], [B]: row b's prompt is unique prompt inverse[b]
+        U = rows.size(0)
+        unique_ids, unique_mask = rows[:, :P], rows[:, P:]
+        positions = (unique_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
         causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()  # [P, P]
-        visible = causal[None] & mask[:, None, :]  # [B, P(query), P(key)]
+        visible = causal[None] & unique_mask.bool()[:, None, :]  # [U, P(query), P(key)]
         visible |= torch.eye(P, dtype=torch.bool, device=device)[None]  # pads see themselves: no empty rows
-        full = torch.zeros(B, 1, P, state.length, dtype=torch.bool, device=device)
+        full = torch.zeros(U, 1, P, state.length, dtype=torch.bool, device=device)
         full[:, 0, :, :P] = visible
-        state.cache.write_at = torch.arange(P, device=device)
+        first_rows = StaticKVCache(  # the first U rows of the state's cache
+            [k[:U] for k in state.cache.keys],
+            [v[:U] for v in state.cache.values],
+            torch.arange(P, device=device),
+        )
         logits = self.model(
-            input_ids=prompt_ids,
+            input_ids=unique_ids,
             position_ids=positions,
             attention_mask=full,
-            past_key_values=state.cache,
+            past_key_values=first_rows,
             use_cache=True,
             logits_to_keep=1,
-        ).logits[:, -1]  # [B, V]
+        ).logits[:, -1]  # [U, V]
+        if U < B:  # spread: index_select copies first, so reading rows [:U] while writing [:B] is safe
+            for t in state.cache.keys + state.cache.values:
+                t[:, :, :P].copy_(t[:U, :, :P].index_select(0, inverse))
+            logits = logits.index_select(0, inverse)  # [B, V]
+        mask = prompt_mask.bool()
         # Decode state: the prompt's real tokens are visible, generation starts at column P.
-        state.cache.write_at = state.decode_at
         state.decode_at.fill_(P)
         state.mask.zero_()
         state.mask[:, 0, 0, :P] = mask

@@ -345,9 +345,12 @@ class Trainer:
 
         T = roll.completion_ids.size(1)
         # The reference pass comes first: it may swap weights in place, which must not touch a live graph.
-        ref_logps = self.reference.logprobs(roll.input_ids, roll.attention_mask, T, g.temperature)  # [B, T]
+        G = g.num_generations  # the G rows of a prompt share one pass over it
+        ref_logps = self.reference.logprobs(
+            roll.input_ids, roll.attention_mask, T, g.temperature, G
+        )  # [B, T]
         logps, entropy = completion_logprobs(
-            self.model, roll.input_ids, roll.attention_mask, T, g.temperature, with_entropy=True
+            self.model, roll.input_ids, roll.attention_mask, T, g.temperature, with_entropy=True, group_size=G
         )  # [B, T]
         out = grpo_loss(
             logps,
