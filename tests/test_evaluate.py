@@ -13,6 +13,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+from sasr.checkpoint import complete_checkpoints
 from sasr.cli import main
 from sasr.evaluate import distinct_n, majority_correct, mean_edit_distance, pass_at_k, summarise
 
@@ -191,7 +192,9 @@ def test_compare_jobs_reports_a_failed_run(tmp_path, capsys):
     assert "is neither a folder" in err and "sft-s1.log" in err
 
 
-def _stop_compare_after(cmd: list[str], out: Path, steps: dict[str, int]) -> str:
+def _stop_compare_after(
+    cmd: list[str], out: Path, steps: dict[str, int], code: int = 2, says: str = ""
+) -> str:
     """Start ``sasr compare``, wait until each named run has logged more than ``steps[name]`` steps, SIGTERM it;
     its stderr."""
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -205,8 +208,8 @@ def _stop_compare_after(cmd: list[str], out: Path, steps: dict[str, int]) -> str
         time.sleep(0.5)  # every run is training
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2
-    assert err.strip().splitlines()[-1].startswith("sasr: error: sasr compare: stopped by SIGTERM")
+    assert proc.returncode == code and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(says or "sasr: error: sasr compare: stopped by SIGTERM")
     return err
 
 
@@ -229,3 +232,19 @@ def test_compare_jobs_passes_sigterm_to_its_runs_and_continues_them(tmp_path):
         assert len(stops) == 2 and stops[0] == first[n][0] < stops[1]
         metrics = [json.loads(x) for x in (out / "runs" / n / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in metrics] == list(range(1, stops[1] + 1))
+
+
+def test_compare_in_one_process_stops_in_one_sentence_and_continues(tmp_path):
+    out = tmp_path / "c"
+    cmd = [sys.executable, "-m", "sasr", "compare", "--task", "arithmetic", "--methods", "sft", "--steps", "400",
+           "--warmup-steps", "1", "--seeds", "1", "--output", str(out), *SMALL]  # fmt: skip
+    says = "sasr compare: sft-s1 stopped by SIGTERM after step"
+    err = _stop_compare_after(cmd, out, {"sft-s1": 0}, code=143, says=says)
+    first = int(re.search(r"after step (\d+)", err).group(1))
+    err = _stop_compare_after(cmd, out, {"sft-s1": first}, code=143, says=says)
+    second = int(re.search(r"after step (\d+)", err).group(1))
+    run = out / "runs" / "sft-s1"
+    # continued, not started over (which would have wiped the run directory and its first checkpoint)
+    assert [p.name for p in complete_checkpoints(run)] == [f"step-{first:06d}", f"step-{second:06d}"]
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert first < second and [r["step"] for r in metrics] == list(range(1, second + 1))

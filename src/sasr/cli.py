@@ -188,6 +188,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from sasr.compare import compare
     from sasr.config import METHODS, build_config
     from sasr.errors import unknown
+    from sasr.trainer import TrainingStopped
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
@@ -214,7 +215,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     command = "sasr " + " ".join(shlex.quote(a) for a in args.argv)
     if args.jobs < 1:
         raise SasrError(f"--jobs must be at least 1, got {args.jobs}")
-    compare(base, methods, seeds, Path(args.output), progress=not args.quiet, command=command, jobs=args.jobs)
+    try:
+        compare(
+            base, methods, seeds, Path(args.output), progress=not args.quiet, command=command, jobs=args.jobs
+        )
+    except TrainingStopped as stop:  # a run trained in this process
+        print(f"sasr compare: {stop.run_dir.name} {stop}; re-running the same command continues it from there",
+              file=sys.stderr)  # fmt: skip
+        return 130 if stop.signal_name == "SIGINT" else 143
     print((Path(args.output) / "results.md").read_text())
     return 0
 
