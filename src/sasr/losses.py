@@ -52,12 +52,15 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk: int = 4
     return torch.cat(out)
 
 
-def _shares_prompts(input_ids: torch.Tensor, n_prompt: int, group_size: int) -> bool:
+def _shares_prompts(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int, group_size: int
+) -> bool:
     """Rows come in consecutive groups of ``group_size`` with one prompt (and padding) per group."""
     B = input_ids.size(0)
     if group_size < 2 or n_prompt < 1 or B % group_size:
         return False
-    prompts = input_ids[:, :n_prompt].view(B // group_size, group_size, n_prompt)  # [g, G, P]
+    prompts = torch.stack([input_ids[:, :n_prompt], attention_mask[:, :n_prompt].to(input_ids.dtype)], -1)
+    prompts = prompts.view(B // group_size, group_size, n_prompt, 2)  # [g, G, P, 2]
     return bool((prompts == prompts[:, :1]).all())
 
 
@@ -79,7 +82,7 @@ def _completion_logits(
     checkpointed = model.training and any(
         getattr(m, "gradient_checkpointing", False) for m in model.modules()
     )
-    if checkpointed or not _shares_prompts(input_ids, n_prompt, group_size):
+    if checkpointed or not _shares_prompts(input_ids, attention_mask, n_prompt, group_size):
         return model(
             input_ids=input_ids,
             attention_mask=attention_mask,
