@@ -184,7 +184,7 @@ def test_shared_prompt_pass_equals_the_plain_forward_in_value_and_gradient(check
     tok, task = models.load_tokenizer("tiny"), get_task("arithmetic")
     base = models.load_model("tiny")
     if checkpointing:  # falls back to the plain pass (a checkpointed layer would re-append to the cache)
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        models.enable_activation_checkpointing(base)
     model = get_peft_model(
         base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     )

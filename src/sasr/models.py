@@ -160,3 +160,12 @@ def load_model(spec: str, dtype: str = "float32"):
         raise SasrError(f"cannot load model '{spec}': {str(exc).splitlines()[0]}") from exc
     model.config.use_cache = False
     return model
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each layer's activations in backward (non-reentrant), under the name this transformers has:
+    ``activation_checkpointing_enable`` (newer) or ``gradient_checkpointing_enable`` (its deprecated alias)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -121,7 +121,7 @@ class Trainer:
         self.tokenizer = models.load_tokenizer(c.model.name)
         model = models.load_model(c.model.name, c.model.dtype)
         if c.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            models.enable_activation_checkpointing(model)
         if c.lora.enabled:
             model = apply_lora(model, c)
         self.reference = ReferencePolicy(model, use_lora=c.lora.enabled)
