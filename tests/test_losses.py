@@ -196,15 +196,20 @@ def test_shared_prompt_pass_equals_the_plain_forward_in_value_and_gradient(check
     T = roll.completion_ids.size(1)
     calls = []
     base.register_forward_hook(lambda module, args, out: calls.append(1))
+    # Interleaved, no row repeats the prompt of the row before: one plain pass. Grouped: prompts, completions.
+    interleaved = torch.tensor([0, 3, 1, 4, 2, 5])
     results = []
-    for group_size in (1, 3):
+    for order, passes in ((interleaved, 1), (torch.arange(6), 1 if checkpointing else 2)):
         model.zero_grad()
         calls.clear()
-        logps, ent = completion_logprobs(model, roll.input_ids, roll.attention_mask, T, 0.7, True, group_size)
-        assert len(calls) == (1 if group_size == 1 or checkpointing else 2)  # prompts pass, completions pass
-        (logps * roll.completion_mask).sum().backward()
+        logps, ent = completion_logprobs(
+            model, roll.input_ids[order], roll.attention_mask[order], T, 0.7, True
+        )
+        assert len(calls) == passes
+        (logps * roll.completion_mask[order]).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        results.append((logps.detach(), ent, grads))
+        back = order.argsort()  # rows in roll's order again
+        results.append((logps.detach()[back], ent[back], grads))
     (plain, plain_ent, plain_grads), (shared, shared_ent, shared_grads) = results
     mask = roll.completion_mask.bool()
     torch.testing.assert_close(shared[mask], plain[mask], rtol=1e-4, atol=1e-5)
@@ -213,11 +218,6 @@ def test_shared_prompt_pass_equals_the_plain_forward_in_value_and_gradient(check
         torch.testing.assert_close(
             shared_grads[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=name
         )
-    # rows that do not share prompts take the plain path
-    mixed = roll.input_ids.flip(0)
-    one, _ = completion_logprobs(model, mixed, roll.attention_mask.flip(0), T, 0.7, group_size=1)
-    grouped, _ = completion_logprobs(model, mixed, roll.attention_mask.flip(0), T, 0.7, group_size=4)
-    torch.testing.assert_close(grouped, one)
 
 
 def test_sft_loss_ignores_prompt_tokens():

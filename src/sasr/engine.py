@@ -74,6 +74,17 @@ def kv_cache_bytes(model, batch: int, length: float) -> float:
     return 2 * n_layers * batch * kv_heads * length * head_dim * dtype.itemsize
 
 
+def unique_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs of identical consecutive prompts (ids and padding), as GRPO lays out its G rows per prompt.
+
+    [B, P], [B, P] -> first [U] (the first row of each run), inverse [B] (row b's run), U <= B.
+    """
+    _, inverse, counts = torch.unique_consecutive(
+        torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True, return_counts=True
+    )
+    return counts.cumsum(0) - counts, inverse
+
+
 def exponential_race(probs: torch.Tensor) -> torch.Tensor:
     """argmax(p / E), E ~ Exp(1): the same law as multinomial, with no host sync, so it fits a CUDA graph."""
     return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
@@ -297,11 +308,9 @@ class RolloutEngine:
         """
         B, P = prompt_ids.shape
         device = prompt_ids.device
-        rows, inverse = torch.unique_consecutive(
-            torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True
-        )  # [U, 2P], [B]: row b's prompt is unique prompt inverse[b]
-        U = rows.size(0)
-        unique_ids, unique_mask = rows[:, :P], rows[:, P:]
+        first, inverse = unique_prompts(prompt_ids, prompt_mask)  # [U], [B]
+        U = first.numel()
+        unique_ids, unique_mask = prompt_ids[first], prompt_mask[first].long()  # [U, P]
         positions = (unique_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
         causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()  # [P, P]
         visible = causal[None] & unique_mask.bool()[:, None, :]  # [U, P(query), P(key)]

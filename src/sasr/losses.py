@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from sasr.engine import unique_prompts
 from sasr.errors import unknown
 
 # --- log-probs --------------------------------------------------------------------------------------------
@@ -52,50 +53,38 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk: int = 4
     return torch.cat(out)
 
 
-def _shares_prompts(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int, group_size: int
-) -> bool:
-    """Rows come in consecutive groups of ``group_size`` with one prompt (and padding) per group."""
-    B = input_ids.size(0)
-    if group_size < 2 or n_prompt < 1 or B % group_size:
-        return False
-    prompts = torch.stack([input_ids[:, :n_prompt], attention_mask[:, :n_prompt].to(input_ids.dtype)], -1)
-    prompts = prompts.view(B // group_size, group_size, n_prompt, 2)  # [g, G, P, 2]
-    return bool((prompts == prompts[:, :1]).all())
-
-
 def _completion_logits(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    n_completion: int,
-    group_size: int,
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int
 ) -> torch.Tensor:
     """Logits that predict each of the last ``n_completion`` tokens. [B, P + T] -> [B, T, V]
 
-    With ``group_size`` G > 1 (GRPO: G completions of one prompt), each prompt goes through the model once
-    and its keys and values are repeated for the G completions: the same numbers as the plain forward,
-    with B / G instead of B prompt passes; gradients flow into the prompt through the shared keys/values.
+    Rows that repeat the prompt of the row before (GRPO's G completions of one prompt) share one pass over
+    it: each distinct prompt goes through the model once and its keys and values are repeated for its rows.
+    The same numbers as the plain forward; gradients flow into the prompt through the shared keys/values.
     """
     n_prompt = input_ids.size(1) - n_completion
+    first, inverse = (
+        unique_prompts(input_ids[:, :n_prompt], attention_mask[:, :n_prompt])
+        if n_prompt > 0
+        else (None, None)
+    )  # [U], [B]
     # A checkpointed layer would append to the cache again when it recomputes in backward: plain path.
     checkpointed = model.training and any(
         getattr(m, "gradient_checkpointing", False) for m in model.modules()
     )
-    if checkpointed or not _shares_prompts(input_ids, attention_mask, n_prompt, group_size):
+    if first is None or first.numel() == input_ids.size(0) or checkpointed:
         return model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             logits_to_keep=n_completion + 1,
             use_cache=False,
         ).logits[:, :-1]  # position i predicts token i + 1
-    G = group_size
     head = model(
-        input_ids=input_ids[::G, :n_prompt], attention_mask=attention_mask[::G, :n_prompt], use_cache=True,
+        input_ids=input_ids[first, :n_prompt], attention_mask=attention_mask[first, :n_prompt], use_cache=True,
         logits_to_keep=1,
     )  # fmt: skip
-    cache = head.past_key_values  # [B / G, heads, P, d] per layer
-    cache.batch_repeat_interleave(G)  # [B, heads, P, d]
+    cache = head.past_key_values  # [U, heads, P, d] per layer
+    cache.batch_select_indices(inverse)  # [B, heads, P, d]
     tail = model(
         input_ids=input_ids[:, n_prompt:],
         attention_mask=attention_mask,
@@ -103,7 +92,7 @@ def _completion_logits(
         use_cache=True,
         logits_to_keep=n_completion,
     ).logits  # [B, T, V]: completion token i predicts token i + 1
-    return torch.cat([head.logits.repeat_interleave(G, dim=0), tail[:, :-1]], dim=1)
+    return torch.cat([head.logits[inverse], tail[:, :-1]], dim=1)
 
 
 def completion_logprobs(
@@ -113,15 +102,14 @@ def completion_logprobs(
     n_completion: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
-    group_size: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the last ``n_completion`` tokens of each row given what precedes them.
 
     input_ids, attention_mask [B, P + T] (prompt left-padded) -> logps [B, T], entropy [B, T] or None.
-    Only the logits of the completion positions are computed (``logits_to_keep``); rows grouped by prompt
-    (``group_size``) compute each prompt once.
+    Only the logits of the completion positions are computed (``logits_to_keep``); consecutive rows with one
+    prompt compute it once.
     """
-    logits = _completion_logits(model, input_ids, attention_mask, n_completion, group_size)  # [B, T, V]
+    logits = _completion_logits(model, input_ids, attention_mask, n_completion)  # [B, T, V]
     targets = input_ids[:, -n_completion:]
     logps = gather_logprobs(logits, targets, temperature)
     return logps, (token_entropy(logits, temperature) if with_entropy else None)

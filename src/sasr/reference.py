@@ -51,11 +51,7 @@ class ReferencePolicy:
             self._swap()
 
     @torch.no_grad()
-    def logprobs(
-        self, input_ids, attention_mask, n_completion: int, temperature: float, group_size: int = 1
-    ) -> torch.Tensor:
+    def logprobs(self, input_ids, attention_mask, n_completion: int, temperature: float) -> torch.Tensor:
         with self.active():
-            logps, _ = completion_logprobs(
-                self.model, input_ids, attention_mask, n_completion, temperature, group_size=group_size
-            )
+            logps, _ = completion_logprobs(self.model, input_ids, attention_mask, n_completion, temperature)
         return logps

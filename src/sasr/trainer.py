@@ -345,12 +345,10 @@ class Trainer:
 
         T = roll.completion_ids.size(1)
         # The reference pass comes first: it may swap weights in place, which must not touch a live graph.
-        G = g.num_generations  # the G rows of a prompt share one pass over it
-        ref_logps = self.reference.logprobs(
-            roll.input_ids, roll.attention_mask, T, g.temperature, G
-        )  # [B, T]
+        # The G rows of a prompt share one pass over it (completion_logprobs finds them).
+        ref_logps = self.reference.logprobs(roll.input_ids, roll.attention_mask, T, g.temperature)  # [B, T]
         logps, entropy = completion_logprobs(
-            self.model, roll.input_ids, roll.attention_mask, T, g.temperature, with_entropy=True, group_size=G
+            self.model, roll.input_ids, roll.attention_mask, T, g.temperature, with_entropy=True
         )  # [B, T]
         out = grpo_loss(
             logps,
