@@ -116,13 +116,10 @@ def _train_in_parallel(
             return name, -1, log_file
         config = run_config(base, method, seed, runs / name)
         config_file.write_text(to_yaml(config))
-        start = (
-            ["--resume", str(runs / name)]
-            if _resumable(runs / name, config)
-            else ["--config", str(config_file), "--overwrite"]
-        )
+        resume = _resumable(runs / name, config)
+        start = ["--resume", str(runs / name)] if resume else ["--config", str(config_file), "--overwrite"]
         cmd = [sys.executable, "-m", "sasr", "train", *start, "--quiet"]
-        with log_file.open("a" if start[0] == "--resume" else "w") as log:
+        with log_file.open("a" if resume else "w") as log:  # a continued run's log goes on
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             live.add(proc)
             code = proc.wait()
