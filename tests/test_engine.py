@@ -7,7 +7,8 @@ import torch
 
 from sasr import models
 from sasr.config import validate
-from sasr.engine import SamplingParams, engine_for, exponential_race, sample
+from sasr.decode_weights import can_pack, decode_weights, mergeable_layers
+from sasr.engine import SamplingParams, engine_for, exponential_race, inverse_cdf, sample
 from sasr.errors import SasrError
 from sasr.losses import completion_logprobs
 from sasr.rollout import generate, render_prompts
@@ -92,9 +93,20 @@ def test_sample_follows_the_distribution_and_top_p():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log()[None].expand(20000, 4)
     torch.manual_seed(0)
-    for draw in (lambda p: exponential_race(p), lambda p: torch.multinomial(p, 1).squeeze(1)):
+    for draw in (
+        exponential_race,
+        inverse_cdf,
+        lambda p: inverse_cdf(p, block=3),
+    ):  # block=3: tokens 0-2, 3-5
         freq = torch.bincount(draw(probs[None].expand(20000, 4).contiguous()), minlength=4).float() / 20000
         assert torch.allclose(freq, probs, atol=0.015)
+    # A peaked distribution over a real vocabulary with forbidden tokens (probability 0) in every block.
+    vocab = torch.full((49152,), 1e-7)
+    vocab[[7, 30000]] = torch.tensor([0.9, 0.05])
+    vocab[::5] = 0.0
+    draws = inverse_cdf((vocab / vocab.sum())[None].expand(20000, -1).contiguous())
+    assert (vocab[draws] > 0).all()
+    assert abs((draws == 7).float().mean().item() - 0.9 * vocab.sum().reciprocal().item()) < 0.015
     token, logprob = sample(logits, SamplingParams(top_p=0.7), eos_token_id=3, eos_bias=torch.tensor(0.0))
     assert set(token.tolist()) == {0, 1}  # 0.5 + 0.3 covers 0.7: the tail is never drawn
     assert torch.allclose(logprob, probs.log()[token], atol=1e-6)  # log-prob of the unfiltered distribution
@@ -104,6 +116,86 @@ def test_sample_follows_the_distribution_and_top_p():
         logits, SamplingParams(greedy=True), eos_token_id=0, eos_bias=torch.tensor(float("-inf"))
     )
     assert (token == 1).all()  # EOS held back
+
+
+def _lora(dtype: str = "float32"):
+    """SmolLM2 with a LoRA adapter whose B is not zero, so the adapter changes what the model computes."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)  # the same adapter in every dtype
+    model = get_peft_model(
+        models.load_model("smollm2-135m", dtype=dtype),
+        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model
+
+
+def test_a_lora_model_decodes_merged_with_the_adapter_s_results(smol):
+    _, tok, prompts = smol
+    model = _lora()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lora_calls = []
+    hooks = [
+        m.register_forward_hook(lambda *_: lora_calls.append(1))
+        for n, m in model.named_modules()
+        if n.endswith("lora_A.default")
+    ]
+    ours = generate(model, tok, prompts, max_new_tokens=40, greedy=True)
+    assert not lora_calls  # every adapted layer ran as one merged matrix
+    for h in hooks:
+        h.remove()
+    hf = generate(model, tok, prompts, max_new_tokens=40, greedy=True, backend="hf")  # through the adapter
+    assert torch.equal(ours.completion_ids, hf.completion_ids)
+    torch.manual_seed(0)
+    roll = generate(model, tok, prompts, num_generations=3, max_new_tokens=24, temperature=1.0)
+    mask = roll.completion_mask.bool()
+    assert (roll.logprobs - _plain_logprobs(model, roll, 1.0))[mask].abs().max().item() < 1e-4
+    # The trained weights are untouched and stay trainable; the adapter is on again.
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert mergeable_layers(model) is not None
+
+
+def test_lora_is_not_merged_where_rounding_would_lose_the_update():
+    model = _lora("bfloat16")
+    assert mergeable_layers(model) is None  # bf16: W + sBA would round small updates away
+    assert mergeable_layers(model.get_base_model()) is None  # no adapter at all
+    with model.disable_adapter():
+        assert mergeable_layers(model) is None  # the base model is what is asked for
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_weights_compute_the_same_function_and_are_undone(smol, dtype):
+    _, tok, prompts = smol
+    model = _lora(dtype).eval()
+    batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left")
+    real = batch["attention_mask"].bool()  # padded positions compute nothing anyone reads
+    with torch.no_grad():
+        exact = _lora("float32").eval()(**batch).logits.log_softmax(-1)  # [B, L, V] through the adapter
+        plain = model(**batch).logits.float().log_softmax(-1)
+        with decode_weights(model, rows=4, keep_buffers=False) as merged:
+            linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+            packed = [m for m in linears if "forward" in m.__dict__]
+            fast = model(**batch).logits.float().log_softmax(-1)
+    assert merged == (dtype == "float32")  # bf16 keeps the adapter's own path
+    assert can_pack(model) == torch.backends.mkldnn.is_available()
+    if can_pack(model):
+        assert len(packed) == len(linears)  # every projection, the vocabulary's included
+    assert not any("forward" in m.__dict__ for m in linears)  # undone
+
+    def error(logps):  # |log-prob error| of the exact model's likeliest token, real positions
+        top = exact.argmax(-1, keepdim=True)
+        return (logps.gather(-1, top) - exact.gather(-1, top)).squeeze(-1)[real].abs()
+
+    if dtype == "float32":
+        assert error(fast).max().item() < 1e-3
+    else:  # bf16 is off by ~0.03 anyway: the decode's weights may not add to that
+        assert error(fast).mean() <= 1.25 * error(plain).mean()
 
 
 def test_unsupported_generation_kwargs_name_the_fix():
@@ -132,6 +224,21 @@ def test_cuda_graphs_equal_eager(smol, dtype):
     mask = roll.completion_mask.bool()
     diff = (roll.logprobs - _plain_logprobs(model, roll, 1.0))[mask].abs()
     assert diff.mean() < (1e-4 if dtype == "float32" else 5e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_of_a_merged_lora_model_follow_its_updates(smol):
+    _, tok, prompts = smol
+    model = _lora().cuda()
+    for _ in range(2):  # the second round runs after an update: the graphs must read the new merged weights
+        eager = generate(model, tok, prompts, max_new_tokens=40, greedy=True, cuda_graphs=False)
+        graphed = generate(model, tok, prompts, max_new_tokens=40, greedy=True, cuda_graphs=True)
+        T = min(eager.completion_ids.size(1), graphed.completion_ids.size(1))
+        assert torch.equal(graphed.completion_ids[:, :T], eager.completion_ids[:, :T])
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
 
 
 def test_one_engine_per_option_set_and_hf_takes_top_k():
