@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sasr.losses import completion_logprobs, gather_logprobs, group_advantages, grpo_loss, sft_loss
+from sasr.losses import completion_logprobs, group_advantages, grpo_loss, selective_log_softmax, sft_loss
 
 B, T = 8, 6
 
@@ -129,17 +129,13 @@ def test_group_advantages():
     torch.testing.assert_close(raw[:4], g0 - 0.25)
 
 
-def test_gather_logprobs_equals_log_softmax():
-    logits = torch.randn(5, 7, 50)
-    ids = torch.randint(0, 50, (5, 7))
-    full = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1)
-    torch.testing.assert_close(gather_logprobs(logits, ids, chunk=2), full)
-
-
-def test_gather_logprobs_keeps_no_float_copy_for_backward():
-    """Same values and gradient as a full log-softmax, while backward keeps only the bf16 logits themselves."""
+@pytest.mark.parametrize(
+    "dtype,temperature", [(torch.float32, 1.0), (torch.float32, 0.7), (torch.bfloat16, 0.7)]
+)
+def test_selective_log_softmax_equals_a_full_log_softmax_in_value_and_gradient(dtype, temperature):
+    """Chunked, and backward keeps only the logits themselves: no float32 copy, no [B, T, V] log-softmax."""
     torch.manual_seed(0)
-    logits = torch.randn(8, 6, 1000, dtype=torch.bfloat16, requires_grad=True)
+    logits = (3 * torch.randn(8, 6, 1000)).to(dtype).requires_grad_(True)
     ids = torch.randint(0, 1000, (8, 6))
     saved: list[int] = []
 
@@ -148,14 +144,16 @@ def test_gather_logprobs_keeps_no_float_copy_for_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        ours = gather_logprobs(logits, ids, temperature=0.7, chunk=2)
-    full = torch.log_softmax(logits.float() / 0.7, -1).gather(-1, ids[..., None]).squeeze(-1)
-    torch.testing.assert_close(ours, full)
-    (g_ours,) = torch.autograd.grad(ours.sum(), logits)
-    (g_full,) = torch.autograd.grad(full.sum(), logits)
+        ours, entropy = selective_log_softmax(logits, ids, temperature, with_entropy=True, chunk=5)
+    full = torch.log_softmax(logits.float() / temperature, -1)  # [B, T, V]
+    torch.testing.assert_close(ours, full.gather(-1, ids[..., None]).squeeze(-1))
+    torch.testing.assert_close(entropy, -(full.exp() * full).sum(-1), rtol=1e-4, atol=1e-4)
+    weights = torch.randn(8, 6)  # a loss that weighs tokens differently, as GRPO's does
+    (g_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+    (g_full,) = torch.autograd.grad((full.gather(-1, ids[..., None]).squeeze(-1) * weights).sum(), logits)
     torch.testing.assert_close(g_ours, g_full)
-    logits_bytes = logits.numel() * logits.element_size()
-    assert sum(saved) < 1.01 * logits_bytes  # the chunks of the logits (+ ids), no [B, T, V] float32 copy
+    assert sum(saved) < 1.01 * logits.numel() * logits.element_size()  # the logits (+ ids, one lse per token)
+    assert selective_log_softmax(logits, ids)[1] is None
 
 
 def test_completion_logprobs_match_a_full_forward():
@@ -245,3 +243,42 @@ def test_sft_loss_ignores_prompt_tokens():
     sft_loss(leaf, batch.completion_mask).backward()
     assert torch.all(leaf.grad[batch.completion_mask == 0] == 0)
     assert torch.all(leaf.grad[batch.completion_mask == 1] < 0)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_lora_layers_give_peft_s_values_and_gradients(monkeypatch, dropout):
+    """LoRA layers as one autograd function: the same log-probs and gradients as peft's own layers."""
+    from peft import LoraConfig, get_peft_model
+
+    import sasr.lora_linear as lora_linear
+    from sasr import models
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        models.load_model("tiny"),
+        LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False
+        ),
+    ).train()
+    ids = torch.randint(0, 1000, (4, 12))
+    attn = torch.ones_like(ids)
+    calls = []
+    fused_apply = lora_linear._LoRALinear.apply
+    monkeypatch.setattr(lora_linear._LoRALinear, "apply", lambda *a: calls.append(1) or fused_apply(*a))
+
+    def run():
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks, if any
+        logps, _ = completion_logprobs(model, ids, attn, 5)
+        (logps * torch.linspace(-1, 1, 5)).sum().backward()
+        return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fused, fused_grads = run()
+    assert bool(calls) == (dropout == 0.0)  # dropout on the adapter's input only: not one matrix
+    monkeypatch.setattr(lora_linear, "fusable_layers", lambda model: None)  # peft's own layers
+    plain, plain_grads = run()
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], g, rtol=1e-4, atol=1e-6 + 1e-5 * g.abs().max().item())
+    models.enable_activation_checkpointing(model)
+    assert lora_linear.fusable_layers(model) is None  # recomputation in backward would run peft's layers

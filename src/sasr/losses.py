@@ -12,55 +12,106 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from sasr.engine import unique_prompts
 from sasr.errors import unknown
+from sasr.lora_linear import checkpointed, fused_lora
 
 # --- log-probs --------------------------------------------------------------------------------------------
 
 
-def _chunk_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    scaled = logits.float() / temperature  # [b, T, V]
-    return scaled.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - scaled.logsumexp(-1)
+CHUNK_ELEMENTS = (
+    2**22
+)  # logits per chunk: float32 temporaries of 16 MB, small enough for the allocator to reuse
 
 
-def gather_logprobs(
-    logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0, chunk: int = 4
-) -> torch.Tensor:
-    """log softmax(logits / temperature)[ids], a few rows at a time.
+def _scaled(logits: torch.Tensor, temperature: float, buffer: torch.Tensor) -> torch.Tensor:
+    """logits / temperature in float32: the logits themselves when that is what they are, else in ``buffer``."""
+    if logits.dtype == torch.float32 and temperature == 1.0:
+        return logits
+    out = buffer[: logits.size(0)].copy_(logits)  # upcast first, then divide: no bf16 rounding of s
+    return out if temperature == 1.0 else out.div_(temperature)
 
-    The float32 copy of a chunk is recomputed in backward instead of kept (activation checkpointing), so
-    neither the full [B, T, V] log-softmax nor float copies of the logits ever live at once.
-    logits [B, T, V], ids [B, T] -> [B, T]
+
+def _workspace(logits: torch.Tensor, chunk: int) -> torch.Tensor:
+    # Allocated once per call and reused by every chunk: a fresh tensor per chunk costs page faults.
+    return torch.empty(min(chunk, logits.size(0)), logits.size(1), device=logits.device)
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(z / T)[ids] and, with no gradient, the entropy of softmax(z / T), chunk by chunk of tokens.
+
+    It saves only the logits (alive anyway) and one log-sum-exp per token, and its backward writes
+    g * (onehot(ids) - softmax(z / T)) / T straight into the gradient: no float32 copy of the logits and no
+    [N, V] log-softmax is ever kept, and nothing is computed twice.
     """
-    out = []
-    for lg, ix in zip(logits.split(chunk), ids.split(chunk)):
-        if lg.requires_grad:
-            out.append(checkpoint(_chunk_logprobs, lg, ix, temperature, use_reentrant=False))
-        else:
-            out.append(_chunk_logprobs(lg, ix, temperature))
-    return torch.cat(out)
+
+    @staticmethod
+    def forward(ctx, logits, ids, temperature: float, chunk: int, with_entropy: bool):
+        # logits [N, V], ids [N] -> logps [N], entropy [N] (or [0])
+        logps, lses, entropies = [], [], []
+        scaled_buf, exp_buf = _workspace(logits, chunk), _workspace(logits, chunk)  # [chunk, V] each
+        for lg, ix in zip(logits.split(chunk), ids.split(chunk)):
+            s = _scaled(lg, temperature, scaled_buf)  # [n, V] float32
+            top = s.amax(-1, keepdim=True)  # [n, 1]
+            e = torch.sub(s, top, out=exp_buf[: s.size(0)]).exp_()  # [n, V] exp(s - max)
+            total = e.sum(-1)  # [n]
+            lse = top.squeeze(-1) + total.log()
+            logps.append(s.gather(-1, ix[:, None]).squeeze(-1) - lse)
+            lses.append(lse)
+            if with_entropy:  # H = lse - sum_v p_v s_v with p = e / total; bmm: no [n, V] product
+                entropies.append(lse - (e[:, None, :] @ s[:, :, None]).view(-1) / total)
+        ctx.save_for_backward(logits, ids, torch.cat(lses))
+        ctx.temperature, ctx.chunk = temperature, chunk
+        entropy = torch.cat(entropies) if with_entropy else logits.new_empty(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(entropy)
+        return torch.cat(logps), entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, _):
+        logits, ids, lse = ctx.saved_tensors
+        temperature = ctx.temperature
+        grad = torch.empty_like(logits)  # [N, V]
+        scaled_buf = _workspace(logits, ctx.chunk)
+        exp_buf = None if grad.dtype == torch.float32 else _workspace(logits, ctx.chunk)
+        for lg, ix, ls, g, out in zip(*(t.split(ctx.chunk) for t in (logits, ids, lse, grad_logps, grad))):
+            p = out if exp_buf is None else exp_buf[: out.size(0)]
+            torch.sub(_scaled(lg, temperature, scaled_buf), ls[:, None], out=p).exp_()  # softmax(s) [n, V]
+            p.mul_(-g[:, None]).scatter_add_(-1, ix[:, None], g[:, None])  # g (onehot - softmax)
+            if temperature != 1.0:
+                p.div_(temperature)
+            if p is not out:
+                out.copy_(p)
+        return grad, None, None, None, None
 
 
-@torch.no_grad()
-def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk: int = 4) -> torch.Tensor:
-    """Entropy of each next-token distribution, [B, T, V] -> [B, T] (a metric: no gradient)."""
-    out = []
-    for lg in logits.split(chunk):
-        logp = torch.log_softmax(lg.float() / temperature, dim=-1)
-        out.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(out)
+def selective_log_softmax(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(logits / temperature)[ids], and the entropy of each distribution if asked (a metric: no
+    gradient). logits [B, T, V], ids [B, T] -> [B, T], [B, T] or None. ``chunk``: tokens at a time."""
+    B, T, V = logits.shape
+    chunk = chunk or max(1, CHUNK_ELEMENTS // V)
+    logps, entropy = _SelectiveLogSoftmax.apply(
+        logits.reshape(B * T, V), ids.reshape(B * T), temperature, chunk, with_entropy
+    )
+    return logps.view(B, T), (entropy.view(B, T) if with_entropy else None)
 
 
 def _completion_logits(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int
-) -> torch.Tensor:
-    """Logits that predict each of the last ``n_completion`` tokens. [B, P + T] -> [B, T, V]
+) -> list[torch.Tensor]:
+    """Logits that predict each of the last ``n_completion`` tokens, as pieces along the token axis whose
+    concatenation is [B, T, V] (concatenating them would copy the largest tensor of the step). [B, P + T] ->
 
-    Rows that repeat the prompt of the row before (GRPO's G completions of one prompt) share one pass over
-    it: each distinct prompt goes through the model once and its keys and values are repeated for its rows.
-    The same numbers as the plain forward; gradients flow into the prompt through the shared keys/values.
+    The last token is never fed: nothing reads what it predicts. Rows that repeat the prompt of the row before
+    (GRPO's G completions of one prompt) share one pass over it: each distinct prompt goes through the model
+    once and its keys and values are repeated for its rows. The same numbers as the plain forward; gradients
+    flow into the prompt through the shared keys/values.
     """
     n_prompt = input_ids.size(1) - n_completion
     first, inverse = (
@@ -69,30 +120,32 @@ def _completion_logits(
         else (None, None)
     )  # [U], [B]
     # A checkpointed layer would append to the cache again when it recomputes in backward: plain path.
-    checkpointed = model.training and any(
-        getattr(m, "gradient_checkpointing", False) for m in model.modules()
-    )
-    if first is None or first.numel() == input_ids.size(0) or checkpointed:
-        return model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            logits_to_keep=n_completion + 1,
+    if first is None or first.numel() == input_ids.size(0) or checkpointed(model):
+        logits = model(
+            input_ids=input_ids[:, :-1],
+            attention_mask=attention_mask[:, :-1],
+            logits_to_keep=n_completion,
             use_cache=False,
-        ).logits[:, :-1]  # position i predicts token i + 1
+        ).logits  # [B, T, V]: position i predicts token i + 1
+        return [logits]
     head = model(
         input_ids=input_ids[first, :n_prompt], attention_mask=attention_mask[first, :n_prompt], use_cache=True,
         logits_to_keep=1,
     )  # fmt: skip
     cache = head.past_key_values  # [U, heads, P, d] per layer
     cache.batch_select_indices(inverse)  # [B, heads, P, d]
-    tail = model(
-        input_ids=input_ids[:, n_prompt:],
-        attention_mask=attention_mask,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=n_completion,
-    ).logits  # [B, T, V]: completion token i predicts token i + 1
-    return torch.cat([head.logits[inverse], tail[:, :-1]], dim=1)
+    parts = [head.logits[inverse]]  # [B, 1, V]: the prompt's last token predicts the first completion token
+    if n_completion > 1:
+        parts.append(
+            model(
+                input_ids=input_ids[:, n_prompt:-1],
+                attention_mask=attention_mask[:, :-1],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=n_completion - 1,
+            ).logits  # [B, T - 1, V]: completion token i predicts token i + 1
+        )
+    return parts
 
 
 def completion_logprobs(
@@ -109,10 +162,12 @@ def completion_logprobs(
     Only the logits of the completion positions are computed (``logits_to_keep``); consecutive rows with one
     prompt compute it once.
     """
-    logits = _completion_logits(model, input_ids, attention_mask, n_completion)  # [B, T, V]
-    targets = input_ids[:, -n_completion:]
-    logps = gather_logprobs(logits, targets, temperature)
-    return logps, (token_entropy(logits, temperature) if with_entropy else None)
+    with fused_lora(getattr(model, "module", model)):  # the peft model inside a DDP wrapper
+        parts = _completion_logits(model, input_ids, attention_mask, n_completion)  # [B, t_i, V], sum t_i = T
+    targets = input_ids[:, -n_completion:].split([p.size(1) for p in parts], dim=1)
+    out = [selective_log_softmax(p, t, temperature, with_entropy) for p, t in zip(parts, targets)]
+    logps = torch.cat([lp for lp, _ in out], dim=1)
+    return logps, (torch.cat([e for _, e in out], dim=1) if with_entropy else None)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

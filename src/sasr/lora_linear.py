@@ -1,0 +1,91 @@
+"""LoRA linear layers as one autograd function, for float32 forward and backward passes.
+
+peft computes ``W x + s B (A x)`` as five operations, two of them passes over the ``[N, out]`` output (the
+scaling and the sum) that autograd then walks back through. With ``W`` frozen the same function is one
+matmul with ``W + s B A`` (built by a small one), and its backward needs only ``x``:
+
+    dx = g W + s (g B) A,    dA = s (g B)^T x,    dB = s g^T (x A^T)
+
+Same values and gradients to float32 rounding. Used where the decode's merge is (float32, one plain LoRA
+adapter, see ``sasr.decode_weights``), when the adapter has no dropout, the base layer is frozen, and no layer
+is recomputed by activation checkpointing (the recomputation would run outside this block).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from sasr.decode_weights import mergeable_layers
+
+
+class _LoRALinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float):
+        # x [..., in], weight [out, in], bias [out] or None, lora_a [r, in], lora_b [out, r]
+        ctx.save_for_backward(x, weight, lora_a, lora_b)
+        ctx.scaling = scaling
+        return F.linear(x, torch.addmm(weight, lora_b, lora_a, alpha=scaling), bias)  # [..., out]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_a, lora_b = ctx.saved_tensors
+        s = ctx.scaling
+        g, x2 = grad.reshape(-1, grad.size(-1)), x.reshape(-1, x.size(-1))  # [N, out], [N, in]
+        gb = g @ lora_b  # [N, r]
+        dx = (g @ weight).addmm_(gb, lora_a, alpha=s).view(x.shape) if ctx.needs_input_grad[0] else None
+        d_a = (gb.t() @ x2).mul_(s) if ctx.needs_input_grad[3] else None  # [r, in]
+        d_b = (g.t() @ (x2 @ lora_a.t())).mul_(s) if ctx.needs_input_grad[4] else None  # [out, r]
+        return dx, None, None, d_a, d_b, None
+
+
+def _forward(layer, adapter: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    base = layer.get_base_layer()
+    a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    return _LoRALinear.apply(x, base.weight, base.bias, a, b, layer.scaling[adapter])
+
+
+def checkpointed(model) -> bool:
+    """Whether a training forward of ``model`` recomputes layers in backward (activation checkpointing)."""
+    return model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def fusable_layers(model) -> dict[str, tuple[torch.nn.Module, str]] | None:
+    """The layers of ``mergeable_layers`` if each also has no dropout and a frozen base layer, and no layer is
+    recomputed in backward; else None."""
+    layers = mergeable_layers(model)
+    if layers is None or checkpointed(model):
+        return None
+    for layer, adapter in layers.values():
+        dropout, base = layer.lora_dropout[adapter], layer.get_base_layer()
+        if not (isinstance(dropout, torch.nn.Identity) or getattr(dropout, "p", 1.0) == 0.0):
+            return None
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return None
+    return layers
+
+
+@contextlib.contextmanager
+def fused_lora(model) -> Iterator[bool]:
+    """Within this block each LoRA linear layer of ``model`` (a peft model) runs as one autograd function.
+
+    Yields whether it does; a model it does not apply to runs unchanged.
+    """
+    layers = fusable_layers(model)
+    if layers is None:
+        yield False
+        return
+    swapped = []
+    try:
+        for layer, adapter in layers.values():
+            if "forward" not in layer.__dict__:
+                layer.forward = functools.partial(_forward, layer, adapter)
+                swapped.append(layer)
+        yield True
+    finally:
+        for layer in swapped:
+            del layer.forward
