@@ -67,6 +67,25 @@ def test_a_repeated_prompt_is_prefilled_once_and_decodes_like_a_single_one(smol)
     assert shapes[1] == (6, 1)  # then every row decodes
 
 
+def test_eager_decode_steps_attend_only_to_written_columns(smol, monkeypatch):
+    import sasr.engine as engine
+
+    model, tok, prompts = smol
+    widths = []
+    update = engine.StaticKVCache.update
+
+    def record(self, k, v, layer_idx, *args, **kwargs):
+        keys, values = update(self, k, v, layer_idx, *args, **kwargs)
+        if layer_idx == 0 and k.size(2) == 1:  # decode steps, not the prefill
+            widths.append(keys.size(2))
+        return keys, values
+
+    monkeypatch.setattr(engine.StaticKVCache, "update", record)
+    roll = generate(model, tok, prompts[:2], max_new_tokens=6, greedy=True, min_new_tokens=6)
+    P = roll.prompt_ids.size(1)
+    assert widths == [P + 1, P + 2, P + 3, P + 4, P + 5]  # the prompt and the tokens so far, not all P + 6
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_sampling_logprobs_equal_a_plain_forward(smol, temperature, top_p):
     model, tok, prompts = smol

@@ -51,12 +51,16 @@ class StaticKVCache:
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], write_at: torch.Tensor) -> None:
         self.keys, self.values, self.write_at = keys, values, write_at  # keys[l]: [b, H_kv, L, D]
+        self.visible: int | None = None  # columns attention reads; None: all L (a graph's shapes are fixed)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        # key_states: [b, H_kv, q, D] -> the whole cache [b, H_kv, L, D]; the mask hides unwritten columns
-        self.keys[layer_idx].index_copy_(2, self.write_at, key_states.to(self.keys[layer_idx].dtype))
-        self.values[layer_idx].index_copy_(2, self.write_at, value_states.to(self.values[layer_idx].dtype))
-        return self.keys[layer_idx], self.values[layer_idx]
+        # key_states: [b, H_kv, q, D] -> the cache [b, H_kv, visible or L, D]; the mask hides unwritten columns
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(2, self.write_at, key_states.to(keys.dtype))
+        values.index_copy_(2, self.write_at, value_states.to(values.dtype))
+        if self.visible is not None:
+            return keys[:, :, : self.visible], values[:, :, : self.visible]
+        return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:  # only used when position_ids are missing
         return 0
@@ -200,13 +204,18 @@ class _DecodeState:
         for name in ("tokens", "positions", "mask", "rows"):
             getattr(into, name).copy_(getattr(self, name).index_select(0, pick))
 
-    def step(self, model, params: SamplingParams, eos_token_id: int) -> None:
-        """One decode step, in place: this column becomes visible, the model runs, a token is sampled."""
+    def step(self, model, params: SamplingParams, eos_token_id: int, visible: int | None = None) -> None:
+        """One decode step, in place: this column becomes visible, the model runs, a token is sampled.
+
+        ``visible``: the cache columns written so far, this one included; attention then reads only those
+        (outside a CUDA graph, whose shapes are fixed, so it reads all L under the mask).
+        """
         self.mask.index_fill_(3, self.decode_at, True)
+        self.cache.visible = visible
         logits = model(
             input_ids=self.tokens,
             position_ids=self.positions,
-            attention_mask=self.mask,
+            attention_mask=self.mask if visible is None else self.mask[..., :visible],
             past_key_values=self.cache,
             use_cache=True,
         ).logits[:, -1]  # [b, V]
@@ -323,7 +332,7 @@ class RolloutEngine:
                 state.rows.copy_(torch.arange(B, device=device))
                 state.done.zero_()
                 t_end = self._loop(state, first_token, first_logp, out_ids, out_logp, max_new_tokens, params,
-                                   eos_token_id, pad_token_id)  # fmt: skip
+                                   eos_token_id, pad_token_id, prompt_length=P)  # fmt: skip
         finally:
             model.train(was_training)
         return out_ids[:B, :t_end], out_logp[:B, :t_end]
@@ -374,8 +383,9 @@ class RolloutEngine:
         return token, logprob
 
     def _loop(
-        self, state, token, logprob, out_ids, out_logp, max_new_tokens, params, eos_token_id, pad_token_id
-    ):
+        self, state, token, logprob, out_ids, out_logp, max_new_tokens, params, eos_token_id, pad_token_id,
+        prompt_length,
+    ):  # fmt: skip
         """Record token t of every live row, stop finished rows, compact, step. Returns the columns used."""
         scratch = out_ids.size(0) - 1
         check_every = 4 if state.graph is not None else 1  # a live-row count is a host sync: not every step
@@ -401,7 +411,9 @@ class RolloutEngine:
             if state.graph is not None:
                 state.graph.replay()
             else:
-                state.step(self.forward, params, eos_token_id)
+                state.step(
+                    self.forward, params, eos_token_id, visible=prompt_length + t
+                )  # writes column P+t-1
             token, logprob = state.next_token, state.next_logprob
 
     def _compact(self, old, live, size, params, eos_token_id, scratch) -> _DecodeState:
