@@ -60,20 +60,23 @@ def sasr_config(a, method: str, out: str) -> dict:
     }
 
 
-def run_sasr(a, kind: str) -> list[float]:
+def run_sasr(a, kind: str) -> tuple[list[float], list[dict[str, float]]]:
     from sasr.config import validate
     from sasr.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(validate(sasr_config(a, "grpo" if kind == "grpo" else "sft", out)), progress=False)
-        times = []
+        times, pieces = [], []
         for step in range(1, a.warmup + a.steps + 1):
             t0 = time.perf_counter()
-            loss, _ = trainer.grpo_step(step) if kind == "grpo" else trainer.sft_step(step)
+            loss, stats = trainer.grpo_step(step) if kind == "grpo" else trainer.sft_step(step)
+            t1 = time.perf_counter()
             trainer.optimizer_step(loss, step)
             _sync(a)
             times.append(time.perf_counter() - t0)
-    return times[a.warmup :]
+            pieces.append({k: v for k, v in stats.items() if k.endswith("_seconds")})
+            pieces[-1]["backward_and_optimizer_seconds"] = time.perf_counter() - t1
+    return times[a.warmup :], pieces[a.warmup :]
 
 
 def run_trl(a, kind: str) -> list[float]:
@@ -227,10 +230,16 @@ def worker(a) -> None:
         print("RESULT " + json.dumps(run_rollout(a)))
         return
     side, kind = a.worker.split("-")
-    times = run_sasr(a, kind) if side == "sasr" else run_trl(a, kind)
-    print(
-        "RESULT " + json.dumps({"times": times, "median": statistics.median(times), "peak_mb": _peak_mb(a)})
-    )
+    times, pieces = run_sasr(a, kind) if side == "sasr" else (run_trl(a, kind), [])
+    # sasr's step piece by piece (medians): rollout, reference and policy forward, backward + optimizer
+    breakdown = {k: statistics.median(p[k] for p in pieces) for k in (pieces[0] if pieces else {})}
+    result = {
+        "times": times,
+        "median": statistics.median(times),
+        "peak_mb": _peak_mb(a),
+        "breakdown": breakdown,
+    }
+    print("RESULT " + json.dumps(result))
 
 
 def print_rollout(res: dict) -> None:
@@ -293,6 +302,9 @@ def main() -> None:
             continue
         print(f"{name:<10} median {results[name]['median']:8.2f} s/step   peak {results[name]['peak_mb']:8.0f} MB   "
               f"steps {', '.join(f'{t:.2f}' for t in results[name]['times'])}", flush=True)  # fmt: skip
+        if results[name]["breakdown"]:
+            print("           of which " + ", ".join(f"{k.removesuffix('_seconds')} {v:.2f} s"
+                                                   for k, v in results[name]["breakdown"].items()), flush=True)  # fmt: skip
     setting = (f"model={a.model} {'full' if a.full else 'LoRA'} prompts={a.prompts} G={a.generations} "
                f"tokens={a.tokens} beta={a.beta} loss={a.loss_type} device={a.device} dtype={a.dtype} "
                f"gradient_checkpointing={a.gradient_checkpointing}")  # fmt: skip

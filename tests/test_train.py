@@ -9,7 +9,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sasr.config import METHODS
 
 REQUIRED = {"step", "phase", "loss", "grad_norm", "lr", "step_seconds"}
-GRPO_KEYS = {"reward_mean", "reward_std", "accuracy", "kl", "completion_length", "clip_fraction"}
+GRPO_KEYS = {
+    "reward_mean",
+    "reward_std",
+    "accuracy",
+    "kl",
+    "completion_length",
+    "clip_fraction",
+    "rollout_seconds",
+}
 SASR_KEYS = {"p_t", "alpha", "g_last", "g_warmup"}
 
 

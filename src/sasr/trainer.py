@@ -318,11 +318,26 @@ class Trainer:
         loss = sft_loss(logps, batch.completion_mask)
         return loss, {"tokens": batch.completion_mask.sum().item()}
 
+    def _clock(self):
+        """A stopwatch: each call returns the seconds since the previous one (device work finished first)."""
+        cuda = self.accelerator.device.type == "cuda"
+        last = [time.perf_counter()]
+
+        def lap() -> float:
+            if cuda:
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            seconds, last[0] = now - last[0], now
+            return seconds
+
+        return lap
+
     def grpo_step(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Sample G completions per prompt, score them, and take the clipped policy-gradient step."""
         g = self.config.grpo
         examples = self._examples(step, g.batch_size, "grpo")
         prompts = render_prompts(self.tokenizer, [self.task.messages(ex) for ex in examples])
+        clock = self._clock()
         roll = generate(
             self.accelerator.unwrap_model(self.model),
             self.tokenizer,
@@ -337,6 +352,7 @@ class Trainer:
             compile=g.torch_compile,
             **g.generation_kwargs,
         )  # B = prompts x G rows
+        rollout_seconds = clock()
         grouped_examples = [ex for ex in examples for _ in range(g.num_generations)]
         scores = score_all(self.task, roll.texts, grouped_examples)
         device = self.accelerator.device
@@ -346,10 +362,13 @@ class Trainer:
         T = roll.completion_ids.size(1)
         # The reference pass comes first: it may swap weights in place, which must not touch a live graph.
         # The G rows of a prompt share one pass over it (completion_logprobs finds them).
+        clock()
         ref_logps = self.reference.logprobs(roll.input_ids, roll.attention_mask, T, g.temperature)  # [B, T]
+        reference_seconds = clock()
         logps, entropy = completion_logprobs(
             self.model, roll.input_ids, roll.attention_mask, T, g.temperature, with_entropy=True
         )  # [B, T]
+        policy_seconds = clock()
         out = grpo_loss(
             logps,
             logps.detach(),  # pi_old: the policy that sampled, which is this one (one update per batch)
@@ -375,6 +394,10 @@ class Trainer:
             "clip_fraction": out.clip_fraction,
             "zero_spread_fraction": zero_spread.float().mean().item(),
             "tokens": mask.sum().item(),
+            # Where the step's time goes before backward (verl logs the same pieces as timing_s/*).
+            "rollout_seconds": rollout_seconds,
+            "reference_seconds": reference_seconds,
+            "policy_forward_seconds": policy_seconds,
         }
         if roll.logprobs is not None:  # how far the sampler's numbers are from the learner's (bf16, kernels)
             stats["sampler_logprob_gap"] = masked_mean((logps.detach() - roll.logprobs).abs(), mask).item()
