@@ -12,6 +12,9 @@ Both are views for the length of one rollout; the trained weights are never writ
   matmul repacks the whole matrix on every call, which at 16 rows costs as much as the product; a matrix
   reordered once for oneDNN (what ``torch.compile`` does on CPUs with weight freezing) runs about 2x faster,
   3x for the vocabulary projection.
+
+Memory: a second copy of the weights while a rollout runs (the packed matrices; merged LoRA layers add
+theirs), freed after it on a CPU; the merged matrices stay between rollouts under CUDA graphs.
 """
 
 from __future__ import annotations
@@ -103,7 +106,8 @@ def _packed(model, rows: int) -> Iterator[None]:
         with torch.no_grad():
             for m in model.modules():
                 # A forward already replaced on the instance (accelerate's hooks, say) is left alone.
-                if type(m) is torch.nn.Linear and "forward" not in m.__dict__:
+                packable = type(m) is torch.nn.Linear and m.weight.dtype in PACKABLE_DTYPES
+                if packable and "forward" not in m.__dict__:
                     packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
                     m.forward = functools.partial(_packed_forward, packed, m.bias)
                     swapped.append(m)
