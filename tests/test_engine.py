@@ -126,6 +126,10 @@ def test_sample_follows_the_distribution_and_top_p():
     draws = inverse_cdf((vocab / vocab.sum())[None].expand(20000, -1).contiguous())
     assert (vocab[draws] > 0).all()
     assert abs((draws == 7).float().mean().item() - 0.9 * vocab.sum().reciprocal().item()) < 0.015
+    broken = probs[None].repeat(3, 1)
+    broken[1] = float("nan")  # a diverged model's row
+    with pytest.raises(SasrError, match="NaN, infinite or all zero.*lower optim.learning_rate"):
+        inverse_cdf(broken)
     token, logprob = sample(logits, SamplingParams(top_p=0.7), eos_token_id=3, eos_bias=torch.tensor(0.0))
     assert set(token.tolist()) == {0, 1}  # 0.5 + 0.3 covers 0.7: the tail is never drawn
     assert torch.allclose(logprob, probs.log()[token], atol=1e-6)  # log-prob of the unfiltered distribution

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from sasr.decode_weights import decode_weights
+from sasr.errors import SasrError
 
 # generate() arguments the engine understands besides the ones rollout.generate names explicitly.
 ENGINE_KWARGS = {"min_new_tokens", "top_k"}
@@ -110,6 +111,12 @@ def inverse_cdf(probs: torch.Tensor, block: int = 1024) -> torch.Tensor:
     blocks = torch.nn.functional.pad(probs, (0, -V % block)).view(b, -1, block)  # [b, nb, block]
     u = torch.rand(b, 2, device=probs.device)  # [b, 2] in [0, 1)
     outer = blocks.sum(-1).cumsum(-1)  # [b, nb]
+    mass = outer[:, -1]
+    if not bool((torch.isfinite(mass) & (mass > 0)).all()):  # multinomial refuses these too
+        raise SasrError(
+            "the model's next-token probabilities are NaN, infinite or all zero (its weights have probably "
+            "diverged): lower optim.learning_rate or optim.max_grad_norm, or check the model"
+        )
     k = torch.searchsorted(outer, u[:, :1] * outer[:, -1:], right=True)  # [b, 1] block index
     inner = blocks.gather(1, k[:, :, None].expand(b, 1, block)).squeeze(1).cumsum(-1)  # [b, block]
     j = torch.searchsorted(inner, u[:, 1:] * inner[:, -1:], right=True)  # [b, 1] index in the block
