@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -99,22 +99,32 @@ def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Te
 
 
 @contextlib.contextmanager
-def _packed(model, rows: int) -> Iterator[None]:
-    """Every ``nn.Linear`` computes with its weight reordered for oneDNN, tuned for ``rows`` rows."""
+def replaced_forwards(modules: Iterable[torch.nn.Module], make_forward: Callable) -> Iterator[None]:
+    """Inside this block each module computes with ``make_forward(module)`` instead of its ``forward``.
+
+    A forward already replaced on the instance (accelerate's hooks, say) is left alone.
+    """
     swapped = []
     try:
-        with torch.no_grad():
-            for m in model.modules():
-                # A forward already replaced on the instance (accelerate's hooks, say) is left alone.
-                packable = type(m) is torch.nn.Linear and m.weight.dtype in PACKABLE_DTYPES
-                if packable and "forward" not in m.__dict__:
-                    packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
-                    m.forward = functools.partial(_packed_forward, packed, m.bias)
-                    swapped.append(m)
+        for m in modules:
+            if "forward" not in m.__dict__:
+                m.forward = make_forward(m)
+                swapped.append(m)
         yield
     finally:
         for m in swapped:
             del m.forward
+
+
+def _packed(model, rows: int) -> contextlib.AbstractContextManager:
+    """Every ``nn.Linear`` computes with its weight reordered for oneDNN, tuned for ``rows`` rows."""
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype in PACKABLE_DTYPES]
+
+    def packed_forward(m: torch.nn.Linear):
+        packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
+        return functools.partial(_packed_forward, packed, m.bias)
+
+    return replaced_forwards(linears, packed_forward)
 
 
 @contextlib.contextmanager

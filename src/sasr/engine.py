@@ -117,7 +117,7 @@ def inverse_cdf(probs: torch.Tensor, block: int = 1024) -> torch.Tensor:
             "the model's next-token probabilities are NaN, infinite or all zero (its weights have probably "
             "diverged): lower optim.learning_rate or optim.max_grad_norm, or check the model"
         )
-    k = torch.searchsorted(outer, u[:, :1] * outer[:, -1:], right=True)  # [b, 1] block index
+    k = torch.searchsorted(outer, u[:, :1] * mass[:, None], right=True)  # [b, 1] block index
     inner = blocks.gather(1, k[:, :, None].expand(b, 1, block)).squeeze(1).cumsum(-1)  # [b, block]
     j = torch.searchsorted(inner, u[:, 1:] * inner[:, -1:], right=True)  # [b, 1] index in the block
     return (k * block + j).squeeze(1)
@@ -418,9 +418,8 @@ class RolloutEngine:
             if state.graph is not None:
                 state.graph.replay()
             else:
-                state.step(
-                    self.forward, params, eos_token_id, visible=prompt_length + t
-                )  # writes column P+t-1
+                # This step writes column P + t - 1: attention reads the P + t columns written by then.
+                state.step(self.forward, params, eos_token_id, visible=prompt_length + t)
             token, logprob = state.next_token, state.next_logprob
 
     def _compact(self, old, live, size, params, eos_token_id, scratch) -> _DecodeState:

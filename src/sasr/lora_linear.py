@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from sasr.decode_weights import mergeable_layers
+from sasr.decode_weights import mergeable_layers, replaced_forwards
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -79,13 +79,6 @@ def fused_lora(model) -> Iterator[bool]:
     if layers is None:
         yield False
         return
-    swapped = []
-    try:
-        for layer, adapter in layers.values():
-            if "forward" not in layer.__dict__:
-                layer.forward = functools.partial(_forward, layer, adapter)
-                swapped.append(layer)
+    adapters = dict(layers.values())  # layer -> its active adapter
+    with replaced_forwards(adapters, lambda layer: functools.partial(_forward, layer, adapters[layer])):
         yield True
-    finally:
-        for layer in swapped:
-            del layer.forward

@@ -20,9 +20,8 @@ from sasr.lora_linear import checkpointed, fused_lora
 # --- log-probs --------------------------------------------------------------------------------------------
 
 
-CHUNK_ELEMENTS = (
-    2**22
-)  # logits per chunk: float32 temporaries of 16 MB, small enough for the allocator to reuse
+# Logits per chunk: float32 temporaries of 16 MB, small enough for the allocator to reuse.
+CHUNK_ELEMENTS = 2**22
 
 
 def _scaled(logits: torch.Tensor, temperature: float, buffer: torch.Tensor) -> torch.Tensor:

@@ -318,26 +318,18 @@ class Trainer:
         loss = sft_loss(logps, batch.completion_mask)
         return loss, {"tokens": batch.completion_mask.sum().item()}
 
-    def _clock(self):
-        """A stopwatch: each call returns the seconds since the previous one (device work finished first)."""
-        cuda = self.accelerator.device.type == "cuda"
-        last = [time.perf_counter()]
-
-        def lap() -> float:
-            if cuda:
-                torch.cuda.synchronize()
-            now = time.perf_counter()
-            seconds, last[0] = now - last[0], now
-            return seconds
-
-        return lap
+    def _now(self) -> float:
+        """perf_counter once the device's queued work has finished, so differences time that work."""
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def grpo_step(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Sample G completions per prompt, score them, and take the clipped policy-gradient step."""
         g = self.config.grpo
         examples = self._examples(step, g.batch_size, "grpo")
         prompts = render_prompts(self.tokenizer, [self.task.messages(ex) for ex in examples])
-        clock = self._clock()
+        t_rollout = self._now()
         roll = generate(
             self.accelerator.unwrap_model(self.model),
             self.tokenizer,
@@ -352,7 +344,7 @@ class Trainer:
             compile=g.torch_compile,
             **g.generation_kwargs,
         )  # B = prompts x G rows
-        rollout_seconds = clock()
+        rollout_seconds = self._now() - t_rollout
         grouped_examples = [ex for ex in examples for _ in range(g.num_generations)]
         scores = score_all(self.task, roll.texts, grouped_examples)
         device = self.accelerator.device
@@ -362,13 +354,13 @@ class Trainer:
         T = roll.completion_ids.size(1)
         # The reference pass comes first: it may swap weights in place, which must not touch a live graph.
         # The G rows of a prompt share one pass over it (completion_logprobs finds them).
-        clock()
+        t_reference = self._now()
         ref_logps = self.reference.logprobs(roll.input_ids, roll.attention_mask, T, g.temperature)  # [B, T]
-        reference_seconds = clock()
+        t_policy = self._now()
         logps, entropy = completion_logprobs(
             self.model, roll.input_ids, roll.attention_mask, T, g.temperature, with_entropy=True
         )  # [B, T]
-        policy_seconds = clock()
+        policy_seconds = self._now() - t_policy
         out = grpo_loss(
             logps,
             logps.detach(),  # pi_old: the policy that sampled, which is this one (one update per batch)
@@ -396,7 +388,7 @@ class Trainer:
             "tokens": mask.sum().item(),
             # Where the step's time goes before backward (verl logs the same pieces as timing_s/*).
             "rollout_seconds": rollout_seconds,
-            "reference_seconds": reference_seconds,
+            "reference_seconds": t_policy - t_reference,
             "policy_forward_seconds": policy_seconds,
         }
         if roll.logprobs is not None:  # how far the sampler's numbers are from the learner's (bf16, kernels)
