@@ -23,8 +23,11 @@ import contextlib
 import functools
 import weakref
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
+
+from sasr.fused_decode import FusedDecoder, fusable
 
 EXACT_DTYPES = (torch.float32, torch.float64)
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
@@ -127,18 +130,29 @@ def _packed(model, rows: int) -> contextlib.AbstractContextManager:
     return replaced_forwards(linears, packed_forward)
 
 
+@dataclass(frozen=True)
+class DecodeWeights:
+    merged: bool  # LoRA is merged: the model runs without its adapter matmuls
+    fused: FusedDecoder | None  # the lean forward to decode with, where the model allows it (else None)
+
+
 @contextlib.contextmanager
-def decode_weights(model, *, rows: int, keep_buffers: bool, pack: bool = True) -> Iterator[bool]:
+def decode_weights(model, *, rows: int, keep_buffers: bool, pack: bool = True) -> Iterator[DecodeWeights]:
     """Within this block the model computes the same function from weights laid out for decoding.
 
-    Yields whether LoRA was merged. ``keep_buffers`` keeps the merged matrices for the next call at the same
-    addresses (needed when CUDA graphs were captured against them); ``pack`` allows oneDNN prepacking on a
-    CPU, for ``rows`` rows per step.
+    ``keep_buffers`` keeps the merged matrices for the next call at the same addresses (needed when CUDA graphs
+    were captured against them); ``pack`` allows oneDNN prepacking on a CPU, for ``rows`` rows per step: into
+    a ``FusedDecoder`` when the model is one it computes exactly, else into each linear layer.
     """
     layers = mergeable_layers(model)
+    merged = {layer for layer, _ in layers.values()} if layers is not None else set()
     with contextlib.ExitStack() as stack:
         if layers is not None:
             stack.enter_context(_merged(model, layers, keep_buffers))
-        if pack and can_pack(model):
-            stack.enter_context(_packed(model, rows))  # after the merge: it packs the merged matrices
-        yield layers is not None
+        fused = None
+        if pack and can_pack(model):  # after the merge: it packs the merged matrices
+            if fusable(model, merged) is None:
+                fused = FusedDecoder(model, merged, rows)
+            else:
+                stack.enter_context(_packed(model, rows))
+        yield DecodeWeights(merged=layers is not None, fused=fused)

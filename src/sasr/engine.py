@@ -8,7 +8,8 @@ What it does that ``model.generate`` does not:
   sampled token under ``softmax(logits / temperature)`` is kept: it is pi_old, so no forward pass recomputes it;
 - rows that have finished (EOS) are dropped: the batch is compacted to its live rows;
 - a float32 LoRA model decodes with each adapter merged into its layer's matrix, at the cost of the base
-  model, and on a CPU every weight matrix is prepacked for oneDNN (``sasr.decode_weights``);
+  model, and on a CPU every weight matrix is prepacked for oneDNN (``sasr.decode_weights``); float32 Llama and
+  Qwen2 models then decode through a lean forward with fused projections (``sasr.fused_decode``);
 - on CUDA each decode step is captured once as a CUDA graph per (batch bucket, cache length) and replayed,
   which removes the per-kernel launch cost that dominates decoding a small model.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +67,23 @@ class StaticKVCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:  # only used when position_ids are missing
         return 0
+
+
+# (input_ids [b, q], position_ids [b, q], attention_mask [b, 1, q, visible], cache) -> logits [b, V] of the
+# last position: how the engine calls a model (``model_forward``) or the fused decoder.
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, StaticKVCache], torch.Tensor]
+
+
+def model_forward(model) -> Forward:
+    """The engine's call of a transformers model (or its compiled version) over the static cache."""
+
+    def forward(input_ids, position_ids, attention_mask, cache):
+        return model(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, past_key_values=cache,
+            use_cache=True, logits_to_keep=1,
+        ).logits[:, -1]  # fmt: skip
+
+    return forward
 
 
 def _kv_shape(model) -> tuple[int, int, int, torch.dtype]:
@@ -211,7 +230,9 @@ class _DecodeState:
         for name in ("tokens", "positions", "mask", "rows"):
             getattr(into, name).copy_(getattr(self, name).index_select(0, pick))
 
-    def step(self, model, params: SamplingParams, eos_token_id: int, visible: int | None = None) -> None:
+    def step(
+        self, forward: Forward, params: SamplingParams, eos_token_id: int, visible: int | None = None
+    ) -> None:
         """One decode step, in place: this column becomes visible, the model runs, a token is sampled.
 
         ``visible``: the cache columns written so far, this one included; attention then reads only those
@@ -219,13 +240,8 @@ class _DecodeState:
         """
         self.mask.index_fill_(3, self.decode_at, True)
         self.cache.visible = visible
-        logits = model(
-            input_ids=self.tokens,
-            position_ids=self.positions,
-            attention_mask=self.mask if visible is None else self.mask[..., :visible],
-            past_key_values=self.cache,
-            use_cache=True,
-        ).logits[:, -1]  # [b, V]
+        mask = self.mask if visible is None else self.mask[..., :visible]
+        logits = forward(self.tokens, self.positions, mask, self.cache)  # [b, V]
         token, logprob = sample(logits, params, eos_token_id, self.eos_bias)
         self.next_token.copy_(token)
         self.next_logprob.copy_(logprob)
@@ -233,7 +249,7 @@ class _DecodeState:
         self.positions.add_(1)
         self.decode_at.add_(1)
 
-    def capture(self, model, params: SamplingParams, eos_token_id: int) -> None:
+    def capture(self, forward: Forward, params: SamplingParams, eos_token_id: int) -> None:
         """Record one step as a CUDA graph. The warm-up runs mutate the inputs (and write cache columns not yet
         visible), so the inputs are restored after."""
         held = (self.tokens, self.positions, self.mask, self.decode_at)
@@ -242,11 +258,11 @@ class _DecodeState:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # lazy initialisation (cuBLAS handles, workspaces) happens outside the graph
-                self.step(model, params, eos_token_id)
+                self.step(forward, params, eos_token_id)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.step(model, params, eos_token_id)
+            self.step(forward, params, eos_token_id)
         for t, s in zip(held, saved):
             t.copy_(s)
 
@@ -260,8 +276,10 @@ class RolloutEngine:
         # torch.compile fuses the decode step's small kernels; each new batch bucket costs a compilation,
         # so it pays off for long or repeated rollouts of one shape.
         self.forward = torch.compile(model, dynamic=False) if compile else model
+        self._graph_forward = model_forward(self.forward)
         self._states: OrderedDict[tuple, _DecodeState] = OrderedDict()
-        self.stats = {"decode_steps": 0, "row_steps": 0, "graph_captures": 0}  # of the last decode()
+        # Of the last decode(): steps, rows computed, CUDA graphs captured, prompts prefilled, fused forward used.
+        self.stats = {"decode_steps": 0, "row_steps": 0, "graph_captures": 0, "prefill_rows": 0, "fused": 0}
 
     @property
     def device(self) -> torch.device:
@@ -288,7 +306,7 @@ class RolloutEngine:
 
     def _graphed(self, state: _DecodeState, params: SamplingParams, eos_token_id: int) -> _DecodeState:
         if self._graphs() and state.graph is None:
-            state.capture(self.forward, params, eos_token_id)
+            state.capture(self._graph_forward, params, eos_token_id)
             self.stats["graph_captures"] += 1
         return state
 
@@ -332,19 +350,24 @@ class RolloutEngine:
             # Graphs read the merged matrices' addresses: they stay allocated, and are keyed with the state.
             # torch.compile does its own weight layout, so prepacking is left to the eager path.
             weights = decode_weights(model, rows=B, keep_buffers=self._graphs(), pack=self.forward is model)
-            with weights as merged:
-                state = self._state(B, length, params, eos_token_id, merged)
+            with weights as w:
+                self.stats["fused"] = int(w.fused is not None)
+                prefill = w.fused or model_forward(model)  # the prefill is one call: never compiled
+                forward = w.fused or model_forward(self.forward)
+                state = self._state(B, length, params, eos_token_id, w.merged)
                 state = self._graphed(state, params, eos_token_id)
-                first_token, first_logp = self._prefill(state, prompt_ids, prompt_mask, params, eos_token_id)
+                first_token, first_logp = self._prefill(
+                    state, prompt_ids, prompt_mask, params, eos_token_id, prefill
+                )
                 state.rows.copy_(torch.arange(B, device=device))
                 state.done.zero_()
                 t_end = self._loop(state, first_token, first_logp, out_ids, out_logp, max_new_tokens, params,
-                                   eos_token_id, pad_token_id, prompt_length=P)  # fmt: skip
+                                   eos_token_id, pad_token_id, prompt_length=P, forward=forward)  # fmt: skip
         finally:
             model.train(was_training)
         return out_ids[:B, :t_end], out_logp[:B, :t_end]
 
-    def _prefill(self, state, prompt_ids, prompt_mask, params, eos_token_id):
+    def _prefill(self, state, prompt_ids, prompt_mask, params, eos_token_id, forward: Forward):
         """Run the prompts through the model, filling the cache's first P columns; sample the first token.
 
         Repeated prompts (GRPO's G rows per prompt are consecutive) go through the model once; their keys and
@@ -366,14 +389,8 @@ class RolloutEngine:
             [v[:U] for v in state.cache.values],
             torch.arange(P, device=device),
         )
-        logits = self.model(
-            input_ids=unique_ids,
-            position_ids=positions,
-            attention_mask=full,
-            past_key_values=first_rows,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]  # [U, V]
+        self.stats["prefill_rows"] = U
+        logits = forward(unique_ids, positions, full, first_rows)  # [U, V]
         if U < B:  # spread: index_select copies first, so reading rows [:U] while writing [:B] is safe
             for t in state.cache.keys + state.cache.values:
                 t[:, :, :P].copy_(t[:U, :, :P].index_select(0, inverse))
@@ -391,7 +408,7 @@ class RolloutEngine:
 
     def _loop(
         self, state, token, logprob, out_ids, out_logp, max_new_tokens, params, eos_token_id, pad_token_id,
-        prompt_length,
+        prompt_length, forward: Forward,
     ):  # fmt: skip
         """Record token t of every live row, stop finished rows, compact, step. Returns the columns used."""
         scratch = out_ids.size(0) - 1
@@ -419,7 +436,7 @@ class RolloutEngine:
                 state.graph.replay()
             else:
                 # This step writes column P + t - 1: attention reads the P + t columns written by then.
-                state.step(self.forward, params, eos_token_id, visible=prompt_length + t)
+                state.step(forward, params, eos_token_id, visible=prompt_length + t)
             token, logprob = state.next_token, state.next_logprob
 
     def _compact(self, old, live, size, params, eos_token_id, scratch) -> _DecodeState:
