@@ -1,18 +1,19 @@
 """A lean forward for decoding Llama-family models on a CPU, from weights fused and prepacked once per rollout.
 
-At 16 rows a decode step of SmolLM2-135M spends about a third of its time outside the matrix products: some
-300 module calls and 500 small element-wise kernels, each a few microseconds of Python and dispatch. This
-forward runs the same arithmetic as transformers' Llama / Qwen2 code with fewer calls:
+transformers' decoder layer makes seven products per layer and some 300 module calls per decode step. This
+forward runs the same arithmetic with fewer, larger products and fewer calls:
 
-- q, k and v are one prepacked matrix, gate and up another: three products per layer instead of seven;
-- RMSNorm is ``torch.nn.functional.rms_norm``, one kernel instead of six;
+- q, k and v are one prepacked matrix, gate and up another: three products per layer instead of seven, each
+  with more columns, which oneDNN runs closer to the machine's rate;
+- q and k are rotated in one go; RMSNorm is one ``torch.nn.functional.rms_norm`` call;
 - attention is one SDPA call on the grouped key/value heads, as transformers' sdpa path makes it;
 - no module calls, hooks or output bookkeeping; logits only for the last position.
 
-Rotary embeddings come from the model's own ``rotary_emb`` module, so every RoPE scaling transformers knows is
-honoured. Greedy decoding gives ``model.generate``'s tokens (tests/test_engine.py). Anything it does not
-recognise (another architecture, sliding windows, hooks, adapters it cannot merge, non-float32 weights)
-decodes through the model's own forward instead; ``fusable`` says why.
+Measured on the development CPU (2 cores, SmolLM2-135M, 16 rows x 128 tokens, the two paths alternated in
+one process): 8.1 s against 8.5 s per rollout. Rotary embeddings come from the model's own ``rotary_emb``
+module, so every RoPE scaling transformers knows is honoured. Greedy decoding gives ``model.generate``'s tokens
+(tests/test_engine.py). Anything it does not recognise (another architecture, sliding windows, hooks, adapters
+it cannot merge, non-float32 weights) decodes through the model's own forward instead; ``fusable`` says why.
 """
 
 from __future__ import annotations
@@ -62,15 +63,8 @@ def fusable(model, merged: set[torch.nn.Module]) -> str | None:
         attn, mlp = layer.self_attn, layer.mlp
         if getattr(attn, "sliding_window", None) is not None:
             return "a layer uses sliding-window attention"
-        projections = [
-            attn.q_proj,
-            attn.k_proj,
-            attn.v_proj,
-            attn.o_proj,
-            mlp.gate_proj,
-            mlp.up_proj,
-            mlp.down_proj,
-        ]
+        projections = [getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        projections += [getattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
         if any(_linear_of(p, merged) is None for p in projections):
             return "a projection has an adapter that is not merged"
     return None
@@ -152,9 +146,8 @@ class FusedDecoder:
         for i, layer in enumerate(self.layers):
             h = F.rms_norm(x, (hidden,), layer.attn_norm, self.eps)
             qkv = _linear(h, layer.qkv).view(b, q, H + 2 * Hkv, D).transpose(1, 2)  # [b, H + 2 H_kv, q, D]
-            queries, keys = _rotate(qkv[:, : H + Hkv], cos, sin).split(
-                [H, Hkv], dim=1
-            )  # one rotation for both
+            rotated = _rotate(qkv[:, : H + Hkv], cos, sin)  # q and k in one go
+            queries, keys = rotated.split([H, Hkv], dim=1)
             keys, values = cache.update(keys, qkv[:, H + Hkv :], i)  # [b, H_kv, visible, D]
             out = F.scaled_dot_product_attention(
                 queries, keys, values, attn_mask=attention_mask, scale=self.scaling, enable_gqa=Hkv != H
