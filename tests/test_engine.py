@@ -69,9 +69,8 @@ def test_a_repeated_prompt_is_prefilled_once_and_decodes_like_a_single_one(smol)
     assert shapes[1] == (6, 1)  # then every row decodes
     assert engine_for(model).stats["fused"] == 0  # a forward hook must run: the model's own forward decoded
     fused = generate(model, tok, prompts[:2], num_generations=3, max_new_tokens=24, greedy=True)
-    assert engine_for(model).stats["prefill_rows"] == 2 and engine_for(model).stats["fused"] == int(
-        can_pack(model)
-    )
+    stats = engine_for(model).stats
+    assert stats["prefill_rows"] == 2 and stats["fused"] == int(can_pack(model))
     assert torch.equal(fused.completion_ids, grouped.completion_ids)
 
 
@@ -251,10 +250,7 @@ def _random(config_cls, **shape):
     return model, tok
 
 
-@pytest.mark.parametrize(
-    "arch",
-    ["qwen2", "llama-biases", "llama-llama3-rope"],
-)
+@pytest.mark.parametrize("arch", ["qwen2", "llama-biases", "llama-llama3-rope"])
 def test_the_fused_decoder_computes_what_the_model_does(smol, arch):
     from transformers import LlamaConfig, Qwen2Config
 
