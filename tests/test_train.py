@@ -15,6 +15,7 @@ GRPO_KEYS = {
     "accuracy",
     "kl",
     "completion_length",
+    "completion_length_max",
     "clip_fraction",
     "rollout_seconds",
 }
@@ -30,6 +31,8 @@ def test_every_method_runs_and_writes_a_loadable_final(run_tiny, method):
         assert r.keys() >= REQUIRED and r["phase"] in ("sft", "grpo")
         assert (r.keys() >= GRPO_KEYS) == (r["phase"] == "grpo")
         assert (r.keys() >= SASR_KEYS) == (method == "sasr" and r["step"] > 2)
+        if r["phase"] == "grpo":
+            assert 1 <= r["completion_length"] <= r["completion_length_max"] <= 12  # max_completion_length
     phases = [r["phase"] for r in rows]
     expected = {
         "sft": ["sft"] * 5,

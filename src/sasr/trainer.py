@@ -383,6 +383,8 @@ class Trainer:
             "kl": out.kl,
             "entropy": masked_mean(entropy, mask).item(),
             "completion_length": mask.sum(1).float().mean().item(),
+            # The training passes compute every row up to the longest: 1 - mean / max of them is padding.
+            "completion_length_max": mask.sum(1).max().item(),
             "clip_fraction": out.clip_fraction,
             "zero_spread_fraction": zero_spread.float().mean().item(),
             "tokens": mask.sum().item(),
