@@ -218,6 +218,69 @@ def test_shared_prompt_pass_equals_the_plain_forward_in_value_and_gradient(check
         )
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_rows_computed_in_length_groups_equal_one_padded_pass(monkeypatch, shared):
+    """Rows of similar completion length run together up to their longest: same log-probs, entropy and LoRA
+    gradients as one pass padded to the longest row, with and without shared prompts."""
+    from peft import LoraConfig, get_peft_model
+
+    import sasr.losses as losses
+    from sasr import models
+    from sasr.rollout import encode_prompts, render_prompts
+    from sasr.tasks import get_task
+
+    torch.manual_seed(0)
+    tok, task = models.load_tokenizer("tiny"), get_task("arithmetic")
+    model = get_peft_model(
+        models.load_model("tiny"),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )
+    prompts = render_prompts(tok, [task.messages(ex) for ex in task.examples("test", 2, seed=3)])
+    prompts[0] += " Show every step."  # real left padding
+    prompt_ids, prompt_mask = encode_prompts(tok, prompts, 512, torch.device("cpu"))
+    rows = torch.tensor(
+        [0, 0, 0, 1, 1, 1] if shared else [0, 1, 0, 1, 0, 1]
+    )  # shared: G = 3 consecutive rows
+    lengths = torch.tensor([16, 3, 14, 2, 16, 5])
+    T = int(lengths.max())
+    completion_mask = (torch.arange(T)[None] < lengths[:, None]).long()  # [6, T] right-padded
+    completion = torch.randint(10, 1000, (6, T)).masked_fill(completion_mask == 0, tok.pad_token_id)
+    ids = torch.cat([prompt_ids[rows], completion], 1)
+    attn = torch.cat([prompt_mask[rows], completion_mask], 1)
+    assert len(losses.length_groups(lengths)) > 1
+    results = []
+    for max_groups in (losses.MAX_GROUPS, 1):
+        monkeypatch.setattr(losses, "MAX_GROUPS", max_groups)
+        model.zero_grad()
+        logps, ent = completion_logprobs(model, ids, attn, T, 0.7, with_entropy=True)
+        (logps * completion_mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((logps.detach(), ent.detach(), grads))
+    (grouped, grouped_ent, grouped_grads), (padded, padded_ent, padded_grads) = results
+    mask = completion_mask.bool()
+    torch.testing.assert_close(grouped[mask], padded[mask], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grouped_ent[mask], padded_ent[mask], rtol=1e-4, atol=1e-5)
+    # lengths 3, 2 and 5 form a group computed to 5 positions: the rest of those rows is never computed
+    assert (grouped[[1, 3, 5], 5:] == 0).all() and (grouped_ent[[1, 3, 5], 5:] == 0).all()
+    for name, g in padded_grads.items():
+        torch.testing.assert_close(
+            grouped_grads[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item(), msg=name
+        )
+
+
+def test_length_groups_cut_only_where_it_saves_work():
+    from sasr.losses import length_groups
+
+    assert [(r.tolist(), t) for r, t in length_groups(torch.tensor([64] * 8))] == [(list(range(8)), 64)]
+    assert [(r.tolist(), t) for r, t in length_groups(torch.tensor([60, 64, 62, 61]))] == [([0, 1, 2, 3], 64)]
+    groups = length_groups(torch.tensor([5, 64, 6, 63, 4, 64, 7, 62]))  # two clear lengths: two groups
+    assert [(r.tolist(), t) for r, t in groups] == [([1, 3, 5, 7], 64), ([0, 2, 4, 6], 7)]
+    assert length_groups(torch.tensor([0, 0]))[0][1] == 1  # an empty row still computes one position
+    three = torch.tensor([100] * 8 + [50] * 8 + [5] * 8)
+    assert [t for _, t in length_groups(three)] == [100, 50, 5]
+    assert len(length_groups(three, max_groups=2)) == 2
+
+
 def test_sft_loss_ignores_prompt_tokens():
     """Prompt tokens carry no SFT loss: changing the prompt part of the log-probs changes nothing."""
     from sasr import models

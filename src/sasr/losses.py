@@ -101,16 +101,66 @@ def selective_log_softmax(
     return logps.view(B, T), (entropy.view(B, T) if with_entropy else None)
 
 
+# Rows are computed in at most this many groups of similar completion length; a further group must save at
+# least 1/GROUP_SAVING of the B x T padded tokens (it costs one more forward call).
+MAX_GROUPS, GROUP_SAVING = 4, 8
+
+
+def length_groups(lengths: torch.Tensor, max_groups: int = MAX_GROUPS) -> list[tuple[torch.Tensor, int]]:
+    """Rows grouped by completion length, each computed only up to its group's longest: [(rows [b], t)].
+
+    lengths [B] (real tokens per row; right padding after them). The distinct lengths, longest first, are cut
+    into at most ``max_groups`` runs so as to minimise the tokens computed (rows x longest, summed over runs),
+    a cut being worth it only where it saves B x T / GROUP_SAVING tokens. Within a group rows keep their
+    order, so the G rows of one prompt stay consecutive.
+    """
+    lengths_cpu = lengths.detach().cpu().clamp(min=1)  # [B]
+    B, T = lengths_cpu.numel(), int(lengths_cpu.max())
+    step = -(-T // 512)  # at most 512 distinct lengths: the table below is (D + 1)^2
+    rounded = (-(-lengths_cpu // step) * step).clamp(max=T)  # [B]
+    values, counts = rounded.unique(sorted=True, return_counts=True)
+    values, counts = values.flip(0), counts.flip(0)  # [D] longest first
+    D = values.numel()
+    rows_before = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # [D + 1]
+    a, b = torch.arange(D + 1)[:, None], torch.arange(D + 1)[None, :]
+    # run[a, b]: tokens of lengths [a, b) computed as one run, up to values[a]; inf unless a < b
+    longest = torch.cat([values, values[-1:]]).double()[:, None]  # [D + 1, 1]
+    run = (rows_before[None, :] - rows_before[:, None]) * longest + B * T / GROUP_SAVING
+    run = run.masked_fill(a >= b, float("inf"))
+    best = torch.full((D + 1,), float("inf"), dtype=torch.float64)
+    best[0] = 0.0  # best[b]: least cost of lengths [0, b) with the runs allowed so far
+    starts = []  # starts[k][b]: where the last run ending at b starts with k + 1 runs allowed (-1: k runs do)
+    for _ in range(max_groups):
+        cost, start = (best[:, None] + run).min(0)  # [D + 1]
+        keep = best <= cost
+        best, start = torch.where(keep, best, cost), torch.where(keep, -1, start)
+        starts.append(start)
+    groups, stop = [], D
+    for start in reversed(starts):
+        if stop > 0 and start[stop] >= 0:
+            first = int(start[stop])
+            rows = (
+                ((rounded <= values[first]) & (rounded >= values[stop - 1])).nonzero().squeeze(1)
+            )  # in order
+            groups.append((rows.to(lengths.device), int(values[first])))
+            stop = first
+    return groups[::-1]
+
+
 def _completion_logits(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_completion: int
-) -> list[torch.Tensor]:
-    """Logits that predict each of the last ``n_completion`` tokens, as pieces along the token axis whose
-    concatenation is [B, T, V] (concatenating them would copy the largest tensor of the step). [B, P + T] ->
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_completion: int,
+    groups: list[tuple[torch.Tensor, int]],
+) -> list[list[torch.Tensor]]:
+    """Per group (rows [b], t): the logits that predict its rows' first t completion tokens, as pieces along the
+    token axis whose concatenation is [b, t, V] (concatenating them would copy the largest tensor of the step).
 
     The last token is never fed: nothing reads what it predicts. Rows that repeat the prompt of the row before
     (GRPO's G completions of one prompt) share one pass over it: each distinct prompt goes through the model
-    once and its keys and values are repeated for its rows. The same numbers as the plain forward; gradients
-    flow into the prompt through the shared keys/values.
+    once and its keys and values are repeated for its rows, in every group. The same numbers as the plain
+    forward; gradients flow into the prompt through the shared keys/values.
     """
     n_prompt = input_ids.size(1) - n_completion
     first, inverse = (
@@ -120,31 +170,40 @@ def _completion_logits(
     )  # [U], [B]
     # A checkpointed layer would append to the cache again when it recomputes in backward: plain path.
     if first is None or first.numel() == input_ids.size(0) or checkpointed(model):
-        logits = model(
-            input_ids=input_ids[:, :-1],
-            attention_mask=attention_mask[:, :-1],
-            logits_to_keep=n_completion,
-            use_cache=False,
-        ).logits  # [B, T, V]: position i predicts token i + 1
-        return [logits]
+        return [
+            [
+                model(
+                    input_ids=input_ids[rows, : n_prompt + t - 1],
+                    attention_mask=attention_mask[rows, : n_prompt + t - 1],
+                    logits_to_keep=t,
+                    use_cache=False,
+                ).logits  # [b, t, V]: position i predicts token i + 1
+            ]
+            for rows, t in groups
+        ]
     head = model(
         input_ids=input_ids[first, :n_prompt], attention_mask=attention_mask[first, :n_prompt], use_cache=True,
         logits_to_keep=1,
     )  # fmt: skip
-    cache = head.past_key_values  # [U, heads, P, d] per layer
-    cache.batch_select_indices(inverse)  # [B, heads, P, d]
-    parts = [head.logits[inverse]]  # [B, 1, V]: the prompt's last token predicts the first completion token
-    if n_completion > 1:
-        parts.append(
-            model(
-                input_ids=input_ids[:, n_prompt:-1],
-                attention_mask=attention_mask[:, :-1],
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=n_completion - 1,
-            ).logits  # [B, T - 1, V]: completion token i predicts token i + 1
-        )
-    return parts
+    cache = head.past_key_values
+    prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]  # [U, heads, P, d] per layer
+    out = []
+    for rows, t in groups:
+        for layer, (keys, values) in zip(cache.layers, prompt_kv):  # this group's prompts; its pass appends
+            layer.keys, layer.values = keys[inverse[rows]], values[inverse[rows]]  # [b, heads, P, d]
+        parts = [head.logits[inverse[rows]]]  # [b, 1, V]: the prompt's last token predicts the first token
+        if t > 1:
+            parts.append(
+                model(
+                    input_ids=input_ids[rows, n_prompt : n_prompt + t - 1],
+                    attention_mask=attention_mask[rows, : n_prompt + t - 1],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=t - 1,
+                ).logits  # [b, t - 1, V]: completion token i predicts token i + 1
+            )
+        out.append(parts)
+    return out
 
 
 def completion_logprobs(
@@ -157,16 +216,25 @@ def completion_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the last ``n_completion`` tokens of each row given what precedes them.
 
-    input_ids, attention_mask [B, P + T] (prompt left-padded) -> logps [B, T], entropy [B, T] or None.
-    Only the logits of the completion positions are computed (``logits_to_keep``); consecutive rows with one
-    prompt compute it once.
+    input_ids, attention_mask [B, P + T] (prompt left-padded, completion right-padded) -> logps [B, T], entropy
+    [B, T] or None, both 0 past the longest row of a row's length group. Only the logits of the completion
+    positions are computed (``logits_to_keep``), rows of similar length together up to their longest
+    (``length_groups``), and consecutive rows with one prompt compute it once.
     """
+    T = n_completion
+    P = input_ids.size(1) - T
+    groups = length_groups(attention_mask[:, P:].sum(1), MAX_GROUPS)
     with fused_lora(getattr(model, "module", model)):  # the peft model inside a DDP wrapper
-        parts = _completion_logits(model, input_ids, attention_mask, n_completion)  # [B, t_i, V], sum t_i = T
-    targets = input_ids[:, -n_completion:].split([p.size(1) for p in parts], dim=1)
-    out = [selective_log_softmax(p, t, temperature, with_entropy) for p, t in zip(parts, targets)]
-    logps = torch.cat([lp for lp, _ in out], dim=1)
-    return logps, (torch.cat([e for _, e in out], dim=1) if with_entropy else None)
+        logits = _completion_logits(model, input_ids, attention_mask, T, groups)
+    logps, entropies = [], []
+    for (rows, t), parts in zip(groups, logits):  # parts: [b, t_i, V], sum t_i = t
+        targets = input_ids[rows, P : P + t].split([p.size(1) for p in parts], dim=1)
+        out = [selective_log_softmax(p, y, temperature, with_entropy) for p, y in zip(parts, targets)]
+        logps.append(torch.nn.functional.pad(torch.cat([lp for lp, _ in out], dim=1), (0, T - t)))  # [b, T]
+        if with_entropy:
+            entropies.append(torch.nn.functional.pad(torch.cat([e for _, e in out], dim=1), (0, T - t)))
+    back = torch.cat([rows for rows, _ in groups]).argsort()  # [B]: group order -> row order
+    return torch.cat(logps)[back], (torch.cat(entropies)[back] if with_entropy else None)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
