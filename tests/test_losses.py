@@ -345,3 +345,31 @@ def test_fused_lora_layers_give_peft_s_values_and_gradients(monkeypatch, dropout
         torch.testing.assert_close(fused_grads[name], g, rtol=1e-4, atol=1e-6 + 1e-5 * g.abs().max().item())
     models.enable_activation_checkpointing(model)
     assert lora_linear.fusable_layers(model) is None  # recomputation in backward would run peft's layers
+
+
+def test_a_ddp_model_makes_one_forward_call_per_pass_whatever_the_lengths(tmp_path):
+    """Each DDP forward is a collective: ranks with different lengths must not make different numbers of calls."""
+    import torch.distributed as dist
+
+    from sasr import models
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = models.load_model("tiny")
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        lengths = torch.tensor([16, 2, 15, 3])
+        mask = torch.cat(
+            [torch.ones(4, 5, dtype=torch.long), (torch.arange(16)[None] < lengths[:, None]).long()], 1
+        )
+        ids = torch.randint(10, 1000, mask.shape)
+        calls = []
+        model.register_forward_hook(lambda *_: calls.append(1))
+        plain, _ = completion_logprobs(model, ids, mask, 16)
+        assert len(calls) == 2  # the bare model: two length groups
+        calls.clear()
+        wrapped, _ = completion_logprobs(ddp, ids, mask, 16)
+        assert len(calls) == 1  # under DDP: one padded pass
+        real = mask[:, 5:].bool()
+        torch.testing.assert_close(wrapped[real], plain[real], rtol=1e-4, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
