@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sasr.fused_decode import FusedDecoder, fusable
+from sasr.fused_decode import FusedDecoder, fusable, packed_linear
 
 EXACT_DTYPES = (torch.float32, torch.float64)
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
@@ -97,10 +97,6 @@ def _merged(model, layers: dict[str, tuple[torch.nn.Module, str]], keep_buffers:
             weight.data = original
 
 
-def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")  # [..., in] -> [..., out]
-
-
 @contextlib.contextmanager
 def replaced_forwards(modules: Iterable[torch.nn.Module], make_forward: Callable) -> Iterator[None]:
     """Inside this block each module computes with ``make_forward(module)`` instead of its ``forward``.
@@ -125,7 +121,7 @@ def _packed(model, rows: int) -> contextlib.AbstractContextManager:
 
     def packed_forward(m: torch.nn.Linear):
         packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
-        return functools.partial(_packed_forward, packed, m.bias)
+        return functools.partial(packed_linear, packed, m.bias)
 
     return replaced_forwards(linears, packed_forward)
 

@@ -81,10 +81,13 @@ def _fuse(linears: list[torch.nn.Linear], rows: int) -> tuple[torch.Tensor, torc
     return torch.ops.mkldnn._reorder_linear_weight(weight, rows), bias
 
 
+def packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``x W^T + b`` with W reordered by ``mkldnn._reorder_linear_weight``. [..., in] -> [..., out]"""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 def _linear(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(
-        x, packed[0], packed[1], "none", [], ""
-    )  # [..., in] -> [..., out]
+    return packed_linear(*packed, x)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
