@@ -347,8 +347,17 @@ def test_fused_lora_layers_give_peft_s_values_and_gradients(monkeypatch, dropout
     assert lora_linear.fusable_layers(model) is None  # recomputation in backward would run peft's layers
 
 
-def test_a_ddp_model_makes_one_forward_call_per_pass_whatever_the_lengths(tmp_path):
-    """Each DDP forward is a collective: ranks with different lengths must not make different numbers of calls."""
+def _lengths_batch(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of 5 prompt tokens (each its own) and completions of the given lengths, padded to 16."""
+    g = torch.Generator().manual_seed(seed)
+    n = torch.tensor(lengths)
+    mask = torch.cat([torch.ones(len(lengths), 5, dtype=torch.long), (torch.arange(16)[None] < n[:, None]).long()], 1)
+    return torch.randint(10, 1000, mask.shape, generator=g), mask
+
+
+def test_a_ddp_model_that_broadcasts_buffers_makes_one_forward_call_per_pass(tmp_path):
+    """A DDP forward that broadcasts buffers is a collective: ranks with different lengths must make as many
+    calls. Without the broadcast (sasr's trainer) the length groups stay."""
     import torch.distributed as dist
 
     from sasr import models
@@ -356,20 +365,74 @@ def test_a_ddp_model_makes_one_forward_call_per_pass_whatever_the_lengths(tmp_pa
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         model = models.load_model("tiny")
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        lengths = torch.tensor([16, 2, 15, 3])
-        mask = torch.cat(
-            [torch.ones(4, 5, dtype=torch.long), (torch.arange(16)[None] < lengths[:, None]).long()], 1
-        )
-        ids = torch.randint(10, 1000, mask.shape)
+        ids, mask = _lengths_batch([16, 2, 15, 3], seed=0)
         calls = []
         model.register_forward_hook(lambda *_: calls.append(1))
         plain, _ = completion_logprobs(model, ids, mask, 16)
         assert len(calls) == 2  # the bare model: two length groups
-        calls.clear()
-        wrapped, _ = completion_logprobs(ddp, ids, mask, 16)
-        assert len(calls) == 1  # under DDP: one padded pass
         real = mask[:, 5:].bool()
-        torch.testing.assert_close(wrapped[real], plain[real], rtol=1e-4, atol=1e-5)
+        for broadcast, n_calls in ((True, 1), (False, 2)):
+            calls.clear()
+            ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=broadcast)
+            wrapped, _ = completion_logprobs(ddp, ids, mask, 16)
+            assert len(calls) == n_calls
+            torch.testing.assert_close(wrapped[real], plain[real], rtol=1e-4, atol=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+RANK_LENGTHS = ([16, 2, 15, 3], [16, 16, 15, 14])  # two length groups on rank 0, one on rank 1
+
+
+def _ddp_rank(rank: int, init: str, out: str) -> None:
+    """One rank of test_ranks_with_different_numbers_of_length_groups_train_together."""
+    import torch.distributed as dist
+
+    from sasr import models
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    model = models.load_model("tiny")
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    ids, mask = _lengths_batch(RANK_LENGTHS[rank], seed=rank)
+    logps, _ = completion_logprobs(ddp, ids, mask, 16)
+    (logps * mask[:, 5:]).sum().backward()  # DDP averages the two ranks' gradients
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    torch.save({"calls": len(calls), "grads": grads}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ranks_with_different_numbers_of_length_groups_train_together(tmp_path):
+    """Two gloo processes make different numbers of forward calls (length groups) under DDP, as sasr's trainer
+    configures it, and still get the average of their plain gradients (a broadcast of buffers deadlocks here)."""
+    import torch.multiprocessing as mp
+
+    from sasr import models
+
+    ctx = mp.get_context("spawn")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=_ddp_rank, args=(r, init, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    hung = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        p.kill() if p.is_alive() else None
+    assert not hung, "the two ranks deadlocked"
+    assert [p.exitcode for p in procs] == [0, 0]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r["calls"] for r in ranks] == [2, 1]
+    model = models.load_model("tiny")
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for rank, lengths in enumerate(RANK_LENGTHS):  # each rank's batch in one process, no DDP
+        model.zero_grad()
+        ids, mask = _lengths_batch(lengths, seed=rank)
+        logps, _ = completion_logprobs(model, ids, mask, 16)
+        (logps * mask[:, 5:]).sum().backward()
+        for n, p in model.named_parameters():
+            expected[n] += p.grad / 2
+    for r in ranks:
+        for n, g in expected.items():
+            torch.testing.assert_close(r["grads"][n], g, rtol=1e-4, atol=1e-5)

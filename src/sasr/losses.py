@@ -223,9 +223,9 @@ def completion_logprobs(
     """
     T = n_completion
     P = input_ids.size(1) - T
-    # Every forward of a DistributedDataParallel model is a collective (it broadcasts buffers): ranks, whose
-    # lengths differ, must make as many calls, so a wrapped model computes one padded group.
-    one_call = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    # A DDP model that broadcasts its buffers makes every forward a collective: ranks, whose lengths differ,
+    # must then make as many calls, so it computes one padded group (sasr's trainer turns the broadcast off).
+    one_call = isinstance(model, torch.nn.parallel.DistributedDataParallel) and model.broadcast_buffers
     groups = length_groups(attention_mask[:, P:].sum(1), 1 if one_call else MAX_GROUPS)
     with fused_lora(getattr(model, "module", model)):  # the peft model inside a DDP wrapper
         logits = _completion_logits(model, input_ids, attention_mask, T, groups)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -85,6 +85,18 @@ def apply_lora(model, config: TrainConfig):
     return get_peft_model(model, peft_config)
 
 
+def make_accelerator() -> Accelerator:
+    """accelerate on the GPU if there is one, else the CPU (several CPU processes talk over gloo).
+
+    DDP does not broadcast buffers: a causal LM's buffers are constants (rotary frequencies), and a broadcast
+    would make every forward call a collective, so ranks would have to make equally many calls, while the
+    training passes make one per length group and each rank's completions have their own lengths
+    (transformers' Trainer turns the broadcast off too when activations are recomputed).
+    """
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", kwargs_handlers=[ddp])
+
+
 class Trainer:
     def __init__(
         self, config: TrainConfig, overwrite: bool = False, progress: bool = True, resume: bool = False
@@ -92,7 +104,7 @@ class Trainer:
         self.config = c = config
         # Without a GPU, several processes talk over gloo (accelerate's MULTI_CPU).
         try:
-            self.accelerator = acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
+            self.accelerator = acc = make_accelerator()
         except ValueError as exc:  # another library (e.g. a TRL trainer) set up accelerate differently
             raise SasrError(
                 "this Python process already holds an accelerate state with other settings "
