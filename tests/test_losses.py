@@ -1,5 +1,7 @@
 """The GRPO loss against TRL 1.16's GRPOTrainer on identical log-probs, advantages and masks."""
 
+import time
+
 import pytest
 import torch
 
@@ -351,7 +353,9 @@ def _lengths_batch(lengths: list[int], seed: int) -> tuple[torch.Tensor, torch.T
     """Rows of 5 prompt tokens (each its own) and completions of the given lengths, padded to 16."""
     g = torch.Generator().manual_seed(seed)
     n = torch.tensor(lengths)
-    mask = torch.cat([torch.ones(len(lengths), 5, dtype=torch.long), (torch.arange(16)[None] < n[:, None]).long()], 1)
+    mask = torch.cat(
+        [torch.ones(len(lengths), 5, dtype=torch.long), (torch.arange(16)[None] < n[:, None]).long()], 1
+    )
     return torch.randint(10, 1000, mask.shape, generator=g), mask
 
 
@@ -415,8 +419,9 @@ def test_ranks_with_different_numbers_of_length_groups_train_together(tmp_path):
     procs = [ctx.Process(target=_ddp_rank, args=(r, init, str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()
+    deadline = time.monotonic() + 180  # about 10 s when it works
     for p in procs:
-        p.join(timeout=240)
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
     hung = [p.pid for p in procs if p.is_alive()]
     for p in procs:
         p.kill() if p.is_alive() else None
