@@ -191,6 +191,13 @@ def test_zero_spread_groups_give_no_nan(run_tiny):
         assert r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"]  # not NaN
 
 
+def test_the_trainers_ddp_lets_ranks_make_different_numbers_of_forward_calls():
+    """Length groups under DDP rely on it (tests/test_losses.py runs two such ranks)."""
+    from sasr.trainer import make_accelerator
+
+    assert make_accelerator().ddp_handler.to_kwargs() == {"broadcast_buffers": False}
+
+
 def test_two_processes_take_the_same_branches(tmp_path):
     run, ranks = tmp_path / "run", tmp_path / "ranks"
     ranks.mkdir()
