@@ -385,6 +385,32 @@ def test_a_ddp_model_that_broadcasts_buffers_makes_one_forward_call_per_pass(tmp
         dist.destroy_process_group()
 
 
+def test_an_fsdp_model_makes_one_forward_call_per_pass(tmp_path):
+    """FSDP gathers each unit's weights in every forward (a collective), as FSDP2's fully_shard and FSDP1 do."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    from sasr import models
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        ids, mask = _lengths_batch([16, 2, 15, 3], seed=0)
+        plain, _ = completion_logprobs(models.load_model("tiny"), ids, mask, 16)
+        fsdp2 = models.load_model("tiny")
+        for layer in fsdp2.model.layers:
+            fully_shard(layer)
+        fsdp1 = FullyShardedDataParallel(models.load_model("tiny"), device_id=torch.device("cpu"))
+        for model, inner in ((fsdp2, fsdp2), (fsdp1, fsdp1.module)):  # inner: what the reference pass calls
+            calls = []
+            inner.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+            sharded, _ = completion_logprobs(model, ids, mask, 16)
+            assert len(calls) == 1
+            real = mask[:, 5:].bool()
+            torch.testing.assert_close(sharded[real], plain[real], rtol=1e-4, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
 RANK_LENGTHS = ([16, 2, 15, 3], [16, 16, 15, 14])  # two length groups on rank 0, one on rank 1
 
 

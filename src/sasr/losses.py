@@ -206,6 +206,24 @@ def _completion_logits(
     return out
 
 
+def forwards_are_collective(model: torch.nn.Module) -> bool:
+    """Whether each forward call of this model talks to the other ranks, so that every rank (each with its own
+    completion lengths) must make as many calls, and a pass computes one padded group instead of length groups.
+
+    True for a DDP that broadcasts its buffers (sasr's trainer turns that off), FSDP (each unit gathers its
+    weights) and DeepSpeed (ZeRO-3 gathers them; the engine is taken as collective whatever its stage).
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.broadcast_buffers
+    if type(model).__name__ == "DeepSpeedEngine" or any(hasattr(p, "ds_id") for p in model.parameters()):
+        return True
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
 def completion_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -223,10 +241,7 @@ def completion_logprobs(
     """
     T = n_completion
     P = input_ids.size(1) - T
-    # A DDP model that broadcasts its buffers makes every forward a collective: ranks, whose lengths differ,
-    # must then make as many calls, so it computes one padded group (sasr's trainer turns the broadcast off).
-    one_call = isinstance(model, torch.nn.parallel.DistributedDataParallel) and model.broadcast_buffers
-    groups = length_groups(attention_mask[:, P:].sum(1), 1 if one_call else MAX_GROUPS)
+    groups = length_groups(attention_mask[:, P:].sum(1), 1 if forwards_are_collective(model) else MAX_GROUPS)
     with fused_lora(getattr(model, "module", model)):  # the peft model inside a DDP wrapper
         logits = _completion_logits(model, input_ids, attention_mask, T, groups)
     logps, entropies = [], []

@@ -102,7 +102,6 @@ class Trainer:
         self, config: TrainConfig, overwrite: bool = False, progress: bool = True, resume: bool = False
     ) -> None:
         self.config = c = config
-        # Without a GPU, several processes talk over gloo (accelerate's MULTI_CPU).
         try:
             self.accelerator = acc = make_accelerator()
         except ValueError as exc:  # another library (e.g. a TRL trainer) set up accelerate differently
