@@ -394,7 +394,8 @@ class Trainer:
             "kl": out.kl,
             "entropy": masked_mean(entropy, mask).item(),
             "completion_length": mask.sum(1).float().mean().item(),
-            # The training passes compute every row up to the longest: 1 - mean / max of them is padding.
+            # The longest completion: each training pass computes rows up to their length group's longest, at most
+            # this (one group, and so 1 - mean / max padding, wherever forwards are collective).
             "completion_length_max": mask.sum(1).max().item(),
             "clip_fraction": out.clip_fraction,
             "zero_spread_fraction": zero_spread.float().mean().item(),
