@@ -48,7 +48,13 @@ def run_cli(capsys, *argv):
             "model 'smol' is neither a folder, a hub id (owner/name) nor an alias; aliases: smollm2-135m, tiny, qwen2.5-0.5b-random",
         ),
         (["--set", "grpo.bta=0.1"], "unknown config key 'grpo.bta' (did you mean 'grpo.beta'?)"),
-        (["--gamma", "0"], "config key 'schedule.gamma': Input should be greater than 0"),
+        (["--gamma", "0"], "config key 'sasr.gamma': Input should be greater than 0"),
+        (["--set", "hpt.gaet=0.2"], "unknown config key 'hpt.gaet' (did you mean 'hpt.gate'?)"),
+        (["--method", "luffy", "--set", "luffy.num_demos=8"], "'luffy.num_demos' (8) must be smaller than"),
+        (
+            ["--method", "hpt", "--set", "demos.task=gsm-symbolic"],
+            "cannot take demonstrations from demos.task",
+        ),
         (
             ["--set", "grpo.num_generations=1"],
             "grpo.num_generations': Input should be greater than or equal to 2",
@@ -89,7 +95,7 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "sasr: error: unknown method 'ppo' (did you mean 'grpo'?); valid: sasr, sft, grpo, sft-then-grpo, interleave"
+        "sasr: error: unknown method 'ppo' (did you mean 'grpo'?); valid: sasr, sft, grpo, sft-then-grpo, interleave, chord, hpt, luffy, srft"
     ]
 
 

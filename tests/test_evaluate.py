@@ -65,22 +65,54 @@ def test_diversity_on_fixed_strings():
 
 
 def test_summarise_names_and_means():
-    recs = [{"correct": 1.0, "reward": 1.0, "formatted": 1.0, "length": 10}, {"correct": 0.0, "reward": 0.1,
-            "formatted": 1.0, "length": 20}]  # fmt: skip
+    recs = [
+        {"correct": 1.0, "reward": 1.0, "formatted": 1.0, "length": 10},
+        {"correct": 0.0, "reward": 0.1, "formatted": 1.0, "length": 20},
+    ]
     s = summarise(recs)
     assert s == {"n": 2, "accuracy": 0.5, "reward_mean": 0.55, "format_rate": 1.0, "completion_length": 15.0}
 
 
-SMALL = ["--model", "tiny", "--quiet", "--set", "task.test_size=4", "--set", "grpo.num_generations=2",
-         "--set", "grpo.max_completion_length=8", "--set", "eval.max_new_tokens=8", "--set", "sft.batch_size=2",
-         "--set", "logging_tensorboard=false"]  # fmt: skip
+SMALL = [
+    "--model",
+    "tiny",
+    "--quiet",
+    "--set",
+    "task.test_size=4",
+    "--set",
+    "grpo.num_generations=2",
+    "--set",
+    "grpo.max_completion_length=8",
+    "--set",
+    "eval.max_new_tokens=8",
+    "--set",
+    "sft.batch_size=2",
+    "--set",
+    "logging_tensorboard=false",
+]
 
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("cmp") / "cmp"
-    argv = ["compare", "--task", "arithmetic", "--methods", "sasr,grpo", "--steps", "6", "--warmup-steps", "2",
-            "--seeds", "1,2", "--samples", "3", "--output", str(out), *SMALL]  # fmt: skip
+    argv = [
+        "compare",
+        "--task",
+        "arithmetic",
+        "--methods",
+        "sasr,grpo",
+        "--steps",
+        "6",
+        "--warmup-steps",
+        "2",
+        "--seeds",
+        "1,2",
+        "--samples",
+        "3",
+        "--output",
+        str(out),
+        *SMALL,
+    ]
     assert main(argv) == 0
     return out, argv
 
@@ -92,7 +124,7 @@ def test_compare_writes_every_file(compared):
         "results.json",
         "accuracy_vs_step.png",
         "reward_vs_step.png",
-        "sasr_dynamics.png",
+        "dynamics.png",
     ]:
         assert (out / name).is_file(), name
     results = json.loads((out / "results.json").read_text())
@@ -120,9 +152,14 @@ def test_compare_plots_have_the_expected_series(compared):
     # eval.every defaults to steps // 5 = 1: held-out accuracy at every step, averaged over both seeds
     assert [p[0] for p in plots["accuracy_vs_step"]["sasr"]] == [1, 2, 3, 4, 5, 6]
     assert len(plots["reward_vs_step"]["grpo"]) == 6
-    assert set(plots["sasr_dynamics"]) == {"p_t", "g_last / G_warmup", "KL to reference"}
-    assert plots["sasr_dynamics"]["p_t"][0] == [3, 0.5]  # p_1 = 1 / (1 + gamma) right after warm-up
-    for name in ["accuracy_vs_step.png", "reward_vs_step.png", "sasr_dynamics.png"]:
+    assert set(plots["dynamics"]) == {
+        "sasr/p_t",
+        "sasr/g_last / G_warmup",
+        "sasr/KL to reference",
+        "grpo/KL to reference",
+    }
+    assert plots["dynamics"]["sasr/p_t"][0] == [3, 0.5]  # p_1 = 1 / (1 + gamma) right after warm-up
+    for name in ["accuracy_vs_step.png", "reward_vs_step.png", "dynamics.png"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         h, w, _ = matplotlib.image.imread(out / name).shape
         assert h > 200 and w > 300
@@ -140,8 +177,19 @@ def test_eval_run_dir_equals_hub_style_folder(compared, tmp_path, capsys):
     run = out / "runs" / "sasr-s1"
     copy = tmp_path / "some-org" / "model"
     shutil.copytree(run / "final", copy)
-    common = ["--task", "arithmetic", "--n", "4", "--samples", "2", "--seed", "5", "--quiet",
-              "--set", "eval.max_new_tokens=8"]  # fmt: skip
+    common = [
+        "--task",
+        "arithmetic",
+        "--n",
+        "4",
+        "--samples",
+        "2",
+        "--seed",
+        "5",
+        "--quiet",
+        "--set",
+        "eval.max_new_tokens=8",
+    ]
     assert main(["eval", "--model", str(run), *common, "--output", str(tmp_path / "a.json")]) == 0
     assert main(["eval", "--model", str(copy), *common, "--output", str(tmp_path / "b.json")]) == 0
     a, b = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
@@ -184,8 +232,26 @@ def test_compare_jobs_trains_in_parallel_processes_with_the_same_results(compare
 
 def test_compare_jobs_reports_a_failed_run(tmp_path, capsys):
     missing = tmp_path / "no-such-model"
-    argv = ["compare", "--task", "arithmetic", "--methods", "sft,grpo", "--steps", "2", "--warmup-steps", "1",
-            "--seeds", "1", "--output", str(tmp_path / "c"), "--jobs", "2", *SMALL, "--model", str(missing)]  # fmt: skip
+    argv = [
+        "compare",
+        "--task",
+        "arithmetic",
+        "--methods",
+        "sft,grpo",
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--seeds",
+        "1",
+        "--output",
+        str(tmp_path / "c"),
+        "--jobs",
+        "2",
+        *SMALL,
+        "--model",
+        str(missing),
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "runs failed: sft-s1 (exit 2:" in err and "grpo-s1" in err
@@ -215,8 +281,27 @@ def _stop_compare_after(
 
 def test_compare_jobs_passes_sigterm_to_its_runs_and_continues_them(tmp_path):
     out = tmp_path / "c"
-    cmd = [sys.executable, "-m", "sasr", "compare", "--task", "arithmetic", "--methods", "sft,grpo", "--steps",
-           "400", "--warmup-steps", "1", "--seeds", "1", "--output", str(out), "--jobs", "2", *SMALL]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "sasr",
+        "compare",
+        "--task",
+        "arithmetic",
+        "--methods",
+        "sft,grpo",
+        "--steps",
+        "400",
+        "--warmup-steps",
+        "1",
+        "--seeds",
+        "1",
+        "--output",
+        str(out),
+        "--jobs",
+        "2",
+        *SMALL,
+    ]
     names = ("sft-s1", "grpo-s1")
     _stop_compare_after(cmd, out, dict.fromkeys(names, 0))
     pattern = re.compile(r"stopped by SIGTERM after step (\d+)")
@@ -236,8 +321,25 @@ def test_compare_jobs_passes_sigterm_to_its_runs_and_continues_them(tmp_path):
 
 def test_compare_in_one_process_stops_in_one_sentence_and_continues(tmp_path):
     out = tmp_path / "c"
-    cmd = [sys.executable, "-m", "sasr", "compare", "--task", "arithmetic", "--methods", "sft", "--steps", "400",
-           "--warmup-steps", "1", "--seeds", "1", "--output", str(out), *SMALL]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "sasr",
+        "compare",
+        "--task",
+        "arithmetic",
+        "--methods",
+        "sft",
+        "--steps",
+        "400",
+        "--warmup-steps",
+        "1",
+        "--seeds",
+        "1",
+        "--output",
+        str(out),
+        *SMALL,
+    ]
     says = "sasr compare: sft-s1 stopped by SIGTERM after step"
     err = _stop_compare_after(cmd, out, {"sft-s1": 0}, code=143, says=says)
     first = int(re.search(r"after step (\d+)", err).group(1))

@@ -4,7 +4,7 @@ A checkpoint ``DIR/checkpoints/step-000012/`` holds
 - ``model/``: ``save_pretrained`` of the trainable part (the LoRA adapter, or the whole model);
 - ``optimizer.pt``, ``scheduler.pt``;
 - ``reference.safetensors``: the reference snapshot, when the reference is one;
-- ``trainer_state.json``: the step, the schedule's state (G_warmup, g_last, its generator, counts),
+- ``trainer_state.json``: the step, the method's state (for SASR: G_warmup, g_last, its generator, counts),
   the evaluation before training, the wall seconds so far;
 - ``rng_state_RANK.pt``: python, numpy and torch generators of every process.
 The data position needs no state: each step's examples are a pure function of (seed, step).
@@ -110,7 +110,7 @@ def save(trainer: Trainer, step: int) -> Path:
         try:
             state = {
                 "step": step,
-                "schedule": trainer.schedule.state_dict(),
+                "method": trainer.method.state_dict(),
                 "eval_before": trainer.eval_before,
                 "seconds": trainer.elapsed(),
                 "num_processes": acc.num_processes,
@@ -175,7 +175,7 @@ def load(trainer: Trainer, path: Path) -> int:
     trainer.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     if (path / "reference.safetensors").exists():
         trainer.reference.snapshot_ = load_file(path / "reference.safetensors", device=str(acc.device))
-    trainer.schedule.load_state_dict(state["schedule"])
+    trainer.method.load_state_dict(state["method"])
     trainer.eval_before = state["eval_before"]
     trainer.seconds_before = state.get("seconds", 0.0)
     _set_rng_state(torch.load(path / f"rng_state_{acc.process_index}.pt", weights_only=False))

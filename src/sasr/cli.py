@@ -57,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "model.name": args.model,
         "steps": args.steps,
         "warmup_steps": args.warmup_steps,
-        "schedule.gamma": args.gamma,
+        "sasr.gamma": args.gamma,
         "seed": args.seed,
         "output_dir": args.output,
         "save_every": args.save_every,
@@ -98,7 +98,8 @@ def summary_text(config, result) -> str:
         [
             f"sasr: {config.method} on task '{config.task.name}' with model '{config.model.name}' "
             f"finished in {result.seconds:.0f} s",
-            f"  steps   {config.steps}: {result.counts['sft']} SFT, {result.counts['grpo']} GRPO",
+            f"  steps   {config.steps}: "
+            + ", ".join(f"{n} {p.upper() if p != 'mixed' else p}" for p, n in result.counts.items() if n),
             "  held-out evaluation (greedy):",
             line("before", result.eval_before),
             line("after", result.eval_after),
@@ -167,7 +168,9 @@ def _compare_parser(sub) -> None:
 
     p = sub.add_parser("compare", help="train and evaluate several methods over seeds; table and plots")
     p.add_argument("--task", help="task name")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list (default {','.join(METHODS)})")
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)} (default all)"
+    )
     p.add_argument("--steps", type=int, help="optimizer steps of every run")
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--seeds", default="1,2,3", help="comma list of seeds (default 1,2,3)")

@@ -23,11 +23,13 @@ from sasr import checkpoint, models
 from sasr.config import TrainConfig, build_config, to_yaml
 from sasr.errors import SasrError
 from sasr.evaluate import evaluate, summarise
+from sasr.methods import METHODS
 from sasr.report import markdown_table, plot_compare
 from sasr.tasks import get_task
 from sasr.trainer import Trainer
 
 METRICS = ("accuracy", "pass@{k}", "maj@{k}", "distinct_2", "edit_distance", "distinct_answers")
+STEP_KEYS = ("sft_steps", "grpo_steps", "mixed_steps")
 
 
 def _finished(run_dir: Path) -> bool:
@@ -85,12 +87,27 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def run_config(base: TrainConfig, method: str, seed: int, run_dir: Path) -> TrainConfig:
     """One run of the comparison. The untrained model is evaluated once per seed by compare itself; the
-    trainer's own evaluation after training (greedy + eval.samples) is the final model's evaluation."""
+    trainer's own evaluation after training (greedy + eval.samples) is the final model's evaluation.
+
+    A method with ``sft_budget_from`` (``sft-then-grpo``: SASR) gets as many SFT steps as that method's run
+    of the same seed took, once it has finished (an equal SFT budget).
+    """
     no_before = base.eval.model_copy(update={"before": False})
-    config = base.model_copy(
+    tree = base.model_copy(
         update={"method": method, "seed": seed, "output_dir": str(run_dir), "eval": no_before}
-    )
-    return TrainConfig.model_validate(config.model_dump())  # re-check (e.g. warm-up vs steps)
+    ).model_dump()
+    source = METHODS[method].sft_budget_from
+    source_run = run_dir.parent / f"{source}-s{seed}"
+    if source and _finished(source_run):
+        sft_steps = json.loads((source_run / "run.json").read_text())["sft_steps"]
+        tree[method] = METHODS[method].with_sft_steps(base.method_options(method), sft_steps)
+    return TrainConfig.model_validate(tree)  # re-check (e.g. warm-up vs steps)
+
+
+def _waves(methods: list[str]) -> list[list[str]]:
+    """Methods in the order their runs can train: a method after the one whose SFT steps it takes."""
+    first = [m for m in methods if METHODS[m].sft_budget_from not in methods]
+    return [first, [m for m in methods if m not in first]]
 
 
 def _train_in_parallel(
@@ -167,13 +184,16 @@ def compare(
     rows: dict[str, list[dict]] = {m: [] for m in ["untrained", *methods]}
     run_dirs: dict[str, list[Path]] = {m: [] for m in methods}
     pending = [(m, s) for s in seeds for m in methods if not _finished(output / "runs" / f"{m}-s{s}")]
+    waves = _waves(methods)
     if jobs > 1 and pending:
-        _train_in_parallel(base, pending, output, jobs, progress)
+        for wave in waves:
+            if runs := [(m, s) for m, s in pending if m in wave]:
+                _train_in_parallel(base, runs, output, jobs, progress)
     for seed in seeds:
         untrained = evaluate_cached(base.model.name, base.model_copy(update={"seed": seed}), seed,
                                     output / "runs" / f"untrained-s{seed}" / "eval.json", progress)  # fmt: skip
-        rows["untrained"].append({**untrained, "seconds": 0.0, "sft_steps": 0, "grpo_steps": 0})
-        for method in methods:
+        rows["untrained"].append({**untrained, "seconds": 0.0, **dict.fromkeys(STEP_KEYS, 0)})
+        for method in [m for wave in waves for m in wave]:
             run_dir = output / "runs" / f"{method}-s{seed}"
             config = run_config(base, method, seed, run_dir)
             if not _finished(run_dir):
@@ -186,8 +206,9 @@ def compare(
             ev = status.get("eval_after") or {}
             if not ev or (k and f"pass@{k}" not in ev):  # a run trained without the evaluation compare needs
                 ev = evaluate_cached(str(run_dir / "final"), config, seed, run_dir / "eval.json", progress)
-            rows[method].append({**ev, "seconds": status["seconds"], "sft_steps": status["sft_steps"],
-                                 "grpo_steps": status["grpo_steps"]})  # fmt: skip
+            rows[method].append(
+                {**ev, "seconds": status["seconds"], **{k: status.get(k, 0) for k in STEP_KEYS}}
+            )
             run_dirs[method].append(run_dir)
 
     metric_names = [m.format(k=k) for m in METRICS] if k else ["accuracy", "format_rate", "completion_length"]
@@ -201,10 +222,7 @@ def compare(
         "samples": k,
         "methods": {
             m: {
-                **{
-                    name: _mean_std([r[name] for r in rs])
-                    for name in [*metric_names, "seconds", "sft_steps", "grpo_steps"]
-                },
+                **{name: _mean_std([r[name] for r in rs]) for name in [*metric_names, "seconds", *STEP_KEYS]},
                 "per_seed": rs,
             }
             for m, rs in rows.items()
@@ -213,11 +231,11 @@ def compare(
     (output / "results.json").write_text(json.dumps(results, indent=2))
     plot_compare(run_dirs, output)
 
-    header = ["method", *metric_names, "wall s", "SFT steps", "GRPO steps"]
+    header = ["method", *metric_names, "wall s", "SFT steps", "GRPO steps", "mixed steps"]
     table = []
     for m, res in results["methods"].items():
         cells = [m] + [f"{res[n][0]:.3f} ± {res[n][1]:.3f}" for n in metric_names]
-        cells += [f"{res['seconds'][0]:.0f}", f"{res['sft_steps'][0]:.1f}", f"{res['grpo_steps'][0]:.1f}"]
+        cells += [f"{res['seconds'][0]:.0f}", *(f"{res[k][0]:.1f}" for k in STEP_KEYS)]
         table.append(cells)
     md = [
         f"# {base.task.name}: {', '.join(methods)} on {base.model.name}",
@@ -234,8 +252,7 @@ def compare(
         f"    {results['command']}",
         "",
         "![held-out accuracy](accuracy_vs_step.png) ![train reward](reward_vs_step.png)",
+        "![how each method decides its steps](dynamics.png)",
     ]
-    if "sasr" in methods:
-        md.append("![SASR dynamics](sasr_dynamics.png)")
     (output / "results.md").write_text("\n".join(md) + "\n")
     return results

@@ -15,8 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from sasr.engine import unsupported_kwargs
 from sasr.errors import SasrError, nearest
-
-METHODS = ("sasr", "sft", "grpo", "sft-then-grpo", "interleave")
+from sasr.methods import METHODS
 
 
 class Section(BaseModel):
@@ -94,10 +93,13 @@ class GRPOSection(Section):
         return self
 
 
-class ScheduleSection(Section):
-    gamma: float = Field(1.0, gt=0)  # SASR: p_t = g_last / (g_last + gamma * G_warmup)
-    interleave_prob: float = Field(0.5, ge=0, le=1)  # interleave: chance of an SFT step after warm-up
-    interleave_period: int = Field(0, ge=0)  # interleave: if > 0, SFT every k-th step instead
+class DemosSection(Section):
+    model_config = ConfigDict(extra="allow", validate_assignment=True)  # extra keys are the task's options
+    task: str | None = None  # where demonstrations come from; null: the RL task's own examples
+    train_size: int = Field(2000, ge=1)  # demonstrations loaded from demos.task
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class EvalSection(Section):
@@ -111,6 +113,10 @@ class EvalSection(Section):
 
 
 class TrainConfig(Section):
+    """The run's configuration. Besides these keys, each method's options sit under its name (``sasr.gamma``,
+    ``chord.variant``), checked by the method's own ``Options``; a comparison's config may hold several."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)  # the extra keys: method sections
     method: str = "sasr"
     steps: int = Field(40, ge=1)  # total optimizer steps, warm-up included
     warmup_steps: int = Field(8, ge=0)  # W: plain SFT steps before the adaptive phase
@@ -126,7 +132,7 @@ class TrainConfig(Section):
     optim: OptimSection = OptimSection()
     sft: SFTSection = SFTSection()
     grpo: GRPOSection = GRPOSection()
-    schedule: ScheduleSection = ScheduleSection()
+    demos: DemosSection = DemosSection()
     eval: EvalSection = EvalSection()
 
     @model_validator(mode="after")
@@ -135,13 +141,23 @@ class TrainConfig(Section):
             raise ValueError(
                 f"unknown method '{self.method}'{nearest(self.method, METHODS)}; valid: {', '.join(METHODS)}"
             )
-        if self.method in ("sasr", "sft-then-grpo", "interleave") and self.warmup_steps >= self.steps:
-            raise ValueError(
-                f"warmup_steps ({self.warmup_steps}) must be shorter than steps ({self.steps}) for method '{self.method}'"
-            )
-        if self.method == "sasr" and self.warmup_steps < 1:
-            raise ValueError("method 'sasr' needs warmup_steps >= 1 to measure G_warmup")
+        for key, options in (self.model_extra or {}).items():
+            if key not in METHODS:
+                raise ValueError(
+                    f"unknown config key '{key}'{nearest(key, [*type(self).model_fields, *METHODS])}"
+                )
+            if not isinstance(options, dict):
+                raise ValueError(f"config key '{key}' must hold a mapping of the method's options")
+            self.model_extra[key] = METHODS[key].check_options(options).model_dump()
+        if METHODS[self.method].Options.model_fields and self.method not in self.model_extra:
+            self.model_extra[self.method] = self.method_options()  # the resolved config shows them
+        METHODS[self.method].check_budget(self.steps, self.warmup_steps)
         return self
+
+    def method_options(self, name: str | None = None) -> dict[str, Any]:
+        """The options of a method (default: the run's), defaults filled in."""
+        name = name or self.method
+        return METHODS[name].check_options((self.model_extra or {}).get(name, {})).model_dump()
 
 
 # --- building a config from layers ---------------------------------------------------------------------
@@ -158,13 +174,16 @@ def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-VALID_KEYS = _all_keys(TrainConfig)
+VALID_KEYS = _all_keys(TrainConfig) + [
+    f"{m}.{o}" for m, cls in METHODS.items() for o in cls.Options.model_fields
+]
+SECTIONS = {key.split(".")[0] for key in VALID_KEYS if "." in key}
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     """tree['a']['b'] = value for key 'a.b', checking the key exists (task.* may carry task options)."""
     parts = key.split(".")
-    if key not in VALID_KEYS and not (parts[0] == "task" and len(parts) == 2):
+    if key not in VALID_KEYS and not (parts[0] in ("task", "demos") and len(parts) == 2):
         raise SasrError(f"unknown config key '{key}'{nearest(key, VALID_KEYS)}")
     node = tree
     for part in parts[:-1]:
@@ -192,7 +211,7 @@ def parse_set(item: str) -> tuple[str, Any]:
 def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     out = []
     for k, v in tree.items():
-        if isinstance(v, dict) and prefix + k in {key.split(".")[0] for key in VALID_KEYS if "." in key}:
+        if isinstance(v, dict) and prefix + k in SECTIONS:
             out += _flatten(v, f"{prefix}{k}.")
         else:
             out.append((prefix + k, v))

@@ -1,4 +1,4 @@
-"""Batches: SFT demonstrations as (left-padded prompt, right-padded target) and per-step example picks."""
+"""Demonstration rows (left-padded prompt, right-padded target) and per-step example picks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
-from sasr.rollout import Rollouts, encode_prompts, render_prompts
+from sasr.batch import DEMO, Rows
+from sasr.rollout import encode_prompts, render_prompts
 from sasr.tasks import Example, Task
 
 
@@ -24,19 +25,11 @@ def pick(n_total: int, per_rank: int, step: int, seed: int, kind: str, rank: int
     return idx[rank * per_rank : (rank + 1) * per_rank]
 
 
-def sft_batch(
-    tokenizer, task: Task, examples: Sequence[Example], max_length: int, device: torch.device
-) -> Rollouts:
-    """Demonstrations laid out like rollouts: prompt [B, P] left-padded, target [B, T] right-padded.
-
-    The target is the task's chain of thought + answer, then EOS; only target tokens carry SFT loss.
-    """
-    prompts = render_prompts(tokenizer, [task.messages(ex) for ex in examples])
-    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_length // 2, device)
-    room = max(max_length - prompt_ids.size(1), 1)
-    targets = [
-        tokenizer(task.target(ex), add_special_tokens=False)["input_ids"][: room - 1] for ex in examples
-    ]
+def encode_targets(
+    tokenizer, texts: Sequence[str], limit: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """Completions to train on: each text's tokens (at most ``limit`` - 1) then EOS, right-padded. [n, t] x 2"""
+    targets = [tokenizer(t, add_special_tokens=False)["input_ids"][: max(limit - 1, 0)] for t in texts]
     targets = [t + [tokenizer.eos_token_id] for t in targets]
     width = max(len(t) for t in targets)
     ids = torch.full((len(targets), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -44,5 +37,44 @@ def sft_batch(
     for i, t in enumerate(targets):
         ids[i, : len(t)] = torch.tensor(t)
         mask[i, : len(t)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def demonstration_rows(
+    tokenizer,
+    task: Task,
+    examples: Sequence[Example],
+    max_length: int,
+    device: torch.device,
+    group: Sequence[int] | None = None,
+) -> Rows:
+    """Demonstrations laid out like rollouts: prompt [B, P] left-padded, target [B, T] right-padded.
+
+    The target is the task's chain of thought + answer, then EOS; only target tokens carry SFT loss. Prompt and
+    target share ``max_length`` (the prompt keeps at most half of it). ``group``: each row's RL prompt, if any.
+    """
+    prompts = render_prompts(tokenizer, [task.messages(ex) for ex in examples])
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_length // 2, device)
     texts = [task.target(ex) for ex in examples]
-    return Rollouts(prompt_ids, prompt_mask, ids.to(device), mask.to(device), texts)
+    ids, mask = encode_targets(tokenizer, texts, max(max_length - prompt_ids.size(1), 1), device)
+    return demo_rows(prompt_ids, prompt_mask, ids, mask, texts, DEMO, group)
+
+
+def demo_rows(
+    prompt_ids, prompt_mask, ids, mask, texts, kind: int, group: Sequence[int] | None = None
+) -> Rows:
+    """Rows of one kind from a demonstration's tokens; no reward, no advantage (a group's are set later)."""
+    B, device = ids.size(0), ids.device
+    return Rows(
+        prompt_ids,
+        prompt_mask,
+        ids,
+        mask,
+        kind=torch.full((B,), kind, dtype=torch.long, device=device),
+        group=torch.tensor(group if group is not None else [-1] * B, dtype=torch.long, device=device),
+        rewards=torch.zeros(B, device=device),
+        advantages=torch.zeros(B, device=device),
+        correct=torch.zeros(B, dtype=torch.bool, device=device),
+        formatted=torch.zeros(B, dtype=torch.bool, device=device),
+        texts=list(texts),
+    )

@@ -1,4 +1,4 @@
-"""Token log-probs, the SFT loss, GRPO advantages and the GRPO loss (METHOD.md §1, §3).
+"""Token log-probs, the SFT loss, GRPO advantages, the GRPO loss and the part losses of a step (docs/methods.md).
 
 Advantage estimators and loss aggregations are registries (name -> function), as in verl: adding one is
 a function and a line, never an if-chain in the loop. Names follow TRL so results can be compared.
@@ -345,6 +345,35 @@ class GRPOLossOutput:
     clip_fraction: float  # fraction of completion tokens whose ratio was clipped against the advantage
 
 
+def _clipped_tokens(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    adv: torch.Tensor,
+    *,
+    beta: float,
+    epsilon_low: float,
+    epsilon_high: float,
+    use_bias_correction_kl: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token clipped surrogate plus beta x k3 KL: (loss [B, T], kl [B, T], clipped [B, T] bool).
+
+    logps, old_logps, ref_logps [B, T]; adv [B, 1].
+    """
+    ratio = torch.exp(logps - old_logps)  # [B, T]
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)  # [B, T]
+    kl = torch.zeros_like(logps)
+    if ref_logps is not None:  # measured whenever a reference is given; in the loss only when beta != 0
+        delta = ref_logps - logps
+        kl = torch.exp(delta) - delta - 1  # k3 estimator, >= 0
+        if beta != 0.0:
+            per_token = per_token + beta * (kl * ratio if use_bias_correction_kl else kl)
+    with torch.no_grad():
+        is_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+    return per_token, kl, is_clipped
+
+
 def grpo_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -359,28 +388,132 @@ def grpo_loss(
     max_completion_length: int = 128,
     use_bias_correction_kl: bool = False,
 ) -> GRPOLossOutput:
-    """The clipped surrogate plus beta x k3 KL (METHOD.md §3).
+    """The clipped surrogate plus beta x k3 KL (docs/methods.md, GRPO).
 
     logps, old_logps, ref_logps, mask [B, T]; advantages [B].
     rho = exp(logps - old_logps); with one update per batch old_logps = logps.detach(), so rho = 1 in value
     but carries the policy gradient A * grad log pi. ``use_bias_correction_kl`` multiplies the KL by rho
-    (TRL's option of that name; off by default, as METHOD.md states the loss).
+    (TRL's option of that name; off by default, as the method states the loss).
     """
     if loss_type not in LOSS_AGGREGATIONS:
         raise unknown("loss_type", loss_type, LOSS_AGGREGATIONS)
-    adv = advantages.unsqueeze(1)  # [B, 1]
-    ratio = torch.exp(logps - old_logps)  # [B, T]
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    per_token = -torch.min(ratio * adv, clipped * adv)  # [B, T]
-    kl = torch.zeros_like(logps)
-    if ref_logps is not None:  # measured whenever a reference is given; in the loss only when beta != 0
-        delta = ref_logps - logps
-        kl = torch.exp(delta) - delta - 1  # k3 estimator, >= 0
-        if beta != 0.0:
-            per_token = per_token + beta * (kl * ratio if use_bias_correction_kl else kl)
+    per_token, kl, is_clipped = _clipped_tokens(
+        logps, old_logps, ref_logps, advantages.unsqueeze(1), beta=beta, epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high, use_bias_correction_kl=use_bias_correction_kl,
+    )  # fmt: skip
     loss = LOSS_AGGREGATIONS[loss_type](per_token, mask, max_completion_length)
     with torch.no_grad():
-        is_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
         clip_fraction = masked_mean(is_clipped.float(), mask).item()
         kl_mean = masked_mean(kl, mask).item()
     return GRPOLossOutput(loss=loss, kl=kl_mean, clip_fraction=clip_fraction)
+
+
+# --- the parts of a step (sasr.batch.Part) ---------------------------------------------------------------
+
+
+@dataclass
+class PartInputs:
+    """One part's rows, taken from the step's policy pass. b rows, T completion tokens."""
+
+    logps: torch.Tensor  # [b, T] differentiable
+    mask: torch.Tensor  # [b, T] completion tokens
+    entropy: torch.Tensor | None  # [b, T] no gradient
+    ref_logps: torch.Tensor | None  # [b, T] (ROLLOUT rows; anything elsewhere)
+    advantages: torch.Tensor  # [b]
+    offpolicy: torch.Tensor  # [b] bool: demonstrations inside a group
+    correct: torch.Tensor  # [b] bool
+
+
+@dataclass
+class PartLoss:
+    loss: torch.Tensor  # scalar, differentiable
+    stats: dict[str, float]
+
+
+def row_entropy(x: PartInputs) -> torch.Tensor:
+    """[b]: each row's mean token entropy (no gradient)."""
+    if x.entropy is None:
+        raise ValueError("this part needs the policy pass's entropy")
+    return (x.entropy * x.mask).sum(1) / x.mask.sum(1).clamp(min=1)
+
+
+def nll_part(x: PartInputs, *, phi: bool = False, entropy_coef: float | None = None) -> PartLoss:
+    """SFT: token-mean negative log-likelihood of the part's rows.
+
+    ``phi``: each token weighted by the stop-gradient p (1 - p) (CHORD-phi). ``entropy_coef``: each row weighted
+    by the stop-gradient entropy_coef * exp(-H_row), H_row its mean token entropy (SRFT).
+    """
+    if not phi and entropy_coef is None:
+        return PartLoss(sft_loss(x.logps, x.mask), {})
+    weight = torch.ones_like(x.logps)
+    stats = {}
+    if phi:
+        p = x.logps.detach().exp()
+        weight = weight * p * (1 - p)
+        stats["chord_phi"] = masked_mean(weight, x.mask).item()
+    if entropy_coef is not None:
+        w_row = entropy_coef * torch.exp(-row_entropy(x))  # [b]
+        weight = weight * w_row[:, None]
+        stats["srft_sft_weight"] = w_row.mean().item() if w_row.numel() else 0.0
+    return PartLoss(-masked_mean(x.logps * weight, x.mask), stats)
+
+
+def pg_part(
+    x: PartInputs,
+    *,
+    beta: float,
+    epsilon: float,
+    epsilon_high: float | None,
+    loss_type: str,
+    max_completion_length: int,
+    use_bias_correction_kl: bool,
+    shaping_gamma: float | None = None,
+    rollout_coef: float | None = None,
+) -> PartLoss:
+    """Policy gradient over a group's rows, aggregated together by ``loss_type``.
+
+    Rollout rows: GRPO's clipped surrogate plus beta x KL; or, with ``rollout_coef`` (SRFT), -w log p with the
+    stop-gradient w = rollout_coef * exp(H_row) on correct rows and -1 on wrong ones.
+    Off-policy rows (demonstrations in the group, behaviour probability taken as 1): -A f(p), unclipped, with
+    f(p) = p / (p + shaping_gamma) (LUFFY's policy shaping), or f(p) = p without it.
+    """
+    if loss_type not in LOSS_AGGREGATIONS:
+        raise unknown("loss_type", loss_type, LOSS_AGGREGATIONS)
+    adv = x.advantages.unsqueeze(1)  # [b, 1]
+    per_token, kl, is_clipped = _clipped_tokens(
+        x.logps, x.logps.detach(), x.ref_logps, adv, beta=beta, epsilon_low=epsilon,
+        epsilon_high=epsilon_high if epsilon_high is not None else epsilon,
+        use_bias_correction_kl=use_bias_correction_kl,
+    )  # fmt: skip
+    stats: dict[str, float] = {}
+    if rollout_coef is not None:
+        h = row_entropy(x)  # [b]
+        w_row = torch.where(x.correct, rollout_coef * torch.exp(h), torch.full_like(h, -1.0))
+        per_token = -w_row[:, None] * x.logps
+        positive = x.correct & ~x.offpolicy
+        stats["srft_rl_weight"] = w_row[positive].mean().item() if positive.any() else 0.0
+    off = x.offpolicy[:, None]  # [b, 1]
+    if shaping_gamma is not None:
+        p = x.logps.exp()
+        off_token = -adv * p / (p + shaping_gamma)  # no ratio to clip: the behaviour probability is 1
+        per_token = torch.where(off, off_token, per_token)
+        with torch.no_grad():
+            off_mask = x.mask * off.to(x.mask.dtype)
+            pd = p.detach()
+            # d f(p) / d log p: what an off-policy token weighs where an on-policy one weighs 1
+            stats["offpolicy_shaped_weight"] = masked_mean(
+                pd * shaping_gamma / (pd + shaping_gamma) ** 2, off_mask
+            ).item()
+            stats["offpolicy_prob"] = masked_mean(pd, off_mask).item()
+    on_mask = x.mask * (~off).to(x.mask.dtype)
+    if x.logps.size(0) == 0:  # no rows on this rank (HPT routed every prompt to SFT): a zero with a graph
+        loss = x.logps.sum()
+    else:
+        loss = LOSS_AGGREGATIONS[loss_type](per_token, x.mask, max_completion_length)
+    with torch.no_grad():
+        stats["clip_fraction"] = masked_mean(is_clipped.float(), on_mask).item()
+        stats["kl"] = masked_mean(kl, on_mask).item()
+    return PartLoss(loss, stats)
+
+
+PART_LOSSES: dict[str, Callable[..., PartLoss]] = {"nll": nll_part, "pg": pg_part}

@@ -19,7 +19,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-PHASE_COLOURS = {"sft": "#4C72B0", "grpo": "#DD8452"}
+PHASE_COLOURS = {"sft": "#4C72B0", "grpo": "#DD8452", "mixed": "#55A868"}
 Series = dict[str, list[tuple[float, float]]]
 
 
@@ -41,7 +41,7 @@ def series(rows: Sequence[dict], key: str, fn=None) -> list[tuple[float, float]]
 
 
 def _phase_strip(ax, rows: Sequence[dict]) -> None:
-    """A coloured band under the axis: one cell per step, SFT or GRPO."""
+    """A coloured band under the axis: one cell per step, SFT, GRPO or mixed (both in one step)."""
     for r in rows:
         ax.axvspan(r["step"] - 0.5, r["step"] + 0.5, ymin=0, ymax=0.04, color=PHASE_COLOURS[r["phase"]], lw=0)
 
@@ -68,26 +68,54 @@ def _save(fig, path: Path, figures: dict[str, Series], name: str, data: dict[str
     return path
 
 
+def _phase_legend(target, **kw) -> None:
+    target.legend(
+        handles=[Patch(color=c, label=p.upper() if p != "mixed" else p) for p, c in PHASE_COLOURS.items()],
+        **kw,
+    )
+
+
+def method_dynamics(method: str, rows: Sequence[dict]) -> Series:
+    """The curves that show how a method decides its steps (its class's ``dynamics`` keys), with SASR's drift."""
+    from sasr.methods import METHODS
+
+    keys = METHODS[method].dynamics if method in METHODS else ()
+    data = {key: series(rows, key) for key in keys}
+    if any("g_warmup" in r for r in rows):
+        data["g_last / G_warmup"] = series(
+            rows, "g_last", lambda r: r["g_last"] / r["g_warmup"] if r.get("g_warmup") else None
+        )
+    return data
+
+
+def run_method(run_dir: Path) -> str:
+    """The method a run directory was trained with (from its config.yaml)."""
+    import yaml
+
+    config = Path(run_dir) / "config.yaml"
+    return (yaml.safe_load(config.read_text()) or {}).get("method", "") if config.is_file() else ""
+
+
 def plot_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
-    """The training curves of one run: loss, gradient norm, reward/accuracy, SASR's p_t and drift, KL,
-    held-out accuracy; every panel carries the SFT/GRPO phase strip. Returns {figure: series}."""
+    """The training curves of one run: loss, gradient norm, reward/accuracy, the method's own dynamics (SASR's
+    p_t and drift, CHORD's mu, HPT's routed fraction...), KL, held-out accuracy; every panel carries the phase
+    strip. Returns {figure: series}."""
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
+    method = run_method(run_dir)
     out_dir = Path(out_dir or run_dir / "report")
     out_dir.mkdir(parents=True, exist_ok=True)
     panels: dict[str, Series] = {
         "loss": {
-            "SFT loss": series(rows, "loss", lambda r: r["loss"] if r["phase"] == "sft" else None),
-            "GRPO loss": series(rows, "loss", lambda r: r["loss"] if r["phase"] == "grpo" else None),
+            f"{phase if phase == 'mixed' else phase.upper()} loss": series(
+                rows, "loss", lambda r, phase=phase: r["loss"] if r["phase"] == phase else None
+            )
+            for phase in PHASE_COLOURS
+            if any(r["phase"] == phase for r in rows)
         },
         "grad_norm": {"pre-clip gradient norm": series(rows, "grad_norm")},
         "reward": {"train reward": series(rows, "reward_mean"), "train accuracy": series(rows, "accuracy")},
-        "sasr": {
-            "p_t": series(rows, "p_t"),
-            "g_last / G_warmup": series(
-                rows, "g_last", lambda r: r["g_last"] / r["g_warmup"] if r.get("g_warmup") else None
-            ),
-        },
+        "dynamics": method_dynamics(method, rows),
         "kl": {"KL to reference": series(rows, "kl")},
         "held_out": {"held-out accuracy": series(rows, "eval_accuracy")},
     }
@@ -95,7 +123,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
         "loss": "loss",
         "grad_norm": "gradient norm (pre-clip)",
         "reward": "GRPO steps: reward and accuracy",
-        "sasr": "SASR: p_t and SFT-gradient drift",
+        "dynamics": f"{method}: how it decides its steps",
         "kl": "KL to the reference policy",
         "held_out": "held-out accuracy (greedy)",
     }
@@ -103,11 +131,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
     for ax, (name, data) in zip(axes.flat, panels.items()):
         _draw(ax, data, titles[name])
         _phase_strip(ax, rows)
-    fig.legend(
-        handles=[Patch(color=c, label=p.upper()) for p, c in PHASE_COLOURS.items()],
-        loc="lower center",
-        ncol=2,
-    )
+    _phase_legend(fig, loc="lower center", ncol=len(PHASE_COLOURS))
     fig.suptitle(f"{run_dir.name}")
     figures: dict[str, Series] = {}
     _save(
@@ -139,7 +163,7 @@ def _moving_mean(points: list[tuple[float, float]], window: int = 3) -> list[tup
 
 def plot_compare(runs: dict[str, list[Path]], out_dir: Path) -> dict[str, Any]:
     """Comparison figures: held-out accuracy and train reward against step for every method (mean over
-    seeds), and SASR's p_t, g_last / G_warmup and KL against step with its phase strip (first seed)."""
+    seeds), and each method's dynamics and KL against step over its phase strip (first seed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Series] = {}
     metrics = {m: [read_metrics(d) for d in dirs] for m, dirs in runs.items()}
@@ -158,24 +182,20 @@ def plot_compare(runs: dict[str, list[Path]], out_dir: Path) -> dict[str, Any]:
             ax.legend(fontsize=7)
         _save(fig, out_dir / f"{name}.png", figures, name, data)
 
-    if "sasr" in metrics and metrics["sasr"]:
-        rows = metrics["sasr"][0]
-        panels = {
-            "p_t": series(rows, "p_t"),
-            "g_last / G_warmup": series(
-                rows, "g_last", lambda r: r["g_last"] / r["g_warmup"] if r.get("g_warmup") else None
-            ),
-            "KL to reference": series(rows, "kl"),
-        }
-        fig, axes = plt.subplots(3, 1, figsize=(7, 7.5), sharex=True)
-        for ax, (label, points) in zip(axes, panels.items()):
-            _draw(ax, {label: points}, label)
-            _phase_strip(ax, rows)
-        axes[0].legend(
-            handles=[Patch(color=c, label=p.upper()) for p, c in PHASE_COLOURS.items()], fontsize=7
+    shown = {m: per_seed[0] for m, per_seed in metrics.items() if per_seed and per_seed[0]}
+    if shown:  # each method's own dynamics and KL, over its phase strip (first seed)
+        fig, axes = plt.subplots(
+            len(shown), 1, figsize=(7, 2.2 * len(shown) + 0.8), sharex=True, squeeze=False
         )
-        fig.suptitle("SASR dynamics (first seed)")
-        _save(fig, out_dir / "sasr_dynamics.png", figures, "sasr_dynamics", panels)
+        data = {}
+        for ax, (method, rows) in zip(axes[:, 0], shown.items()):
+            curves = {**method_dynamics(method, rows), "KL to reference": series(rows, "kl")}
+            _draw(ax, curves, method)
+            _phase_strip(ax, rows)
+            data.update({f"{method}/{k}": v for k, v in curves.items()})
+        _phase_legend(axes[0, 0], fontsize=7, loc="upper right")
+        fig.suptitle("how each method decides its steps (first seed); strip: SFT, GRPO or mixed")
+        _save(fig, out_dir / "dynamics.png", figures, "dynamics", data)
     (out_dir / "plots.json").write_text(json.dumps(figures))
     return figures
 

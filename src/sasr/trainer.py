@@ -1,8 +1,10 @@
-"""The training loop on accelerate. Read top to bottom: pick the phase, build the batch, compute the loss,
+"""The training loop on accelerate. Read top to bottom: plan the step, build its rows, compute the loss,
 step, log, save.
 
-Every step is one optimizer step of either SFT (a batch of demonstrations) or GRPO (a batch of prompts,
-G sampled completions each). The schedule picks which; the loop never looks at the method's name.
+Every step is one optimizer step over rows of three kinds (``sasr.batch``): demonstrations, rollouts the
+policy sampled for RL prompts (G per prompt, scored by the task's judge), and demonstrations placed inside a
+prompt's group. The method (``sasr.methods``) plans which rows a step needs and makes weighted parts of them;
+the loop computes every part from one reference pass and one policy pass and sums them.
 """
 
 from __future__ import annotations
@@ -28,14 +30,15 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from sasr import checkpoint, models
+from sasr.batch import OFFPOLICY, ROLLOUT, Plan, Rows, cat_rows
 from sasr.config import TrainConfig, to_yaml
-from sasr.data import pick, sft_batch
+from sasr.data import demo_rows, demonstration_rows, encode_targets, pick
 from sasr.errors import SasrError
 from sasr.evaluate import GREEDY, evaluate, score_all, summarise
-from sasr.losses import completion_logprobs, group_advantages, grpo_loss, masked_mean, sft_loss
+from sasr.losses import PART_LOSSES, PartInputs, completion_logprobs, group_advantages, masked_mean, sft_loss
+from sasr.methods import METHODS, get_method
 from sasr.reference import ReferencePolicy
 from sasr.rollout import generate, render_prompts
-from sasr.schedules import Decision, get_schedule
 from sasr.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -120,15 +123,17 @@ class Trainer:
         self.test_examples = self.task.examples("test", c.task.test_size, seed=c.seed)
         if not self.train_examples:
             raise SasrError(f"task '{c.task.name}' produced no training examples")
-        self.schedule = get_schedule(
+        self.method = get_method(
             c.method,
             steps=c.steps,
             warmup_steps=c.warmup_steps,
             seed=c.seed,
-            gamma=c.schedule.gamma,
-            interleave_prob=c.schedule.interleave_prob,
-            interleave_period=c.schedule.interleave_period,
+            demos_per_step=c.sft.batch_size,
+            prompts_per_step=c.grpo.batch_size,
+            group_size=c.grpo.num_generations,
+            **c.method_options(),
         )
+        self.demo_task, self.demo_examples = self._demonstrations()
         self.tokenizer = models.load_tokenizer(c.model.name)
         model = models.load_model(c.model.name, c.model.dtype)
         if c.model.gradient_checkpointing:
@@ -136,7 +141,7 @@ class Trainer:
         if c.lora.enabled:
             model = apply_lora(model, c)
         self.reference = ReferencePolicy(model, use_lora=c.lora.enabled)
-        if not c.lora.enabled and c.method != "sft":  # full fine-tuning: pi_ref is a copy
+        if not c.lora.enabled and self.method.uses_reference:  # full fine-tuning: pi_ref is a copy
             self.reference.snapshot()
 
         params = [p for p in model.parameters() if p.requires_grad]
@@ -205,18 +210,21 @@ class Trainer:
         with self._catch_signals():
             for step in bar:
                 t0 = time.perf_counter()
-                decision = self.schedule.decide(step)  # 1. pick the phase
-                if decision.phase == "sft":  # 2-3. build the batch, compute the loss
-                    loss, stats = self.sft_step(step)
-                else:
-                    loss, stats = self.grpo_step(step)
+                plan = self.method.plan(step)  # 1. plan: which rows the step needs
+                rows, stats = self.rows(step, plan)  # 2. build them: demonstrations, scored rollouts
+                parts, route = self.method.parts(plan, rows)  # the weighted parts the method makes of them
+                loss, part_stats = self.loss(plan, rows, parts)  # 3. one reference and one policy pass
+                stats.update(route, **part_stats)
                 grad_norm, finite = self.optimizer_step(loss, step)  # 4. step
-                self.schedule.observe(decision, grad_norm if finite else None)
-                if step == self.schedule.warmup_steps and c.grpo.reference == "warmup":
+                probe = self.probe_sft_norm(step) if plan.probe else None
+                self.method.observe(plan, grad_norm if finite else None, probe)
+                if step == self.method.warmup_steps and c.grpo.reference == "warmup":
                     self.reference.snapshot()
                 nonfinite = 0 if finite else nonfinite + 1
 
-                record = self._record(decision, loss, grad_norm, stats, time.perf_counter() - t0)  # 5. log
+                record = self._record(plan, loss, grad_norm, stats, time.perf_counter() - t0)  # 5. log
+                if probe is not None:
+                    record["probe_grad_norm"] = probe
                 if not finite:
                     record["skipped"] = True
                 if c.eval.every and step % c.eval.every == 0 and c.task.test_size:
@@ -246,9 +254,7 @@ class Trainer:
         if after is None and c.eval.after and c.task.test_size:
             after = self.evaluate("eval after", c.eval.samples)
         seconds = self.elapsed()
-        result = RunResult(
-            self.run_dir, dict(self.schedule.counts), self.eval_before, after, seconds, history
-        )
+        result = RunResult(self.run_dir, dict(self.method.counts), self.eval_before, after, seconds, history)
         if acc.is_main_process:
             if c.save_final:
                 self.save_final()
@@ -299,53 +305,73 @@ class Trainer:
             flag = self.accelerator.reduce(flag, reduction="sum")
         return (self.stop_signal or "SIGTERM") if flag.item() else None
 
-    # --- the two kinds of step -------------------------------------------------------------------------
+    # --- the rows of a step, and its loss ---------------------------------------------------------------
 
-    def _examples(self, step: int, per_rank: int, kind: str):
-        acc = self.accelerator
-        idx = pick(
-            len(self.train_examples),
-            per_rank,
-            step,
-            self.config.seed,
-            kind,
-            acc.process_index,
-            acc.num_processes,
-        )
-        return [self.train_examples[i] for i in idx]
-
-    def sft_step(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """NLL of demonstrations, target tokens only."""
+    def _demonstrations(self):
+        """The demonstration source: the RL task's own examples, or ``demos.task`` (another task or file)."""
         c = self.config
-        batch = sft_batch(
-            self.tokenizer,
-            self.task,
-            self._examples(step, c.sft.batch_size, "sft"),
-            c.sft.max_length,
-            self.accelerator.device,
-        )
-        T = batch.completion_ids.size(1)
-        logps, _ = completion_logprobs(self.model, batch.input_ids, batch.attention_mask, T)  # [B, T]
-        loss = sft_loss(logps, batch.completion_mask)
-        return loss, {"tokens": batch.completion_mask.sum().item()}
+        if c.demos.task is None:
+            task, examples = self.task, self.train_examples
+        else:
+            if self.method.pairs_demos:
+                paired = ", ".join(n for n, m in METHODS.items() if m.pairs_demos)
+                raise SasrError(
+                    f"method '{c.method}' trains each RL prompt's own demonstration, so it cannot take "
+                    f"demonstrations from demos.task; drop demos.task (methods that pair them: {paired})"
+                )
+            task = get_task(c.demos.task, **c.demos.options())
+            examples = task.examples("train", c.demos.train_size, seed=c.seed)
+        if self.method.uses_demos:
+            missing = next((ex for ex in examples if not task.has_demonstration(ex)), None)
+            if missing is not None or not examples:
+                raise SasrError(
+                    f"method '{c.method}' trains on demonstrations, but task '{task.name}' has an example without "
+                    f"one ({missing.question[:60]!r}); add a chain of thought or give demos.task"
+                    if missing is not None
+                    else f"demonstration task '{task.name}' produced no examples"
+                )
+        return task, examples
 
-    def _now(self) -> float:
-        """perf_counter once the device's queued work has finished, so differences time that work."""
-        if self.accelerator.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
+    def _examples(self, step: int, per_rank: int, kind: str, examples: list | None = None):
+        acc = self.accelerator
+        pool = self.train_examples if examples is None else examples
+        idx = pick(len(pool), per_rank, step, self.config.seed, kind, acc.process_index, acc.num_processes)
+        return [pool[i] for i in idx]
 
-    def grpo_step(self, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Sample G completions per prompt, score them, and take the clipped policy-gradient step."""
+    def _demo_rows(self, examples, task, max_length: int, group: list[int] | None = None) -> Rows:
+        return demonstration_rows(self.tokenizer, task, examples, max_length, self.accelerator.device, group)
+
+    def rows(self, step: int, plan: Plan) -> tuple[Rows, dict[str, float]]:
+        """The step's rows: demonstrations, then each RL prompt's group (rollouts, then its demonstrations
+        in the group), then the RL prompts' own demonstrations. Returns (rows, rollout statistics)."""
+        c = self.config
+        pieces, stats = [], {}
+        if plan.demos:
+            examples = self._examples(step, plan.demos, "sft", self.demo_examples)
+            pieces.append(self._demo_rows(examples, self.demo_task, c.sft.max_length))
+        if plan.prompts:
+            examples = self._examples(step, plan.prompts, "grpo")
+            group_rows, stats = self.group_rows(examples, plan)
+            pieces.append(group_rows)
+            if plan.prompt_demos:
+                pieces.append(
+                    self._demo_rows(examples, self.task, c.sft.max_length, list(range(len(examples))))
+                )
+        stats["tokens"] = sum(p.completion_mask.sum().item() for p in pieces)
+        return cat_rows(pieces, self.tokenizer.pad_token_id), stats
+
+    def group_rows(self, examples, plan: Plan) -> tuple[Rows, dict[str, float]]:
+        """Each prompt's group: ``plan.rollouts`` sampled completions, then ``plan.offpolicy`` copies of its
+        demonstration; all scored by the task's judge, advantages computed over the whole group."""
         g = self.config.grpo
-        examples = self._examples(step, g.batch_size, "grpo")
+        device = self.accelerator.device
         prompts = render_prompts(self.tokenizer, [self.task.messages(ex) for ex in examples])
         t_rollout = self._now()
         roll = generate(
             self.accelerator.unwrap_model(self.model),
             self.tokenizer,
             prompts,
-            num_generations=g.num_generations,
+            num_generations=plan.rollouts,
             max_new_tokens=g.max_completion_length,
             max_prompt_length=g.max_prompt_length,
             temperature=g.temperature,
@@ -354,60 +380,150 @@ class Trainer:
             cuda_graphs=g.cuda_graphs,
             compile=g.torch_compile,
             **g.generation_kwargs,
-        )  # B = prompts x G rows
+        )  # prompts x rollouts rows
         rollout_seconds = self._now() - t_rollout
-        grouped_examples = [ex for ex in examples for _ in range(g.num_generations)]
-        scores = score_all(self.task, roll.texts, grouped_examples)
-        device = self.accelerator.device
-        rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=device)  # [B]
-        advantages, zero_spread = group_advantages(rewards, g.num_generations, g.advantage, g.scale_rewards)
-
-        T = roll.completion_ids.size(1)
-        # The reference pass comes first: it may swap weights in place, which must not touch a live graph.
-        # The G rows of a prompt share one pass over it (completion_logprobs finds them).
-        t_reference = self._now()
-        ref_logps = self.reference.logprobs(roll.input_ids, roll.attention_mask, T, g.temperature)  # [B, T]
-        t_policy = self._now()
-        logps, entropy = completion_logprobs(
-            self.model, roll.input_ids, roll.attention_mask, T, g.temperature, with_entropy=True
-        )  # [B, T]
-        policy_seconds = self._now() - t_policy
-        out = grpo_loss(
-            logps,
-            logps.detach(),  # pi_old: the policy that sampled, which is this one (one update per batch)
-            ref_logps,
-            advantages,
-            roll.completion_mask,
-            beta=g.beta,
-            epsilon_low=g.epsilon,
-            epsilon_high=g.epsilon_high if g.epsilon_high is not None else g.epsilon,
-            loss_type=g.loss_type,
-            max_completion_length=g.max_completion_length,
-            use_bias_correction_kl=g.use_bias_correction_kl,
-        )
-        mask = roll.completion_mask
+        n, r, k = len(examples), plan.rollouts, plan.offpolicy
+        group = torch.arange(n, device=device).repeat_interleave(r)
+        rows = Rows(
+            roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask,
+            kind=torch.full((n * r,), ROLLOUT, device=device), group=group,
+            rewards=torch.zeros(n * r, device=device), advantages=torch.zeros(n * r, device=device),
+            correct=torch.zeros(n * r, dtype=torch.bool, device=device),
+            formatted=torch.zeros(n * r, dtype=torch.bool, device=device),
+            sampler_logprobs=roll.logprobs, texts=roll.texts,
+        )  # fmt: skip
+        if k:  # the prompt's demonstration k times after its rollouts, with the same prompt tokens: one group
+            texts = [self.task.target(ex) for ex in examples]
+            ids, cmask = encode_targets(self.tokenizer, texts, g.max_completion_length, device)  # [n, t]
+            demos = demo_rows(
+                *(x[::r].repeat_interleave(k, 0) for x in (rows.prompt_ids, rows.prompt_mask)),
+                ids.repeat_interleave(k, 0),
+                cmask.repeat_interleave(k, 0),
+                [t for t in texts for _ in range(k)],
+                OFFPOLICY,
+                [i for i in range(n) for _ in range(k)],
+            )
+            merged = cat_rows([rows, demos], self.tokenizer.pad_token_id)
+            order = [i * r + j for i in range(n) for j in range(r)]  # rollouts of prompt i ...
+            order = [
+                x
+                for i in range(n)
+                for x in (*order[i * r : (i + 1) * r], *range(n * r + i * k, n * r + (i + 1) * k))
+            ]
+            rows = merged.select(torch.tensor(order, device=device))
+        grouped_examples = [ex for ex in examples for _ in range(r + k)]
+        scores = score_all(self.task, rows.texts, grouped_examples)
+        rows.rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=device)  # [B]
+        rows.correct = torch.tensor([s.correct for s in scores], dtype=torch.bool, device=device)
+        rows.formatted = torch.tensor([s.formatted for s in scores], dtype=torch.bool, device=device)
+        scale = plan.scale_rewards or g.scale_rewards
+        rows.advantages, zero_spread = group_advantages(rows.rewards, r + k, g.advantage, scale)
+        on = rows.kind == ROLLOUT
+        on_scores = [s for s, is_on in zip(scores, on.tolist()) if is_on]
+        rewards = rows.rewards[on]
+        mask = rows.completion_mask[on]
         stats = {
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item(),
-            "accuracy": sum(s.correct for s in scores) / len(scores),
-            "format_rate": sum(s.formatted for s in scores) / len(scores),
-            "kl": out.kl,
-            "entropy": masked_mean(entropy, mask).item(),
+            "accuracy": sum(s.correct for s in on_scores) / len(on_scores),
+            "format_rate": sum(s.formatted for s in on_scores) / len(on_scores),
             "completion_length": mask.sum(1).float().mean().item(),
-            # The longest completion: each training pass computes rows up to their length group's longest, at most
-            # this (one group, and so 1 - mean / max padding, wherever forwards are collective).
+            # The longest completion: each training pass computes rows up to their length group's longest.
             "completion_length_max": mask.sum(1).max().item(),
-            "clip_fraction": out.clip_fraction,
             "zero_spread_fraction": zero_spread.float().mean().item(),
-            "tokens": mask.sum().item(),
-            # Where the step's time goes before backward (verl logs the same pieces as timing_s/*).
             "rollout_seconds": rollout_seconds,
-            "reference_seconds": t_policy - t_reference,
-            "policy_forward_seconds": policy_seconds,
         }
-        if roll.logprobs is not None:  # how far the sampler's numbers are from the learner's (bf16, kernels)
-            stats["sampler_logprob_gap"] = masked_mean((logps.detach() - roll.logprobs).abs(), mask).item()
-        return out.loss, stats
+        return rows, stats
+
+    def loss(self, plan: Plan, rows: Rows, parts) -> tuple[torch.Tensor, dict[str, float]]:
+        """Sum of the weighted part losses, from one reference pass (over the rollouts) and one policy pass
+        (over every row). The policy pass samples at the rollouts' temperature when the step has any."""
+        g = self.config.grpo
+        T = rows.completion_ids.size(1)
+        temperature = g.temperature if plan.prompts else 1.0
+        on = rows.kind == ROLLOUT
+        stats: dict[str, float] = {}
+        ref_logps = None
+        if plan.rollouts:
+            # The reference pass comes first: it may swap weights in place, which must not touch a live graph.
+            t_reference = self._now()
+            all_on = bool(on.all())
+            sub = rows if all_on else rows.select(on.nonzero().squeeze(1))
+            ref = self.reference.logprobs(sub.input_ids, sub.attention_mask, T, temperature)  # [b, T]
+            ref_logps = (
+                ref
+                if all_on
+                else torch.zeros(len(rows), T, device=ref.device).index_copy(0, on.nonzero().squeeze(1), ref)
+            )
+            stats["reference_seconds"] = self._now() - t_reference
+        t_policy = self._now()
+        # The G rows of a prompt share one pass over it (completion_logprobs finds them).
+        logps, entropy = completion_logprobs(
+            self.model,
+            rows.input_ids,
+            rows.attention_mask,
+            T,
+            temperature,
+            with_entropy=bool(plan.prompts) or self.method.needs_entropy,
+        )  # [B, T]
+        if plan.prompts:
+            stats["policy_forward_seconds"] = self._now() - t_policy
+            mask = rows.completion_mask * on[:, None].to(rows.completion_mask.dtype)
+            stats["entropy"] = masked_mean(entropy, mask).item()
+            if rows.sampler_logprobs is not None:  # how far the sampler's numbers are from the learner's
+                gap = (logps.detach() - rows.sampler_logprobs).abs()
+                stats["sampler_logprob_gap"] = masked_mean(gap, mask).item()
+        total = None
+        grpo_settings = {
+            k: getattr(g, k)
+            for k in (
+                "beta",
+                "epsilon",
+                "epsilon_high",
+                "loss_type",
+                "max_completion_length",
+                "use_bias_correction_kl",
+            )
+        }
+        for part in parts:
+            idx = part.rows.nonzero().squeeze(1)  # [b]
+            x = PartInputs(
+                logps[idx],
+                rows.completion_mask[idx],
+                None if entropy is None else entropy[idx],
+                None if ref_logps is None else ref_logps[idx],
+                rows.advantages[idx],
+                rows.kind[idx] == OFFPOLICY,
+                rows.correct[idx],
+            )
+            options = {**grpo_settings, **part.options} if part.loss == "pg" else part.options
+            out = PART_LOSSES[part.loss](x, **options)
+            term = out.loss if part.weight == 1.0 else part.weight * out.loss
+            total = term if total is None else total + term
+            stats.update(out.stats)
+            if len(parts) > 1:
+                stats[f"loss/{part.name}"] = out.loss.item()
+                stats[f"weight/{part.name}"] = part.weight
+        return total, stats
+
+    def probe_sft_norm(self, step: int) -> float | None:
+        """SASR's probe: the SFT gradient norm on a batch of demonstrations, the weights left as they are."""
+        c = self.config
+        examples = self._examples(step, c.sft.batch_size, "probe", self.demo_examples)
+        rows = self._demo_rows(examples, self.demo_task, c.sft.max_length)
+        logps, _ = completion_logprobs(
+            self.model, rows.input_ids, rows.attention_mask, rows.completion_ids.size(1)
+        )
+        self.accelerator.backward(sft_loss(logps, rows.completion_mask))
+        norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), math.inf))
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm if math.isfinite(norm) else None
+
+    def _now(self) -> float:
+        """perf_counter once the device's queued work has finished, so differences time that work."""
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     # --- evaluation, logging, saving -------------------------------------------------------------------
 
@@ -434,9 +550,9 @@ class Trainer:
             records = gather_object(records)
         return summarise(records)
 
-    def _record(self, d: Decision, loss: torch.Tensor, grad_norm: float, stats: dict, seconds: float) -> dict:
+    def _record(self, plan: Plan, loss: torch.Tensor, grad_norm: float, stats: dict, seconds: float) -> dict:
         acc = self.accelerator
-        # Mean of each statistic over ranks (the branch, and so the keys, is the same on every rank).
+        # Mean of each statistic over ranks (the plan, and so the keys, is the same on every rank).
         keys = sorted(stats)
         values = torch.tensor(
             [loss.item(), *(stats[k] for k in keys)], device=acc.device, dtype=torch.float64
@@ -444,13 +560,13 @@ class Trainer:
         values = acc.reduce(values, reduction="mean").tolist()
         tokens = values[1 + keys.index("tokens")] * acc.num_processes
         record: dict[str, Any] = {
-            "step": d.step,
-            "phase": d.phase,
+            "step": plan.step,
+            "phase": plan.phase,
             "loss": values[0],
             "grad_norm": grad_norm,
             "lr": self.lr_scheduler.get_last_lr()[0],
             **{k: v for k, v in zip(keys, values[1:]) if k != "tokens"},
-            **d.info,
+            **plan.info,
             "tokens_per_second": tokens / seconds,
             "step_seconds": seconds,
         }
@@ -508,6 +624,7 @@ class Trainer:
             "steps": self.config.steps,
             "sft_steps": r.counts["sft"],
             "grpo_steps": r.counts["grpo"],
+            "mixed_steps": r.counts["mixed"],
             "eval_before": r.eval_before,
             "eval_after": r.eval_after,
             "seconds": r.seconds,

@@ -88,6 +88,10 @@ class Task:
         msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return msgs + [{"role": "user", "content": example.question}]
 
+    def has_demonstration(self, example: Example) -> bool:
+        """Whether ``target(example)`` is a demonstration to train on (a file of RL prompts may hold none)."""
+        return True
+
     def target(self, example: Example) -> str:
         """The SFT completion: chain of thought, then the answer in the expected format."""
         raise NotImplementedError

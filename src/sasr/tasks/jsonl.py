@@ -79,7 +79,7 @@ class JsonlTask(FileTask):
 
     def required_fields(self) -> tuple[str, ...]:
         o = self.opts
-        return (o["question_field"], o["solution_field"], o["answer_field"])
+        return (o["question_field"], o["answer_field"])  # no chain of thought: RL prompts only
 
     def question_field_name(self) -> str:
         return self.opts["question_field"]
@@ -87,8 +87,11 @@ class JsonlTask(FileTask):
     def to_example(self, row: dict) -> Example:
         o = self.opts
         columns = {k: v for k, v in row.items() if k != "_line"}
-        return Example(str(row[o["question_field"]]), str(row[o["solution_field"]]).strip(),
+        return Example(str(row[o["question_field"]]), str(row.get(o["solution_field"]) or "").strip(),
                        str(row[o["answer_field"]]).strip(), {"row": columns})  # fmt: skip
+
+    def has_demonstration(self, example: Example) -> bool:
+        return bool(example.cot)
 
     def target(self, example: Example) -> str:
         return f"{example.cot}\nAnswer: {example.answer}"

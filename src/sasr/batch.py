@@ -1,0 +1,149 @@
+"""The rows a step trains on, and the weighted parts a method makes of them.
+
+Every step is one batch of rows laid out alike: a left-padded prompt and a right-padded completion. A row is
+of one kind:
+
+- ``DEMO``: a demonstration (the task's chain of thought and answer) trained on by itself, as in SFT;
+- ``ROLLOUT``: a completion the policy sampled for a prompt (on-policy), one of its prompt's group;
+- ``OFFPOLICY``: a demonstration placed inside a prompt's group beside its rollouts (LUFFY, SRFT); it is
+  scored and gets an advantage like the rollouts, but the policy did not sample it.
+
+A method turns the rows of a step into ``Part`` s: a loss from the registry in ``sasr.losses`` over a subset
+of the rows, with a weight. The loop sums the weighted part losses of one policy pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+DEMO, ROLLOUT, OFFPOLICY = 0, 1, 2
+KIND_NAMES = {DEMO: "demo", ROLLOUT: "rollout", OFFPOLICY: "offpolicy"}
+
+
+@dataclass
+class Rows:
+    """B rows of one step. Rows of a prompt's group are consecutive (rollouts first, then its off-policy rows)."""
+
+    prompt_ids: torch.Tensor  # [B, P] left-padded
+    prompt_mask: torch.Tensor  # [B, P]
+    completion_ids: torch.Tensor  # [B, T] right-padded
+    completion_mask: torch.Tensor  # [B, T] 1 on the completion's tokens (up to and including EOS)
+    kind: torch.Tensor  # [B] long: DEMO, ROLLOUT or OFFPOLICY
+    group: (
+        torch.Tensor
+    )  # [B] long: index of the row's RL prompt in the step; -1 for demonstrations of no prompt
+    rewards: torch.Tensor  # [B] float32, 0 for DEMO rows
+    advantages: torch.Tensor  # [B] float32, 0 for DEMO rows
+    correct: torch.Tensor  # [B] bool
+    formatted: torch.Tensor  # [B] bool
+    sampler_logprobs: torch.Tensor | None = None  # [B, T] the sampler's log-probs (ROLLOUT rows; 0 elsewhere)
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)  # [B, P + T]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    def __len__(self) -> int:
+        return self.kind.numel()
+
+    def of_kind(self, *kinds: int) -> torch.Tensor:
+        """[B] bool: the rows of these kinds."""
+        return torch.isin(self.kind, torch.tensor(kinds, device=self.kind.device))
+
+    def select(self, rows: torch.Tensor) -> Rows:
+        """The rows at indices ``rows`` [b] (long), in that order."""
+        picked: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                picked[f.name] = value[rows]
+            elif f.name == "texts":
+                picked[f.name] = [value[i] for i in rows.tolist()] if value else []
+            else:
+                picked[f.name] = value
+        return Rows(**picked)
+
+
+def _pad_to(x: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
+    extra = width - x.size(1)
+    return F.pad(x, (extra, 0) if left else (0, extra), value=value) if extra else x
+
+
+def cat_rows(pieces: list[Rows], pad_token_id: int) -> Rows:
+    """One batch of several pieces: prompts padded on the left and completions on the right to the widest."""
+    if len(pieces) == 1:
+        return pieces[0]
+    P = max(p.prompt_ids.size(1) for p in pieces)
+    T = max(p.completion_ids.size(1) for p in pieces)
+    sampler = None
+    if any(p.sampler_logprobs is not None for p in pieces):
+        sampler = torch.cat(
+            [
+                _pad_to(
+                    p.sampler_logprobs
+                    if p.sampler_logprobs is not None
+                    else torch.zeros_like(p.completion_mask),
+                    T,
+                    0,
+                    left=False,
+                ).float()
+                for p in pieces
+            ]
+        )
+    return Rows(
+        prompt_ids=torch.cat([_pad_to(p.prompt_ids, P, pad_token_id, left=True) for p in pieces]),
+        prompt_mask=torch.cat([_pad_to(p.prompt_mask, P, 0, left=True) for p in pieces]),
+        completion_ids=torch.cat([_pad_to(p.completion_ids, T, pad_token_id, left=False) for p in pieces]),
+        completion_mask=torch.cat([_pad_to(p.completion_mask, T, 0, left=False) for p in pieces]),
+        kind=torch.cat([p.kind for p in pieces]),
+        group=torch.cat([p.group for p in pieces]),
+        rewards=torch.cat([p.rewards for p in pieces]),
+        advantages=torch.cat([p.advantages for p in pieces]),
+        correct=torch.cat([p.correct for p in pieces]),
+        formatted=torch.cat([p.formatted for p in pieces]),
+        sampler_logprobs=sampler,
+        texts=[t for p in pieces for t in p.texts],
+    )
+
+
+@dataclass
+class Part:
+    """One term of a step's loss: ``weight`` x the registered loss ``loss`` over the rows in ``rows``.
+
+    ``options`` are the loss function's own keyword arguments (e.g. ``phi=True``, ``shaping_gamma=0.1``); for
+    the policy-gradient loss they override the run's ``grpo`` settings (e.g. ``beta=0``).
+    """
+
+    name: str  # how metrics name it: loss/<name>, weight/<name>
+    loss: str  # a key of sasr.losses.PART_LOSSES
+    rows: torch.Tensor  # [B] bool
+    weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """What a step needs, decided before anything is sampled; the same on every rank.
+
+    ``phase`` labels the step in the logs and plots: 'sft' (demonstrations only), 'grpo' (rollouts only) or
+    'mixed' (both in one step).
+    """
+
+    step: int  # 1-based optimizer step
+    phase: str
+    demos: int = 0  # DEMO rows per process, from the demonstration source
+    prompts: int = 0  # RL prompts per process
+    rollouts: int = 0  # ROLLOUT rows per prompt (sampled)
+    offpolicy: int = 0  # OFFPOLICY rows per prompt: its demonstration, inside its group
+    prompt_demos: bool = False  # also one DEMO row per RL prompt: its own demonstration (HPT)
+    scale_rewards: str | None = None  # overrides grpo.scale_rewards for this step's advantages
+    probe: bool = False  # after the update, measure the SFT gradient norm on demonstrations (no update)
+    info: dict[str, float] = field(default_factory=dict)  # what the plan was computed from (p_t, mu, ...)

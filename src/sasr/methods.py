@@ -1,0 +1,509 @@
+"""Methods: what each optimizer step trains on. One class each, one registry line; see docs/methods.md.
+
+A method is asked ``plan(step)`` before the step (which rows it needs: demonstrations, rollouts, the
+demonstration inside each group), ``parts(plan, rows)`` once the rows are sampled and scored (the weighted
+loss terms over them), and told ``observe(plan, grad_norm, probe)`` after the update. Its random draws come
+from its own generator seeded from the run's seed, so every rank plans the same step; ``parts`` may differ
+between ranks in which rows it picks (HPT routes each prompt), never in the parts it returns.
+
+Options are a pydantic model per method (``Options``), validated like task options; the run's config holds
+them under the method's name (``sasr.gamma``, ``chord.variant``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sasr.batch import DEMO, OFFPOLICY, ROLLOUT, Part, Plan, Rows
+from sasr.errors import SasrError, nearest, unknown
+
+PHASES = ("sft", "grpo", "mixed")
+
+
+class Options(BaseModel):
+    """A method's options (none by default); subclasses add fields with defaults and bounds."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Method:
+    """Base: a subclass sets ``name``, ``Options``, and implements ``plan`` (and ``parts`` if not the usual)."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[Options]] = Options
+    # Metric keys its dynamics plots draw beside the phase strip.
+    dynamics: ClassVar[tuple[str, ...]] = ()
+    # True: trains each RL prompt's own demonstration, so demonstrations cannot come from another source.
+    pairs_demos: ClassVar[bool] = False
+    # True: the first ``warmup_steps`` steps are SFT (the others ignore warmup_steps).
+    uses_warmup: ClassVar[bool] = False
+    uses_demos: ClassVar[bool] = True  # trains on demonstrations at some step
+    uses_reference: ClassVar[bool] = True  # samples rollouts, whose KL to the reference is measured
+    needs_entropy: ClassVar[bool] = False  # a part weighs rows by their entropy, so every row needs it
+    # In a comparison, this method may take as many SFT steps as the named one took with the same seed.
+    sft_budget_from: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        steps: int,
+        warmup_steps: int = 0,
+        seed: int = 0,
+        demos_per_step: int = 8,
+        prompts_per_step: int = 2,
+        group_size: int = 8,
+        **options: Any,
+    ) -> None:
+        self.steps, self.warmup_steps = steps, (warmup_steps if self.uses_warmup else 0)
+        self.demos_per_step, self.prompts_per_step, self.group_size = (
+            demos_per_step,
+            prompts_per_step,
+            group_size,
+        )
+        self.opts = self.check_options(options)
+        self.rng = random.Random(seed)  # one generator, seeded identically on every rank
+        self.counts = dict.fromkeys(PHASES, 0)
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> Options:
+        """The validated options, or one sentence naming the bad one (and the nearest valid name)."""
+        try:
+            return cls.Options(**options)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            valid = list(cls.Options.model_fields)
+            if err["type"] == "extra_forbidden":
+                raise SasrError(
+                    f"method '{cls.name}' has no option '{key}'{nearest(key, valid)}; "
+                    f"options: {', '.join(valid) or 'none'}"
+                ) from None
+            msg = err["msg"].removeprefix("Value error, ")
+            raise SasrError(f"config key '{cls.name}.{key}': {msg} (got {err.get('input')!r})") from None
+
+    @classmethod
+    def with_sft_steps(cls, options: dict[str, Any], sft_steps: int) -> dict[str, Any]:
+        """Its options given ``sft_steps`` SFT steps (see ``sft_budget_from``); options set by hand win."""
+        return options
+
+    @classmethod
+    def check_budget(cls, steps: int, warmup_steps: int) -> None:
+        if cls.uses_warmup and warmup_steps >= steps:
+            raise SasrError(
+                f"warmup_steps ({warmup_steps}) must be shorter than steps ({steps}) for method '{cls.name}'"
+            )
+
+    # --- the three calls ------------------------------------------------------------------------------
+
+    def plan(self, step: int) -> Plan:
+        raise NotImplementedError
+
+    def parts(self, plan: Plan, rows: Rows) -> tuple[list[Part], dict[str, float]]:
+        """The usual parts: SFT on the demonstrations, GRPO on the rollouts. Returns (parts, statistics)."""
+        parts = []
+        if plan.demos or plan.prompt_demos:
+            parts.append(Part("sft", "nll", rows.kind == DEMO))
+        if plan.prompts:
+            parts.append(Part("grpo", "pg", rows.of_kind(ROLLOUT, OFFPOLICY)))
+        return parts, {}
+
+    def observe(self, plan: Plan, grad_norm: float | None, probe: float | None = None) -> None:
+        """After the step: its pre-clip gradient norm (None when not finite: the update was skipped), and the
+        probe's SFT gradient norm when the plan asked for one."""
+        self.counts[plan.phase] += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counts = {**dict.fromkeys(PHASES, 0), **state["counts"]}
+        self.rng.setstate(_as_rng_state(state["rng"]))
+
+    # --- plans every method uses ------------------------------------------------------------------------
+
+    def sft_plan(self, step: int, **info: float) -> Plan:
+        return Plan(step, "sft", demos=self.demos_per_step, info=info)
+
+    def grpo_plan(self, step: int, **info: float) -> Plan:
+        return Plan(step, "grpo", prompts=self.prompts_per_step, rollouts=self.group_size, info=info)
+
+
+def _as_rng_state(state: Any) -> tuple:
+    # random.getstate() is (version, tuple_of_ints, gauss); after a JSON round trip it comes back as lists.
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+# --- SASR and the baselines: one phase per step ----------------------------------------------------------
+
+
+class SFTOnly(Method):
+    name = "sft"
+    uses_reference = False
+
+    def plan(self, step: int) -> Plan:
+        return self.sft_plan(step)
+
+
+class GRPOOnly(Method):
+    """GRPO from the loaded model: no warm-up, whatever warmup_steps says."""
+
+    name = "grpo"
+    uses_demos = False
+
+    def plan(self, step: int) -> Plan:
+        return self.grpo_plan(step)
+
+
+class SFTThenGRPOOptions(Options):
+    switch_step: int | None = Field(None, ge=0, description="SFT steps before GRPO (null: warmup_steps)")
+
+
+class SFTThenGRPO(Method):
+    """The static two-stage hybrid: ``switch_step`` SFT steps (default warmup_steps), then GRPO."""
+
+    name = "sft-then-grpo"
+    Options = SFTThenGRPOOptions
+    uses_warmup = True
+
+    sft_budget_from = "sasr"
+
+    @classmethod
+    def with_sft_steps(cls, options: dict[str, Any], sft_steps: int) -> dict[str, Any]:
+        return options if options.get("switch_step") is not None else {**options, "switch_step": sft_steps}
+
+    @property
+    def switch(self) -> int:
+        return self.warmup_steps if self.opts.switch_step is None else self.opts.switch_step
+
+    @classmethod
+    def check_budget(cls, steps: int, warmup_steps: int) -> None:
+        pass  # any switch works: 0 is plain GRPO, steps or more plain SFT
+
+    def plan(self, step: int) -> Plan:
+        return self.sft_plan(step) if step <= self.switch else self.grpo_plan(step)
+
+
+class InterleaveOptions(Options):
+    prob: float = Field(0.5, ge=0, le=1, description="chance of an SFT step after warm-up")
+    period: int = Field(0, ge=0, description="if > 0: SFT every period-th step after warm-up instead")
+
+
+class Interleave(Method):
+    """Static mixture: after warm-up, SFT with fixed probability ``prob``, or every ``period``-th step."""
+
+    name = "interleave"
+    Options = InterleaveOptions
+    uses_warmup = True
+    dynamics = ("p_t",)
+
+    def plan(self, step: int) -> Plan:
+        if step <= self.warmup_steps:
+            return self.sft_plan(step)
+        if self.opts.period > 0:
+            sft = (step - self.warmup_steps) % self.opts.period == 0
+            return self.sft_plan(step) if sft else self.grpo_plan(step)
+        alpha = self.rng.random()
+        info = {"p_t": self.opts.prob, "alpha": alpha}
+        return self.sft_plan(step, **info) if alpha < self.opts.prob else self.grpo_plan(step, **info)
+
+
+class SASROptions(Options):
+    gamma: float = Field(1.0, gt=0, description="p_t = g_last / (g_last + gamma * G_warmup)")
+    probe_every: int = Field(
+        0, ge=0, description="if > 0: every k-th GRPO step in a row also measures g_last (no update)"
+    )
+
+
+class SASR(Method):
+    """Warm-up SFT, then SFT with probability p_t = g_last / (g_last + gamma * G_warmup), else GRPO.
+
+    G_warmup is the pre-clip gradient norm of the last warm-up step; g_last that of the latest SFT step (or of
+    the latest probe, with ``probe_every``).
+    """
+
+    name = "sasr"
+    Options = SASROptions
+    uses_warmup = True
+    dynamics = ("p_t",)
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.g_warmup: float | None = None
+        self.g_last: float | None = None
+        self.grpo_streak = 0  # GRPO steps in a row since the last SFT step or probe
+
+    @classmethod
+    def check_budget(cls, steps: int, warmup_steps: int) -> None:
+        super().check_budget(steps, warmup_steps)
+        if warmup_steps < 1:
+            raise SasrError("method 'sasr' needs warmup_steps >= 1 to measure G_warmup")
+
+    def plan(self, step: int) -> Plan:
+        if step <= self.warmup_steps:
+            return self.sft_plan(step)
+        if self.g_warmup is None or self.g_last is None:
+            raise SasrError(
+                f"warm-up ended at step {self.warmup_steps} without a finite gradient norm to set G_warmup"
+            )
+        p_t = self.g_last / (self.g_last + self.opts.gamma * self.g_warmup)
+        alpha = self.rng.random()  # alpha ~ U(0, 1), drawn only in the adaptive phase
+        info = {"p_t": p_t, "alpha": alpha, "g_last": self.g_last, "g_warmup": self.g_warmup}
+        if alpha < p_t:
+            return self.sft_plan(step, **info)
+        plan = self.grpo_plan(step, **info)
+        k = self.opts.probe_every
+        plan.probe = k > 0 and (self.grpo_streak + 1) % k == 0
+        return plan
+
+    def observe(self, plan: Plan, grad_norm: float | None, probe: float | None = None) -> None:
+        super().observe(plan, grad_norm)
+        if plan.phase == "sft" and grad_norm is not None:
+            self.g_last = float(grad_norm)
+            if plan.step == self.warmup_steps:
+                self.g_warmup = float(grad_norm)
+        self.grpo_streak = self.grpo_streak + 1 if plan.phase == "grpo" else 0
+        if probe is not None:
+            self.g_last = float(probe)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "g_warmup": self.g_warmup,
+            "g_last": self.g_last,
+            "grpo_streak": self.grpo_streak,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.g_warmup, self.g_last = state["g_warmup"], state["g_last"]
+        self.grpo_streak = state.get("grpo_streak", 0)
+
+
+# --- the peers: SFT and RL inside one step ---------------------------------------------------------------
+
+
+class ChordOptions(Options):
+    variant: Literal["mu", "phi"] = Field(
+        "mu", description="'mu': the mu schedule; 'phi': fixed mu = phi_mu and phi = p(1-p) token weights"
+    )
+    mu_peak: float = Field(0.9, ge=0, le=1, description="mu after its linear warm-up")
+    mu_valley: float = Field(0.05, ge=0, le=1, description="mu after its cosine decay")
+    mu_warmup_steps: int = Field(0, ge=0, description="steps of the linear warm-up of mu from 0")
+    mu_decay_steps: int = Field(200, ge=0, description="steps of the cosine decay from mu_peak to mu_valley")
+    phi_mu: float = Field(0.1, ge=0, le=1, description="variant 'phi': the fixed mu")
+    beta: float = Field(0.0, ge=0, description="KL weight of its GRPO part (CHORD: none)")
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field("dapo", description="its GRPO part's aggregation")
+
+
+def chord_mu(t: int, peak: float, valley: float, warmup: int, decay: int) -> float:
+    """mu after t steps: linear 0 -> peak over ``warmup`` steps, cosine peak -> valley over ``decay``, then
+    valley."""
+    if t < warmup:
+        return peak * t / warmup
+    if t >= warmup + decay:
+        return valley
+    return valley + (peak - valley) * 0.5 * (1 + math.cos(math.pi * (t - warmup) / decay))
+
+
+class Chord(Method):
+    """CHORD: every step L = (1 - mu) L_GRPO(rollouts) + mu L_SFT(demonstrations), each a token mean."""
+
+    name = "chord"
+    Options = ChordOptions
+    dynamics = ("mu",)
+
+    def mu(self, step: int) -> float:
+        o = self.opts
+        if o.variant == "phi":
+            return o.phi_mu
+        return chord_mu(step - 1, o.mu_peak, o.mu_valley, o.mu_warmup_steps, o.mu_decay_steps)
+
+    def plan(self, step: int) -> Plan:
+        return Plan(
+            step,
+            "mixed",
+            demos=self.demos_per_step,
+            prompts=self.prompts_per_step,
+            rollouts=self.group_size,
+            info={"mu": self.mu(step)},
+        )
+
+    def parts(self, plan: Plan, rows: Rows) -> tuple[list[Part], dict[str, float]]:
+        mu, o = plan.info["mu"], self.opts
+        return [
+            Part("sft", "nll", rows.kind == DEMO, mu, {"phi": o.variant == "phi"}),
+            Part("grpo", "pg", rows.kind == ROLLOUT, 1 - mu, {"beta": o.beta, "loss_type": o.loss_type}),
+        ], {}
+
+
+class HPTOptions(Options):
+    gate: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="a prompt trains with SFT when its fraction of correct rollouts is <= gate",
+    )
+    sft_loss_coef: float = Field(1.0, ge=0, description="weight of the SFT part")
+    beta: float = Field(0.0, ge=0, description="KL weight of the RL part (HPT: none)")
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field("dr_grpo", description="the RL part's aggregation")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "none", description="advantages of the RL part (HPT: mean-centred, not divided by the std)"
+    )
+
+
+class HPT(Method):
+    """HPT: per prompt, after its rollouts are scored, RL on them if it was solved often enough (fraction
+    correct > gate), else SFT on its demonstration (its rollouts dropped)."""
+
+    name = "hpt"
+    Options = HPTOptions
+    pairs_demos = True
+    dynamics = ("sft_fraction",)
+
+    def plan(self, step: int) -> Plan:
+        return Plan(
+            step,
+            "mixed",
+            prompts=self.prompts_per_step,
+            rollouts=self.group_size,
+            prompt_demos=True,
+            scale_rewards=self.opts.scale_rewards,
+        )
+
+    def parts(self, plan: Plan, rows: Rows) -> tuple[list[Part], dict[str, float]]:
+        o = self.opts
+        rollout, demo = rows.kind == ROLLOUT, rows.kind == DEMO
+        n_groups = plan.prompts
+        solved = torch.zeros(n_groups, device=rows.kind.device)
+        solved.index_add_(0, rows.group[rollout], rows.correct[rollout].float())
+        to_sft = solved / plan.rollouts <= o.gate  # [prompts]: the prompts routed to SFT
+        # DEMO rows of the RL prompts carry their prompt's group number too (see the trainer's rows).
+        row_to_sft = to_sft[rows.group.clamp(min=0)]
+        return [
+            Part("sft", "nll", demo & row_to_sft, o.sft_loss_coef),
+            Part("rl", "pg", rollout & ~row_to_sft, 1.0, {"beta": o.beta, "loss_type": o.loss_type}),
+        ], {"sft_fraction": to_sft.float().mean().item()}
+
+
+class LuffyOptions(Options):
+    num_demos: int = Field(1, ge=0, description="k: demonstrations in each group of num_generations rows")
+    shaping_gamma: float = Field(0.1, gt=0, description="off-policy tokens weigh f(p) = p / (p + gamma)")
+    beta: float = Field(0.0, ge=0, description="KL weight on the rollouts (LUFFY: none)")
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field("dr_grpo", description="aggregation of the group")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "none", description="advantages over the whole group (LUFFY: mean-centred, not divided by the std)"
+    )
+
+
+class Luffy(Method):
+    """LUFFY: each GRPO group holds num_generations - k rollouts and k demonstrations of its prompt; the
+    demonstrations' tokens train with the shaped, unclipped off-policy term."""
+
+    name = "luffy"
+    Options = LuffyOptions
+    pairs_demos = True
+    dynamics = ("offpolicy_share", "offpolicy_shaped_weight")
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        if self.opts.num_demos >= self.group_size:
+            raise SasrError(
+                f"method option '{self.name}.num_demos' ({self.opts.num_demos}) must be smaller than "
+                f"grpo.num_generations ({self.group_size}): a group needs at least one rollout"
+            )
+
+    def plan(self, step: int) -> Plan:
+        k = self.opts.num_demos
+        return Plan(
+            step,
+            "mixed" if k else "grpo",
+            prompts=self.prompts_per_step,
+            rollouts=self.group_size - k,
+            offpolicy=k,
+            scale_rewards=self.opts.scale_rewards,
+            info={"offpolicy_share": k / self.group_size},
+        )
+
+    def parts(self, plan: Plan, rows: Rows) -> tuple[list[Part], dict[str, float]]:
+        o = self.opts
+        options = {"beta": o.beta, "loss_type": o.loss_type, "shaping_gamma": o.shaping_gamma}
+        return [Part("rl", "pg", rows.of_kind(ROLLOUT, OFFPOLICY), 1.0, options)], {}
+
+
+class SRFTOptions(Options):
+    num_demos: int = Field(1, ge=0, description="k: demonstrations in each group of num_generations rows")
+    sft_coef: float = Field(0.5, ge=0, description="demonstration SFT weight: sft_coef * exp(-H)")
+    rl_coef: float = Field(0.1, ge=0, description="correct self-rollout weight: rl_coef * exp(+H)")
+    shaping_gamma: float = Field(
+        0.1, gt=0, description="off-policy demonstration tokens weigh p / (p + gamma)"
+    )
+    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
+        "dr_grpo", description="aggregation of the RL terms"
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "none", description="advantages of the demonstrations in the group"
+    )
+
+
+class SRFT(Method):
+    """SRFT: entropy-weighted SFT on the demonstrations, the same demonstrations as unclipped off-policy RL
+    inside their group, and entropy-weighted self-rollout RL (correct rows pulled up, wrong ones down)."""
+
+    name = "srft"
+    Options = SRFTOptions
+    pairs_demos = True
+    needs_entropy = True
+    dynamics = ("srft_sft_weight", "srft_rl_weight")
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        if not 1 <= self.opts.num_demos < self.group_size:
+            raise SasrError(
+                f"method option '{self.name}.num_demos' ({self.opts.num_demos}) must be at least 1 and smaller "
+                f"than grpo.num_generations ({self.group_size})"
+            )
+
+    def plan(self, step: int) -> Plan:
+        k = self.opts.num_demos
+        return Plan(
+            step,
+            "mixed",
+            prompts=self.prompts_per_step,
+            rollouts=self.group_size - k,
+            offpolicy=k,
+            scale_rewards=self.opts.scale_rewards,
+        )
+
+    def parts(self, plan: Plan, rows: Rows) -> tuple[list[Part], dict[str, float]]:
+        o = self.opts
+        rl = {
+            "beta": 0.0,
+            "loss_type": o.loss_type,
+            "shaping_gamma": o.shaping_gamma,
+            "rollout_coef": o.rl_coef,
+        }
+        return [
+            Part("sft", "nll", rows.kind == OFFPOLICY, 1.0, {"entropy_coef": o.sft_coef}),
+            Part("rl", "pg", rows.of_kind(ROLLOUT, OFFPOLICY), 1.0, rl),
+        ], {}
+
+
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (SASR, SFTOnly, GRPOOnly, SFTThenGRPO, Interleave, Chord, HPT, Luffy, SRFT)
+}
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise unknown("method", name, METHODS)
+    return METHODS[name]
+
+
+def get_method(name: str, **kwargs: Any) -> Method:
+    """A method by name, built with the run's budget (steps, warmup_steps, seed, batch sizes) and its options."""
+    return method_class(name)(**kwargs)

@@ -1,0 +1,290 @@
+import json
+
+import pytest
+
+from sasr.batch import Plan
+from sasr.errors import SasrError
+from sasr.methods import get_method
+
+
+def drive(method, steps, norms):
+    """Run a method's plans with a given gradient norm per step; returns the plans."""
+    out = []
+    for step in range(1, steps + 1):
+        d = method.plan(step)
+        method.observe(d, norms(step))
+        out.append(d)
+    return out
+
+
+def test_sasr_rule_unit():
+    s = get_method("sasr", steps=200, warmup_steps=3, seed=7, gamma=2.0)
+    decisions = drive(s, 200, lambda step: 1.0 + step / 10)
+    assert [d.phase for d in decisions[:3]] == ["sft"] * 3
+    g_warmup = 1.3  # the norm observed at step 3, the last warm-up step
+    g_last = g_warmup
+    for d in decisions[3:]:
+        p = g_last / (g_last + 2.0 * g_warmup)
+        assert d.info["p_t"] == pytest.approx(p)
+        assert d.info["g_last"] == pytest.approx(g_last)
+        assert d.info["g_warmup"] == pytest.approx(g_warmup)
+        assert (d.phase == "sft") == (d.info["alpha"] < p)
+        if d.phase == "sft":
+            g_last = 1.0 + d.step / 10
+    assert decisions[3].info["p_t"] == pytest.approx(1 / 3)  # p_1 = 1 / (1 + gamma)
+    assert {d.phase for d in decisions[3:]} == {"sft", "grpo"}
+
+
+def test_sasr_responds_to_drift():
+    """A growing SFT gradient (drift) raises p_t; a shrinking one lowers it."""
+    drift = get_method("sasr", steps=300, warmup_steps=1, seed=0)
+    rising = drive(drift, 300, lambda step: float(step))
+    calm = get_method("sasr", steps=300, warmup_steps=1, seed=0)
+    falling = drive(calm, 300, lambda step: 1.0 / step)
+    assert sum(d.phase == "sft" for d in rising) > 2 * sum(d.phase == "sft" for d in falling)
+
+
+def test_same_seed_same_branches_and_state_roundtrip():
+    a = [d.phase for d in drive(get_method("sasr", steps=50, warmup_steps=2, seed=3), 50, lambda s: 1.0)]
+    b = [d.phase for d in drive(get_method("sasr", steps=50, warmup_steps=2, seed=3), 50, lambda s: 1.0)]
+    c = [d.phase for d in drive(get_method("sasr", steps=50, warmup_steps=2, seed=4), 50, lambda s: 1.0)]
+    assert a == b and a != c
+    s = get_method("sasr", steps=50, warmup_steps=2, seed=3)
+    first = drive(s, 20, lambda st: 1.0)
+    state = json.loads(json.dumps(s.state_dict()))  # must survive JSON
+    t = get_method("sasr", steps=50, warmup_steps=2, seed=99)
+    t.load_state_dict(state)
+    rest = [t.plan(step) for step in range(21, 51)]
+    for d in rest:
+        t.observe(d, 1.0)
+    assert [d.phase for d in first + rest] == a
+
+
+def test_static_methods():
+    assert {d.phase for d in drive(get_method("sft", steps=5), 5, lambda s: 1.0)} == {"sft"}
+    assert {d.phase for d in drive(get_method("grpo", steps=5, warmup_steps=3), 5, lambda s: 1.0)} == {"grpo"}
+    two = drive(get_method("sft-then-grpo", steps=6, warmup_steps=2), 6, lambda s: 1.0)
+    assert [d.phase for d in two] == ["sft", "sft", "grpo", "grpo", "grpo", "grpo"]
+    period = drive(get_method("interleave", steps=8, warmup_steps=2, period=3), 8, lambda s: 1.0)
+    assert [d.phase for d in period] == ["sft", "sft", "grpo", "grpo", "sft", "grpo", "grpo", "sft"]
+    prob = drive(get_method("interleave", steps=2000, warmup_steps=0, prob=0.25), 2000, lambda s: 1.0)
+    assert 0.2 < sum(d.phase == "sft" for d in prob) / 2000 < 0.3
+    assert all((d.phase == "sft") == (d.info["alpha"] < 0.25) for d in prob)
+
+
+def test_unknown_method():
+    with pytest.raises(
+        SasrError,
+        match="unknown method 'sarsa'.*valid: chord, grpo, hpt, interleave, luffy, sasr, sft, sft-then-grpo, srft",
+    ):
+        get_method("sarsa", steps=1)
+
+
+def test_counts():
+    s = get_method("sasr", steps=10, warmup_steps=2, seed=1)
+    ds = drive(s, 10, lambda st: 1.0)
+    assert s.counts["sft"] == sum(d.phase == "sft" for d in ds)
+    assert s.counts["grpo"] == 10 - s.counts["sft"]
+    assert isinstance(ds[0], Plan)
+
+
+# --- the step interface: every method in the registry -------------------------------------------------------
+
+import math  # noqa: E402
+
+import torch  # noqa: E402
+
+from sasr.batch import DEMO, OFFPOLICY, ROLLOUT, Rows  # noqa: E402
+from sasr.losses import PartInputs, nll_part, pg_part  # noqa: E402
+from sasr.methods import METHODS, chord_mu  # noqa: E402
+
+PG = {"beta": 0.0, "epsilon": 0.2, "epsilon_high": None, "loss_type": "dapo", "max_completion_length": 4,
+      "use_bias_correction_kl": False}  # fmt: skip
+
+
+def rows_for(plan: Plan, seed: int, T: int = 3) -> Rows:
+    """Rows laid out as the trainer lays them out for ``plan``, with random correctness (a rank's content)."""
+    g = torch.Generator().manual_seed(seed)
+    kinds, groups = [DEMO] * plan.demos, [-1] * plan.demos
+    for i in range(plan.prompts):
+        kinds += [ROLLOUT] * plan.rollouts + [OFFPOLICY] * plan.offpolicy
+        groups += [i] * (plan.rollouts + plan.offpolicy)
+    if plan.prompt_demos:
+        kinds += [DEMO] * plan.prompts
+        groups += list(range(plan.prompts))
+    B = len(kinds)
+    kind = torch.tensor(kinds)
+    correct = (torch.rand(B, generator=g) < 0.4) | (kind == OFFPOLICY)
+    return Rows(
+        torch.ones(B, 2, dtype=torch.long), torch.ones(B, 2, dtype=torch.long),
+        torch.ones(B, T, dtype=torch.long), torch.ones(B, T, dtype=torch.long),
+        kind=kind, group=torch.tensor(groups), rewards=correct.float(), advantages=correct.float() - 0.5,
+        correct=correct, formatted=correct,
+    )  # fmt: skip
+
+
+def shape(parts):
+    return [(p.name, p.loss, sorted(p.options)) for p in parts]
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_contract_same_seed_same_plans_ranks_same_parts_state_roundtrip(name):
+    """One contract for every registered method: same seed, same plans and metrics; the plan and the kinds of
+    parts do not depend on a rank's data; the state survives a checkpoint (JSON) and continues identically."""
+    budget = {"steps": 30, "warmup_steps": 3, "seed": 5, "demos_per_step": 3, "prompts_per_step": 2,
+              "group_size": 4}  # fmt: skip
+
+    def run(method, steps, start=1):
+        out = []
+        for step in range(start, start + steps):
+            plan = method.plan(step)
+            parts0, stats0 = method.parts(plan, rows_for(plan, seed=step))  # rank 0's data
+            parts1, stats1 = method.parts(plan, rows_for(plan, seed=1000 + step))  # rank 1's data
+            assert shape(parts0) == shape(parts1) and stats0.keys() == stats1.keys()
+            assert plan.phase in ("sft", "grpo", "mixed")
+            method.observe(plan, 1.0 + step / 10, 2.0 if plan.probe else None)
+            out.append((plan.phase, plan.info, shape(parts0), stats0))
+        return out
+
+    a, b = run(METHODS[name](**budget), 30), run(METHODS[name](**budget), 30)
+    assert a == b
+    m = METHODS[name](**budget)
+    first = run(m, 12)
+    state = json.loads(json.dumps(m.state_dict()))
+    other = METHODS[name](**{**budget, "seed": 99})
+    other.load_state_dict(state)
+    assert first + run(other, 18, start=13) == a
+    assert sum(other.counts.values()) == 30
+
+
+def test_chord_mu_schedule_at_chosen_steps():
+    # t steps done; linear 0 -> peak over warm-up, cosine peak -> valley over decay, then valley
+    assert chord_mu(0, 0.9, 0.05, 0, 200) == pytest.approx(0.9)
+    assert chord_mu(100, 0.9, 0.05, 0, 200) == pytest.approx(0.05 + 0.85 * 0.5)  # cos(pi / 2) = 0
+    assert chord_mu(200, 0.9, 0.05, 0, 200) == pytest.approx(0.05)
+    assert chord_mu(500, 0.9, 0.05, 0, 200) == pytest.approx(0.05)
+    assert chord_mu(5, 0.5, 0.02, 10, 40) == pytest.approx(0.25)  # half-way up the warm-up
+    assert chord_mu(20, 0.5, 0.02, 10, 40) == pytest.approx(0.02 + 0.48 * 0.5 * (1 + math.cos(math.pi / 4)))
+    chord = get_method("chord", steps=10, mu_decay_steps=4)
+    assert [round(chord.plan(s).info["mu"], 6) for s in (1, 3, 5, 9)] == [0.9, 0.475, 0.05, 0.05]
+    phi = get_method("chord", steps=10, variant="phi")
+    plan = phi.plan(7)
+    parts, _ = phi.parts(plan, rows_for(plan, 0))
+    assert plan.info["mu"] == 0.1 and [(p.name, p.weight) for p in parts] == [("sft", 0.1), ("grpo", 0.9)]
+    assert parts[0].options == {"phi": True} and parts[1].options["beta"] == 0.0
+
+
+def part_inputs(logps, mask=None, adv=(0.0,), off=(False,), correct=(False,), entropy=None):
+    logps = torch.tensor(logps, requires_grad=True)
+    return logps, PartInputs(
+        logps, torch.ones_like(logps) if mask is None else torch.tensor(mask), entropy, None,
+        torch.tensor(adv), torch.tensor(off), torch.tensor(correct),
+    )  # fmt: skip
+
+
+def test_chord_phi_weights_tokens_by_p_times_one_minus_p():
+    lp = [[math.log(0.5), math.log(0.9), math.log(0.01)]]
+    logps, x = part_inputs(lp)
+    out = nll_part(x, phi=True)
+    w = [0.25, 0.09, 0.0099]  # p (1 - p)
+    assert out.loss.item() == pytest.approx(-sum(wi * li for wi, li in zip(w, lp[0])) / 3, rel=1e-5)
+    out.loss.backward()
+    assert logps.grad[0].tolist() == pytest.approx(
+        [-wi / 3 for wi in w], rel=1e-5
+    )  # the weight is stop-gradient
+
+
+def test_hpt_routes_unsolved_prompts_to_sft_and_solved_ones_to_rl():
+    hpt = get_method("hpt", steps=5, prompts_per_step=3, group_size=4, gate=0.25)
+    plan = hpt.plan(1)
+    rows = rows_for(plan, 0)
+    # prompt 0: 2 of 4 correct (RL); prompt 1: 1 of 4 (0.25 <= gate: SFT); prompt 2: none (SFT)
+    rows.correct = torch.tensor([1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], dtype=torch.bool)
+    parts, stats = hpt.parts(plan, rows)
+    sft, rl = parts
+    assert (sft.name, sft.loss, rl.name, rl.loss) == ("sft", "nll", "rl", "pg")
+    assert rl.rows.nonzero().squeeze(1).tolist() == [0, 1, 2, 3]  # prompt 0's rollouts
+    assert sft.rows.nonzero().squeeze(1).tolist() == [13, 14]  # the demonstrations of prompts 1 and 2
+    assert stats == {"sft_fraction": pytest.approx(2 / 3)}
+    assert rl.options == {"beta": 0.0, "loss_type": "dr_grpo"} and plan.scale_rewards == "none"
+
+
+def test_luffy_offpolicy_term_is_shaped_unclipped_and_its_gradient():
+    p_off, gamma, a_off, a_on = 0.3, 0.1, 0.75, -0.25
+    logps, x = part_inputs(
+        [[math.log(p_off), math.log(p_off)], [math.log(0.6), math.log(0.6)]],
+        adv=(a_off, a_on), off=(True, False), correct=(True, False),
+    )  # fmt: skip
+    out = pg_part(x, **PG, shaping_gamma=gamma)
+    f = p_off / (p_off + gamma)
+    # dapo: mean over the 4 tokens of -A f(p) (off-policy) and -A * ratio, ratio = 1 (on-policy)
+    assert out.loss.item() == pytest.approx((2 * -a_off * f + 2 * -a_on) / 4, rel=1e-6)
+    out.loss.backward()
+    d_off = -a_off * gamma * p_off / (p_off + gamma) ** 2 / 4  # d/dlog p of -A p/(p + gamma)
+    assert logps.grad[0].tolist() == pytest.approx([d_off, d_off], rel=1e-5)
+    assert logps.grad[1].tolist() == pytest.approx([-a_on / 4, -a_on / 4], rel=1e-5)
+    assert out.stats["offpolicy_shaped_weight"] == pytest.approx(
+        gamma * p_off / (p_off + gamma) ** 2, rel=1e-5
+    )
+    # no clipping: far from the behaviour probability (1) the off-policy gradient still flows
+    logps, x = part_inputs([[math.log(1e-3)]], adv=(1.0,), off=(True,), correct=(True,))
+    pg_part(x, **PG, shaping_gamma=gamma).loss.backward()
+    assert logps.grad.item() == pytest.approx(-gamma * 1e-3 / (1e-3 + gamma) ** 2, rel=1e-4)
+
+
+def test_luffy_without_demonstration_rows_and_empty_parts_give_no_nan():
+    logps, x = part_inputs([[-1.0, -2.0]], adv=(0.5,), off=(False,))
+    for loss_type in ("grpo", "dr_grpo", "dapo"):
+        out = pg_part(x, **{**PG, "loss_type": loss_type}, shaping_gamma=0.1)
+        assert math.isfinite(out.loss.item()) and out.stats["offpolicy_shaped_weight"] == 0.0
+    empty = torch.zeros(0, 2, requires_grad=True)
+    x = PartInputs(empty, torch.zeros(0, 2), None, None, torch.zeros(0), torch.zeros(0, dtype=torch.bool),
+                   torch.zeros(0, dtype=torch.bool))  # fmt: skip
+    for loss_type in ("grpo", "dr_grpo", "dapo"):
+        out = pg_part(x, **{**PG, "loss_type": loss_type})
+        assert out.loss.item() == 0.0
+        out.loss.backward()
+    assert nll_part(x).loss.item() == 0.0
+    luffy = get_method("luffy", steps=3, group_size=4, num_demos=0)
+    assert luffy.plan(1).offpolicy == 0 and luffy.plan(1).phase == "grpo"
+
+
+def test_srft_weights():
+    H = torch.tensor([[1.0, 3.0], [0.5, 0.5], [2.0, 2.0]])  # rows' mean entropies 2.0, 0.5, 2.0
+    logps, x = part_inputs(
+        [[-1.0, -1.0], [-0.5, -0.5], [-2.0, -2.0]], adv=(0.0, 0.0, 0.0), off=(False, False, False),
+        correct=(True, False, True), entropy=H,
+    )  # fmt: skip
+    sft = nll_part(x, entropy_coef=0.5)
+    w = [0.5 * math.exp(-2.0), 0.5 * math.exp(-0.5), 0.5 * math.exp(-2.0)]
+    assert sft.loss.item() == pytest.approx((2 * w[0] * 1.0 + 2 * w[1] * 0.5 + 2 * w[2] * 2.0) / 6, rel=1e-6)
+    assert sft.stats["srft_sft_weight"] == pytest.approx(sum(w) / 3, rel=1e-6)
+    rl = pg_part(x, **PG, rollout_coef=0.1)
+    w_rl = [0.1 * math.exp(2.0), -1.0, 0.1 * math.exp(2.0)]  # correct rows pulled up, wrong ones pushed down
+    assert rl.loss.item() == pytest.approx(sum(-wi * 2 * lp for wi, lp in zip(w_rl, (-1.0, -0.5, -2.0))) / 6)
+    assert rl.stats["srft_rl_weight"] == pytest.approx(0.1 * math.exp(2.0), rel=1e-6)
+    srft = get_method("srft", steps=3, group_size=4)
+    plan = srft.plan(1)
+    parts, _ = srft.parts(plan, rows_for(plan, 0))
+    assert [(p.name, p.loss, p.options.get("entropy_coef"), p.options.get("rollout_coef")) for p in parts] == [
+        ("sft", "nll", 0.5, None), ("rl", "pg", None, 0.1)
+    ]  # fmt: skip
+    assert parts[0].rows.tolist() == (rows_for(plan, 0).kind == OFFPOLICY).tolist()
+
+
+def test_sft_then_grpo_switch_step_and_sasr_probe():
+    two = drive(get_method("sft-then-grpo", steps=6, warmup_steps=2, switch_step=4), 6, lambda s: 1.0)
+    assert [d.phase for d in two] == ["sft"] * 4 + ["grpo"] * 2
+    assert METHODS["sft-then-grpo"].with_sft_steps({"switch_step": None}, 7) == {"switch_step": 7}
+    assert METHODS["sft-then-grpo"].with_sft_steps({"switch_step": 3}, 7) == {"switch_step": 3}
+    # The probe: every 2nd GRPO step in a row measures g_last without an SFT step.
+    s = get_method("sasr", steps=40, warmup_steps=1, seed=0, gamma=50.0, probe_every=2)  # p_t ~ 0.02
+    plans = []
+    for step in range(1, 41):
+        plan = s.plan(step)
+        s.observe(plan, 1.0, 4.0 if plan.probe else None)
+        plans.append(plan)
+    probes = [p.step for p in plans if p.probe]
+    assert probes and all(p.phase == "grpo" for p in plans if p.probe)
+    after = next(p for p in plans if p.step > probes[0])
+    assert after.info["g_last"] == 4.0  # the probe's norm, though no SFT step ran
