@@ -3,6 +3,7 @@
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,3 +216,32 @@ def test_two_processes_take_the_same_branches(tmp_path):
     assert [x["grad_norm"] for x in r0] == [x["grad_norm"] for x in r1]
     assert len(metrics(run)) == 10  # only rank 0 wrote the run directory
     assert proc.stdout.count("finished in") == 1
+
+
+@pytest.mark.parametrize("method", ["chord", "hpt", "luffy", "srft"])
+def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path, method):
+    """Two gloo ranks with different data take the same parts in every step (else the all-reduce of the
+    step's statistics would fail) and read the same global gradient norm; stopped and resumed, the run ends
+    as it would have."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sasr", "train",
+              *ARGS, "--method", method, "--set", "grpo.num_generations=3", "--steps", "4", "--save-every", "2",
+              "--set", "eval.before=false"]  # fmt: skip
+    ranks = tmp_path / "ranks"
+    ranks.mkdir()
+    env = {**ENV, "SASR_RANK_LOG_DIR": str(ranks)}
+    straight = subprocess.run([*launch, "--output", str(tmp_path / "a")], env=env, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    r0, r1 = ([json.loads(x) for x in (ranks / f"rank{i}.jsonl").read_text().splitlines()] for i in (0, 1))
+    assert [x["phase"] for x in r0] == [x["phase"] for x in r1] == ["mixed"] * 4
+    assert [x["grad_norm"] for x in r0] == [x["grad_norm"] for x in r1]
+    # Resumed from the checkpoint of step 2 (as after a SIGKILL there): the same steps 3-4 and weights.
+    resumed = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", resumed)
+    shutil.rmtree(resumed / "final")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch[3:launch.index("train") + 1],
+           "--resume", str(resumed), "--quiet"]  # fmt: skip
+    again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert_same_run(tmp_path / "a", resumed)

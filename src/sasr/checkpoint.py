@@ -162,7 +162,10 @@ def load(trainer: Trainer, path: Path) -> int:
         )
     model = acc.unwrap_model(trainer.model)
     weights_file = next((path / "model").glob("*.safetensors"))
-    weights = load_file(weights_file, device=str(acc.device))
+    device = (
+        "cpu" if acc.device.type == "cpu" else str(acc.device)
+    )  # safetensors refuses 'cpu:0' (a CPU rank)
+    weights = load_file(weights_file, device=device)
     if trainer.config.lora.enabled:
         unexpected = set_peft_model_state_dict(model, weights).unexpected_keys
     else:  # strict=False: save_pretrained leaves out tied weights (lm_head = embeddings)
@@ -170,11 +173,11 @@ def load(trainer: Trainer, path: Path) -> int:
     if unexpected:
         raise SasrError(f"checkpoint {path} does not fit this model (unexpected weights: {unexpected[:3]})")
     trainer.optimizer.load_state_dict(
-        torch.load(path / "optimizer.pt", map_location=acc.device, weights_only=False)
+        torch.load(path / "optimizer.pt", map_location=device, weights_only=False)
     )
     trainer.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     if (path / "reference.safetensors").exists():
-        trainer.reference.snapshot_ = load_file(path / "reference.safetensors", device=str(acc.device))
+        trainer.reference.snapshot_ = load_file(path / "reference.safetensors", device=device)
     trainer.method.load_state_dict(state["method"])
     trainer.eval_before = state["eval_before"]
     trainer.seconds_before = state.get("seconds", 0.0)
