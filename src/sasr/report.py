@@ -61,7 +61,7 @@ def _draw(ax, data: Series, title: str, ylabel: str = "") -> None:
 
 
 def _save(fig, path: Path, figures: dict[str, Series], name: str, data: dict[str, Series]) -> Path:
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))  # room for a title above and a figure legend below
     fig.savefig(path, dpi=110)
     plt.close(fig)
     figures[name] = data
@@ -112,6 +112,10 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
             )
             for phase in PHASE_COLOURS
             if any(r["phase"] == phase for r in rows)
+        }
+        | {  # the parts of mixed steps, each before its weight
+            f"part {key.removeprefix('loss/')}": series(rows, key)
+            for key in sorted({k for r in rows for k in r if k.startswith("loss/")})
         },
         "grad_norm": {"pre-clip gradient norm": series(rows, "grad_norm")},
         "reward": {"train reward": series(rows, "reward_mean"), "train accuracy": series(rows, "accuracy")},
@@ -122,7 +126,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
     titles = {
         "loss": "loss",
         "grad_norm": "gradient norm (pre-clip)",
-        "reward": "GRPO steps: reward and accuracy",
+        "reward": "steps with rollouts: reward and accuracy",
         "dynamics": f"{method}: how it decides its steps",
         "kl": "KL to the reference policy",
         "held_out": "held-out accuracy (greedy)",
@@ -130,6 +134,8 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
     fig, axes = plt.subplots(3, 2, figsize=(11, 9))
     for ax, (name, data) in zip(axes.flat, panels.items()):
         _draw(ax, data, titles[name])
+        if any(data.values()):
+            ax.legend(fontsize=7)
         _phase_strip(ax, rows)
     _phase_legend(fig, loc="lower center", ncol=len(PHASE_COLOURS))
     fig.suptitle(f"{run_dir.name}")
@@ -191,10 +197,11 @@ def plot_compare(runs: dict[str, list[Path]], out_dir: Path) -> dict[str, Any]:
         for ax, (method, rows) in zip(axes[:, 0], shown.items()):
             curves = {**method_dynamics(method, rows), "KL to reference": series(rows, "kl")}
             _draw(ax, curves, method)
+            ax.legend(fontsize=7)
             _phase_strip(ax, rows)
             data.update({f"{method}/{k}": v for k, v in curves.items()})
-        _phase_legend(axes[0, 0], fontsize=7, loc="upper right")
-        fig.suptitle("how each method decides its steps (first seed); strip: SFT, GRPO or mixed")
+        _phase_legend(fig, loc="lower center", ncol=len(PHASE_COLOURS), title="phase of each step (strip)")
+        fig.suptitle("how each method decides its steps (first seed)")
         _save(fig, out_dir / "dynamics.png", figures, "dynamics", data)
     (out_dir / "plots.json").write_text(json.dumps(figures))
     return figures
