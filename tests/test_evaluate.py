@@ -204,8 +204,14 @@ def test_report_of_a_run(compared, capsys):
     png = run / "report" / "training.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
     plots = json.loads((run / "report" / "plots.json").read_text())["training"]
-    assert {"loss/SFT loss", "sasr/p_t", "kl/KL to reference", "held_out/held-out accuracy"} <= plots.keys()
-    assert len(plots["loss/SFT loss"]) + len(plots["loss/GRPO loss"]) == 6
+    assert {
+        "loss/SFT loss",
+        "dynamics/p_t",
+        "dynamics/g_last / G_warmup",
+        "kl/KL to reference",
+        "held_out/held-out accuracy",
+    } <= plots.keys()
+    assert len(plots["loss/SFT loss"]) + len(plots.get("loss/GRPO loss", [])) == 6
     assert "training.png" in (run / "report" / "report.md").read_text()
     assert main(["report", str(out)]) == 2  # not a run directory
     assert "is not a run directory" in capsys.readouterr().err

@@ -286,13 +286,13 @@ def test_length_groups_cut_only_where_it_saves_work():
 def test_sft_loss_ignores_prompt_tokens():
     """Prompt tokens carry no SFT loss: changing the prompt part of the log-probs changes nothing."""
     from sasr import models
-    from sasr.data import sft_batch
+    from sasr.data import demonstration_rows
     from sasr.tasks import get_task
 
     tok = models.load_tokenizer("tiny")
     task = get_task("arithmetic")
     exs = task.examples("train", 3, seed=0)
-    batch = sft_batch(tok, task, exs, 512, torch.device("cpu"))
+    batch = demonstration_rows(tok, task, exs, 512, torch.device("cpu"))
     # The masked targets are exactly the task targets followed by EOS, and nothing of the prompt.
     for i, ex in enumerate(exs):
         kept = batch.completion_ids[i][batch.completion_mask[i].bool()].tolist()

@@ -156,8 +156,12 @@ def test_missing_field_names_field_and_line(tmp_path):
     f.write_text('{"question": "q1", "answer": "#### 1"}\n\n{"question": "q3"}\n')
     with pytest.raises(SasrError, match=re.escape(f"{f}:3 has no field 'answer'")):
         get_task("gsm8k", path=str(f)).examples("train", 5)
-    with pytest.raises(SasrError, match="has no field 'solution'"):
+    with pytest.raises(SasrError, match=re.escape(f"{f}:3 has no field 'answer'")):
         get_task(f"jsonl:{f}").examples("train", 5)
+    # A file of RL prompts needs no chain of thought; its examples then hold no demonstration.
+    f.write_text("".join(f'{{"question": "q{i}", "answer": "{i}"}}\n' for i in range(20)))
+    task = get_task(f"jsonl:{f}")
+    assert not any(task.has_demonstration(ex) for ex in task.examples("train", 5))
 
 
 def test_empty_and_missing_files(tmp_path):

@@ -184,3 +184,33 @@ def test_demonstrations_from_another_source(tmp_path, run_tiny):
     code = main(["train", "--model", "tiny", "--task", f"jsonl:{prompts}", "--method", "sft", "--quiet",
                  "--output", str(tmp_path / "sft")])  # fmt: skip
     assert code == 2 and not (tmp_path / "sft").exists()
+
+
+def test_a_luffy_step_lays_each_demonstration_inside_its_group(tmp_path):
+    """The rows of a LUFFY step: per prompt, its rollouts then its demonstration, one prompt shared by the
+    group, the demonstration's tokens those of the task's target; advantages over the whole group."""
+    from conftest import tiny_config
+
+    from sasr.batch import OFFPOLICY, ROLLOUT
+    from sasr.config import validate
+    from sasr.trainer import Trainer
+
+    grpo = {"num_generations": 4, "max_completion_length": 96}  # room for the whole demonstration
+    config = validate(tiny_config(tmp_path / "run", method="luffy", grpo=grpo))
+    trainer = Trainer(config, progress=False)
+    plan = trainer.method.plan(1)
+    rows, stats = trainer.rows(1, plan)
+    assert rows.kind.tolist() == [ROLLOUT] * 3 + [OFFPOLICY] + [ROLLOUT] * 3 + [OFFPOLICY]
+    assert rows.group.tolist() == [0] * 4 + [1] * 4
+    for g in (0, 1):
+        group = rows.prompt_ids[4 * g : 4 * g + 4]
+        assert (group == group[0]).all()  # one prompt: the policy pass computes it once
+        demo = rows.completion_ids[4 * g + 3][rows.completion_mask[4 * g + 3].bool()].tolist()
+        assert trainer.tokenizer.decode(demo, skip_special_tokens=True) == rows.texts[4 * g + 3]
+        assert rows.correct[4 * g + 3]  # the judge accepts the demonstration
+        adv = rows.advantages[4 * g : 4 * g + 4]
+        assert adv.sum().item() == pytest.approx(0.0, abs=1e-6)  # mean-centred over the group, not std-scaled
+        assert adv[3].item() == pytest.approx(
+            rows.rewards[4 * g + 3].item() - rows.rewards[4 * g : 4 * g + 4].mean().item()
+        )
+    assert stats["accuracy"] == 0.0  # rollout statistics leave the demonstrations out

@@ -57,13 +57,13 @@ def demonstration_rows(
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_length // 2, device)
     texts = [task.target(ex) for ex in examples]
     ids, mask = encode_targets(tokenizer, texts, max(max_length - prompt_ids.size(1), 1), device)
-    return demo_rows(prompt_ids, prompt_mask, ids, mask, texts, DEMO, group)
+    return rows_of_kind(prompt_ids, prompt_mask, ids, mask, texts, DEMO, group)
 
 
-def demo_rows(
-    prompt_ids, prompt_mask, ids, mask, texts, kind: int, group: Sequence[int] | None = None
+def rows_of_kind(
+    prompt_ids, prompt_mask, ids, mask, texts: Sequence[str], kind: int, group: Sequence[int] | None = None
 ) -> Rows:
-    """Rows of one kind from a demonstration's tokens; no reward, no advantage (a group's are set later)."""
+    """Rows of one kind from prompt and completion tokens; rewards and advantages are set once scored."""
     B, device = ids.size(0), ids.device
     return Rows(
         prompt_ids,

@@ -32,7 +32,7 @@ from transformers import get_scheduler
 from sasr import checkpoint, models
 from sasr.batch import OFFPOLICY, ROLLOUT, Plan, Rows, cat_rows
 from sasr.config import TrainConfig, to_yaml
-from sasr.data import demo_rows, demonstration_rows, encode_targets, pick
+from sasr.data import demonstration_rows, encode_targets, pick, rows_of_kind
 from sasr.errors import SasrError
 from sasr.evaluate import GREEDY, evaluate, score_all, summarise
 from sasr.losses import PART_LOSSES, PartInputs, completion_logprobs, group_advantages, masked_mean, sft_loss
@@ -42,6 +42,16 @@ from sasr.rollout import generate, render_prompts
 from sasr.tasks import get_task
 
 log = logging.getLogger(__name__)
+
+# The grpo settings the policy-gradient part takes (a part's options may override them).
+PG_SETTINGS = {
+    "beta",
+    "epsilon",
+    "epsilon_high",
+    "loss_type",
+    "max_completion_length",
+    "use_bias_correction_kl",
+}
 
 
 @dataclass
@@ -383,34 +393,33 @@ class Trainer:
         )  # prompts x rollouts rows
         rollout_seconds = self._now() - t_rollout
         n, r, k = len(examples), plan.rollouts, plan.offpolicy
-        group = torch.arange(n, device=device).repeat_interleave(r)
-        rows = Rows(
-            roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask,
-            kind=torch.full((n * r,), ROLLOUT, device=device), group=group,
-            rewards=torch.zeros(n * r, device=device), advantages=torch.zeros(n * r, device=device),
-            correct=torch.zeros(n * r, dtype=torch.bool, device=device),
-            formatted=torch.zeros(n * r, dtype=torch.bool, device=device),
-            sampler_logprobs=roll.logprobs, texts=roll.texts,
-        )  # fmt: skip
+        rows = rows_of_kind(
+            roll.prompt_ids,
+            roll.prompt_mask,
+            roll.completion_ids,
+            roll.completion_mask,
+            roll.texts,
+            ROLLOUT,
+            [i for i in range(n) for _ in range(r)],
+        )
+        rows.sampler_logprobs = roll.logprobs
         if k:  # the prompt's demonstration k times after its rollouts, with the same prompt tokens: one group
-            texts = [self.task.target(ex) for ex in examples]
-            ids, cmask = encode_targets(self.tokenizer, texts, g.max_completion_length, device)  # [n, t]
-            demos = demo_rows(
-                *(x[::r].repeat_interleave(k, 0) for x in (rows.prompt_ids, rows.prompt_mask)),
-                ids.repeat_interleave(k, 0),
-                cmask.repeat_interleave(k, 0),
+            targets = [self.task.target(ex) for ex in examples]
+            ids, mask = encode_targets(self.tokenizer, targets, g.max_completion_length, device)  # [n, t]
+            texts = self.tokenizer.batch_decode(
+                ids, skip_special_tokens=True
+            )  # judged as trained: maybe cut short
+            demos = rows_of_kind(
+                *(
+                    x.repeat_interleave(k, 0)
+                    for x in (rows.prompt_ids[::r], rows.prompt_mask[::r], ids, mask)
+                ),
                 [t for t in texts for _ in range(k)],
                 OFFPOLICY,
                 [i for i in range(n) for _ in range(k)],
             )
             merged = cat_rows([rows, demos], self.tokenizer.pad_token_id)
-            order = [i * r + j for i in range(n) for j in range(r)]  # rollouts of prompt i ...
-            order = [
-                x
-                for i in range(n)
-                for x in (*order[i * r : (i + 1) * r], *range(n * r + i * k, n * r + (i + 1) * k))
-            ]
-            rows = merged.select(torch.tensor(order, device=device))
+            rows = merged.select(torch.argsort(merged.group * 2 + (merged.kind == OFFPOLICY), stable=True))
         grouped_examples = [ex for ex in examples for _ in range(r + k)]
         scores = score_all(self.task, rows.texts, grouped_examples)
         rows.rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=device)  # [B]
@@ -474,17 +483,7 @@ class Trainer:
                 gap = (logps.detach() - rows.sampler_logprobs).abs()
                 stats["sampler_logprob_gap"] = masked_mean(gap, mask).item()
         total = None
-        grpo_settings = {
-            k: getattr(g, k)
-            for k in (
-                "beta",
-                "epsilon",
-                "epsilon_high",
-                "loss_type",
-                "max_completion_length",
-                "use_bias_correction_kl",
-            )
-        }
+        grpo_settings = g.model_dump(include=PG_SETTINGS)
         for part in parts:
             idx = part.rows.nonzero().squeeze(1)  # [b]
             x = PartInputs(
