@@ -356,3 +356,39 @@ def test_compare_in_one_process_stops_in_one_sentence_and_continues(tmp_path):
     assert [p.name for p in complete_checkpoints(run)] == [f"step-{first:06d}", f"step-{second:06d}"]
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert first < second and [r["step"] for r in metrics] == list(range(1, second + 1))
+
+
+def test_compare_gives_the_two_stage_baseline_sasrs_sft_steps(tmp_path):
+    """Equal SFT budget: sft-then-grpo switches after as many SFT steps as SASR took with the same seed."""
+    import yaml
+
+    from sasr.compare import _waves
+
+    assert _waves(["sft-then-grpo", "grpo", "sasr"]) == [["grpo", "sasr"], ["sft-then-grpo"]]
+    assert _waves(["sft-then-grpo", "grpo"]) == [["sft-then-grpo", "grpo"], []]
+    out = tmp_path / "cmp"
+    argv = [
+        "compare",
+        "--methods",
+        "sft-then-grpo,sasr",
+        "--steps",
+        "8",
+        "--warmup-steps",
+        "1",
+        "--seeds",
+        "3",
+        "--samples",
+        "0",
+        "--set",
+        "sasr.gamma=4",
+        "--output",
+        str(out),
+        *SMALL,
+    ]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())["methods"]
+    sasr_sft = results["sasr"]["per_seed"][0]["sft_steps"]
+    assert 1 < sasr_sft < 8  # p_1 = 1 / 5: SASR took SFT steps after its warm-up
+    assert results["sft-then-grpo"]["per_seed"][0]["sft_steps"] == sasr_sft
+    saved = yaml.safe_load((out / "runs" / "sft-then-grpo-s3" / "config.yaml").read_text())
+    assert saved["sft-then-grpo"]["switch_step"] == sasr_sft

@@ -46,7 +46,8 @@ def _phase_strip(ax, rows: Sequence[dict]) -> None:
         ax.axvspan(r["step"] - 0.5, r["step"] + 0.5, ymin=0, ymax=0.04, color=PHASE_COLOURS[r["phase"]], lw=0)
 
 
-def _draw(ax, data: Series, title: str, ylabel: str = "") -> None:
+def _draw(ax, data: Series, title: str, ylabel: str = "", legend: bool = False) -> None:
+    """Each series as a line; a legend when there are several, or when asked and there is one to show."""
     for name, points in data.items():
         if points:
             xs, ys = zip(*points)
@@ -56,7 +57,7 @@ def _draw(ax, data: Series, title: str, ylabel: str = "") -> None:
     if ylabel:
         ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if len(data) > 1:
+    if (len(data) > 1 or legend) and any(data.values()):
         ax.legend(fontsize=7)
 
 
@@ -133,9 +134,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
     }
     fig, axes = plt.subplots(3, 2, figsize=(11, 9))
     for ax, (name, data) in zip(axes.flat, panels.items()):
-        _draw(ax, data, titles[name])
-        if any(data.values()):
-            ax.legend(fontsize=7)
+        _draw(ax, data, titles[name], legend=True)
         _phase_strip(ax, rows)
     _phase_legend(fig, loc="lower center", ncol=len(PHASE_COLOURS))
     fig.suptitle(f"{run_dir.name}")
@@ -196,8 +195,7 @@ def plot_compare(runs: dict[str, list[Path]], out_dir: Path) -> dict[str, Any]:
         data = {}
         for ax, (method, rows) in zip(axes[:, 0], shown.items()):
             curves = {**method_dynamics(method, rows), "KL to reference": series(rows, "kl")}
-            _draw(ax, curves, method)
-            ax.legend(fontsize=7)
+            _draw(ax, curves, method, legend=True)
             _phase_strip(ax, rows)
             data.update({f"{method}/{k}": v for k, v in curves.items()})
         _phase_legend(fig, loc="lower center", ncol=len(PHASE_COLOURS), title="phase of each step (strip)")
