@@ -111,3 +111,20 @@ def test_summary_reports_counts_and_evaluation(capsys, tmp_path):
     assert code == 0
     assert "steps   3: 1 SFT, 2 GRPO" in cap.out
     assert "before  accuracy" in cap.out and "after   accuracy" in cap.out
+
+
+def test_summary_of_an_empty_test_split_is_a_sentence():
+    from types import SimpleNamespace
+
+    from sasr.cli import summary_text
+    from sasr.config import build_config
+
+    result = SimpleNamespace(
+        seconds=1.0,
+        counts={"sft": 2, "grpo": 0, "mixed": 0},
+        eval_before={"n": 0},
+        eval_after=None,
+        output_dir="runs/x",
+    )
+    text = summary_text(build_config(sets=["steps=2", "warmup_steps=1"]), result)
+    assert "before  (no held-out examples: the task's test split is empty)" in text and "2 SFT" in text

@@ -89,6 +89,8 @@ def summary_text(config, result) -> str:
     def line(name: str, ev: dict | None) -> str:
         if ev is None:
             return f"  {name:<7} (not evaluated)"
+        if not ev.get("n"):
+            return f"  {name:<7} (no held-out examples: the task's test split is empty)"
         return (
             f"  {name:<7} accuracy {ev['accuracy']:.3f}  reward {ev['reward_mean']:.3f}  "
             f"format {ev['format_rate']:.3f}  length {ev['completion_length']:.1f}  (n={ev['n']})"
