@@ -181,8 +181,9 @@ def run_rollout(a) -> dict:
     import torch
 
     from sasr import models
-    from sasr.engine import kv_cache_bytes
-    from sasr.rollout import generate, render_prompts
+    from sasr.data import render_prompts
+    from sasr.rollout import generate
+    from sasr.rollout.engine import kv_cache_bytes
     from sasr.tasks import get_task
 
     tok = models.load_tokenizer(a.model)
@@ -196,7 +197,7 @@ def run_rollout(a) -> dict:
             variants["sasr graphs+compile"] = {"cuda_graphs": True, "compile": True}
     out = {}
     for rows in [int(r) for r in a.rollout_rows.split(",")]:
-        prompts = render_prompts(tok, [task.messages(ex) for ex in task.examples("test", rows, seed=0)])
+        prompts = render_prompts(tok, task, task.examples("test", rows, seed=0))
         P = len(tok(prompts[0]).input_ids)
         # KV bytes read per decode step, averaged over the T steps: each row reads P + t cached positions.
         step_bytes = weight_bytes + kv_cache_bytes(model, rows, P + a.tokens / 2)

@@ -7,12 +7,13 @@ import torch
 
 from sasr import models
 from sasr.config import validate
-from sasr.decode_weights import can_pack, decode_weights, mergeable_layers
-from sasr.engine import SamplingParams, engine_for, exponential_race, inverse_cdf, sample
+from sasr.data import render_prompts
 from sasr.errors import SasrError
-from sasr.fused_decode import fusable
-from sasr.losses import completion_logprobs
-from sasr.rollout import generate, render_prompts
+from sasr.logprobs import completion_logprobs
+from sasr.rollout import generate
+from sasr.rollout.decode_weights import can_pack, decode_weights, mergeable_layers
+from sasr.rollout.engine import SamplingParams, engine_for, exponential_race, inverse_cdf, sample
+from sasr.rollout.fused_decode import fusable
 from sasr.tasks import get_task
 
 
@@ -21,7 +22,7 @@ def smol():
     """SmolLM2-135M-Instruct and arithmetic prompts of different lengths."""
     model, tok = models.load_model("smollm2-135m"), models.load_tokenizer("smollm2-135m")
     task = get_task("arithmetic")
-    prompts = render_prompts(tok, [task.messages(ex) for ex in task.examples("test", 4, seed=1)])
+    prompts = render_prompts(tok, task, task.examples("test", 4, seed=1))
     prompts[1] = prompts[1].replace(
         "Compute", "Please compute, showing your work,"
     )  # longer: real left padding
@@ -46,7 +47,7 @@ def test_greedy_tokens_equal_generate_and_finished_rows_are_dropped(smol):
         "the prompts should stop at different lengths to exercise compaction"
     )
     stats = engine_for(model).stats
-    assert stats["fused"] == int(can_pack(model))  # on a CPU: the fused forward (sasr.fused_decode)
+    assert stats["fused"] == int(can_pack(model))  # on a CPU: the fused forward (sasr.rollout.fused_decode)
     B, T = ours.completion_ids.shape
     # Every step computes only unfinished rows, so the work is the sum of lengths, not B x T.
     assert stats["row_steps"] == int(lengths.sum()) - B  # the first token of each row comes from the prefill
@@ -75,7 +76,7 @@ def test_a_repeated_prompt_is_prefilled_once_and_decodes_like_a_single_one(smol)
 
 
 def test_eager_decode_steps_attend_only_to_written_columns(smol, monkeypatch):
-    import sasr.engine as engine
+    import sasr.rollout.engine as engine
 
     model, tok, prompts = smol
     widths = []
@@ -348,7 +349,7 @@ def test_one_engine_per_option_set_and_hf_takes_top_k():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the KV pool exists only under CUDA graphs")
 def test_kv_pool_evicts_the_oldest_shape_and_stays_correct(smol, monkeypatch):
-    import sasr.engine as engine
+    import sasr.rollout.engine as engine
 
     _, tok, prompts = smol
     model = models.load_model("smollm2-135m", dtype="float32").cuda()

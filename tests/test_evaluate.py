@@ -15,7 +15,7 @@ import pytest
 
 from sasr.checkpoint import complete_checkpoints
 from sasr.cli import main
-from sasr.evaluate import distinct_n, majority_correct, mean_edit_distance, pass_at_k, summarise
+from sasr.eval.evaluate import distinct_n, majority_correct, mean_edit_distance, pass_at_k, summarise
 
 
 @pytest.mark.parametrize(
@@ -362,7 +362,7 @@ def test_compare_gives_the_two_stage_baseline_sasrs_sft_steps(tmp_path):
     """Equal SFT budget: sft-then-grpo switches after as many SFT steps as SASR took with the same seed."""
     import yaml
 
-    from sasr.compare import _waves
+    from sasr.eval.compare import _waves
 
     assert _waves(["sft-then-grpo", "grpo", "sasr"]) == [["grpo", "sasr"], ["sft-then-grpo"]]
     assert _waves(["sft-then-grpo", "grpo"]) == [["sft-then-grpo", "grpo"], []]

@@ -5,7 +5,8 @@ import time
 import pytest
 import torch
 
-from sasr.losses import completion_logprobs, group_advantages, grpo_loss, selective_log_softmax, sft_loss
+from sasr.logprobs import completion_logprobs, selective_log_softmax
+from sasr.losses import group_advantages, grpo_loss, sft_loss
 
 B, T = 8, 6
 
@@ -177,7 +178,8 @@ def test_shared_prompt_pass_equals_the_plain_forward_in_value_and_gradient(check
     from peft import LoraConfig, get_peft_model
 
     from sasr import models
-    from sasr.rollout import generate, render_prompts
+    from sasr.data import render_prompts
+    from sasr.rollout import generate
     from sasr.tasks import get_task
 
     torch.manual_seed(0)
@@ -188,7 +190,7 @@ def test_shared_prompt_pass_equals_the_plain_forward_in_value_and_gradient(check
     model = get_peft_model(
         base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     )
-    prompts = render_prompts(tok, [task.messages(ex) for ex in task.examples("test", 2, seed=3)])
+    prompts = render_prompts(tok, task, task.examples("test", 2, seed=3))
     prompts[0] += " Show every step."  # prompts of different lengths: real left padding
     roll = generate(model, tok, prompts, num_generations=3, max_new_tokens=12, temperature=1.0)  # B = 6
     assert not bool(roll.attention_mask[:, :2].all())  # some rows are padded
@@ -226,9 +228,9 @@ def test_rows_computed_in_length_groups_equal_one_padded_pass(monkeypatch, share
     gradients as one pass padded to the longest row, with and without shared prompts."""
     from peft import LoraConfig, get_peft_model
 
-    import sasr.losses as losses
+    import sasr.logprobs as logprobs
     from sasr import models
-    from sasr.rollout import encode_prompts, render_prompts
+    from sasr.data import encode_prompts, render_prompts
     from sasr.tasks import get_task
 
     torch.manual_seed(0)
@@ -237,7 +239,7 @@ def test_rows_computed_in_length_groups_equal_one_padded_pass(monkeypatch, share
         models.load_model("tiny"),
         LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
     )
-    prompts = render_prompts(tok, [task.messages(ex) for ex in task.examples("test", 2, seed=3)])
+    prompts = render_prompts(tok, task, task.examples("test", 2, seed=3))
     prompts[0] += " Show every step."  # real left padding
     prompt_ids, prompt_mask = encode_prompts(tok, prompts, 512, torch.device("cpu"))
     rows = torch.tensor(
@@ -249,10 +251,10 @@ def test_rows_computed_in_length_groups_equal_one_padded_pass(monkeypatch, share
     completion = torch.randint(10, 1000, (6, T)).masked_fill(completion_mask == 0, tok.pad_token_id)
     ids = torch.cat([prompt_ids[rows], completion], 1)
     attn = torch.cat([prompt_mask[rows], completion_mask], 1)
-    assert len(losses.length_groups(lengths)) > 1
+    assert len(logprobs.length_groups(lengths)) > 1
     results = []
-    for max_groups in (losses.MAX_GROUPS, 1):
-        monkeypatch.setattr(losses, "MAX_GROUPS", max_groups)
+    for max_groups in (logprobs.MAX_GROUPS, 1):
+        monkeypatch.setattr(logprobs, "MAX_GROUPS", max_groups)
         model.zero_grad()
         logps, ent = completion_logprobs(model, ids, attn, T, 0.7, with_entropy=True)
         (logps * completion_mask).sum().backward()
@@ -271,7 +273,7 @@ def test_rows_computed_in_length_groups_equal_one_padded_pass(monkeypatch, share
 
 
 def test_length_groups_cut_only_where_it_saves_work():
-    from sasr.losses import length_groups
+    from sasr.logprobs import length_groups
 
     assert [(r.tolist(), t) for r, t in length_groups(torch.tensor([64] * 8))] == [(list(range(8)), 64)]
     assert [(r.tolist(), t) for r, t in length_groups(torch.tensor([60, 64, 62, 61]))] == [([0, 1, 2, 3], 64)]

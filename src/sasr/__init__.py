@@ -1,5 +1,7 @@
 """sasr: step-wise adaptive integration of SFT and RL (GRPO) for post-training language models."""
 
+from importlib.metadata import version
+
 from sasr.config import TrainConfig, build_config
 from sasr.errors import SasrError
 from sasr.tasks import get_task
@@ -13,4 +15,4 @@ def train(config, overwrite: bool = False, progress: bool = True, resume: bool =
 
 
 __all__ = ["SasrError", "TrainConfig", "build_config", "get_task", "train"]
-__version__ = "0.1.0"
+__version__ = version("sasr")

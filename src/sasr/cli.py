@@ -133,8 +133,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from sasr.compare import evaluate_model
     from sasr.config import build_config, load_yaml
+    from sasr.eval.compare import evaluate_model
 
     run = Path(args.model)
     is_run = (run / "config.yaml").is_file() and (run / "final").is_dir()
@@ -190,9 +190,9 @@ def _compare_parser(sub) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sasr.compare import compare
     from sasr.config import METHODS, build_config
     from sasr.errors import unknown
+    from sasr.eval.compare import compare
     from sasr.trainer import TrainingStopped
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -240,7 +240,7 @@ def _report_parser(sub) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sasr.report import write_run_report
+    from sasr.eval.report import write_run_report
 
     run = Path(args.run_dir)
     if not (run / "metrics.jsonl").is_file():

@@ -13,7 +13,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from sasr.engine import unsupported_kwargs
 from sasr.errors import SasrError, nearest
 from sasr.methods import METHODS
 
@@ -87,7 +86,11 @@ class GRPOSection(Section):
 
     @model_validator(mode="after")
     def _engine_takes_kwargs(self) -> GRPOSection:
-        problem = unsupported_kwargs(self.generation_kwargs) if self.generation_backend == "sasr" else None
+        if not self.generation_kwargs or self.generation_backend != "sasr":
+            return self
+        from sasr.rollout.engine import unsupported_kwargs  # only here: importing the config loads no decoder
+
+        problem = unsupported_kwargs(self.generation_kwargs)
         if problem:
             raise ValueError(problem)
         return self

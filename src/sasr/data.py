@@ -1,4 +1,5 @@
-"""Demonstration rows (left-padded prompt, right-padded target) and per-step example picks."""
+"""Prompts and demonstrations as token rows (left-padded prompt, right-padded target), and per-step example
+picks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from collections.abc import Sequence
 import torch
 
 from sasr.batch import DEMO, Rows
-from sasr.rollout import encode_prompts, render_prompts
 from sasr.tasks import Example, Task
 
 
@@ -23,6 +23,33 @@ def pick(n_total: int, per_rank: int, step: int, seed: int, kind: str, rank: int
         [rng.randrange(n_total) for _ in range(need)] if need > n_total else rng.sample(range(n_total), need)
     )
     return idx[rank * per_rank : (rank + 1) * per_rank]
+
+
+def render_prompts(tokenizer, task: Task, examples: Sequence[Example]) -> list[str]:
+    """Each example's chat messages (``task.messages``) as a prompt string ending with the assistant turn's
+    header, by the tokenizer's chat template."""
+    return [
+        tokenizer.apply_chat_template(task.messages(ex), tokenize=False, add_generation_prompt=True)
+        for ex in examples
+    ]
+
+
+def encode_prompts(
+    tokenizer, prompts: list[str], max_length: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """Left-padded ids and mask [B, P]; over-long prompts keep their last ``max_length`` tokens."""
+    side = tokenizer.truncation_side
+    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
+    enc = tokenizer(
+        prompts,
+        return_tensors="pt",
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        add_special_tokens=False,  # the chat template already holds them
+    )
+    tokenizer.truncation_side = side
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 def encode_targets(
@@ -53,7 +80,7 @@ def demonstration_rows(
     The target is the task's chain of thought + answer, then EOS; only target tokens carry SFT loss. Prompt and
     target share ``max_length`` (the prompt keeps at most half of it). ``group``: each row's RL prompt, if any.
     """
-    prompts = render_prompts(tokenizer, [task.messages(ex) for ex in examples])
+    prompts = render_prompts(tokenizer, task, examples)
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_length // 2, device)
     texts = [task.target(ex) for ex in examples]
     ids, mask = encode_targets(tokenizer, texts, max(max_length - prompt_ids.size(1), 1), device)

@@ -7,7 +7,7 @@ matmul with ``W + s B A`` (built by a small one), and its backward needs only ``
     dx = g W + s (g B) A,    dA = s (g B)^T x,    dB = s g^T (x A^T)
 
 Same values and gradients to float32 rounding. Used where the decode's merge is (float32, one plain LoRA
-adapter, see ``sasr.decode_weights``), when the adapter has no dropout, the base layer is frozen, and no layer
+adapter, see ``sasr.rollout.decode_weights``), when the adapter has no dropout, the base layer is frozen, and no layer
 is recomputed by activation checkpointing (the recomputation would run outside this block).
 """
 
@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from sasr.decode_weights import mergeable_layers, replaced_forwards
+# Weights W + s B A equal the adapted layer only in these (bfloat16 rounds small updates away).
+EXACT_DTYPES = (torch.float32, torch.float64)
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -41,6 +42,54 @@ class _LoRALinear(torch.autograd.Function):
         d_a = (gb.t() @ x2).mul_(s) if ctx.needs_input_grad[3] else None  # [r, in]
         d_b = (g.t() @ (x2 @ lora_a.t())).mul_(s) if ctx.needs_input_grad[4] else None  # [out, r]
         return dx, None, None, d_a, d_b, None
+
+
+def mergeable_layers(model) -> dict[str, tuple[torch.nn.Module, str]] | None:
+    """{name: (LoRA linear layer, its active adapter)} when every adapter layer of this peft model can be
+    merged for decoding, else None (not a peft model, adapters off, DoRA or other variants, several active
+    adapters, LoRA bias, half-precision weights)."""
+    try:
+        from peft import PeftModel
+        from peft.tuners.lora import Linear as LoraLinear
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # peft is a dependency, but the engine does not need it for plain models
+        return None
+    if not isinstance(model, PeftModel):
+        return None
+    layers = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, BaseTunerLayer):
+            continue
+        if not isinstance(m, LoraLinear) or m.merged or m.disable_adapters:
+            return None
+        active = [a for a in m.active_adapters if a in m.lora_A]
+        if len(active) != 1:
+            return None
+        (adapter,) = active
+        if adapter in getattr(m, "lora_variant", {}) or getattr(m, "lora_bias", {}).get(adapter, False):
+            return None
+        if m.get_base_layer().weight.dtype not in EXACT_DTYPES:
+            return None
+        layers[name] = (m, adapter)
+    return layers or None
+
+
+@contextlib.contextmanager
+def replaced_forwards(modules: Iterable[torch.nn.Module], make_forward: Callable) -> Iterator[None]:
+    """Inside this block each module computes with ``make_forward(module)`` instead of its ``forward``.
+
+    A forward already replaced on the instance (accelerate's hooks, say) is left alone.
+    """
+    swapped = []
+    try:
+        for m in modules:
+            if "forward" not in m.__dict__:
+                m.forward = make_forward(m)
+                swapped.append(m)
+        yield
+    finally:
+        for m in swapped:
+            del m.forward
 
 
 def _forward(layer, adapter: str, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

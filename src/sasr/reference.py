@@ -12,7 +12,7 @@ import contextlib
 
 import torch
 
-from sasr.losses import completion_logprobs
+from sasr.logprobs import completion_logprobs
 
 
 class ReferencePolicy:

@@ -32,13 +32,14 @@ from transformers import get_scheduler
 from sasr import checkpoint, models
 from sasr.batch import OFFPOLICY, ROLLOUT, Plan, Rows, cat_rows
 from sasr.config import TrainConfig, to_yaml
-from sasr.data import demonstration_rows, encode_targets, pick, rows_of_kind
+from sasr.data import demonstration_rows, encode_targets, pick, render_prompts, rows_of_kind
 from sasr.errors import SasrError
-from sasr.evaluate import GREEDY, evaluate, score_all, summarise
-from sasr.losses import PART_LOSSES, PartInputs, completion_logprobs, group_advantages, masked_mean, sft_loss
+from sasr.eval.evaluate import GREEDY, evaluate, score_all, summarise
+from sasr.logprobs import completion_logprobs
+from sasr.losses import PART_LOSSES, PartInputs, group_advantages, masked_mean, sft_loss
 from sasr.methods import METHODS, get_method
 from sasr.reference import ReferencePolicy
-from sasr.rollout import generate, render_prompts
+from sasr.rollout import generate
 from sasr.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -375,7 +376,7 @@ class Trainer:
         demonstration; all scored by the task's judge, advantages computed over the whole group."""
         g = self.config.grpo
         device = self.accelerator.device
-        prompts = render_prompts(self.tokenizer, [self.task.messages(ex) for ex in examples])
+        prompts = render_prompts(self.tokenizer, self.task, examples)
         t_rollout = self._now()
         roll = generate(
             self.accelerator.unwrap_model(self.model),

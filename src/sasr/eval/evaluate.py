@@ -21,8 +21,9 @@ import Levenshtein
 import torch
 from tqdm.auto import tqdm
 
+from sasr.data import render_prompts
 from sasr.errors import SasrError
-from sasr.rollout import generate, render_prompts
+from sasr.rollout import generate
 from sasr.tasks import Example, Score, Task, extract_answer
 
 # --- the metrics, as plain functions ----------------------------------------------------------------------
@@ -108,7 +109,7 @@ def evaluate(
     bar = tqdm(total=len(examples) * (1 + (samples > 0)), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start : start + batch_size])
-        prompts = render_prompts(tokenizer, [task.messages(ex) for ex in chunk])
+        prompts = render_prompts(tokenizer, task, chunk)
         roll = generate(
             model,
             tokenizer,
@@ -133,7 +134,7 @@ def evaluate(
     if samples > 0:
         for start in range(0, len(examples), per_batch):
             chunk = list(examples[start : start + per_batch])
-            prompts = render_prompts(tokenizer, [task.messages(ex) for ex in chunk])
+            prompts = render_prompts(tokenizer, task, chunk)
             roll = generate(
                 model, tokenizer, prompts, num_generations=samples, max_new_tokens=max_new_tokens,
                 max_prompt_length=max_prompt_length, temperature=temperature, backend=backend, cuda_graphs=cuda_graphs,

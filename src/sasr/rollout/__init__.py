@@ -1,6 +1,6 @@
 """Sampling G completions per prompt (and greedy decoding for evaluation).
 
-Two backends behind one function: ``sasr`` (the rollout engine in ``sasr.engine``: static KV cache, finished
+Two backends behind one function: ``sasr`` (the rollout engine in ``sasr.rollout.engine``: static KV cache, finished
 rows dropped, sampling log-probs kept, CUDA graphs on a GPU) and ``hf`` (transformers' ``model.generate``,
 for models or generation arguments the engine does not handle).
 
@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from sasr import engine
+from sasr.data import encode_prompts
 from sasr.errors import SasrError
+from sasr.rollout import engine
 
 
 @dataclass
@@ -35,29 +36,6 @@ class Rollouts:
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
-
-
-def render_prompts(tokenizer, messages: list[list[dict[str, str]]]) -> list[str]:
-    """Chat messages -> prompt strings ending with the assistant turn's header."""
-    return [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
-
-
-def encode_prompts(
-    tokenizer, prompts: list[str], max_length: int, device: torch.device
-) -> tuple[torch.Tensor, ...]:
-    """Left-padded ids and mask [B, P]; over-long prompts keep their last ``max_length`` tokens."""
-    side = tokenizer.truncation_side
-    tokenizer.padding_side, tokenizer.truncation_side = "left", "left"
-    enc = tokenizer(
-        prompts,
-        return_tensors="pt",
-        padding=True,
-        truncation=True,
-        max_length=max_length,
-        add_special_tokens=False,  # the chat template already holds them
-    )
-    tokenizer.truncation_side = side
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
 
 
 def completion_mask(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:

@@ -8,8 +8,8 @@ What it does that ``model.generate`` does not:
   sampled token under ``softmax(logits / temperature)`` is kept: it is pi_old, so no forward pass recomputes it;
 - rows that have finished (EOS) are dropped: the batch is compacted to its live rows;
 - a float32 LoRA model decodes with each adapter merged into its layer's matrix, at the cost of the base
-  model, and on a CPU every weight matrix is prepacked for oneDNN (``sasr.decode_weights``); float32 Llama and
-  Qwen2 models then decode through a lean forward with fused projections (``sasr.fused_decode``);
+  model, and on a CPU every weight matrix is prepacked for oneDNN (``sasr.rollout.decode_weights``); float32 Llama and
+  Qwen2 models then decode through a lean forward with fused projections (``sasr.rollout.fused_decode``);
 - on CUDA each decode step is captured once as a CUDA graph per (batch bucket, cache length) and replayed,
   which removes the per-kernel launch cost that dominates decoding a small model.
 
@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from sasr.decode_weights import decode_weights
 from sasr.errors import SasrError
+from sasr.logprobs import unique_prompts
+from sasr.rollout.decode_weights import decode_weights
 
 # generate() arguments the engine understands besides the ones rollout.generate names explicitly.
 ENGINE_KWARGS = {"min_new_tokens", "top_k"}
@@ -100,17 +101,6 @@ def kv_cache_bytes(model, batch: int, length: float) -> float:
     """Bytes of keys and values for ``batch`` rows of ``length`` positions."""
     n_layers, kv_heads, head_dim, dtype = _kv_shape(model)
     return 2 * n_layers * batch * kv_heads * length * head_dim * dtype.itemsize
-
-
-def unique_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs of identical consecutive prompts (ids and padding), as GRPO lays out its G rows per prompt.
-
-    [B, P], [B, P] -> first [U] (the first row of each run), inverse [B] (row b's run), U <= B.
-    """
-    _, inverse, counts = torch.unique_consecutive(
-        torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True, return_counts=True
-    )
-    return counts.cumsum(0) - counts, inverse
 
 
 def exponential_race(probs: torch.Tensor) -> torch.Tensor:

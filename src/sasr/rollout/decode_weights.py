@@ -22,47 +22,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from sasr.fused_decode import FusedDecoder, fusable, packed_linear
+from sasr.lora_linear import mergeable_layers, replaced_forwards
+from sasr.rollout.fused_decode import FusedDecoder, fusable, packed_linear
 
-EXACT_DTYPES = (torch.float32, torch.float64)
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 # model -> {layer name: merged weight}, kept between rollouts where CUDA graphs hold the buffers' addresses.
 _BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def mergeable_layers(model) -> dict[str, tuple[torch.nn.Module, str]] | None:
-    """{name: (LoRA linear layer, its active adapter)} when every adapter layer of this peft model can be
-    merged for decoding, else None (not a peft model, adapters off, DoRA or other variants, several active
-    adapters, LoRA bias, half-precision weights)."""
-    try:
-        from peft import PeftModel
-        from peft.tuners.lora import Linear as LoraLinear
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # peft is a dependency, but the engine does not need it for plain models
-        return None
-    if not isinstance(model, PeftModel):
-        return None
-    layers = {}
-    for name, m in model.named_modules():
-        if not isinstance(m, BaseTunerLayer):
-            continue
-        if not isinstance(m, LoraLinear) or m.merged or m.disable_adapters:
-            return None
-        active = [a for a in m.active_adapters if a in m.lora_A]
-        if len(active) != 1:
-            return None
-        (adapter,) = active
-        if adapter in getattr(m, "lora_variant", {}) or getattr(m, "lora_bias", {}).get(adapter, False):
-            return None
-        if m.get_base_layer().weight.dtype not in EXACT_DTYPES:
-            return None
-        layers[name] = (m, adapter)
-    return layers or None
 
 
 def can_pack(model) -> bool:
@@ -95,24 +65,6 @@ def _merged(model, layers: dict[str, tuple[torch.nn.Module, str]], keep_buffers:
     finally:
         for weight, original in originals:
             weight.data = original
-
-
-@contextlib.contextmanager
-def replaced_forwards(modules: Iterable[torch.nn.Module], make_forward: Callable) -> Iterator[None]:
-    """Inside this block each module computes with ``make_forward(module)`` instead of its ``forward``.
-
-    A forward already replaced on the instance (accelerate's hooks, say) is left alone.
-    """
-    swapped = []
-    try:
-        for m in modules:
-            if "forward" not in m.__dict__:
-                m.forward = make_forward(m)
-                swapped.append(m)
-        yield
-    finally:
-        for m in swapped:
-            del m.forward
 
 
 def _packed(model, rows: int) -> contextlib.AbstractContextManager:

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from sasr import checkpoint, models
 from sasr.config import TrainConfig, build_config, to_yaml
 from sasr.errors import SasrError
-from sasr.evaluate import evaluate, summarise
+from sasr.eval.evaluate import evaluate, summarise
+from sasr.eval.report import markdown_table, plot_compare
 from sasr.methods import METHODS
-from sasr.report import markdown_table, plot_compare
 from sasr.tasks import get_task
 from sasr.trainer import Trainer
 
@@ -213,7 +213,7 @@ def compare(
 
     metric_names = [m.format(k=k) for m in METRICS] if k else ["accuracy", "format_rate", "completion_length"]
     results = {
-        "command": command or "(Python API) sasr.compare.compare",
+        "command": command or "(Python API) sasr.eval.compare.compare",
         "task": base.task.name,
         "model": base.model.name,
         "steps": base.steps,

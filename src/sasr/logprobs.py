@@ -1,0 +1,258 @@
+"""Token log-probs of a batch of rows, computed lean: only the completion positions' logits, rows of similar
+completion length together (length groups), each distinct prompt once for its rows (shared prompts), and a
+selective log-softmax that never keeps a [N, V] float32 copy of the logits.
+
+Shapes: B rows, P prompt tokens (left-padded), T completion tokens (right-padded), V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sasr.lora_linear import checkpointed, fused_lora
+
+
+def unique_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs of identical consecutive prompts (ids and padding), as GRPO lays out its G rows per prompt.
+
+    [B, P], [B, P] -> first [U] (the first row of each run), inverse [B] (row b's run), U <= B.
+    """
+    _, inverse, counts = torch.unique_consecutive(
+        torch.cat([prompt_ids, prompt_mask.long()], 1), dim=0, return_inverse=True, return_counts=True
+    )
+    return counts.cumsum(0) - counts, inverse
+
+
+# Logits per chunk: float32 temporaries of 16 MB, small enough for the allocator to reuse.
+CHUNK_ELEMENTS = 2**22
+
+
+def _scaled(logits: torch.Tensor, temperature: float, buffer: torch.Tensor) -> torch.Tensor:
+    """logits / temperature in float32: the logits themselves when that is what they are, else in ``buffer``."""
+    if logits.dtype == torch.float32 and temperature == 1.0:
+        return logits
+    out = buffer[: logits.size(0)].copy_(logits)  # upcast first, then divide: no bf16 rounding of s
+    return out if temperature == 1.0 else out.div_(temperature)
+
+
+def _workspace(logits: torch.Tensor, chunk: int) -> torch.Tensor:
+    # Allocated once per call and reused by every chunk: a fresh tensor per chunk costs page faults.
+    return torch.empty(min(chunk, logits.size(0)), logits.size(1), device=logits.device)
+
+
+class _SelectiveLogSoftmax(torch.autograd.Function):
+    """log softmax(z / T)[ids] and, with no gradient, the entropy of softmax(z / T), chunk by chunk of tokens.
+
+    It saves only the logits (alive anyway) and one log-sum-exp per token, and its backward writes
+    g * (onehot(ids) - softmax(z / T)) / T straight into the gradient: no float32 copy of the logits and no
+    [N, V] log-softmax is ever kept, and nothing is computed twice.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ids, temperature: float, chunk: int, with_entropy: bool):
+        # logits [N, V], ids [N] -> logps [N], entropy [N] (or [0])
+        logps, lses, entropies = [], [], []
+        scaled_buf, exp_buf = _workspace(logits, chunk), _workspace(logits, chunk)  # [chunk, V] each
+        for lg, ix in zip(logits.split(chunk), ids.split(chunk)):
+            s = _scaled(lg, temperature, scaled_buf)  # [n, V] float32
+            top = s.amax(-1, keepdim=True)  # [n, 1]
+            e = torch.sub(s, top, out=exp_buf[: s.size(0)]).exp_()  # [n, V] exp(s - max)
+            total = e.sum(-1)  # [n]
+            lse = top.squeeze(-1) + total.log()
+            logps.append(s.gather(-1, ix[:, None]).squeeze(-1) - lse)
+            lses.append(lse)
+            if with_entropy:  # H = lse - sum_v p_v s_v with p = e / total; bmm: no [n, V] product
+                entropies.append(lse - (e[:, None, :] @ s[:, :, None]).view(-1) / total)
+        ctx.save_for_backward(logits, ids, torch.cat(lses))
+        ctx.temperature, ctx.chunk = temperature, chunk
+        entropy = torch.cat(entropies) if with_entropy else logits.new_empty(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(entropy)
+        return torch.cat(logps), entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, _):
+        logits, ids, lse = ctx.saved_tensors
+        temperature = ctx.temperature
+        grad = torch.empty_like(logits)  # [N, V]
+        scaled_buf = _workspace(logits, ctx.chunk)
+        exp_buf = None if grad.dtype == torch.float32 else _workspace(logits, ctx.chunk)
+        for lg, ix, ls, g, out in zip(*(t.split(ctx.chunk) for t in (logits, ids, lse, grad_logps, grad))):
+            p = out if exp_buf is None else exp_buf[: out.size(0)]
+            torch.sub(_scaled(lg, temperature, scaled_buf), ls[:, None], out=p).exp_()  # softmax(s) [n, V]
+            p.mul_(-g[:, None]).scatter_add_(-1, ix[:, None], g[:, None])  # g (onehot - softmax)
+            if temperature != 1.0:
+                p.div_(temperature)
+            if p is not out:
+                out.copy_(p)
+        return grad, None, None, None, None
+
+
+def selective_log_softmax(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(logits / temperature)[ids], and the entropy of each distribution if asked (a metric: no
+    gradient). logits [B, T, V], ids [B, T] -> [B, T], [B, T] or None. ``chunk``: tokens at a time."""
+    B, T, V = logits.shape
+    chunk = chunk or max(1, CHUNK_ELEMENTS // V)
+    logps, entropy = _SelectiveLogSoftmax.apply(
+        logits.reshape(B * T, V), ids.reshape(B * T), temperature, chunk, with_entropy
+    )
+    return logps.view(B, T), (entropy.view(B, T) if with_entropy else None)
+
+
+# Rows are computed in at most this many groups of similar completion length; a further group must save at
+# least 1/GROUP_SAVING of the B x T padded tokens (it costs one more forward call).
+MAX_GROUPS, GROUP_SAVING = 4, 8
+
+
+def length_groups(lengths: torch.Tensor, max_groups: int = MAX_GROUPS) -> list[tuple[torch.Tensor, int]]:
+    """Rows grouped by completion length, each computed only up to its group's longest: [(rows [b], t)].
+
+    lengths [B] (real tokens per row; right padding after them). The distinct lengths, longest first, are cut
+    into at most ``max_groups`` runs so as to minimise the tokens computed (rows x longest, summed over runs),
+    a cut being worth it only where it saves B x T / GROUP_SAVING tokens. Within a group rows keep their
+    order, so the G rows of one prompt stay consecutive.
+    """
+    lengths_cpu = lengths.detach().cpu().clamp(min=1)  # [B]
+    B, T = lengths_cpu.numel(), int(lengths_cpu.max())
+    step = -(-T // 512)  # at most 512 distinct lengths: the table below is (D + 1)^2
+    rounded = (-(-lengths_cpu // step) * step).clamp(max=T)  # [B]
+    values, counts = rounded.unique(sorted=True, return_counts=True)
+    values, counts = values.flip(0), counts.flip(0)  # [D] longest first
+    D = values.numel()
+    rows_before = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # [D + 1]
+    a, b = torch.arange(D + 1)[:, None], torch.arange(D + 1)[None, :]
+    # run[a, b]: tokens of lengths [a, b) computed as one run, up to values[a]; inf unless a < b
+    longest = torch.cat([values, values[-1:]]).double()[:, None]  # [D + 1, 1]
+    run = (rows_before[None, :] - rows_before[:, None]) * longest + B * T / GROUP_SAVING
+    run = run.masked_fill(a >= b, float("inf"))
+    best = torch.full((D + 1,), float("inf"), dtype=torch.float64)
+    best[0] = 0.0  # best[b]: least cost of lengths [0, b) with the runs allowed so far
+    starts = []  # starts[k][b]: where the last run ending at b starts with k + 1 runs allowed (-1: k runs do)
+    for _ in range(max_groups):
+        cost, start = (best[:, None] + run).min(0)  # [D + 1]
+        keep = best <= cost
+        best, start = torch.where(keep, best, cost), torch.where(keep, -1, start)
+        starts.append(start)
+    groups, stop = [], D
+    for start in reversed(starts):
+        if stop > 0 and start[stop] >= 0:
+            first = int(start[stop])
+            rows = (
+                ((rounded <= values[first]) & (rounded >= values[stop - 1])).nonzero().squeeze(1)
+            )  # in order
+            groups.append((rows.to(lengths.device), int(values[first])))
+            stop = first
+    return groups[::-1]
+
+
+def _completion_logits(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_completion: int,
+    groups: list[tuple[torch.Tensor, int]],
+) -> list[list[torch.Tensor]]:
+    """Per group (rows [b], t): the logits that predict its rows' first t completion tokens, as pieces along the
+    token axis whose concatenation is [b, t, V] (concatenating them would copy the largest tensor of the step).
+
+    The last token is never fed: nothing reads what it predicts. Rows that repeat the prompt of the row before
+    (GRPO's G completions of one prompt) share one pass over it: each distinct prompt goes through the model
+    once and its keys and values are repeated for its rows, in every group. The same numbers as the plain
+    forward; gradients flow into the prompt through the shared keys/values.
+    """
+    n_prompt = input_ids.size(1) - n_completion
+    first, inverse = (
+        unique_prompts(input_ids[:, :n_prompt], attention_mask[:, :n_prompt])
+        if n_prompt > 0
+        else (None, None)
+    )  # [U], [B]
+    # A checkpointed layer would append to the cache again when it recomputes in backward: plain path.
+    if first is None or first.numel() == input_ids.size(0) or checkpointed(model):
+        return [
+            [
+                model(
+                    input_ids=input_ids[rows, : n_prompt + t - 1],
+                    attention_mask=attention_mask[rows, : n_prompt + t - 1],
+                    logits_to_keep=t,
+                    use_cache=False,
+                ).logits  # [b, t, V]: position i predicts token i + 1
+            ]
+            for rows, t in groups
+        ]
+    head = model(
+        input_ids=input_ids[first, :n_prompt], attention_mask=attention_mask[first, :n_prompt], use_cache=True,
+        logits_to_keep=1,
+    )  # fmt: skip
+    cache = head.past_key_values
+    prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]  # [U, heads, P, d] per layer
+    out = []
+    for rows, t in groups:
+        for layer, (keys, values) in zip(cache.layers, prompt_kv):  # this group's prompts; its pass appends
+            layer.keys, layer.values = keys[inverse[rows]], values[inverse[rows]]  # [b, heads, P, d]
+        parts = [head.logits[inverse[rows]]]  # [b, 1, V]: the prompt's last token predicts the first token
+        if t > 1:
+            parts.append(
+                model(
+                    input_ids=input_ids[rows, n_prompt : n_prompt + t - 1],
+                    attention_mask=attention_mask[rows, : n_prompt + t - 1],
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=t - 1,
+                ).logits  # [b, t - 1, V]: completion token i predicts token i + 1
+            )
+        out.append(parts)
+    return out
+
+
+def forwards_are_collective(model: torch.nn.Module) -> bool:
+    """Whether each forward call of this model talks to the other ranks, so that every rank (each with its own
+    completion lengths) must make as many calls, and a pass computes one padded group instead of length groups.
+
+    True for a DDP that broadcasts its buffers (sasr's trainer turns that off), FSDP (each unit gathers its
+    weights) and DeepSpeed (ZeRO-3 gathers them; the engine is taken as collective whatever its stage).
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return model.broadcast_buffers
+    if type(model).__name__ == "DeepSpeedEngine" or any(hasattr(p, "ds_id") for p in model.parameters()):
+        return True
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_completion: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the last ``n_completion`` tokens of each row given what precedes them.
+
+    input_ids, attention_mask [B, P + T] (prompt left-padded, completion right-padded) -> logps [B, T], entropy
+    [B, T] or None, both 0 past the longest row of a row's length group. Only the logits of the completion
+    positions are computed (``logits_to_keep``), rows of similar length together up to their longest
+    (``length_groups``), and consecutive rows with one prompt compute it once.
+    """
+    T = n_completion
+    P = input_ids.size(1) - T
+    groups = length_groups(attention_mask[:, P:].sum(1), 1 if forwards_are_collective(model) else MAX_GROUPS)
+    with fused_lora(getattr(model, "module", model)):  # the peft model inside a DDP wrapper
+        logits = _completion_logits(model, input_ids, attention_mask, T, groups)
+    logps, entropies = [], []
+    for (rows, t), parts in zip(groups, logits):  # parts: [b, t_i, V], sum t_i = t
+        targets = input_ids[rows, P : P + t].split([p.size(1) for p in parts], dim=1)
+        out = [selective_log_softmax(p, y, temperature, with_entropy) for p, y in zip(parts, targets)]
+        logps.append(torch.nn.functional.pad(torch.cat([lp for lp, _ in out], dim=1), (0, T - t)))  # [b, T]
+        if with_entropy:
+            entropies.append(torch.nn.functional.pad(torch.cat([e for _, e in out], dim=1), (0, T - t)))
+    back = torch.cat([rows for rows, _ in groups]).argsort()  # [B]: group order -> row order
+    return torch.cat(logps)[back], (torch.cat(entropies)[back] if with_entropy else None)
