@@ -1,11 +1,14 @@
 """Checkpoints that resume exactly: written atomically, the newest complete one found, the last K kept.
 
+This module only reads and writes; what a run's state is, and how it is put back, is the trainer's
+(``Trainer.state_dict``, ``Trainer.load_state_dict``).
+
 A checkpoint ``DIR/checkpoints/step-000012/`` holds
 - ``model/``: ``save_pretrained`` of the trainable part (the LoRA adapter, or the whole model);
 - ``optimizer.pt``, ``scheduler.pt``;
 - ``reference.safetensors``: the reference snapshot, when the reference is one;
-- ``trainer_state.json``: the step, the method's state (for SASR: G_warmup, g_last, its generator, counts),
-  the evaluation before training, the wall seconds so far;
+- ``trainer_state.json``: the step and the trainer's bookkeeping: the method's state (for SASR: G_warmup,
+  g_last, its generator, counts), the evaluation before training, the wall seconds so far;
 - ``rng_state_RANK.pt``: python, numpy and torch generators of every process.
 The data position needs no state: each step's examples are a pure function of (seed, step).
 
@@ -19,7 +22,7 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,9 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sasr.errors import SasrError
-
-if TYPE_CHECKING:
-    from sasr.trainer import Trainer
+from sasr.process import any_rank
 
 PREFIX = "step-"
 # What a failed write raises: the OS (disk full, permissions), torch.save, safetensors' writer.
@@ -77,10 +78,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(trainer: Trainer, step: int) -> Path:
-    """Write the checkpoint of ``step`` atomically, then drop all but the newest ``save_total_limit``."""
-    acc = trainer.accelerator
-    root = checkpoints_dir(trainer.run_dir)
+def save(run_dir: Path, step: int, model, state: dict[str, Any], accelerator, keep: int) -> Path:
+    """Write the checkpoint of ``step`` atomically, then drop all but the newest ``keep``.
+
+    ``model``: the unwrapped model (its trainable part goes through ``save_pretrained``); ``state``: the
+    trainer's ``state_dict()`` (``optimizer``, ``scheduler``, ``reference`` snapshot or None, and ``trainer``:
+    JSON-able bookkeeping).
+    """
+    acc = accelerator
+    root = checkpoints_dir(run_dir)
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".tmp-{PREFIX}{step:06d}"
     error = None
@@ -88,14 +94,12 @@ def save(trainer: Trainer, step: int) -> Path:
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            model = acc.unwrap_model(trainer.model)
             model.save_pretrained(tmp / "model")
-            torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(trainer.lr_scheduler.state_dict(), tmp / "scheduler.pt")
-            if trainer.reference.snapshot_ is not None:
+            torch.save(state["optimizer"], tmp / "optimizer.pt")
+            torch.save(state["scheduler"], tmp / "scheduler.pt")
+            if state["reference"] is not None:
                 save_file(
-                    {k: v.contiguous() for k, v in trainer.reference.snapshot_.items()},
-                    tmp / "reference.safetensors",
+                    {k: v.contiguous() for k, v in state["reference"].items()}, tmp / "reference.safetensors"
                 )
         except WRITE_ERRORS as exc:
             error = exc
@@ -108,14 +112,8 @@ def save(trainer: Trainer, step: int) -> Path:
     error = _agree(acc, error)
     if error is None and acc.is_main_process:
         try:
-            state = {
-                "step": step,
-                "method": trainer.method.state_dict(),
-                "eval_before": trainer.eval_before,
-                "seconds": trainer.elapsed(),
-                "num_processes": acc.num_processes,
-            }
-            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            trainer_state = {"step": step, **state["trainer"], "num_processes": acc.num_processes}
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
             tmp.rename(final)  # the checkpoint exists from here on, whole
         except WRITE_ERRORS as exc:
             error = exc
@@ -123,15 +121,15 @@ def save(trainer: Trainer, step: int) -> Path:
     if error is not None:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        previous = complete_checkpoints(trainer.run_dir)
-        keep = (
+        previous = complete_checkpoints(run_dir)
+        intact = (
             f"the previous checkpoint {previous[-1]} is intact"
             if previous
             else "no earlier checkpoint exists"
         )
-        raise SasrError(f"cannot write the checkpoint of step {step} in {root} ({error}); {keep}")
+        raise SasrError(f"cannot write the checkpoint of step {step} in {root} ({error}); {intact}")
     if acc.is_main_process:
-        for old in complete_checkpoints(trainer.run_dir)[: -trainer.config.save_total_limit]:
+        for old in complete_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob(f".tmp-{PREFIX}*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -141,45 +139,31 @@ def save(trainer: Trainer, step: int) -> Path:
 
 def _agree(acc, error: Exception | None) -> Exception | None:
     """Every rank learns whether any rank failed, so none waits forever on a barrier."""
-    failed = torch.tensor([1.0 if error is not None else 0.0], device=acc.device)
-    if acc.num_processes > 1:
-        failed = acc.reduce(failed, reduction="sum")
-    if failed.item() and error is None:
+    if any_rank(acc, error is not None) and error is None:
         error = OSError("another process failed to write its part")
     return error
 
 
-def load(trainer: Trainer, path: Path) -> int:
-    """Restore everything ``save`` wrote; returns the step the checkpoint was taken after."""
-    from peft import set_peft_model_state_dict
-
-    acc = trainer.accelerator
-    state = json.loads((path / "trainer_state.json").read_text())
-    if state["num_processes"] != acc.num_processes:
+def load(path: Path, accelerator) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
+    """Read what ``save`` wrote and restore this process's random generators. Returns (step, the trainable
+    weights, the trainer's state) for ``Trainer.load_state_dict``."""
+    acc = accelerator
+    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    if trainer_state["num_processes"] != acc.num_processes:
         raise SasrError(
-            f"checkpoint {path} was written by {state['num_processes']} processes; resume with the same number "
-            f"(now {acc.num_processes})"
+            f"checkpoint {path} was written by {trainer_state['num_processes']} processes; resume with the same "
+            f"number (now {acc.num_processes})"
         )
-    model = acc.unwrap_model(trainer.model)
-    weights_file = next((path / "model").glob("*.safetensors"))
     device = (
         "cpu" if acc.device.type == "cpu" else str(acc.device)
-    )  # safetensors refuses 'cpu:0' (a CPU rank)
-    weights = load_file(weights_file, device=device)
-    if trainer.config.lora.enabled:
-        unexpected = set_peft_model_state_dict(model, weights).unexpected_keys
-    else:  # strict=False: save_pretrained leaves out tied weights (lm_head = embeddings)
-        unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
-    if unexpected:
-        raise SasrError(f"checkpoint {path} does not fit this model (unexpected weights: {unexpected[:3]})")
-    trainer.optimizer.load_state_dict(
-        torch.load(path / "optimizer.pt", map_location=device, weights_only=False)
-    )
-    trainer.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    if (path / "reference.safetensors").exists():
-        trainer.reference.snapshot_ = load_file(path / "reference.safetensors", device=device)
-    trainer.method.load_state_dict(state["method"])
-    trainer.eval_before = state["eval_before"]
-    trainer.seconds_before = state.get("seconds", 0.0)
+    )  # safetensors refuses a CPU rank's 'cpu:0'
+    weights = load_file(next((path / "model").glob("*.safetensors")), device=device)
+    reference = path / "reference.safetensors"
+    state = {
+        "optimizer": torch.load(path / "optimizer.pt", map_location=device, weights_only=False),
+        "scheduler": torch.load(path / "scheduler.pt", weights_only=False),
+        "reference": load_file(reference, device=device) if reference.exists() else None,
+        "trainer": trainer_state,
+    }
     _set_rng_state(torch.load(path / f"rng_state_{acc.process_index}.pt", weights_only=False))
-    return int(state["step"])
+    return int(trainer_state["step"]), weights, state

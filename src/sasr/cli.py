@@ -10,6 +10,7 @@ import sys
 import warnings
 
 from sasr.errors import SasrError
+from sasr.process import exit_code
 
 EXAMPLES = """examples:
   sasr train                                   # SASR, SmolLM2-135M-Instruct + LoRA, task arithmetic
@@ -79,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f"sasr: {stop}; resume with: sasr train --resume {stop.run_dir}",
                 file=sys.stderr,
             )
-        return 130 if stop.signal_name == "SIGINT" else 143
+        return exit_code(stop.signal_name)
     if trainer.accelerator.is_main_process:
         print(summary_text(config, result))
     return 0
@@ -227,7 +228,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except TrainingStopped as stop:  # a run trained in this process
         print(f"sasr compare: {stop.run_dir.name} {stop}; re-running the same command continues it from there",
               file=sys.stderr)  # fmt: skip
-        return 130 if stop.signal_name == "SIGINT" else 143
+        return exit_code(stop.signal_name)
     print((Path(args.output) / "results.md").read_text())
     return 0
 
@@ -307,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("sasr: interrupted", file=sys.stderr)
-        return 130
+        return exit_code("SIGINT")
     except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if not any(s in message for s in ("out of memory", "can't allocate memory")) and not isinstance(

@@ -9,14 +9,11 @@ the loop computes every part from one reference pass and one policy pass and sum
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -38,6 +35,7 @@ from sasr.eval.evaluate import GREEDY, evaluate, score_all, summarise
 from sasr.logprobs import completion_logprobs
 from sasr.losses import PART_LOSSES, PartInputs, group_advantages, masked_mean, sft_loss
 from sasr.methods import METHODS, get_method
+from sasr.process import any_rank, on_stop_signals
 from sasr.reference import ReferencePolicy
 from sasr.rollout import generate
 from sasr.tasks import get_task
@@ -174,7 +172,10 @@ class Trainer:
         self.eval_before: dict[str, float] | None = None
         self.seconds_before = 0.0  # wall time of the segments before a resume (a checkpoint holds it)
         self.started = time.perf_counter()
-        self.start_step = checkpoint.load(self, resume_from) if resume_from else 0
+        self.start_step = 0
+        if resume_from:
+            self.start_step, weights, state = checkpoint.load(resume_from, acc)
+            self.load_state_dict(weights, state, resume_from)
         self.writer = None
         self.stop_signal: str | None = None
         self.rank_log = os.environ.get("SASR_RANK_LOG_DIR")  # diagnostics: each rank's branch sequence
@@ -198,6 +199,40 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------------------
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs beside the weights (``checkpoint`` writes it)."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.lr_scheduler.state_dict(),
+            "reference": self.reference.snapshot_,
+            "trainer": {
+                "method": self.method.state_dict(),
+                "eval_before": self.eval_before,
+                "seconds": self.elapsed(),
+            },
+        }
+
+    def load_state_dict(self, weights: dict[str, torch.Tensor], state: dict[str, Any], source: Path) -> None:
+        """Put back the trainable weights and what ``state_dict`` returned (read by ``checkpoint.load``)."""
+        from peft import set_peft_model_state_dict
+
+        model = self.accelerator.unwrap_model(self.model)
+        if self.config.lora.enabled:
+            unexpected = set_peft_model_state_dict(model, weights).unexpected_keys
+        else:  # strict=False: save_pretrained leaves out tied weights (lm_head = embeddings)
+            unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
+        if unexpected:
+            raise SasrError(
+                f"checkpoint {source} does not fit this model (unexpected weights: {unexpected[:3]})"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["scheduler"])
+        if state["reference"] is not None:
+            self.reference.snapshot_ = state["reference"]
+        self.method.load_state_dict(state["trainer"]["method"])
+        self.eval_before = state["trainer"]["eval_before"]
+        self.seconds_before = state["trainer"].get("seconds", 0.0)
+
     def elapsed(self) -> float:
         """Wall seconds of the whole run so far, the segments before a resume included."""
         return self.seconds_before + time.perf_counter() - self.started
@@ -218,7 +253,7 @@ class Trainer:
             initial=self.start_step,
             total=c.steps,
         )
-        with self._catch_signals():
+        with on_stop_signals(self._on_signal):
             for step in bar:
                 t0 = time.perf_counter()
                 plan = self.method.plan(step)  # 1. plan: which rows the step needs
@@ -256,7 +291,14 @@ class Trainer:
                     )
                 stop = self._stop_requested()
                 if stop or (c.save_every and step % c.save_every == 0 and step < c.steps):
-                    checkpoint.save(self, step)
+                    checkpoint.save(
+                        self.run_dir,
+                        step,
+                        acc.unwrap_model(self.model),
+                        self.state_dict(),
+                        acc,
+                        c.save_total_limit,
+                    )
                 if stop:
                     self._write_status("stopped", step=step)
                     raise TrainingStopped(step, stop, self.run_dir)
@@ -292,29 +334,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, finite
 
-    @contextlib.contextmanager
-    def _catch_signals(self):
+    def _on_signal(self, name: str) -> None:
         """SIGTERM / SIGINT: finish the current step, save a checkpoint, stop (see ``_stop_requested``)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame):
-            self.stop_signal = signal.Signals(signum).name
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
+        self.stop_signal = name
 
     def _stop_requested(self) -> str | None:
-        """Whether any rank got a stop signal (all ranks must agree to stop after the same step)."""
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0], device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        return (self.stop_signal or "SIGTERM") if flag.item() else None
+        """The stop signal if any rank got one (all ranks must agree to stop after the same step)."""
+        return (self.stop_signal or "SIGTERM") if any_rank(self.accelerator, bool(self.stop_signal)) else None
 
     # --- the rows of a step, and its loss ---------------------------------------------------------------
 

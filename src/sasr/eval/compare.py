@@ -25,6 +25,7 @@ from sasr.errors import SasrError
 from sasr.eval.evaluate import evaluate, summarise
 from sasr.eval.report import markdown_table, plot_compare
 from sasr.methods import METHODS
+from sasr.process import on_stop_signals
 from sasr.tasks import get_task
 from sasr.trainer import Trainer
 
@@ -121,10 +122,10 @@ def _train_in_parallel(
     live: set[subprocess.Popen] = set()
     stopped: list[str] = []
 
-    def forward(signum, frame) -> None:  # each run saves a checkpoint and stops; compare then stops too
-        stopped.append(signal.Signals(signum).name)
+    def forward(name: str) -> None:  # each run saves a checkpoint and stops; compare then stops too
+        stopped.append(name)
         for proc in list(live):
-            proc.send_signal(signum)
+            proc.send_signal(signal.Signals[name])
 
     def one(method: str, seed: int) -> tuple[str, int, Path]:
         name = f"{method}-s{seed}"
@@ -143,11 +144,10 @@ def _train_in_parallel(
             live.discard(proc)
         return name, code, log_file
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     bar = tqdm(total=len(pending), desc=f"compare: {jobs} runs at a time", disable=not progress)
     failed = []
     try:
-        with ThreadPoolExecutor(jobs) as pool:
+        with on_stop_signals(forward), ThreadPoolExecutor(jobs) as pool:
             for name, code, log_file in pool.map(lambda ms: one(*ms), pending):
                 bar.update(1)
                 if code > 0 and not stopped:
@@ -156,12 +156,12 @@ def _train_in_parallel(
                         f"{name} (exit {code}: {lines[-1] if lines else 'no output'}; log {log_file})"
                     )
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         bar.close()
     if stopped:
-        raise SasrError(f"sasr compare: stopped by {stopped[0]}; the runs in progress stopped too (their logs say "
-                        "where); re-running the same command continues each of them from its checkpoint")  # fmt: skip
+        raise SasrError(
+            f"sasr compare: stopped by {stopped[0]}; the runs in progress stopped too (their logs say where); "
+            "re-running the same command continues each of them from its checkpoint"
+        )
     if failed:
         raise SasrError("sasr compare: runs failed: " + "; ".join(failed))
 
