@@ -108,10 +108,17 @@ def run_trl(a, kind: str) -> list[float]:
             times.append(time.perf_counter() - self.t0)
 
     common = dict(
-        max_steps=a.warmup + a.steps, learning_rate=1e-5, max_grad_norm=1.0, logging_steps=1, report_to=[],
-        save_strategy="no", use_cpu=a.device == "cpu", bf16=a.dtype == "bfloat16", dataloader_num_workers=0,
+        max_steps=a.warmup + a.steps,
+        learning_rate=1e-5,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=a.device == "cpu",
+        bf16=a.dtype == "bfloat16",
+        dataloader_num_workers=0,
         gradient_checkpointing=a.gradient_checkpointing,
-    )  # fmt: skip
+    )
     with tempfile.TemporaryDirectory() as out:
         if kind == "grpo":
             from trl import GRPOConfig, GRPOTrainer
@@ -123,25 +130,49 @@ def run_trl(a, kind: str) -> list[float]:
                 return [task.score(t, Example("", "", a)).reward for t, a in zip(texts, answer)]
 
             args = GRPOConfig(
-                output_dir=out, per_device_train_batch_size=a.prompts * a.generations,
-                num_generations=a.generations, max_completion_length=a.tokens,
-                generation_kwargs={"min_new_tokens": a.tokens}, beta=a.beta, loss_type=a.loss_type,
-                temperature=1.0, top_k=0, **common,
-            )  # fmt: skip
-            trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
-                                  processing_class=tok, peft_config=peft, callbacks=[Timer()])  # fmt: skip
+                output_dir=out,
+                per_device_train_batch_size=a.prompts * a.generations,
+                num_generations=a.generations,
+                max_completion_length=a.tokens,
+                generation_kwargs={"min_new_tokens": a.tokens},
+                beta=a.beta,
+                loss_type=a.loss_type,
+                temperature=1.0,
+                top_k=0,
+                **common,
+            )
+            trainer = GRPOTrainer(
+                model=model,
+                reward_funcs=reward,
+                args=args,
+                train_dataset=data,
+                processing_class=tok,
+                peft_config=peft,
+                callbacks=[Timer()],
+            )
         else:
             from trl import SFTConfig, SFTTrainer
 
             data = Dataset.from_list(
-                [{"prompt": task.messages(ex), "completion": [{"role": "assistant", "content": task.target(ex)}]}
-                 for ex in examples]
-            )  # fmt: skip
+                [
+                    {
+                        "prompt": task.messages(ex),
+                        "completion": [{"role": "assistant", "content": task.target(ex)}],
+                    }
+                    for ex in examples
+                ]
+            )
             args = SFTConfig(
                 output_dir=out, per_device_train_batch_size=a.sft_batch, max_length=512, **common
             )
-            trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok,
-                                 peft_config=peft, callbacks=[Timer()])  # fmt: skip
+            trainer = SFTTrainer(
+                model=model,
+                args=args,
+                train_dataset=data,
+                processing_class=tok,
+                peft_config=peft,
+                callbacks=[Timer()],
+            )
         trainer.train()
     return times[a.warmup :]
 
@@ -206,13 +237,24 @@ def run_rollout(a) -> dict:
             for _ in range(a.warmup + a.steps):
                 _sync(a)
                 t0 = time.perf_counter()
-                generate(model, tok, prompts, max_new_tokens=a.tokens, temperature=1.0, min_new_tokens=a.tokens,
-                         **opts)  # fmt: skip
+                generate(
+                    model,
+                    tok,
+                    prompts,
+                    max_new_tokens=a.tokens,
+                    temperature=1.0,
+                    min_new_tokens=a.tokens,
+                    **opts,
+                )
                 _sync(a)
                 times.append(time.perf_counter() - t0)
             med = statistics.median(times[a.warmup :])
-            out[f"{name} @{rows}"] = {"tok_s": rows * a.tokens / med, "median": med, "step_bytes": step_bytes,
-                                      "rows": rows}  # fmt: skip
+            out[f"{name} @{rows}"] = {
+                "tok_s": rows * a.tokens / med,
+                "median": med,
+                "step_bytes": step_bytes,
+                "rows": rows,
+            }
     if a.device == "cuda":
         name = torch.cuda.get_device_name()
         copy_bw = _copy_bandwidth()
@@ -257,8 +299,10 @@ def print_rollout(res: dict) -> None:
             line += f", {r['tok_s'] / roof:6.1%} of the bandwidth roofline ({roof:.0f} tok/s)"
         print(line, flush=True)
     if dev:
-        print(f"device {dev['name']}: roofline bandwidth {dev['bandwidth'] / 1e12:.2f} TB/s, measured copy "
-              f"{dev['copy_bandwidth'] / 1e12:.2f} TB/s, weights {dev['weight_bytes'] / 1e9:.2f} GB")  # fmt: skip
+        print(
+            f"device {dev['name']}: roofline bandwidth {dev['bandwidth'] / 1e12:.2f} TB/s, measured copy "
+            f"{dev['copy_bandwidth'] / 1e12:.2f} TB/s, weights {dev['weight_bytes'] / 1e9:.2f} GB"
+        )
 
 
 def main() -> None:
@@ -301,20 +345,32 @@ def main() -> None:
         if name == "rollout":
             print_rollout(results[name])
             continue
-        print(f"{name:<10} median {results[name]['median']:8.2f} s/step   peak {results[name]['peak_mb']:8.0f} MB   "
-              f"steps {', '.join(f'{t:.2f}' for t in results[name]['times'])}", flush=True)  # fmt: skip
+        print(
+            f"{name:<10} median {results[name]['median']:8.2f} s/step   peak {results[name]['peak_mb']:8.0f} MB   "
+            f"steps {', '.join(f'{t:.2f}' for t in results[name]['times'])}",
+            flush=True,
+        )
         if results[name]["breakdown"]:
-            print("           of which " + ", ".join(f"{k.removesuffix('_seconds')} {v:.2f} s"
-                                                   for k, v in results[name]["breakdown"].items()), flush=True)  # fmt: skip
-    setting = (f"model={a.model} {'full' if a.full else 'LoRA'} prompts={a.prompts} G={a.generations} "
-               f"tokens={a.tokens} beta={a.beta} loss={a.loss_type} device={a.device} dtype={a.dtype} "
-               f"gradient_checkpointing={a.gradient_checkpointing}")  # fmt: skip
+            print(
+                "           of which "
+                + ", ".join(
+                    f"{k.removesuffix('_seconds')} {v:.2f} s" for k, v in results[name]["breakdown"].items()
+                ),
+                flush=True,
+            )
+    setting = (
+        f"model={a.model} {'full' if a.full else 'LoRA'} prompts={a.prompts} G={a.generations} "
+        f"tokens={a.tokens} beta={a.beta} loss={a.loss_type} device={a.device} dtype={a.dtype} "
+        f"gradient_checkpointing={a.gradient_checkpointing}"
+    )
     print(setting)
     for kind in ("sft", "grpo"):
         if f"sasr-{kind}" in results and f"trl-{kind}" in results:
             s, t = results[f"sasr-{kind}"], results[f"trl-{kind}"]
-            print(f"{kind.upper()} step: TRL / sasr time {t['median'] / s['median']:.2f}x, "
-                  f"peak memory TRL / sasr {t['peak_mb'] / s['peak_mb']:.2f}x")  # fmt: skip
+            print(
+                f"{kind.upper()} step: TRL / sasr time {t['median'] / s['median']:.2f}x, "
+                f"peak memory TRL / sasr {t['peak_mb'] / s['peak_mb']:.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 
+import pytest
+
+# Before anything imports huggingface_hub (the test modules import sasr after this file).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import pytest  # noqa: E402
-
-import sasr  # noqa: E402
 
 TINY = {
     "model": {"name": "tiny"},
@@ -36,7 +36,7 @@ def tiny_config(output_dir, **top) -> dict:
 @pytest.fixture
 def run_tiny(tmp_path):
     """Train `tiny` for a few steps; returns (RunResult, metrics rows)."""
-    import json
+    import sasr
 
     def _run(name: str = "run", **top):
         out = tmp_path / name

@@ -41,11 +41,25 @@ def write_math(path: Path, n: int = 2500) -> Path:
     """MATH rows: problem, solution with \\boxed{}, level, type (answer only on MATH-500-style rows)."""
     with path.open("w") as f:
         for problem, solution, answer in MATH_ROWS:
-            f.write(json.dumps({"problem": problem, "solution": solution, "answer": answer, "level": 2,
-                                "type": "Algebra"}) + "\n")  # fmt: skip
+            f.write(
+                json.dumps(
+                    {
+                        "problem": problem,
+                        "solution": solution,
+                        "answer": answer,
+                        "level": 2,
+                        "type": "Algebra",
+                    }
+                )
+                + "\n"
+            )
         for i, ex in enumerate(arithmetic_rows(n)):
-            row = {"problem": ex.question, "solution": f"{ex.cot}\nSo the value is $\\boxed{{{ex.answer}}}$.",
-                   "level": f"Level {1 + i % 5}", "type": "Prealgebra"}  # fmt: skip
+            row = {
+                "problem": ex.question,
+                "solution": f"{ex.cot}\nSo the value is $\\boxed{{{ex.answer}}}$.",
+                "level": f"Level {1 + i % 5}",
+                "type": "Prealgebra",
+            }
             f.write(json.dumps(row) + "\n")
     return path
 

@@ -240,9 +240,16 @@ def _random(config_cls, **shape):
 
     tok = models.load_tokenizer("tiny")
     config = config_cls(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **shape,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        **shape,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -258,11 +265,20 @@ def test_the_fused_decoder_computes_what_the_model_does(smol, arch):
     shape = {
         "qwen2": (Qwen2Config, {}),  # q/k/v biases
         "llama-biases": (LlamaConfig, {"attention_bias": True, "mlp_bias": True}),
-        "llama-llama3-rope": (LlamaConfig, {"rope_parameters": {
-            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
-        }}),
-    }[arch]  # fmt: skip
+        "llama-llama3-rope": (
+            LlamaConfig,
+            {
+                "rope_parameters": {
+                    "rope_type": "llama3",
+                    "rope_theta": 10000.0,
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                }
+            },
+        ),
+    }[arch]
     model, tok = _random(shape[0], **shape[1])
     prompts = smol[2]
     if not can_pack(model):

@@ -1,10 +1,13 @@
 import json
+import math
 
 import pytest
+import torch
 
-from sasr.batch import Plan
+from sasr.batch import DEMO, OFFPOLICY, ROLLOUT, Plan, Rows
 from sasr.errors import SasrError
-from sasr.methods import get_method
+from sasr.losses import PartInputs, nll_part, pg_part
+from sasr.methods import METHODS, chord_mu, get_method
 
 
 def drive(method, steps, norms):
@@ -90,16 +93,15 @@ def test_counts():
 
 # --- the step interface: every method in the registry -------------------------------------------------------
 
-import math  # noqa: E402
 
-import torch  # noqa: E402
-
-from sasr.batch import DEMO, OFFPOLICY, ROLLOUT, Rows  # noqa: E402
-from sasr.losses import PartInputs, nll_part, pg_part  # noqa: E402
-from sasr.methods import METHODS, chord_mu  # noqa: E402
-
-PG = {"beta": 0.0, "epsilon": 0.2, "epsilon_high": None, "loss_type": "dapo", "max_completion_length": 4,
-      "use_bias_correction_kl": False}  # fmt: skip
+PG = {
+    "beta": 0.0,
+    "epsilon": 0.2,
+    "epsilon_high": None,
+    "loss_type": "dapo",
+    "max_completion_length": 4,
+    "use_bias_correction_kl": False,
+}
 
 
 def rows_for(plan: Plan, seed: int, T: int = 3) -> Rows:
@@ -116,11 +118,17 @@ def rows_for(plan: Plan, seed: int, T: int = 3) -> Rows:
     kind = torch.tensor(kinds)
     correct = (torch.rand(B, generator=g) < 0.4) | (kind == OFFPOLICY)
     return Rows(
-        torch.ones(B, 2, dtype=torch.long), torch.ones(B, 2, dtype=torch.long),
-        torch.ones(B, T, dtype=torch.long), torch.ones(B, T, dtype=torch.long),
-        kind=kind, group=torch.tensor(groups), rewards=correct.float(), advantages=correct.float() - 0.5,
-        correct=correct, formatted=correct,
-    )  # fmt: skip
+        torch.ones(B, 2, dtype=torch.long),
+        torch.ones(B, 2, dtype=torch.long),
+        torch.ones(B, T, dtype=torch.long),
+        torch.ones(B, T, dtype=torch.long),
+        kind=kind,
+        group=torch.tensor(groups),
+        rewards=correct.float(),
+        advantages=correct.float() - 0.5,
+        correct=correct,
+        formatted=correct,
+    )
 
 
 def shape(parts):
@@ -131,8 +139,14 @@ def shape(parts):
 def test_contract_same_seed_same_plans_ranks_same_parts_state_roundtrip(name):
     """One contract for every registered method: same seed, same plans and metrics; the plan and the kinds of
     parts do not depend on a rank's data; the state survives a checkpoint (JSON) and continues identically."""
-    budget = {"steps": 30, "warmup_steps": 3, "seed": 5, "demos_per_step": 3, "prompts_per_step": 2,
-              "group_size": 4}  # fmt: skip
+    budget = {
+        "steps": 30,
+        "warmup_steps": 3,
+        "seed": 5,
+        "demos_per_step": 3,
+        "prompts_per_step": 2,
+        "group_size": 4,
+    }
 
     def run(method, steps, start=1):
         out = []
@@ -177,9 +191,14 @@ def test_chord_mu_schedule_at_chosen_steps():
 def part_inputs(logps, mask=None, adv=(0.0,), off=(False,), correct=(False,), entropy=None):
     logps = torch.tensor(logps, requires_grad=True)
     return logps, PartInputs(
-        logps, torch.ones_like(logps) if mask is None else torch.tensor(mask), entropy, None,
-        torch.tensor(adv), torch.tensor(off), torch.tensor(correct),
-    )  # fmt: skip
+        logps,
+        torch.ones_like(logps) if mask is None else torch.tensor(mask),
+        entropy,
+        None,
+        torch.tensor(adv),
+        torch.tensor(off),
+        torch.tensor(correct),
+    )
 
 
 def test_chord_phi_weights_tokens_by_p_times_one_minus_p():
@@ -213,8 +232,10 @@ def test_luffy_offpolicy_term_is_shaped_unclipped_and_its_gradient():
     p_off, gamma, a_off, a_on = 0.3, 0.1, 0.75, -0.25
     logps, x = part_inputs(
         [[math.log(p_off), math.log(p_off)], [math.log(0.6), math.log(0.6)]],
-        adv=(a_off, a_on), off=(True, False), correct=(True, False),
-    )  # fmt: skip
+        adv=(a_off, a_on),
+        off=(True, False),
+        correct=(True, False),
+    )
     out = pg_part(x, **PG, shaping_gamma=gamma)
     f = p_off / (p_off + gamma)
     # dapo: mean over the 4 tokens of -A f(p) (off-policy) and -A * ratio, ratio = 1 (on-policy)
@@ -238,8 +259,15 @@ def test_luffy_without_demonstration_rows_and_empty_parts_give_no_nan():
         out = pg_part(x, **{**PG, "loss_type": loss_type}, shaping_gamma=0.1)
         assert math.isfinite(out.loss.item()) and out.stats["offpolicy_shaped_weight"] == 0.0
     empty = torch.zeros(0, 2, requires_grad=True)
-    x = PartInputs(empty, torch.zeros(0, 2), None, None, torch.zeros(0), torch.zeros(0, dtype=torch.bool),
-                   torch.zeros(0, dtype=torch.bool))  # fmt: skip
+    x = PartInputs(
+        empty,
+        torch.zeros(0, 2),
+        None,
+        None,
+        torch.zeros(0),
+        torch.zeros(0, dtype=torch.bool),
+        torch.zeros(0, dtype=torch.bool),
+    )
     for loss_type in ("grpo", "dr_grpo", "dapo"):
         out = pg_part(x, **{**PG, "loss_type": loss_type})
         assert out.loss.item() == 0.0
@@ -252,9 +280,12 @@ def test_luffy_without_demonstration_rows_and_empty_parts_give_no_nan():
 def test_srft_weights():
     H = torch.tensor([[1.0, 3.0], [0.5, 0.5], [2.0, 2.0]])  # rows' mean entropies 2.0, 0.5, 2.0
     logps, x = part_inputs(
-        [[-1.0, -1.0], [-0.5, -0.5], [-2.0, -2.0]], adv=(0.0, 0.0, 0.0), off=(False, False, False),
-        correct=(True, False, True), entropy=H,
-    )  # fmt: skip
+        [[-1.0, -1.0], [-0.5, -0.5], [-2.0, -2.0]],
+        adv=(0.0, 0.0, 0.0),
+        off=(False, False, False),
+        correct=(True, False, True),
+        entropy=H,
+    )
     sft = nll_part(x, entropy_coef=0.5)
     w = [0.5 * math.exp(-2.0), 0.5 * math.exp(-0.5), 0.5 * math.exp(-2.0)]
     assert sft.loss.item() == pytest.approx((2 * w[0] * 1.0 + 2 * w[1] * 0.5 + 2 * w[2] * 2.0) / 6, rel=1e-6)
@@ -266,9 +297,9 @@ def test_srft_weights():
     srft = get_method("srft", steps=3, group_size=4)
     plan = srft.plan(1)
     parts, _ = srft.parts(plan, rows_for(plan, 0))
-    assert [(p.name, p.loss, p.options.get("entropy_coef"), p.options.get("rollout_coef")) for p in parts] == [
-        ("sft", "nll", 0.5, None), ("rl", "pg", None, 0.1)
-    ]  # fmt: skip
+    assert [
+        (p.name, p.loss, p.options.get("entropy_coef"), p.options.get("rollout_coef")) for p in parts
+    ] == [("sft", "nll", 0.5, None), ("rl", "pg", None, 0.1)]
     assert parts[0].rows.tolist() == (rows_for(plan, 0).kind == OFFPOLICY).tolist()
 
 

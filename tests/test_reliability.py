@@ -17,9 +17,25 @@ from sasr.checkpoint import complete_checkpoints, latest
 from sasr.cli import main
 
 TIMING = {"tokens_per_second"}  # and every "*_seconds"
-ARGS = ["--model", "tiny", "--quiet", "--set", "grpo.num_generations=2", "--set", "grpo.max_completion_length=8",
-        "--set", "eval.max_new_tokens=8", "--set", "task.test_size=2", "--set", "sft.batch_size=2",
-        "--set", "logging_tensorboard=false", "--set", "grpo.reference=warmup"]  # fmt: skip
+ARGS = [
+    "--model",
+    "tiny",
+    "--quiet",
+    "--set",
+    "grpo.num_generations=2",
+    "--set",
+    "grpo.max_completion_length=8",
+    "--set",
+    "eval.max_new_tokens=8",
+    "--set",
+    "task.test_size=2",
+    "--set",
+    "sft.batch_size=2",
+    "--set",
+    "logging_tensorboard=false",
+    "--set",
+    "grpo.reference=warmup",
+]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -56,8 +72,18 @@ def wait_for(predicate, proc, timeout=120.0):
 
 def killed_after_checkpoint(run: Path, step: int) -> None:
     """Start the 12-step run with a checkpoint every 3 steps and SIGKILL it once ``step``'s exists."""
-    proc = cli(*ARGS, "--steps", "12", "--warmup-steps", "3", "--output", str(run), "--save-every", "3",
-               stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = cli(
+        *ARGS,
+        "--steps",
+        "12",
+        "--warmup-steps",
+        "3",
+        "--output",
+        str(run),
+        "--save-every",
+        "3",
+        stderr=subprocess.DEVNULL,
+    )
     wait_for(lambda: (run / "checkpoints" / f"step-{step:06d}").exists(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -84,8 +110,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, straight, capsys):
 
 def test_sigterm_saves_and_says_how_to_resume(tmp_path, straight):
     run = tmp_path / "run"
-    proc = cli(*ARGS, "--steps", "12", "--warmup-steps", "3", "--output", str(run),
-               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = cli(
+        *ARGS, "--steps", "12", "--warmup-steps", "3", "--output", str(run), stderr=subprocess.PIPE, text=True
+    )
     wait_for(
         lambda: (
             (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2
@@ -147,8 +174,14 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, straight
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
 
-    limited = subprocess.run([sys.executable, "-m", "sasr", "train", "--resume", str(run), "--quiet"], env=ENV,
-                             preexec_fn=small_files, capture_output=True, text=True, timeout=300)  # fmt: skip
+    limited = subprocess.run(
+        [sys.executable, "-m", "sasr", "train", "--resume", str(run), "--quiet"],
+        env=ENV,
+        preexec_fn=small_files,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert limited.returncode == 2, limited.stderr
     last = limited.stderr.strip().splitlines()[-1]
     assert last.startswith("sasr: error: cannot write the checkpoint of step") and "is intact" in last
@@ -161,9 +194,27 @@ def test_out_of_memory_is_one_sentence_that_names_the_knobs(tmp_path):
     def little_memory():  # 6 GiB of address space: the SFT batch below needs ~20 GB of logits
         resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
 
-    cmd = [sys.executable, "-m", "sasr", "train", "--model", "tiny", "--method", "sft", "--steps", "2",
-           "--warmup-steps", "1", "--output", str(tmp_path / "run"), "--quiet", "--set", "sft.batch_size=2048",
-           "--set", "task.test_size=0"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "sasr",
+        "train",
+        "--model",
+        "tiny",
+        "--method",
+        "sft",
+        "--steps",
+        "2",
+        "--warmup-steps",
+        "1",
+        "--output",
+        str(tmp_path / "run"),
+        "--quiet",
+        "--set",
+        "sft.batch_size=2048",
+        "--set",
+        "task.test_size=0",
+    ]
     done = subprocess.run(cmd, env=ENV, preexec_fn=little_memory, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
@@ -175,8 +226,22 @@ def test_out_of_memory_is_one_sentence_that_names_the_knobs(tmp_path):
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, capsys):
     run = tmp_path / "run"
-    code = main(["train", *ARGS, "--method", "sft", "--steps", "10", "--output", str(run),
-                 "--set", "optim.learning_rate=1e30", "--set", "optim.max_grad_norm=null"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            *ARGS,
+            "--method",
+            "sft",
+            "--steps",
+            "10",
+            "--output",
+            str(run),
+            "--set",
+            "optim.learning_rate=1e30",
+            "--set",
+            "optim.max_grad_norm=null",
+        ]
+    )
     assert code == 2
     assert "3 non-finite losses or gradient norms in a row (last at step 4)" in capsys.readouterr().err
     rows = metrics(run)
@@ -200,13 +265,35 @@ def test_the_trainers_ddp_lets_ranks_make_different_numbers_of_forward_calls():
 
 
 def test_two_processes_take_the_same_branches(tmp_path):
-    run, ranks = tmp_path / "run", tmp_path / "ranks"
-    ranks.mkdir()
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sasr", "train",
-           *ARGS, "--steps", "10", "--warmup-steps", "2", "--output", str(run)]  # fmt: skip
-    proc = subprocess.run(cmd, env={**ENV, "SASR_RANK_LOG_DIR": str(ranks)}, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    run = tmp_path / "run"
+    ranks = run / "ranks"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "sasr",
+        "train",
+        *ARGS,
+        "--steps",
+        "10",
+        "--warmup-steps",
+        "2",
+        "--output",
+        str(run),
+    ]
+    proc = subprocess.run(
+        [*cmd, "--set", "logging_ranks=true"], env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     r0 = [json.loads(x) for x in (ranks / "rank0.jsonl").read_text().splitlines()]
     r1 = [json.loads(x) for x in (ranks / "rank1.jsonl").read_text().splitlines()]
@@ -223,15 +310,42 @@ def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path, method):
     """Two gloo ranks with different data take the same parts in every step (else the all-reduce of the
     step's statistics would fail) and read the same global gradient norm; stopped and resumed, the run ends
     as it would have."""
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sasr", "train",
-              *ARGS, "--method", method, "--set", "grpo.num_generations=3", "--steps", "4", "--save-every", "2",
-              "--set", "eval.before=false"]  # fmt: skip
-    ranks = tmp_path / "ranks"
-    ranks.mkdir()
-    env = {**ENV, "SASR_RANK_LOG_DIR": str(ranks)}
-    straight = subprocess.run([*launch, "--output", str(tmp_path / "a")], env=env, capture_output=True, text=True,
-                              timeout=600)  # fmt: skip
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "sasr",
+        "train",
+        *ARGS,
+        "--method",
+        method,
+        "--set",
+        "grpo.num_generations=3",
+        "--steps",
+        "4",
+        "--save-every",
+        "2",
+        "--set",
+        "eval.before=false",
+    ]
+    ranks = tmp_path / "a" / "ranks"
+    straight = subprocess.run(
+        [*launch, "--set", "logging_ranks=true", "--output", str(tmp_path / "a")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert straight.returncode == 0, straight.stderr[-2000:]
     r0, r1 = ([json.loads(x) for x in (ranks / f"rank{i}.jsonl").read_text().splitlines()] for i in (0, 1))
     assert [x["phase"] for x in r0] == [x["phase"] for x in r1] == ["mixed"] * 4
@@ -240,8 +354,15 @@ def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path, method):
     resumed = tmp_path / "b"
     shutil.copytree(tmp_path / "a", resumed)
     shutil.rmtree(resumed / "final")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch[3:launch.index("train") + 1],
-           "--resume", str(resumed), "--quiet"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *launch[3 : launch.index("train") + 1],
+        "--resume",
+        str(resumed),
+        "--quiet",
+    ]
     again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert_same_run(tmp_path / "a", resumed)

@@ -191,8 +191,9 @@ def test_parquet_and_separate_test_file(tmp_path, files):
 
 def test_user_fields_and_judges(tmp_path):
     f = write_user_jsonl(tmp_path / "d.jsonl", 60, fields=("prompt", "reasoning", "final"))
-    task = get_task(f"jsonl:{f}", question_field="prompt", solution_field="reasoning", answer_field="final",
-                    judge="exact")  # fmt: skip
+    task = get_task(
+        f"jsonl:{f}", question_field="prompt", solution_field="reasoning", answer_field="final", judge="exact"
+    )
     ex = task.examples("train", 1)[0]
     assert task.score(task.target(ex), ex).correct
     with pytest.raises(SasrError, match="unknown judge 'fuzzy'"):
@@ -260,11 +261,33 @@ def test_reward_functions(tmp_path, reward_file):
 def _train(capsys, tmp_path, *argv):
     from sasr.cli import main
 
-    code = main(["train", "--model", "tiny", "--steps", "3", "--warmup-steps", "1", "--quiet",
-                 "--output", str(tmp_path / "run"), "--set", "grpo.num_generations=2",
-                 "--set", "grpo.max_completion_length=8", "--set", "eval.max_new_tokens=8",
-                 "--set", "task.test_size=2", "--set", "sft.batch_size=2", "--set", "logging_tensorboard=false",
-                 *argv])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--model",
+            "tiny",
+            "--steps",
+            "3",
+            "--warmup-steps",
+            "1",
+            "--quiet",
+            "--output",
+            str(tmp_path / "run"),
+            "--set",
+            "grpo.num_generations=2",
+            "--set",
+            "grpo.max_completion_length=8",
+            "--set",
+            "eval.max_new_tokens=8",
+            "--set",
+            "task.test_size=2",
+            "--set",
+            "sft.batch_size=2",
+            "--set",
+            "logging_tensorboard=false",
+            *argv,
+        ]
+    )
     return code, capsys.readouterr()
 
 
@@ -283,8 +306,18 @@ def test_reward_that_raises_stops_training(capsys, tmp_path, reward_file):
     (tmp_path / "always.py").write_text(
         "def boom(prompts, completions, **kw):\n    raise KeyError('label')\n"
     )
-    code, cap = _train(capsys, tmp_path, "--task", f"jsonl:{f}", "--reward", f"{tmp_path / 'always.py'}:boom",
-                       "--method", "grpo", "--set", "eval.before=false")  # fmt: skip
+    code, cap = _train(
+        capsys,
+        tmp_path,
+        "--task",
+        f"jsonl:{f}",
+        "--reward",
+        f"{tmp_path / 'always.py'}:boom",
+        "--method",
+        "grpo",
+        "--set",
+        "eval.before=false",
+    )
     assert code == 2
     assert f"reward function {tmp_path / 'always.py'}:boom raised KeyError: 'label' on example 0" in cap.err
     assert cap.err.count("\n") == 1

@@ -8,10 +8,10 @@ def test_arithmetic_chain_of_thought_is_right():
     task = get_task("arithmetic", min_terms=3, max_terms=3, parentheses=1.0)
     for ex in task.examples("train", 50):
         expr = ex.question.removeprefix("Compute ").rstrip(".")
-        assert eval(expr) == int(ex.answer)  # noqa: S307 - our own generated integer expression
+        assert eval(expr) == int(ex.answer)  # our own generated integer expression
         for line in ex.cot.splitlines():  # every step is a true equation
             lhs, rhs = line.split(" = ")
-            assert eval(lhs) == int(rhs)  # noqa: S307
+            assert eval(lhs) == int(rhs)
         assert ex.cot.splitlines()[-1].endswith(f"= {ex.answer}")
 
 

@@ -154,8 +154,14 @@ def test_resume_from_a_checkpoint_is_bit_identical_for_every_method(tmp_path, me
             for r in rows
         ]
 
-    top = {"method": method, "steps": 4, "warmup_steps": 1, "save_every": 2, "sasr": {"gamma": 0.5},
-           "eval": {"before": False, "after": False}}  # fmt: skip
+    top = {
+        "method": method,
+        "steps": 4,
+        "warmup_steps": 1,
+        "save_every": 2,
+        "sasr": {"gamma": 0.5},
+        "eval": {"before": False, "after": False},
+    }
     a, b = tmp_path / "a", tmp_path / "b"
     sasr.train(tiny_config(a, **top), progress=False)
     shutil.copytree(a, b)
@@ -171,8 +177,9 @@ def test_demonstrations_from_another_source(tmp_path, run_tiny):
     from sasr.cli import main
 
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
-                               for i in range(30)))  # fmt: skip
+    prompts.write_text(
+        "".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(30))
+    )
     task = {"name": f"jsonl:{prompts}", "train_size": 20, "test_size": 2}
     _, rows = run_tiny("grpo", method="grpo", steps=2, task=task)
     assert [r["phase"] for r in rows] == ["grpo", "grpo"]
@@ -181,8 +188,20 @@ def test_demonstrations_from_another_source(tmp_path, run_tiny):
     )
     assert [r["phase"] for r in rows] == ["mixed", "mixed"] and rows[0]["loss/sft"] > 0
     # Without a demonstration source, a method that needs demonstrations says so before training.
-    code = main(["train", "--model", "tiny", "--task", f"jsonl:{prompts}", "--method", "sft", "--quiet",
-                 "--output", str(tmp_path / "sft")])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--model",
+            "tiny",
+            "--task",
+            f"jsonl:{prompts}",
+            "--method",
+            "sft",
+            "--quiet",
+            "--output",
+            str(tmp_path / "sft"),
+        ]
+    )
     assert code == 2 and not (tmp_path / "sft").exists()
 
 

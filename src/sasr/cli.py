@@ -226,8 +226,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             base, methods, seeds, Path(args.output), progress=not args.quiet, command=command, jobs=args.jobs
         )
     except TrainingStopped as stop:  # a run trained in this process
-        print(f"sasr compare: {stop.run_dir.name} {stop}; re-running the same command continues it from there",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"sasr compare: {stop.run_dir.name} {stop}; re-running the same command continues it from there",
+            file=sys.stderr,
+        )
         return exit_code(stop.signal_name)
     print((Path(args.output) / "results.md").read_text())
     return 0
@@ -315,9 +317,12 @@ def main(argv: list[str] | None = None) -> int:
             exc, MemoryError
         ):
             raise
-        print(f"sasr: error: out of memory ({message[:160]}); lower grpo.batch_size, grpo.num_generations, "
-              "sft.batch_size, eval.batch_size or the length limits, set model.gradient_checkpointing=true, "
-              "or run fewer compare --jobs at once", file=sys.stderr)  # fmt: skip
+        print(
+            f"sasr: error: out of memory ({message[:160]}); lower grpo.batch_size, grpo.num_generations, "
+            "sft.batch_size, eval.batch_size or the length limits, set model.gradient_checkpointing=true, "
+            "or run fewer compare --jobs at once",
+            file=sys.stderr,
+        )
         return 2
 
 

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sasr.errors import SasrError, nearest
+from sasr.losses import ADVANTAGE_CENTRES, LOSS_AGGREGATIONS, REWARD_SCALES, names
 from sasr.methods import METHODS
 
 
@@ -21,68 +22,76 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def F(default: Any, description: str, **bounds: Any) -> Any:
+    """A field with its one-line description (the README's option table is checked against them)."""
+    return Field(default, description=description, **bounds)
+
+
 class ModelSection(Section):
-    name: str = "smollm2-135m"  # hub id, folder, or alias (smollm2-135m, tiny)
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more time
+    name: str = F("smollm2-135m", "hub id, save_pretrained folder, or alias (sasr models)")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = F("float32", "weights' dtype")
+    gradient_checkpointing: bool = F(False, "recompute activations in backward: less memory, more time")
 
 
 class LoraSection(Section):
-    enabled: bool = True  # false: full fine-tuning
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
+    enabled: bool = F(True, "train a LoRA adapter; false: full fine-tuning")
+    r: int = F(16, "LoRA rank", ge=1)
+    alpha: float = F(32.0, "LoRA scale numerator (scale = alpha / r)", gt=0)
+    dropout: float = F(0.0, "LoRA dropout", ge=0, lt=1)
+    target_modules: str | list[str] = F("all-linear", "layers that get an adapter (peft's target_modules)")
 
 
 class TaskSection(Section):
     model_config = ConfigDict(extra="allow", validate_assignment=True)  # extra keys are the task's options
-    name: str = "arithmetic"
-    train_size: int = Field(2000, ge=1)  # examples generated/loaded for training
-    test_size: int = Field(32, ge=0)  # held-out examples evaluated before and after training
+    name: str = F("arithmetic", "the task: its data and judge (sasr tasks); its options are task.OPTION")
+    train_size: int = F(2000, "examples generated or loaded for training", ge=1)
+    test_size: int = F(32, "held-out examples evaluated before and after training", ge=0)
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 
 
 class OptimSection(Section):
-    learning_rate: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    max_grad_norm: float | None = Field(1.0, gt=0)  # null: no clipping (the norm is still measured)
-    lr_scheduler_type: Literal["constant", "linear", "cosine"] = "constant"
-    lr_warmup_steps: int = Field(0, ge=0)
-    max_nonfinite_steps: int = Field(3, ge=1)  # stop after this many non-finite losses/gradients in a row
+    learning_rate: float = F(1e-4, "AdamW learning rate", gt=0)
+    weight_decay: float = F(0.0, "AdamW weight decay", ge=0)
+    adam_beta1: float = F(0.9, "AdamW beta1")
+    adam_beta2: float = F(0.999, "AdamW beta2")
+    max_grad_norm: float | None = F(1.0, "clip the global gradient norm to this; null: no clipping", gt=0)
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = F("constant", "learning-rate schedule")
+    lr_warmup_steps: int = F(0, "learning-rate warm-up steps", ge=0)
+    max_nonfinite_steps: int = F(3, "stop after this many non-finite losses or gradients in a row", ge=1)
 
 
 class SFTSection(Section):
-    batch_size: int = Field(8, ge=1)  # demonstrations per optimizer step per process
-    max_length: int = Field(
-        512, ge=8
-    )  # prompt + target tokens; longer ones are cut on the left of the prompt
+    batch_size: int = F(8, "demonstrations per optimizer step per process", ge=1)
+    max_length: int = F(512, "prompt + target tokens; longer ones lose the left of the prompt", ge=8)
 
 
 class GRPOSection(Section):
-    batch_size: int = Field(2, ge=1)  # prompts per optimizer step per process
-    num_generations: int = Field(8, ge=2)  # G completions per prompt
-    max_prompt_length: int = Field(512, ge=8)
-    max_completion_length: int = Field(128, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    beta: float = Field(0.04, ge=0)  # weight of the k3 KL to the reference
-    epsilon: float = Field(0.2, gt=0)  # clip range low (and high unless epsilon_high is set)
-    epsilon_high: float | None = Field(None, gt=0)
-    loss_type: Literal["grpo", "dr_grpo", "dapo"] = "grpo"
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    advantage: Literal["mean", "median"] = "mean"  # 'median' is our reading of the paper's G+/G- split
-    reference: Literal["initial", "warmup"] = "initial"  # the policy the KL is measured to
-    use_bias_correction_kl: bool = False  # TRL's option: KL term weighted by the importance ratio
-    generation_kwargs: dict[str, Any] = {}  # extra `generate` arguments, as TRL's (e.g. min_new_tokens)
-    # 'sasr': the rollout engine (static KV cache, finished rows dropped, CUDA graphs); 'hf': model.generate
-    generation_backend: Literal["sasr", "hf"] = "sasr"
-    cuda_graphs: bool = True  # sasr backend on a GPU: capture each decode step once, replay it
-    torch_compile: bool = False  # sasr backend: also torch.compile the decode step (a compile per batch size)
+    batch_size: int = F(2, "RL prompts per optimizer step per process", ge=1)
+    num_generations: int = F(8, "G: rows per prompt's group", ge=2)
+    max_prompt_length: int = F(512, "prompt tokens kept (the last ones)", ge=8)
+    max_completion_length: int = F(128, "tokens sampled per completion", ge=1)
+    temperature: float = F(1.0, "sampling temperature of the rollouts", gt=0)
+    top_p: float = F(1.0, "nucleus sampling of the rollouts", gt=0, le=1)
+    beta: float = F(0.04, "weight of the k3 KL to the reference policy", ge=0)
+    epsilon: float = F(0.2, "clip range below 1 (and above, unless epsilon_high is set)", gt=0)
+    epsilon_high: float | None = F(None, "clip range above 1 (DAPO's clip-higher)", gt=0)
+    loss_type: names(LOSS_AGGREGATIONS) = F("grpo", "how token losses are aggregated, as TRL names them")
+    scale_rewards: names(REWARD_SCALES) = F(
+        "group", "what advantages are divided by: group std, batch std, none"
+    )
+    advantage: names(ADVANTAGE_CENTRES) = F(
+        "mean", "group centre; 'median' is our reading of SASR's G+/G- split"
+    )
+    reference: Literal["initial", "warmup"] = F("initial", "pi_ref: the loaded model, or the end of warm-up")
+    use_bias_correction_kl: bool = F(False, "TRL's option: the KL term weighted by the importance ratio")
+    generation_kwargs: dict[str, Any] = F({}, "extra sampling arguments (engine: min_new_tokens, top_k)")
+    generation_backend: Literal["sasr", "hf"] = F("sasr", "'sasr': the rollout engine; 'hf': model.generate")
+    cuda_graphs: bool = F(True, "sasr backend on a GPU: capture each decode step once, replay it")
+    torch_compile: bool = F(
+        False, "sasr backend: also torch.compile the decode step (one compile per batch size)"
+    )
 
     @model_validator(mode="after")
     def _engine_takes_kwargs(self) -> GRPOSection:
@@ -98,21 +107,21 @@ class GRPOSection(Section):
 
 class DemosSection(Section):
     model_config = ConfigDict(extra="allow", validate_assignment=True)  # extra keys are the task's options
-    task: str | None = None  # where demonstrations come from; null: the RL task's own examples
-    train_size: int = Field(2000, ge=1)  # demonstrations loaded from demos.task
+    task: str | None = F(None, "where demonstrations come from (a task or jsonl:FILE); null: the RL task")
+    train_size: int = F(2000, "demonstrations loaded from demos.task", ge=1)
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
 
 
 class EvalSection(Section):
-    before: bool = True  # evaluate the loaded model on the held-out split before training
-    after: bool = True
-    every: int = Field(0, ge=0)  # also every N steps (greedy), logged as eval_* in that step's metrics line
-    samples: int = Field(0, ge=0)  # after training: K samples per question for pass@K, maj@K, diversity
-    temperature: float = Field(1.0, gt=0)  # sampling temperature of those K samples
-    max_new_tokens: int = Field(128, ge=1)
-    batch_size: int = Field(32, ge=1)
+    before: bool = F(True, "evaluate the loaded model on the held-out split before training")
+    after: bool = F(True, "evaluate the trained model after training")
+    every: int = F(0, "also every N steps (greedy), logged as eval_* in that step's line", ge=0)
+    samples: int = F(0, "after training: K samples per question for pass@K, maj@K, diversity", ge=0)
+    temperature: float = F(1.0, "sampling temperature of those K samples", gt=0)
+    max_new_tokens: int = F(128, "tokens generated per evaluation answer", ge=1)
+    batch_size: int = F(32, "questions generated together", ge=1)
 
 
 class TrainConfig(Section):
@@ -120,23 +129,26 @@ class TrainConfig(Section):
     ``chord.variant``), checked by the method's own ``Options``; a comparison's config may hold several."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)  # the extra keys: method sections
-    method: str = "sasr"
-    steps: int = Field(40, ge=1)  # total optimizer steps, warm-up included
-    warmup_steps: int = Field(8, ge=0)  # W: plain SFT steps before the adaptive phase
-    seed: int = 0
-    output_dir: str | None = None
-    save_final: bool = True
-    save_every: int = Field(0, ge=0)  # checkpoint every N steps (0: only when stopped by a signal)
-    save_total_limit: int = Field(2, ge=1)  # keep the newest K checkpoints
-    logging_tensorboard: bool = True
-    model: ModelSection = ModelSection()
-    lora: LoraSection = LoraSection()
-    task: TaskSection = TaskSection()
-    optim: OptimSection = OptimSection()
-    sft: SFTSection = SFTSection()
-    grpo: GRPOSection = GRPOSection()
-    demos: DemosSection = DemosSection()
-    eval: EvalSection = EvalSection()
+    method: str = F("sasr", "what each step trains on (docs/methods.md)")
+    steps: int = F(40, "optimizer steps in all, warm-up included", ge=1)
+    warmup_steps: int = F(8, "W: SFT steps before the adaptive phase (sasr, interleave, sft-then-grpo)", ge=0)
+    seed: int = F(0, "seeds the data, the sampling and the methods' draws")
+    output_dir: str | None = F(None, "the run directory (default runs/METHOD-TASK-TIME)")
+    save_final: bool = F(True, "write final/ (and adapter/ with LoRA)")
+    save_every: int = F(0, "checkpoint every N steps (0: only when stopped by a signal)", ge=0)
+    save_total_limit: int = F(2, "keep the newest K checkpoints", ge=1)
+    logging_tensorboard: bool = F(True, "write TensorBoard events to DIR/tensorboard")
+    logging_ranks: bool = F(
+        False, "every rank also logs its phase and gradient norm to DIR/ranks/rankN.jsonl"
+    )
+    model: ModelSection = F(ModelSection(), "the model")
+    lora: LoraSection = F(LoraSection(), "the adapter")
+    task: TaskSection = F(TaskSection(), "the RL task")
+    optim: OptimSection = F(OptimSection(), "the optimizer")
+    sft: SFTSection = F(SFTSection(), "demonstration batches")
+    grpo: GRPOSection = F(GRPOSection(), "rollouts and the policy-gradient loss")
+    demos: DemosSection = F(DemosSection(), "the demonstration source")
+    eval: EvalSection = F(EvalSection(), "held-out evaluation")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -275,6 +287,7 @@ RESUME_SAFE_KEYS = (
     "save_total_limit",
     "save_final",
     "logging_tensorboard",
+    "logging_ranks",
     "output_dir",
 )
 RESUME_SAFE_SECTIONS = ("eval.",)

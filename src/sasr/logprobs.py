@@ -185,9 +185,11 @@ def _completion_logits(
             for rows, t in groups
         ]
     head = model(
-        input_ids=input_ids[first, :n_prompt], attention_mask=attention_mask[first, :n_prompt], use_cache=True,
+        input_ids=input_ids[first, :n_prompt],
+        attention_mask=attention_mask[first, :n_prompt],
+        use_cache=True,
         logits_to_keep=1,
-    )  # fmt: skip
+    )
     cache = head.past_key_values
     prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]  # [U, heads, P, d] per layer
     out = []

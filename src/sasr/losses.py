@@ -10,10 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from sasr.errors import unknown
+
+
+def names(registry: dict[str, object]) -> Any:
+    """The registry's names as a ``Literal`` type, for the config schema: one source of truth."""
+    return Literal[tuple(registry)]
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -51,26 +57,33 @@ ADVANTAGE_CENTRES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+# What advantages are divided by (plus ADVANTAGE_EPS), from the groups' stds [prompts, 1] and the rewards [B].
+REWARD_SCALES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None]] = {
+    "group": lambda group_std, rewards: group_std,  # TRL's default: each group's (unbiased) std
+    "batch": lambda group_std, rewards: rewards.std(),
+    "none": lambda group_std, rewards: None,  # centred only (Dr. GRPO, LUFFY, HPT)
+}
+
+
 def group_advantages(
     rewards: torch.Tensor, num_generations: int, centre: str = "mean", scale: str = "group"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A_i = (r_i - centre(group)) / (std(group) + eps), shared by every token of completion i.
+    """A_i = (r_i - centre(group)) / (scale + eps), shared by every token of completion i.
 
     rewards [B] with B = prompts x G, grouped consecutively -> advantages [B], zero_spread [prompts] (bool).
     ``scale``: 'group' (std of the group, unbiased as TRL), 'batch' (std of the whole batch), 'none'.
     """
     if centre not in ADVANTAGE_CENTRES:
         raise unknown("advantage", centre, ADVANTAGE_CENTRES)
+    if scale not in REWARD_SCALES:
+        raise unknown("scale_rewards", scale, REWARD_SCALES)
     grouped = rewards.view(-1, num_generations)  # [prompts, G]
     std = grouped.std(dim=1, keepdim=True)  # [prompts, 1]
     zero_spread = torch.isclose(std, torch.zeros_like(std)).squeeze(1)
     adv = grouped - ADVANTAGE_CENTRES[centre](grouped)
-    if scale == "group":
-        adv = adv / (std + ADVANTAGE_EPS)
-    elif scale == "batch":
-        adv = adv / (rewards.std() + ADVANTAGE_EPS)
-    elif scale != "none":
-        raise unknown("scale_rewards", scale, ("group", "batch", "none"))
+    divisor = REWARD_SCALES[scale](std, rewards)
+    if divisor is not None:
+        adv = adv / (divisor + ADVANTAGE_EPS)
     return adv.reshape(-1), zero_spread
 
 
@@ -159,9 +172,15 @@ def grpo_loss(
     if loss_type not in LOSS_AGGREGATIONS:
         raise unknown("loss_type", loss_type, LOSS_AGGREGATIONS)
     per_token, kl, is_clipped = _clipped_tokens(
-        logps, old_logps, ref_logps, advantages.unsqueeze(1), beta=beta, epsilon_low=epsilon_low,
-        epsilon_high=epsilon_high, use_bias_correction_kl=use_bias_correction_kl,
-    )  # fmt: skip
+        logps,
+        old_logps,
+        ref_logps,
+        advantages.unsqueeze(1),
+        beta=beta,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        use_bias_correction_kl=use_bias_correction_kl,
+    )
     loss = LOSS_AGGREGATIONS[loss_type](per_token, mask, max_completion_length)
     with torch.no_grad():
         clip_fraction = masked_mean(is_clipped.float(), mask).item()
@@ -242,10 +261,15 @@ def pg_part(
         raise unknown("loss_type", loss_type, LOSS_AGGREGATIONS)
     adv = x.advantages.unsqueeze(1)  # [b, 1]
     per_token, kl, is_clipped = _clipped_tokens(
-        x.logps, x.logps.detach(), x.ref_logps, adv, beta=beta, epsilon_low=epsilon,
+        x.logps,
+        x.logps.detach(),
+        x.ref_logps,
+        adv,
+        beta=beta,
+        epsilon_low=epsilon,
         epsilon_high=epsilon_high if epsilon_high is not None else epsilon,
         use_bias_correction_kl=use_bias_correction_kl,
-    )  # fmt: skip
+    )
     stats: dict[str, float] = {}
     if rollout_coef is not None:
         h = row_entropy(x)  # [b]

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sasr.batch import DEMO, OFFPOLICY, ROLLOUT, Part, Plan, Rows
 from sasr.errors import SasrError, nearest, unknown
+from sasr.losses import LOSS_AGGREGATIONS, REWARD_SCALES, names
 
 PHASES = ("sft", "grpo", "mixed")
 
@@ -297,7 +298,7 @@ class ChordOptions(Options):
     mu_decay_steps: int = Field(200, ge=0, description="steps of the cosine decay from mu_peak to mu_valley")
     phi_mu: float = Field(0.1, ge=0, le=1, description="variant 'phi': the fixed mu")
     beta: float = Field(0.0, ge=0, description="KL weight of its GRPO part (CHORD: none)")
-    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field("dapo", description="its GRPO part's aggregation")
+    loss_type: names(LOSS_AGGREGATIONS) = Field("dapo", description="its GRPO part's aggregation")
 
 
 def chord_mu(t: int, peak: float, valley: float, warmup: int, decay: int) -> float:
@@ -350,8 +351,8 @@ class HPTOptions(Options):
     )
     sft_loss_coef: float = Field(1.0, ge=0, description="weight of the SFT part")
     beta: float = Field(0.0, ge=0, description="KL weight of the RL part (HPT: none)")
-    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field("dr_grpo", description="the RL part's aggregation")
-    scale_rewards: Literal["group", "batch", "none"] = Field(
+    loss_type: names(LOSS_AGGREGATIONS) = Field("dr_grpo", description="the RL part's aggregation")
+    scale_rewards: names(REWARD_SCALES) = Field(
         "none", description="advantages of the RL part (HPT: mean-centred, not divided by the std)"
     )
 
@@ -394,8 +395,8 @@ class LuffyOptions(Options):
     num_demos: int = Field(1, ge=0, description="k: demonstrations in each group of num_generations rows")
     shaping_gamma: float = Field(0.1, gt=0, description="off-policy tokens weigh f(p) = p / (p + gamma)")
     beta: float = Field(0.0, ge=0, description="KL weight on the rollouts (LUFFY: none)")
-    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field("dr_grpo", description="aggregation of the group")
-    scale_rewards: Literal["group", "batch", "none"] = Field(
+    loss_type: names(LOSS_AGGREGATIONS) = Field("dr_grpo", description="aggregation of the group")
+    scale_rewards: names(REWARD_SCALES) = Field(
         "none", description="advantages over the whole group (LUFFY: mean-centred, not divided by the std)"
     )
 
@@ -442,10 +443,8 @@ class SRFTOptions(Options):
     shaping_gamma: float = Field(
         0.1, gt=0, description="off-policy demonstration tokens weigh p / (p + gamma)"
     )
-    loss_type: Literal["grpo", "dr_grpo", "dapo"] = Field(
-        "dr_grpo", description="aggregation of the RL terms"
-    )
-    scale_rewards: Literal["group", "batch", "none"] = Field(
+    loss_type: names(LOSS_AGGREGATIONS) = Field("dr_grpo", description="aggregation of the RL terms")
+    scale_rewards: names(REWARD_SCALES) = Field(
         "none", description="advantages of the demonstrations in the group"
     )
 

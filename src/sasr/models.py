@@ -89,12 +89,31 @@ def smollm2_folder() -> Path:
 # Random-weight models with the SmolLM2 tokenizer: (config class, shape). 'qwen2.5-0.5b-random' has
 # Qwen2.5-0.5B's exact shape (494M parameters), for GPU benchmarks that need no download.
 RANDOM_MODELS = {
-    "tiny": (LlamaConfig, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)),
-    "qwen2.5-0.5b-random": (Qwen2Config, dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                                              num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                                              max_position_embeddings=32768, rope_theta=1e6)),
-}  # fmt: skip
+    "tiny": (
+        LlamaConfig,
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+        ),
+    ),
+    "qwen2.5-0.5b-random": (
+        Qwen2Config,
+        dict(
+            vocab_size=151936,
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rope_theta=1e6,
+        ),
+    ),
+}
 
 
 def random_folder(name: str = "tiny") -> Path:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ from sasr.batch import OFFPOLICY, ROLLOUT, Plan, Rows, cat_rows
 from sasr.config import TrainConfig, to_yaml
 from sasr.data import demonstration_rows, encode_targets, pick, render_prompts, rows_of_kind
 from sasr.errors import SasrError
-from sasr.eval.evaluate import GREEDY, evaluate, score_all, summarise
+from sasr.eval.evaluate import GREEDY, evaluate, score_all, settings, summarise
 from sasr.logprobs import completion_logprobs
 from sasr.losses import PART_LOSSES, PartInputs, group_advantages, masked_mean, sft_loss
 from sasr.methods import METHODS, get_method
@@ -154,12 +153,14 @@ class Trainer:
             self.reference.snapshot()
 
         params = [p for p in model.parameters() if p.requires_grad]
-        # torch's fused kernel makes one pass per tensor: 0.04 s against foreach's 0.31 s a step for SmolLM2-135M's
-        # 135M float32 parameters on a 2-core CPU, the same update up to float rounding (CPU, CUDA and MPS have it).
+        # torch's fused kernel: one pass per tensor, the same update up to float rounding (docs/performance.md).
         optimizer = torch.optim.AdamW(
-            params, lr=c.optim.learning_rate, betas=(c.optim.adam_beta1, c.optim.adam_beta2),
-            weight_decay=c.optim.weight_decay, fused=True,
-        )  # fmt: skip
+            params,
+            lr=c.optim.learning_rate,
+            betas=(c.optim.adam_beta1, c.optim.adam_beta2),
+            weight_decay=c.optim.weight_decay,
+            fused=True,
+        )
         # Not passed to accelerate.prepare: its wrapper steps the scheduler once per process.
         self.lr_scheduler = get_scheduler(
             c.optim.lr_scheduler_type,
@@ -178,7 +179,6 @@ class Trainer:
             self.load_state_dict(weights, state, resume_from)
         self.writer = None
         self.stop_signal: str | None = None
-        self.rank_log = os.environ.get("SASR_RANK_LOG_DIR")  # diagnostics: each rank's branch sequence
         if acc.is_main_process:
             if not resume:
                 if self.run_dir.exists():
@@ -191,6 +191,8 @@ class Trainer:
                 _truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
                 (self.run_dir / "config.yaml").write_text(to_yaml(c))
             self._write_status("running", step=self.start_step)
+            if c.logging_ranks:
+                (self.run_dir / "ranks").mkdir(exist_ok=True)
             if c.logging_tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -562,15 +564,9 @@ class Trainer:
             self.tokenizer,
             self.task,
             shard,
-            samples=samples,
-            temperature=c.eval.temperature,
-            max_new_tokens=c.eval.max_new_tokens,
-            batch_size=c.eval.batch_size,
-            max_prompt_length=c.grpo.max_prompt_length,
             progress=self.progress,
             desc=desc,
-            backend=c.grpo.generation_backend,
-            cuda_graphs=c.grpo.cuda_graphs,
+            **settings(c, samples),
         )
         if acc.num_processes > 1:
             records = gather_object(records)
@@ -609,9 +605,11 @@ class Trainer:
         return out
 
     def _log(self, record: dict) -> None:
-        if self.rank_log:  # every rank: its own branch and gradient norm, to check that ranks agree
+        if (
+            self.config.logging_ranks
+        ):  # every rank: its own phase and gradient norm, to check that ranks agree
             line = {"step": record["step"], "phase": record["phase"], "grad_norm": record["grad_norm"]}
-            with open(Path(self.rank_log) / f"rank{self.accelerator.process_index}.jsonl", "a") as f:
+            with open(self.run_dir / "ranks" / f"rank{self.accelerator.process_index}.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
         if not self.accelerator.is_main_process:
             return

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from sasr import checkpoint, models
 from sasr.config import TrainConfig, build_config, to_yaml
 from sasr.errors import SasrError
-from sasr.eval.evaluate import evaluate, summarise
+from sasr.eval.evaluate import evaluate, settings, summarise
 from sasr.eval.report import markdown_table, plot_compare
 from sasr.methods import METHODS
 from sasr.process import on_stop_signals
@@ -62,13 +62,15 @@ def evaluate_model(model_path: str, config: TrainConfig, seed: int, progress: bo
     model = models.load_model(model_path, config.model.dtype)
     if torch.cuda.is_available():
         model = model.cuda()
-    e = config.eval
     records = evaluate(
-        model, tokenizer, task, examples, samples=e.samples, temperature=e.temperature,
-        max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, max_prompt_length=config.grpo.max_prompt_length,
-        progress=progress, desc=f"eval {Path(model_path).name}", backend=config.grpo.generation_backend,
-        cuda_graphs=config.grpo.cuda_graphs,
-    )  # fmt: skip
+        model,
+        tokenizer,
+        task,
+        examples,
+        progress=progress,
+        desc=f"eval {Path(model_path).name}",
+        **settings(config),
+    )
     return summarise(records)
 
 
@@ -190,8 +192,13 @@ def compare(
             if runs := [(m, s) for m, s in pending if m in wave]:
                 _train_in_parallel(base, runs, output, jobs, progress)
     for seed in seeds:
-        untrained = evaluate_cached(base.model.name, base.model_copy(update={"seed": seed}), seed,
-                                    output / "runs" / f"untrained-s{seed}" / "eval.json", progress)  # fmt: skip
+        untrained = evaluate_cached(
+            base.model.name,
+            base.model_copy(update={"seed": seed}),
+            seed,
+            output / "runs" / f"untrained-s{seed}" / "eval.json",
+            progress,
+        )
         rows["untrained"].append({**untrained, "seconds": 0.0, **dict.fromkeys(STEP_KEYS, 0)})
         for method in [m for wave in waves for m in wave]:
             run_dir = output / "runs" / f"{method}-s{seed}"

@@ -86,6 +86,20 @@ def score_all(task: Task, texts: Sequence[str], examples: Sequence[Example]) -> 
         ) from batch_exc
 
 
+def settings(config, samples: int | None = None) -> dict[str, Any]:
+    """``evaluate``'s keyword arguments from a run's config (``samples``: default eval.samples)."""
+    e, g = config.eval, config.grpo
+    return {
+        "samples": e.samples if samples is None else samples,
+        "temperature": e.temperature,
+        "max_new_tokens": e.max_new_tokens,
+        "batch_size": e.batch_size,
+        "max_prompt_length": g.max_prompt_length,
+        "backend": g.generation_backend,
+        "cuda_graphs": g.cuda_graphs,
+    }
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -136,9 +150,16 @@ def evaluate(
             chunk = list(examples[start : start + per_batch])
             prompts = render_prompts(tokenizer, task, chunk)
             roll = generate(
-                model, tokenizer, prompts, num_generations=samples, max_new_tokens=max_new_tokens,
-                max_prompt_length=max_prompt_length, temperature=temperature, backend=backend, cuda_graphs=cuda_graphs,
-            )  # fmt: skip
+                model,
+                tokenizer,
+                prompts,
+                num_generations=samples,
+                max_new_tokens=max_new_tokens,
+                max_prompt_length=max_prompt_length,
+                temperature=temperature,
+                backend=backend,
+                cuda_graphs=cuda_graphs,
+            )
             grouped = [ex for ex in chunk for _ in range(samples)]
             scores = score_all(task, roll.texts, grouped)
             for i in range(len(chunk)):

@@ -13,11 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.figure import Figure  # figures drawn straight to files: no pyplot, no display backend
+from matplotlib.patches import Patch
 
 PHASE_COLOURS = {"sft": "#4C72B0", "grpo": "#DD8452", "mixed": "#55A868"}
 Series = dict[str, list[tuple[float, float]]]
@@ -64,7 +61,6 @@ def _draw(ax, data: Series, title: str, ylabel: str = "", legend: bool = False) 
 def _save(fig, path: Path, figures: dict[str, Series], name: str, data: dict[str, Series]) -> Path:
     fig.tight_layout(rect=(0, 0.04, 1, 0.97))  # room for a title above and a figure legend below
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     figures[name] = data
     return path
 
@@ -132,7 +128,8 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
         "kl": "KL to the reference policy",
         "held_out": "held-out accuracy (greedy)",
     }
-    fig, axes = plt.subplots(3, 2, figsize=(11, 9))
+    fig = Figure(figsize=(11, 9))
+    axes = fig.subplots(3, 2)
     for ax, (name, data) in zip(axes.flat, panels.items()):
         _draw(ax, data, titles[name], legend=True)
         _phase_strip(ax, rows)
@@ -181,7 +178,8 @@ def plot_compare(runs: dict[str, list[Path]], out_dir: Path) -> dict[str, Any]:
         for method, per_seed in metrics.items():
             curve = _mean_curve([series(rows, key) for rows in per_seed])
             data[method] = _moving_mean(curve) if key == "reward_mean" else curve
-        fig, ax = plt.subplots(figsize=(7, 4.2))
+        fig = Figure(figsize=(7, 4.2))
+        ax = fig.subplots()
         _draw(ax, data, title)
         if len(data) == 1:
             ax.legend(fontsize=7)
@@ -189,9 +187,8 @@ def plot_compare(runs: dict[str, list[Path]], out_dir: Path) -> dict[str, Any]:
 
     shown = {m: per_seed[0] for m, per_seed in metrics.items() if per_seed and per_seed[0]}
     if shown:  # each method's own dynamics and KL, over its phase strip (first seed)
-        fig, axes = plt.subplots(
-            len(shown), 1, figsize=(7, 2.2 * len(shown) + 0.8), sharex=True, squeeze=False
-        )
+        fig = Figure(figsize=(7, 2.2 * len(shown) + 0.8))
+        axes = fig.subplots(len(shown), 1, sharex=True, squeeze=False)
         data = {}
         for ax, (method, rows) in zip(axes[:, 0], shown.items()):
             curves = {**method_dynamics(method, rows), "KL to reference": series(rows, "kl")}
@@ -223,9 +220,15 @@ def write_run_report(run_dir: Path) -> Path:
     for when in ("eval_before", "eval_after"):
         if status.get(when):
             ev = status[when]
-            lines += ["", f"## {when.replace('_', ' ')}", "", markdown_table(
-                ["metric", "value"], [[k, f"{v:.3f}" if isinstance(v, float) else v] for k, v in ev.items()]
-            )]  # fmt: skip
+            lines += [
+                "",
+                f"## {when.replace('_', ' ')}",
+                "",
+                markdown_table(
+                    ["metric", "value"],
+                    [[k, f"{v:.3f}" if isinstance(v, float) else v] for k, v in ev.items()],
+                ),
+            ]
     lines += ["", "![training curves](training.png)", ""]
     path = run_dir / "report" / "report.md"
     path.write_text("\n".join(lines))

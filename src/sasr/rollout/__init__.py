@@ -79,9 +79,10 @@ def _sasr_generate(
     if problem := engine.unsupported_kwargs(generation_kwargs):
         raise SasrError(problem)
     params = dataclasses.replace(
-        params, top_k=generation_kwargs.get("top_k", params.top_k),
+        params,
+        top_k=generation_kwargs.get("top_k", params.top_k),
         min_new_tokens=generation_kwargs.get("min_new_tokens", 0),
-    )  # fmt: skip
+    )
     return engine.engine_for(model, **engine_opts).decode(
         prompt_ids,
         prompt_mask,
@@ -119,9 +120,16 @@ def generate(
     prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
     params = engine.SamplingParams(temperature=temperature, top_p=top_p, greedy=greedy)
     completion_ids, logprobs = GENERATION_BACKENDS[backend](
-        model, prompt_ids, prompt_mask, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, params,
-        generation_kwargs, {"cuda_graphs": cuda_graphs, "compile": compile},
-    )  # fmt: skip
+        model,
+        prompt_ids,
+        prompt_mask,
+        max_new_tokens,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        params,
+        generation_kwargs,
+        {"cuda_graphs": cuda_graphs, "compile": compile},
+    )
     if completion_ids.size(1) == 0:  # nothing generated at all: keep one pad column so shapes stay valid
         completion_ids = torch.full_like(prompt_ids[:, :1], tokenizer.pad_token_id)
         logprobs = None if logprobs is None else torch.zeros(completion_ids.shape, device=device)

@@ -10,8 +10,8 @@ Both are views for the length of one rollout; the trained weights are never writ
   trained; such models decode through the adapter as before.
 - **Prepacked linears (CPU).** A decode step multiplies a few rows by every weight matrix. MKL's general
   matmul repacks the whole matrix on every call, which at 16 rows costs as much as the product; a matrix
-  reordered once for oneDNN (what ``torch.compile`` does on CPUs with weight freezing) runs about 2x faster,
-  3x for the vocabulary projection.
+  reordered once for oneDNN (what ``torch.compile`` does on CPUs with weight freezing) runs faster
+  (measured in docs/performance.md).
 
 Memory: a second copy of the weights while a rollout runs (the packed matrices; merged LoRA layers add
 theirs), freed after it on a CPU; the merged matrices stay between rollouts under CUDA graphs.

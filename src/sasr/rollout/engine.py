@@ -80,9 +80,13 @@ def model_forward(model) -> Forward:
 
     def forward(input_ids, position_ids, attention_mask, cache):
         return model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, past_key_values=cache,
-            use_cache=True, logits_to_keep=1,
-        ).logits[:, -1]  # fmt: skip
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
 
     return forward
 
@@ -112,7 +116,7 @@ def inverse_cdf(probs: torch.Tensor, block: int = 1024) -> torch.Tensor:
     """One draw per row from unnormalised probabilities with two uniforms: a block of the vocabulary by the
     blocks' masses, then a token within it. [b, V] -> [b]
 
-    On a CPU this is some 50x cheaper than V exponentials (multinomial draws those too). Two levels instead of
+    On a CPU this is much cheaper than V exponentials (multinomial draws those too; docs/performance.md). Two levels instead of
     one cumulative sum over V keeps float32 rounding to about 1e-7 of a block's mass per token; a token of
     probability 0 is never drawn (u < 1 puts the draw strictly below the last cumulative sum).
     """
@@ -351,8 +355,19 @@ class RolloutEngine:
                 )
                 state.rows.copy_(torch.arange(B, device=device))
                 state.done.zero_()
-                t_end = self._loop(state, first_token, first_logp, out_ids, out_logp, max_new_tokens, params,
-                                   eos_token_id, pad_token_id, prompt_length=P, forward=forward)  # fmt: skip
+                t_end = self._loop(
+                    state,
+                    first_token,
+                    first_logp,
+                    out_ids,
+                    out_logp,
+                    max_new_tokens,
+                    params,
+                    eos_token_id,
+                    pad_token_id,
+                    prompt_length=P,
+                    forward=forward,
+                )
         finally:
             model.train(was_training)
         return out_ids[:B, :t_end], out_logp[:B, :t_end]
@@ -397,9 +412,19 @@ class RolloutEngine:
         return token, logprob
 
     def _loop(
-        self, state, token, logprob, out_ids, out_logp, max_new_tokens, params, eos_token_id, pad_token_id,
-        prompt_length, forward: Forward,
-    ):  # fmt: skip
+        self,
+        state,
+        token,
+        logprob,
+        out_ids,
+        out_logp,
+        max_new_tokens,
+        params,
+        eos_token_id,
+        pad_token_id,
+        prompt_length,
+        forward: Forward,
+    ):
         """Record token t of every live row, stop finished rows, compact, step. Returns the columns used."""
         scratch = out_ids.size(0) - 1
         check_every = 4 if state.graph is not None else 1  # a live-row count is a host sync: not every step

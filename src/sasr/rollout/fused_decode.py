@@ -75,9 +75,12 @@ def _fuse(linears: list[torch.nn.Linear], rows: int) -> tuple[torch.Tensor, torc
     weight = torch.cat([lin.weight.detach() for lin in linears])  # [sum(out), in]
     bias = None
     if any(lin.bias is not None for lin in linears):
-        bias = torch.cat([
-            lin.bias.detach() if lin.bias is not None else weight.new_zeros(lin.out_features) for lin in linears
-        ])  # fmt: skip
+        bias = torch.cat(
+            [
+                lin.bias.detach() if lin.bias is not None else weight.new_zeros(lin.out_features)
+                for lin in linears
+            ]
+        )
     return torch.ops.mkldnn._reorder_linear_weight(weight, rows), bias
 
 

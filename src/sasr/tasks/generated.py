@@ -104,7 +104,10 @@ def write_cot(
     """A depth-first case analysis over the people in order, pruning an assumption as soon as a statement
     whose speaker and subjects are all decided contradicts it. Returns the text and the assignment found."""
     n = len(names)
-    role = lambda v: terms["a_knight"] if v else terms["a_knave"]  # noqa: E731
+
+    def role(knight: bool) -> str:
+        return terms["a_knight"] if knight else terms["a_knave"]
+
     lines = [f"{names[i]} says: {render(statements[i], names, terms)}." for i in range(n)]
     lines.append(
         f"A {terms['knight']} tells the truth and a {terms['knave']} lies, "
@@ -176,10 +179,14 @@ class KnightsKnaves(Task):
         self.check_split(split)
         o = self.opts
         items = _draw(
-            "knights_knaves", split, n, seed,
-            n_people=int(o["n_people"]), depth_constraint=int(o["depth_constraint"]),
+            "knights_knaves",
+            split,
+            n,
+            seed,
+            n_people=int(o["n_people"]),
+            depth_constraint=int(o["depth_constraint"]),
             width_constraint=int(o["width_constraint"]),
-        )  # fmt: skip
+        )
         out = []
         for item in items:
             md = item["metadata"]

@@ -87,8 +87,12 @@ class JsonlTask(FileTask):
     def to_example(self, row: dict) -> Example:
         o = self.opts
         columns = {k: v for k, v in row.items() if k != "_line"}
-        return Example(str(row[o["question_field"]]), str(row.get(o["solution_field"]) or "").strip(),
-                       str(row[o["answer_field"]]).strip(), {"row": columns})  # fmt: skip
+        return Example(
+            str(row[o["question_field"]]),
+            str(row.get(o["solution_field"]) or "").strip(),
+            str(row[o["answer_field"]]).strip(),
+            {"row": columns},
+        )
 
     def has_demonstration(self, example: Example) -> bool:
         return bool(example.cot)
