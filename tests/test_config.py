@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from sasr.config import VALID_KEYS, build_config, parse_set
@@ -98,3 +100,21 @@ def test_every_documented_option_is_settable():
         "grpo.reference",
     ]:
         assert key in VALID_KEYS
+
+
+def test_readme_option_table_matches_the_schema_both_ways():
+    """Every option of the schema (methods' included) is in the README's table with its description and
+    default, and the table holds no key the schema lacks."""
+    from pathlib import Path
+
+    from sasr.config import option_rows, options_table
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("| key | default | what it does |")
+    table = readme[start : readme.index("\n\n", start)]
+    documented = {m.group(1) for m in re.finditer(r"^\| `([a-z0-9_.-]+)` \|", table, re.M)}
+    schema = {key for key, _, _ in option_rows()}
+    assert schema - documented == set(), "options missing from the README's table"
+    assert documented - schema == set(), "README keys the schema does not have"
+    assert options_table() in readme, "a description or default in the README differs from the schema"
+    assert all(text for _, _, text in option_rows()), "every option needs a one-line description"

@@ -195,6 +195,31 @@ VALID_KEYS = _all_keys(TrainConfig) + [
 SECTIONS = {key.split(".")[0] for key in VALID_KEYS if "." in key}
 
 
+def option_rows() -> list[tuple[str, Any, str]]:
+    """(key, default, description) of every option, the methods' too: the README's table of options."""
+
+    def rows(model: type[BaseModel], prefix: str) -> list[tuple[str, Any, str]]:
+        out = []
+        for name, field in model.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                out += rows(field.annotation, f"{prefix}{name}.")
+            else:
+                out.append((prefix + name, field.default, field.description or ""))
+        return out
+
+    return rows(TrainConfig, "") + [row for m, cls in METHODS.items() for row in rows(cls.Options, f"{m}.")]
+
+
+def options_table() -> str:
+    """The options as a markdown table (README.md holds it; a test keeps the two equal)."""
+    lines = ["| key | default | what it does |", "| --- | --- | --- |"]
+    lines += [
+        f"| `{k}` | `{yaml.safe_dump(d, default_flow_style=True).strip().removesuffix('...').strip()}` | {text} |"
+        for k, d, text in option_rows()
+    ]
+    return "\n".join(lines)
+
+
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     """tree['a']['b'] = value for key 'a.b', checking the key exists (task.* may carry task options)."""
     parts = key.split(".")
