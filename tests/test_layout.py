@@ -1,0 +1,69 @@
+"""The package's shape: no import cycles, and the algorithm's modules load no decoding code."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).parent.parent / "src"
+
+
+def module_imports() -> dict[str, set[str]]:
+    """{module: the sasr modules it imports at module level} (imports inside functions run later)."""
+    modules = {}
+    for path in (SRC / "sasr").rglob("*.py"):
+        name = ".".join(path.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
+        modules[name] = path
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for node in ast.parse(path.read_text()).body:  # top level only
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name in modules}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sasr"):
+                subs = {f"{node.module}.{a.name}" for a in node.names} & modules.keys()
+                found |= subs or ({node.module} & modules.keys())
+        graph[name] = found - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (cycle := visit(nxt, [*path, nxt])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    graph = module_imports()
+    assert {
+        "sasr.trainer",
+        "sasr.methods",
+        "sasr.losses",
+        "sasr.rollout.engine",
+        "sasr.eval.compare",
+    } <= graph.keys()
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check can fail
+
+
+def test_the_algorithm_loads_no_decoder():
+    """Importing the loss module, the methods or the config loads nothing of the rollout engine."""
+    code = (
+        "import sys, sasr.losses, sasr.config, sasr.methods, sasr.logprobs, sasr.checkpoint; "
+        "print(sorted(m for m in sys.modules if m.startswith(('sasr.rollout', 'sasr.eval', 'sasr.trainer'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
