@@ -13,7 +13,6 @@ from sasr.logprobs import completion_logprobs
 from sasr.rollout import generate
 from sasr.rollout.decode_weights import can_pack, decode_weights, mergeable_layers
 from sasr.rollout.engine import SamplingParams, engine_for, exponential_race, inverse_cdf, sample
-from sasr.rollout.fused_decode import fusable
 from sasr.tasks import get_task
 
 
@@ -47,7 +46,6 @@ def test_greedy_tokens_equal_generate_and_finished_rows_are_dropped(smol):
         "the prompts should stop at different lengths to exercise compaction"
     )
     stats = engine_for(model).stats
-    assert stats["fused"] == int(can_pack(model))  # on a CPU: the fused forward (sasr.rollout.fused_decode)
     B, T = ours.completion_ids.shape
     # Every step computes only unfinished rows, so the work is the sum of lengths, not B x T.
     assert stats["row_steps"] == int(lengths.sum()) - B  # the first token of each row comes from the prefill
@@ -68,11 +66,7 @@ def test_a_repeated_prompt_is_prefilled_once_and_decodes_like_a_single_one(smol)
     assert torch.equal(grouped.completion_ids, single.completion_ids.repeat_interleave(3, dim=0))
     assert shapes[0][0] == 2 and shapes[0][1] > 1  # the prefill: 2 prompts through the model, not 6 rows
     assert shapes[1] == (6, 1)  # then every row decodes
-    assert engine_for(model).stats["fused"] == 0  # a forward hook must run: the model's own forward decoded
-    fused = generate(model, tok, prompts[:2], num_generations=3, max_new_tokens=24, greedy=True)
-    stats = engine_for(model).stats
-    assert stats["prefill_rows"] == 2 and stats["fused"] == int(can_pack(model))
-    assert torch.equal(fused.completion_ids, grouped.completion_ids)
+    assert engine_for(model).stats["prefill_rows"] == 2
 
 
 def test_eager_decode_steps_attend_only_to_written_columns(smol, monkeypatch):
@@ -106,7 +100,6 @@ def test_sampling_logprobs_equal_a_plain_forward(smol, temperature, top_p):
     diff = (roll.logprobs - _plain_logprobs(model, roll, temperature))[mask].abs().max().item()
     assert diff < 1e-4
     assert (roll.logprobs[~mask] == 0).all()  # after EOS: nothing sampled
-    assert engine_for(model).stats["fused"] == int(can_pack(model))
 
 
 def test_min_new_tokens_holds_eos_back(smol):
@@ -183,9 +176,6 @@ def test_a_lora_model_decodes_merged_with_the_adapter_s_results(smol):
         h.remove()
     hf = generate(model, tok, prompts, max_new_tokens=40, greedy=True, backend="hf")  # through the adapter
     assert torch.equal(ours.completion_ids, hf.completion_ids)
-    fused = generate(model, tok, prompts, max_new_tokens=40, greedy=True)  # no hooks now: the fused forward
-    assert engine_for(model).stats["fused"] == int(can_pack(model))
-    assert torch.equal(fused.completion_ids, hf.completion_ids)
     torch.manual_seed(0)
     roll = generate(model, tok, prompts, num_generations=3, max_new_tokens=24, temperature=1.0)
     mask = roll.completion_mask.bool()
@@ -219,9 +209,8 @@ def test_decode_weights_compute_the_same_function_and_are_undone(smol, dtype):
             fast = model(**batch).logits.float().log_softmax(-1)
     assert weights.merged == (dtype == "float32")  # bf16 keeps the adapter's own path
     assert can_pack(model) == torch.backends.mkldnn.is_available()
-    if can_pack(model):  # float32 Llama: packed into the fused forward; bf16: into every linear layer
-        assert (weights.fused is not None) == (dtype == "float32")
-        assert len(packed) == (0 if dtype == "float32" else len(linears))  # the vocabulary's included
+    if can_pack(model):  # every linear layer, the vocabulary's included
+        assert len(packed) == len(linears)
     assert not any("forward" in m.__dict__ for m in linears)  # undone
 
     def error(logps):  # |log-prob error| of the exact model's likeliest token, real positions
@@ -259,7 +248,7 @@ def _random(config_cls, **shape):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama-biases", "llama-llama3-rope"])
-def test_the_fused_decoder_computes_what_the_model_does(smol, arch):
+def test_the_engine_decodes_what_other_architectures_compute(smol, arch):
     from transformers import LlamaConfig, Qwen2Config
 
     shape = {
@@ -281,34 +270,13 @@ def test_the_fused_decoder_computes_what_the_model_does(smol, arch):
     }[arch]
     model, tok = _random(shape[0], **shape[1])
     prompts = smol[2]
-    if not can_pack(model):
-        pytest.skip("the fused decoder needs oneDNN")
-    assert fusable(model, set()) is None
     ours = generate(model, tok, prompts, max_new_tokens=16, greedy=True)
-    assert engine_for(model).stats["fused"] == 1
     hf = generate(model, tok, prompts, max_new_tokens=16, greedy=True, backend="hf")
     assert torch.equal(ours.completion_ids, hf.completion_ids)
     torch.manual_seed(0)
     roll = generate(model, tok, prompts, num_generations=2, max_new_tokens=16, temperature=1.0)
     diff = (roll.logprobs - _plain_logprobs(model, roll, 1.0))[roll.completion_mask.bool()].abs().max()
     assert diff.item() < 1e-4
-
-
-def test_models_the_fused_decoder_does_not_cover_say_why(smol):
-    from transformers import Qwen2Config
-
-    model = smol[0]
-    assert fusable(model, set()) is None
-    hook = model.model.layers[3].register_forward_pre_hook(lambda *_: None)
-    assert "forward hook" in fusable(model, set())  # hooks must run, so the model's own forward decodes
-    hook.remove()
-    assert "float32" in fusable(models.load_model("tiny", dtype="bfloat16"), set())
-    lora = _lora()
-    assert "not merged" in fusable(lora, set())  # an adapter decodes merged or not at all
-    assert fusable(lora, {layer for layer, _ in mergeable_layers(lora).values()}) is None
-    windowed, _ = _random(Qwen2Config, use_sliding_window=True, sliding_window=8, max_window_layers=0)
-    assert "sliding-window" in fusable(windowed, set())
-    assert "architecture" in fusable(models.load_model("tiny").model, set())  # the bare decoder, no LM head
 
 
 def test_unsupported_generation_kwargs_name_the_fix():

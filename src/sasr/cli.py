@@ -1,4 +1,5 @@
-"""`sasr train | models | tasks`. Bad input: one sentence on stderr and exit code 2, no traceback."""
+"""`sasr train | eval | compare | report | models | tasks`. Bad input: one sentence on stderr and exit code 2, no
+traceback."""
 
 from __future__ import annotations
 

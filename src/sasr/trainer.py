@@ -121,7 +121,7 @@ class Trainer:
                 f"({str(exc).splitlines()[0]}); run sasr in a fresh process"
             ) from None
         self.progress = progress and acc.is_main_process
-        set_seed(c.seed, device_specific=True)  # sampling differs per rank; schedule draws do not (own RNG)
+        set_seed(c.seed, device_specific=True)  # sampling differs per rank; method draws do not (own RNG)
 
         # Everything that can fail on bad input fails before the run directory is touched.
         self.run_dir = resolve_run_dir(c, overwrite, resume, acc)

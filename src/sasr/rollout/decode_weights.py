@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 
 from sasr.lora_linear import mergeable_layers, replaced_forwards
-from sasr.rollout.fused_decode import FusedDecoder, fusable, packed_linear
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 # model -> {layer name: merged weight}, kept between rollouts where CUDA graphs hold the buffers' addresses.
@@ -78,10 +77,14 @@ def _packed(model, rows: int) -> contextlib.AbstractContextManager:
     return replaced_forwards(linears, packed_forward)
 
 
+def packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``x W^T + b`` with W reordered by ``mkldnn._reorder_linear_weight``. [..., in] -> [..., out]"""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 @dataclass(frozen=True)
 class DecodeWeights:
     merged: bool  # LoRA is merged: the model runs without its adapter matmuls
-    fused: FusedDecoder | None  # the lean forward to decode with, where the model allows it (else None)
 
 
 @contextlib.contextmanager
@@ -89,18 +92,13 @@ def decode_weights(model, *, rows: int, keep_buffers: bool, pack: bool = True) -
     """Within this block the model computes the same function from weights laid out for decoding.
 
     ``keep_buffers`` keeps the merged matrices for the next call at the same addresses (needed when CUDA graphs
-    were captured against them); ``pack`` allows oneDNN prepacking on a CPU, for ``rows`` rows per step: into
-    a ``FusedDecoder`` when the model is one it computes exactly, else into each linear layer.
+    were captured against them); ``pack`` allows oneDNN prepacking of every linear layer on a CPU, for ``rows``
+    rows per step.
     """
     layers = mergeable_layers(model)
-    merged = {layer for layer, _ in layers.values()} if layers is not None else set()
     with contextlib.ExitStack() as stack:
         if layers is not None:
             stack.enter_context(_merged(model, layers, keep_buffers))
-        fused = None
         if pack and can_pack(model):  # after the merge: it packs the merged matrices
-            if fusable(model, merged) is None:
-                fused = FusedDecoder(model, merged, rows)
-            else:
-                stack.enter_context(_packed(model, rows))
-        yield DecodeWeights(merged=layers is not None, fused=fused)
+            stack.enter_context(_packed(model, rows))
+        yield DecodeWeights(merged=layers is not None)

@@ -8,8 +8,7 @@ What it does that ``model.generate`` does not:
   sampled token under ``softmax(logits / temperature)`` is kept: it is pi_old, so no forward pass recomputes it;
 - rows that have finished (EOS) are dropped: the batch is compacted to its live rows;
 - a float32 LoRA model decodes with each adapter merged into its layer's matrix, at the cost of the base
-  model, and on a CPU every weight matrix is prepacked for oneDNN (``sasr.rollout.decode_weights``); float32 Llama and
-  Qwen2 models then decode through a lean forward with fused projections (``sasr.rollout.fused_decode``);
+  model, and on a CPU every weight matrix is prepacked for oneDNN (``sasr.rollout.decode_weights``);
 - on CUDA each decode step is captured once as a CUDA graph per (batch bucket, cache length) and replayed,
   which removes the per-kernel launch cost that dominates decoding a small model.
 
@@ -71,7 +70,7 @@ class StaticKVCache:
 
 
 # (input_ids [b, q], position_ids [b, q], attention_mask [b, 1, q, visible], cache) -> logits [b, V] of the
-# last position: how the engine calls a model (``model_forward``) or the fused decoder.
+# last position: how the engine calls a model (``model_forward``).
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, StaticKVCache], torch.Tensor]
 
 
@@ -272,8 +271,8 @@ class RolloutEngine:
         self.forward = torch.compile(model, dynamic=False) if compile else model
         self._graph_forward = model_forward(self.forward)
         self._states: OrderedDict[tuple, _DecodeState] = OrderedDict()
-        # Of the last decode(): steps, rows computed, CUDA graphs captured, prompts prefilled, fused forward used.
-        self.stats = {"decode_steps": 0, "row_steps": 0, "graph_captures": 0, "prefill_rows": 0, "fused": 0}
+        # Of the last decode(): steps, rows computed, CUDA graphs captured, prompts prefilled.
+        self.stats = {"decode_steps": 0, "row_steps": 0, "graph_captures": 0, "prefill_rows": 0}
 
     @property
     def device(self) -> torch.device:
@@ -345,9 +344,8 @@ class RolloutEngine:
             # torch.compile does its own weight layout, so prepacking is left to the eager path.
             weights = decode_weights(model, rows=B, keep_buffers=self._graphs(), pack=self.forward is model)
             with weights as w:
-                self.stats["fused"] = int(w.fused is not None)
-                prefill = w.fused or model_forward(model)  # the prefill is one call: never compiled
-                forward = w.fused or model_forward(self.forward)
+                prefill = model_forward(model)  # the prefill is one call: never compiled
+                forward = model_forward(self.forward)
                 state = self._state(B, length, params, eos_token_id, w.merged)
                 state = self._graphed(state, params, eos_token_id)
                 first_token, first_logp = self._prefill(
