@@ -319,3 +319,40 @@ def test_sft_then_grpo_switch_step_and_sasr_probe():
     assert probes and all(p.phase == "grpo" for p in plans if p.probe)
     after = next(p for p in plans if p.step > probes[0])
     assert after.info["g_last"] == 4.0  # the probe's norm, though no SFT step ran
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_the_pg_part_on_rollouts_is_grpo_loss(loss_type):
+    """The part the loop computes equals grpo_loss (itself tested equal to TRL's), value and gradient."""
+    from sasr.losses import grpo_loss
+
+    torch.manual_seed(0)
+    base = torch.randn(6, 5) - 2.0
+    ref = base + 0.1 * torch.randn(6, 5)
+    mask = (torch.rand(6, 5) > 0.2).long()
+    adv = torch.randn(6)
+    settings = {**PG, "beta": 0.04, "loss_type": loss_type, "max_completion_length": 5}
+    a = base.clone().requires_grad_()
+    x = PartInputs(
+        a, mask, None, ref, adv, torch.zeros(6, dtype=torch.bool), torch.zeros(6, dtype=torch.bool)
+    )
+    ours = pg_part(x, **settings)
+    ours.loss.backward()
+    b = base.clone().requires_grad_()
+    theirs = grpo_loss(b, b.detach(), ref, adv, mask, beta=0.04, loss_type=loss_type, max_completion_length=5)
+    theirs.loss.backward()
+    assert ours.loss.item() == theirs.loss.item() and torch.equal(a.grad, b.grad)
+    assert ours.stats["clip_fraction"] == theirs.clip_fraction
+
+
+def test_offpolicy_rows_with_a_kl_term_stay_finite():
+    """A demonstration the policy finds very unlikely (log p = -120) inside a group with beta > 0: its
+    reference is itself (KL 0), so neither the loss nor the gradient is NaN."""
+    logps, x = part_inputs(
+        [[-120.0, -1.0], [-0.5, -0.5]], adv=(1.0, -1.0), off=(True, False), correct=(True, False)
+    )
+    x.ref_logps = x.logps.detach().clone()
+    x.ref_logps[1] -= 0.3  # the rollout's reference differs
+    out = pg_part(x, **{**PG, "beta": 0.1}, shaping_gamma=0.1)
+    out.loss.backward()
+    assert math.isfinite(out.loss.item()) and torch.isfinite(logps.grad).all()

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 DEMO, ROLLOUT, OFFPOLICY = 0, 1, 2
-KIND_NAMES = {DEMO: "demo", ROLLOUT: "rollout", OFFPOLICY: "offpolicy"}
 
 
 @dataclass

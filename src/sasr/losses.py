@@ -253,31 +253,36 @@ def pg_part(
     """Policy gradient over a group's rows, aggregated together by ``loss_type``.
 
     Rollout rows: GRPO's clipped surrogate plus beta x KL; or, with ``rollout_coef`` (SRFT), -w log p with the
-    stop-gradient w = rollout_coef * exp(H_row) on correct rows and -1 on wrong ones.
-    Off-policy rows (demonstrations in the group, behaviour probability taken as 1): -A f(p), unclipped, with
-    f(p) = p / (p + shaping_gamma) (LUFFY's policy shaping), or f(p) = p without it.
+    stop-gradient w = rollout_coef * exp(H_row) on correct rows and -1 on wrong ones (nothing clipped).
+    Off-policy rows (demonstrations in the group), with ``shaping_gamma``: -A f(p), f(p) = p / (p + gamma),
+    unclipped, the behaviour probability taken as 1 (LUFFY's policy shaping); without it they take the
+    rollouts' term. Their reference log-probs are their own (KL 0).
     """
     if loss_type not in LOSS_AGGREGATIONS:
         raise unknown("loss_type", loss_type, LOSS_AGGREGATIONS)
     adv = x.advantages.unsqueeze(1)  # [b, 1]
-    per_token, kl, is_clipped = _clipped_tokens(
-        x.logps,
-        x.logps.detach(),
-        x.ref_logps,
-        adv,
-        beta=beta,
-        epsilon_low=epsilon,
-        epsilon_high=epsilon_high if epsilon_high is not None else epsilon,
-        use_bias_correction_kl=use_bias_correction_kl,
-    )
+    off = x.offpolicy[:, None]  # [b, 1]
+    on_mask = x.mask * (~off).to(x.mask.dtype)
     stats: dict[str, float] = {}
-    if rollout_coef is not None:
+    if rollout_coef is None:
+        per_token, _, is_clipped = _clipped_tokens(
+            x.logps,
+            x.logps.detach(),
+            x.ref_logps,
+            adv,
+            beta=beta,
+            epsilon_low=epsilon,
+            epsilon_high=epsilon_high if epsilon_high is not None else epsilon,
+            use_bias_correction_kl=use_bias_correction_kl,
+        )
+        stats["clip_fraction"] = masked_mean(is_clipped.float(), on_mask).item()
+    else:
         h = row_entropy(x)  # [b]
         w_row = torch.where(x.correct, rollout_coef * torch.exp(h), torch.full_like(h, -1.0))
         per_token = -w_row[:, None] * x.logps
         positive = x.correct & ~x.offpolicy
         stats["srft_rl_weight"] = w_row[positive].mean().item() if positive.any() else 0.0
-    off = x.offpolicy[:, None]  # [b, 1]
+        stats["clip_fraction"] = 0.0  # no ratio is clipped in this term
     if shaping_gamma is not None:
         p = x.logps.exp()
         off_token = -adv * p / (p + shaping_gamma)  # no ratio to clip: the behaviour probability is 1
@@ -286,18 +291,13 @@ def pg_part(
             off_mask = x.mask * off.to(x.mask.dtype)
             pd = p.detach()
             # d f(p) / d log p: what an off-policy token weighs where an on-policy one weighs 1
-            stats["offpolicy_shaped_weight"] = masked_mean(
-                pd * shaping_gamma / (pd + shaping_gamma) ** 2, off_mask
-            ).item()
+            shaped = pd * shaping_gamma / (pd + shaping_gamma) ** 2
+            stats["offpolicy_shaped_weight"] = masked_mean(shaped, off_mask).item()
             stats["offpolicy_prob"] = masked_mean(pd, off_mask).item()
-    on_mask = x.mask * (~off).to(x.mask.dtype)
     if x.logps.size(0) == 0:  # no rows on this rank (HPT routed every prompt to SFT): a zero with a graph
         loss = x.logps.sum()
     else:
         loss = LOSS_AGGREGATIONS[loss_type](per_token, x.mask, max_completion_length)
-    with torch.no_grad():
-        stats["clip_fraction"] = masked_mean(is_clipped.float(), on_mask).item()
-        stats["kl"] = masked_mean(kl, on_mask).item()
     return PartLoss(loss, stats)
 
 

@@ -41,11 +41,10 @@ class Method:
     dynamics: ClassVar[tuple[str, ...]] = ()
     # True: trains each RL prompt's own demonstration, so demonstrations cannot come from another source.
     pairs_demos: ClassVar[bool] = False
-    # True: the first ``warmup_steps`` steps are SFT (the others ignore warmup_steps).
+    # True: the method starts with SFT steps counted by warmup_steps (the others ignore warmup_steps).
     uses_warmup: ClassVar[bool] = False
     uses_demos: ClassVar[bool] = True  # trains on demonstrations at some step
     uses_reference: ClassVar[bool] = True  # samples rollouts, whose KL to the reference is measured
-    needs_entropy: ClassVar[bool] = False  # a part weighs rows by their entropy, so every row needs it
     # In a comparison, this method may take as many SFT steps as the named one took with the same seed.
     sft_budget_from: ClassVar[str | None] = None
 
@@ -66,6 +65,7 @@ class Method:
             group_size,
         )
         self.opts = self.check_options(options)
+        self.check_budget(steps, warmup_steps)
         self.rng = random.Random(seed)  # one generator, seeded identically on every rank
         self.counts = dict.fromkeys(PHASES, 0)
 
@@ -111,6 +111,12 @@ class Method:
         if plan.prompts:
             parts.append(Part("grpo", "pg", rows.of_kind(ROLLOUT, OFFPOLICY)))
         return parts, {}
+
+    @property
+    def reference_step(self) -> int:
+        """With ``grpo.reference=warmup``, the step after which the reference snapshot is taken (0: never, the
+        loaded model stays the reference): the end of the SFT stage."""
+        return self.warmup_steps
 
     def observe(self, plan: Plan, grad_norm: float | None, probe: float | None = None) -> None:
         """After the step: its pre-clip gradient norm (None when not finite: the update was skipped), and the
@@ -181,6 +187,10 @@ class SFTThenGRPO(Method):
     def switch(self) -> int:
         return self.warmup_steps if self.opts.switch_step is None else self.opts.switch_step
 
+    @property
+    def reference_step(self) -> int:
+        return self.switch
+
     @classmethod
     def check_budget(cls, steps: int, warmup_steps: int) -> None:
         pass  # any switch works: 0 is plain GRPO, steps or more plain SFT
@@ -236,7 +246,7 @@ class SASR(Method):
         super().__init__(*args, **kw)
         self.g_warmup: float | None = None
         self.g_last: float | None = None
-        self.grpo_streak = 0  # GRPO steps in a row since the last SFT step or probe
+        self.grpo_streak = 0  # GRPO steps in a row since the last SFT step
 
     @classmethod
     def check_budget(cls, steps: int, warmup_steps: int) -> None:
@@ -437,7 +447,7 @@ class Luffy(Method):
 
 
 class SRFTOptions(Options):
-    num_demos: int = Field(1, ge=0, description="k: demonstrations in each group of num_generations rows")
+    num_demos: int = Field(1, ge=1, description="k: demonstrations in each group of num_generations rows")
     sft_coef: float = Field(0.5, ge=0, description="demonstration SFT weight: sft_coef * exp(-H)")
     rl_coef: float = Field(0.1, ge=0, description="correct self-rollout weight: rl_coef * exp(+H)")
     shaping_gamma: float = Field(
@@ -456,15 +466,14 @@ class SRFT(Method):
     name = "srft"
     Options = SRFTOptions
     pairs_demos = True
-    needs_entropy = True
     dynamics = ("srft_sft_weight", "srft_rl_weight")
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        if not 1 <= self.opts.num_demos < self.group_size:
+        if self.opts.num_demos >= self.group_size:
             raise SasrError(
-                f"method option '{self.name}.num_demos' ({self.opts.num_demos}) must be at least 1 and smaller "
-                f"than grpo.num_generations ({self.group_size})"
+                f"method option '{self.name}.num_demos' ({self.opts.num_demos}) must be smaller than "
+                f"grpo.num_generations ({self.group_size}): a group needs at least one rollout"
             )
 
     def plan(self, step: int) -> Plan:

@@ -266,7 +266,7 @@ class Trainer:
                 grad_norm, finite = self.optimizer_step(loss, step)  # 4. step
                 probe = self.probe_sft_norm(step) if plan.probe else None
                 self.method.observe(plan, grad_norm if finite else None, probe)
-                if step == self.method.warmup_steps and c.grpo.reference == "warmup":
+                if step == self.method.reference_step and c.grpo.reference == "warmup":
                     self.reference.snapshot()
                 nonfinite = 0 if finite else nonfinite + 1
 
@@ -327,7 +327,8 @@ class Trainer:
         acc.backward(loss)
         max_norm = c.optim.max_grad_norm if c.optim.max_grad_norm is not None else math.inf
         grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
-        finite = math.isfinite(grad_norm) and math.isfinite(loss.item())
+        # Every rank skips or takes the update together (a rank's own loss may be non-finite alone).
+        finite = not any_rank(acc, not (math.isfinite(grad_norm) and math.isfinite(loss.item())))
         if finite:
             self.optimizer.step()
         else:
@@ -481,33 +482,32 @@ class Trainer:
         temperature = g.temperature if plan.prompts else 1.0
         on = rows.kind == ROLLOUT
         stats: dict[str, float] = {}
-        ref_logps = None
+        ref, on_rows = None, on.nonzero().squeeze(1)
         if plan.rollouts:
             # The reference pass comes first: it may swap weights in place, which must not touch a live graph.
             t_reference = self._now()
-            all_on = bool(on.all())
-            sub = rows if all_on else rows.select(on.nonzero().squeeze(1))
-            ref = self.reference.logprobs(sub.input_ids, sub.attention_mask, T, temperature)  # [b, T]
-            ref_logps = (
-                ref
-                if all_on
-                else torch.zeros(len(rows), T, device=ref.device).index_copy(0, on.nonzero().squeeze(1), ref)
-            )
+            sub = rows if len(on_rows) == len(rows) else rows.select(on_rows)
+            ref = self.reference.logprobs(
+                sub.input_ids, sub.attention_mask, T, temperature
+            )  # [b, T] rollouts
             stats["reference_seconds"] = self._now() - t_reference
         t_policy = self._now()
         # The G rows of a prompt share one pass over it (completion_logprobs finds them).
         logps, entropy = completion_logprobs(
-            self.model,
-            rows.input_ids,
-            rows.attention_mask,
-            T,
-            temperature,
-            with_entropy=bool(plan.prompts) or self.method.needs_entropy,
+            self.model, rows.input_ids, rows.attention_mask, T, temperature, with_entropy=bool(plan.prompts)
         )  # [B, T]
+        ref_logps = None  # [B, T]: the reference on rollout rows; elsewhere the policy itself (KL 0)
+        if ref is not None:
+            ref_logps = ref if len(on_rows) == len(rows) else logps.detach().index_copy(0, on_rows, ref)
         if plan.prompts:
             stats["policy_forward_seconds"] = self._now() - t_policy
             mask = rows.completion_mask * on[:, None].to(rows.completion_mask.dtype)
             stats["entropy"] = masked_mean(entropy, mask).item()
+            if (
+                ref_logps is not None
+            ):  # k3 KL to the reference over every rollout, whichever part trains on it
+                delta = ref_logps - logps.detach()
+                stats["kl"] = masked_mean(torch.exp(delta) - delta - 1, mask).item()
             if rows.sampler_logprobs is not None:  # how far the sampler's numbers are from the learner's
                 gap = (logps.detach() - rows.sampler_logprobs).abs()
                 stats["sampler_logprob_gap"] = masked_mean(gap, mask).item()
