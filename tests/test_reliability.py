@@ -36,6 +36,24 @@ ARGS = [
     "--set",
     "grpo.reference=warmup",
 ]
+# `sasr train` in two gloo processes on the CPU, as accelerate launches it.
+TWO_PROCESSES = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "-m",
+    "sasr",
+    "train",
+]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -268,21 +286,7 @@ def test_two_processes_take_the_same_branches(tmp_path):
     run = tmp_path / "run"
     ranks = run / "ranks"
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "sasr",
-        "train",
+        *TWO_PROCESSES,
         *ARGS,
         "--steps",
         "10",
@@ -311,21 +315,7 @@ def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path, method):
     step's statistics would fail) and read the same global gradient norm; stopped and resumed, the run ends
     as it would have."""
     launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "sasr",
-        "train",
+        *TWO_PROCESSES,
         *ARGS,
         "--method",
         method,
@@ -355,10 +345,7 @@ def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path, method):
     shutil.copytree(tmp_path / "a", resumed)
     shutil.rmtree(resumed / "final")
     cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        *launch[3 : launch.index("train") + 1],
+        *TWO_PROCESSES,
         "--resume",
         str(resumed),
         "--quiet",

@@ -24,13 +24,27 @@ DEMO, ROLLOUT, OFFPOLICY = 0, 1, 2
 
 
 @dataclass
-class Rows:
-    """B rows of one step. Rows of a prompt's group are consecutive (rollouts first, then its off-policy rows)."""
+class Sequences:
+    """B prompts with a completion each, laid out so that every completion starts at the same column."""
 
     prompt_ids: torch.Tensor  # [B, P] left-padded
     prompt_mask: torch.Tensor  # [B, P]
     completion_ids: torch.Tensor  # [B, T] right-padded
     completion_mask: torch.Tensor  # [B, T] 1 on the completion's tokens (up to and including EOS)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)  # [B, P + T]
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+
+@dataclass
+class Rows(Sequences):
+    """B rows of one step. Rows of a prompt's group are consecutive (rollouts first, then its off-policy rows)."""
+
     kind: torch.Tensor  # [B] long: DEMO, ROLLOUT or OFFPOLICY
     group: (
         torch.Tensor
@@ -41,14 +55,6 @@ class Rows:
     formatted: torch.Tensor  # [B] bool
     sampler_logprobs: torch.Tensor | None = None  # [B, T] the sampler's log-probs (ROLLOUT rows; 0 elsewhere)
     texts: list[str] = field(default_factory=list)
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)  # [B, P + T]
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
 
     def __len__(self) -> int:
         return self.kind.numel()

@@ -166,16 +166,20 @@ class TrainConfig(Section):
             self.model_extra[key] = METHODS[key].check_options(options).model_dump()
         if METHODS[self.method].Options.model_fields and self.method not in self.model_extra:
             self.model_extra[self.method] = self.method_options()  # the resolved config shows them
-        METHODS[self.method](  # the method's own checks of its budget and options, before any run starts
-            steps=self.steps,
-            warmup_steps=self.warmup_steps,
-            seed=self.seed,
-            demos_per_step=self.sft.batch_size,
-            prompts_per_step=self.grpo.batch_size,
-            group_size=self.grpo.num_generations,
-            **self.method_options(),
-        )
+        METHODS[self.method](**self.method_kwargs())  # its own checks of budget and options, before any run
         return self
+
+    def method_kwargs(self) -> dict[str, Any]:
+        """What the run's method is built from: its budget, batch sizes and options."""
+        return {
+            "steps": self.steps,
+            "warmup_steps": self.warmup_steps,
+            "seed": self.seed,
+            "demos_per_step": self.sft.batch_size,
+            "prompts_per_step": self.grpo.batch_size,
+            "group_size": self.grpo.num_generations,
+            **self.method_options(),
+        }
 
     def method_options(self, name: str | None = None) -> dict[str, Any]:
         """The options of a method (default: the run's), defaults filled in."""

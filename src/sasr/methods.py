@@ -411,14 +411,11 @@ class LuffyOptions(Options):
     )
 
 
-class Luffy(Method):
-    """LUFFY: each GRPO group holds num_generations - k rollouts and k demonstrations of its prompt; the
-    demonstrations' tokens train with the shaped, unclipped off-policy term."""
+class DemosInGroups(Method):
+    """Base of LUFFY and SRFT: each GRPO group holds num_generations - k rollouts and k copies of its prompt's
+    demonstration (options ``num_demos`` = k and ``scale_rewards``)."""
 
-    name = "luffy"
-    Options = LuffyOptions
     pairs_demos = True
-    dynamics = ("offpolicy_share", "offpolicy_shaped_weight")
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -440,6 +437,14 @@ class Luffy(Method):
             info={"offpolicy_share": k / self.group_size},
         )
 
+
+class Luffy(DemosInGroups):
+    """LUFFY: k demonstrations in each group; their tokens train with the shaped, unclipped off-policy term."""
+
+    name = "luffy"
+    Options = LuffyOptions
+    dynamics = ("offpolicy_share", "offpolicy_shaped_weight")
+
     def parts(self, plan: Plan, rows: Rows) -> tuple[list[Part], dict[str, float]]:
         o = self.opts
         options = {"beta": o.beta, "loss_type": o.loss_type, "shaping_gamma": o.shaping_gamma}
@@ -459,33 +464,13 @@ class SRFTOptions(Options):
     )
 
 
-class SRFT(Method):
+class SRFT(DemosInGroups):
     """SRFT: entropy-weighted SFT on the demonstrations, the same demonstrations as unclipped off-policy RL
     inside their group, and entropy-weighted self-rollout RL (correct rows pulled up, wrong ones down)."""
 
     name = "srft"
     Options = SRFTOptions
-    pairs_demos = True
     dynamics = ("srft_sft_weight", "srft_rl_weight")
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        if self.opts.num_demos >= self.group_size:
-            raise SasrError(
-                f"method option '{self.name}.num_demos' ({self.opts.num_demos}) must be smaller than "
-                f"grpo.num_generations ({self.group_size}): a group needs at least one rollout"
-            )
-
-    def plan(self, step: int) -> Plan:
-        k = self.opts.num_demos
-        return Plan(
-            step,
-            "mixed",
-            prompts=self.prompts_per_step,
-            rollouts=self.group_size - k,
-            offpolicy=k,
-            scale_rewards=self.opts.scale_rewards,
-        )
 
     def parts(self, plan: Plan, rows: Rows) -> tuple[list[Part], dict[str, float]]:
         o = self.opts

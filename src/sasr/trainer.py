@@ -131,16 +131,7 @@ class Trainer:
         self.test_examples = self.task.examples("test", c.task.test_size, seed=c.seed)
         if not self.train_examples:
             raise SasrError(f"task '{c.task.name}' produced no training examples")
-        self.method = get_method(
-            c.method,
-            steps=c.steps,
-            warmup_steps=c.warmup_steps,
-            seed=c.seed,
-            demos_per_step=c.sft.batch_size,
-            prompts_per_step=c.grpo.batch_size,
-            group_size=c.grpo.num_generations,
-            **c.method_options(),
-        )
+        self.method = get_method(c.method, **c.method_kwargs())
         self.demo_task, self.demo_examples = self._demonstrations()
         self.tokenizer = models.load_tokenizer(c.model.name)
         model = models.load_model(c.model.name, c.model.dtype)

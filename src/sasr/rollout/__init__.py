@@ -15,27 +15,18 @@ from dataclasses import dataclass
 
 import torch
 
+from sasr.batch import Sequences
 from sasr.data import encode_prompts
 from sasr.errors import SasrError
 from sasr.rollout import engine
 
 
 @dataclass
-class Rollouts:
-    prompt_ids: torch.Tensor  # [B, P] left-padded
-    prompt_mask: torch.Tensor  # [B, P]
-    completion_ids: torch.Tensor  # [B, T] right-padded
-    completion_mask: torch.Tensor  # [B, T] 1 up to and including the first EOS
+class Rollouts(Sequences):
+    """Sampled completions: ``Sequences`` with the decoded texts and the sampler's log-probs."""
+
     texts: list[str]  # decoded completions, special tokens dropped
     logprobs: torch.Tensor | None = None  # [B, T] log-prob of each sampled token when it was sampled (sasr)
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)  # [B, P + T]
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
 
 
 def completion_mask(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
