@@ -88,10 +88,11 @@ def wait_for(predicate, proc, timeout=120.0):
     raise AssertionError("timed out waiting")
 
 
-def killed_after_checkpoint(run: Path, step: int) -> None:
+def killed_after_checkpoint(run: Path, step: int, *extra: str) -> None:
     """Start the 12-step run with a checkpoint every 3 steps and SIGKILL it once ``step``'s exists."""
     proc = cli(
         *ARGS,
+        *extra,
         "--steps",
         "12",
         "--warmup-steps",
@@ -353,3 +354,16 @@ def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path, method):
     again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert_same_run(tmp_path / "a", resumed)
+
+
+@pytest.mark.parametrize("method", ["chord", "hpt", "luffy", "srft"])
+def test_sigkill_then_resume_is_bit_identical_for_the_mixed_methods(tmp_path, method):
+    extra = ["--method", method, "--set", "grpo.num_generations=3"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert (
+        main(["train", *ARGS, *extra, "--steps", "12", "--warmup-steps", "3", "--output", str(straight)]) == 0
+    )
+    killed_after_checkpoint(run, 6, *extra)
+    assert not (run / "final").exists()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert_same_run(straight, run)
