@@ -128,3 +128,36 @@ def test_summary_of_an_empty_test_split_is_a_sentence():
     )
     text = summary_text(build_config(sets=["steps=2", "warmup_steps=1"]), result)
     assert "before  (no held-out examples: the task's test split is empty)" in text and "2 SFT" in text
+
+
+def test_broken_models_and_files_are_one_sentence_and_write_nothing(tmp_path, capsys):
+    """A folder that is not a loadable model, and data or config files that are not UTF-8."""
+    import shutil
+
+    from sasr.models import random_folder
+
+    tiny = random_folder("tiny")
+    cases = {}
+    (tmp_path / "no-tokenizer").mkdir()
+    shutil.copy(tiny / "config.json", tmp_path / "no-tokenizer")
+    cases["no-tokenizer"] = (["--model", str(tmp_path / "no-tokenizer")], "has no tokenizer")
+    shutil.copytree(tiny, tmp_path / "no-weights")
+    (tmp_path / "no-weights" / "model.safetensors").unlink()
+    cases["no-weights"] = (["--model", str(tmp_path / "no-weights")], "no file named model.safetensors")
+    shutil.copytree(tiny, tmp_path / "broken-weights")
+    (tmp_path / "broken-weights" / "model.safetensors").write_bytes(b"not a safetensors file")
+    cases["broken-weights"] = (["--model", str(tmp_path / "broken-weights")], "cannot load model")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(
+        b'{"question": "q", "solution": "s", "answer": "1"}\n{"question": "caf\xe9", "answer": "2"}\n'
+    )
+    cases["latin-data"] = (["--model", "tiny", "--task", f"jsonl:{latin}"], f"{latin}:2 is not UTF-8 text")
+    config = tmp_path / "latin.yaml"
+    config.write_bytes(b'steps: 3\nmethod: "caf\xe9"\n')
+    cases["latin-config"] = (["--config", str(config)], "is not UTF-8 text")
+    for name, (argv, message) in cases.items():
+        out = tmp_path / f"run-{name}"
+        assert main(["train", *argv, "--output", str(out), "--quiet"]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("sasr: error:") and message in err[0], (name, err)
+        assert not out.exists(), name

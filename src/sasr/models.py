@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
 from sasr.errors import SasrError
@@ -136,6 +137,9 @@ def random_folder(name: str = "tiny") -> Path:
     return folder
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
 def resolve(spec: str) -> str:
     """Turn an alias, a folder or a hub id into what ``from_pretrained`` takes."""
     if spec == "smollm2-135m":
@@ -157,9 +161,15 @@ def resolve(spec: str) -> str:
 def load_tokenizer(spec: str):
     """The tokenizer, with left padding (generation) and a pad token."""
     name = resolve(spec)
+    folder = Path(name)
+    if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES):
+        raise SasrError(
+            f"model folder '{spec}' has no tokenizer ({', '.join(TOKENIZER_FILES)}); save the tokenizer beside the "
+            "model (tokenizer.save_pretrained)"
+        )
     try:
         tok = AutoTokenizer.from_pretrained(name)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise SasrError(f"cannot load tokenizer for model '{spec}': {str(exc).splitlines()[0]}") from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -175,7 +185,11 @@ def load_model(spec: str, dtype: str = "float32"):
     torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-    except OSError as exc:
+    except (
+        OSError,
+        ValueError,
+        SafetensorError,
+    ) as exc:  # no weights, an unknown architecture, a broken file
         raise SasrError(f"cannot load model '{spec}': {str(exc).splitlines()[0]}") from exc
     model.config.use_cache = False
     return model

@@ -18,10 +18,21 @@ from sasr.tasks.base import split_of
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
+def _not_utf8(path: Path, exc: UnicodeDecodeError, data: bytes, line: int | None = None) -> SasrError:
+    line = line or data[: exc.start].count(b"\n") + 1
+    return SasrError(
+        f"{path}:{line} is not UTF-8 text ({exc.reason}, byte 0x{data[exc.start]:02x}); save it as UTF-8"
+    )
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, exc, raw, lineno) from None
             if not line.strip():
                 continue
             try:
@@ -42,7 +53,10 @@ def _read_local(path: Path) -> list[dict[str, Any]]:
         rows = _read_jsonl(path)
     elif path.suffix == ".json":
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            raw = path.read_bytes()
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(path, exc, raw) from None
         except json.JSONDecodeError as exc:
             raise SasrError(f"{path}:{exc.lineno} is not valid JSON ({exc.msg})") from None
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
