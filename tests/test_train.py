@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sasr.config import METHODS
@@ -50,6 +51,12 @@ def test_every_method_runs_and_writes_a_loadable_final(run_tiny, method):
     AutoTokenizer.from_pretrained(out / "final")
     assert not any("lora" in n for n, _ in model.named_parameters())
     assert (out / "adapter" / "adapter_config.json").exists()
+    # Each folder has a model card: YAML metadata naming the base model, then the run in words.
+    for folder, library in (("final", "transformers"), ("adapter", "peft")):
+        _, meta, text = (out / folder / "README.md").read_text().split("---\n", 2)
+        meta = yaml.safe_load(meta)
+        assert meta["base_model"] == "tiny" and meta["library_name"] == library and method in meta["tags"]
+        assert f"method `{method}`" in text and "| after |" in text and "```yaml" in text
 
 
 def test_sasr_rule_from_a_real_run(run_tiny):

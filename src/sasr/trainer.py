@@ -9,6 +9,7 @@ the loop computes every part from one reference pass and one policy pass and sum
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ from sasr.eval.evaluate import GREEDY, evaluate, score_all, settings, summarise
 from sasr.logprobs import completion_logprobs
 from sasr.losses import PART_LOSSES, PartInputs, group_advantages, masked_mean, sft_loss
 from sasr.methods import METHODS, get_method
+from sasr.model_card import model_card
 from sasr.process import any_rank, on_stop_signals
 from sasr.reference import ReferencePolicy
 from sasr.rollout import generate
@@ -303,7 +305,7 @@ class Trainer:
         result = RunResult(self.run_dir, dict(self.method.counts), self.eval_before, after, seconds, history)
         if acc.is_main_process:
             if c.save_final:
-                self.save_final()
+                self.save_final(result)
             self._write_summary(result)
             if self.writer:
                 self.writer.close()
@@ -614,17 +616,25 @@ class Trainer:
                     self.writer.add_scalar(f"train/{k}", v, record["step"])
             self.writer.add_scalar("train/is_sft", float(record["phase"] == "sft"), record["step"])
 
-    def save_final(self) -> None:
-        """DIR/final: a plain transformers folder (LoRA merged); DIR/adapter: the LoRA adapter alone."""
+    def save_final(self, result: RunResult) -> None:
+        """DIR/final: a plain transformers folder (LoRA merged); DIR/adapter: the LoRA adapter alone; each with
+        its model card (README.md)."""
         model = self.accelerator.unwrap_model(self.model)
         final = self.run_dir / "final"
+        card = functools.partial(
+            model_card, self.config, result.counts, result.eval_before, result.eval_after
+        )
         if self.config.lora.enabled:
             model.save_pretrained(self.run_dir / "adapter")
             self.tokenizer.save_pretrained(self.run_dir / "adapter")
+            (self.run_dir / "adapter" / "README.md").write_text(
+                card(adapter=True)
+            )  # in place of peft's template
             model = model.merge_and_unload()
         model.config.use_cache = True
         model.save_pretrained(final)
         self.tokenizer.save_pretrained(final)
+        (final / "README.md").write_text(card())
 
     def _write_status(self, status: str, **extra: Any) -> None:
         if not self.accelerator.is_main_process:
