@@ -331,7 +331,15 @@ def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path, method):
     ]
     ranks = tmp_path / "a" / "ranks"
     straight = subprocess.run(
-        [*launch, "--set", "logging_ranks=true", "--output", str(tmp_path / "a")],
+        [
+            *launch,
+            "--set",
+            "logging_ranks=true",
+            "--set",
+            "log_completions=true",
+            "--output",
+            str(tmp_path / "a"),
+        ],
         env=ENV,
         capture_output=True,
         text=True,
@@ -354,6 +362,16 @@ def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path, method):
     again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert_same_run(tmp_path / "a", resumed)
+    # The samples of both ranks, every field; after the resume the same ones again.
+    samples = [json.loads(x) for x in (tmp_path / "a" / "completions.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 * 2 * 2 * 3 and {s["rank"] for s in samples} == {
+        0,
+        1,
+    }  # steps x ranks x prompts x G
+    assert {"prompt", "completion", "reward", "advantage", "truncated", "kind", "parts"} <= samples[0].keys()
+    kinds = {s["kind"] for s in samples}
+    assert kinds == ({"rollout", "offpolicy"} if method in ("luffy", "srft") else {"rollout"})
+    assert (tmp_path / "a" / "completions.jsonl").read_text() == (resumed / "completions.jsonl").read_text()
 
 
 @pytest.mark.parametrize("method", ["chord", "hpt", "luffy", "srft"])

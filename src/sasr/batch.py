@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 DEMO, ROLLOUT, OFFPOLICY = 0, 1, 2
+KIND_NAMES = {DEMO: "demonstration", ROLLOUT: "rollout", OFFPOLICY: "offpolicy"}
 
 
 @dataclass

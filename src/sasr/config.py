@@ -141,6 +141,10 @@ class TrainConfig(Section):
     logging_ranks: bool = F(
         False, "every rank also logs its phase and gradient norm to DIR/ranks/rankN.jsonl"
     )
+    log_completions: bool = F(
+        False, "keep every sampled group's rows in DIR/completions.jsonl (as TRL's option)"
+    )
+    num_completions_to_print: int = F(0, "print this many samples of each step with rollouts", ge=0)
     model: ModelSection = F(ModelSection(), "the model")
     lora: LoraSection = F(LoraSection(), "the adapter")
     task: TaskSection = F(TaskSection(), "the RL task")
@@ -327,6 +331,8 @@ RESUME_SAFE_KEYS = (
     "save_final",
     "logging_tensorboard",
     "logging_ranks",
+    "log_completions",
+    "num_completions_to_print",
     "output_dir",
 )
 RESUME_SAFE_SECTIONS = ("eval.",)

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from sasr import checkpoint, models
-from sasr.batch import OFFPOLICY, ROLLOUT, Plan, Rows, cat_rows
+from sasr.batch import DEMO, KIND_NAMES, OFFPOLICY, ROLLOUT, Plan, Rows, cat_rows
 from sasr.config import TrainConfig, to_yaml
 from sasr.data import demonstration_rows, encode_targets, pick, render_prompts, rows_of_kind
 from sasr.errors import SasrError
@@ -181,7 +181,8 @@ class Trainer:
                     to_yaml(c.model_copy(update={"output_dir": str(self.run_dir)}))
                 )
             else:  # forget the lines of steps after the checkpoint: they are redone identically
-                _truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
+                for lines in ("metrics.jsonl", "completions.jsonl"):
+                    _truncate_metrics(self.run_dir / lines, self.start_step)
                 (self.run_dir / "config.yaml").write_text(to_yaml(c))
             self._write_status("running", step=self.start_step)
             if c.logging_ranks:
@@ -256,6 +257,8 @@ class Trainer:
                 parts, route = self.method.parts(plan, rows)  # the weighted parts the method makes of them
                 loss, part_stats = self.loss(plan, rows, parts)  # 3. one reference and one policy pass
                 stats.update(route, **part_stats)
+                if plan.prompts and (c.log_completions or c.num_completions_to_print):
+                    self.log_completions(step, rows, parts)
                 grad_norm, finite = self.optimizer_step(loss, step)  # 4. step
                 probe = self.probe_sft_norm(step) if plan.probe else None
                 self.method.observe(plan, grad_norm if finite else None, probe)
@@ -598,9 +601,7 @@ class Trainer:
         return out
 
     def _log(self, record: dict) -> None:
-        if (
-            self.config.logging_ranks
-        ):  # every rank: its own phase and gradient norm, to check that ranks agree
+        if self.config.logging_ranks:  # every rank: its phase and gradient norm, to check that ranks agree
             line = {"step": record["step"], "phase": record["phase"], "grad_norm": record["grad_norm"]}
             with open(self.run_dir / "ranks" / f"rank{self.accelerator.process_index}.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
@@ -615,6 +616,44 @@ class Trainer:
                 if isinstance(v, (int, float)) and k != "step":
                     self.writer.add_scalar(f"train/{k}", v, record["step"])
             self.writer.add_scalar("train/is_sft", float(record["phase"] == "sft"), record["step"])
+
+    def log_completions(self, step: int, rows: Rows, parts) -> None:
+        """The step's group rows as samples (TRL's log_completions): appended to DIR/completions.jsonl, and the
+        first ``num_completions_to_print`` printed. Every rank's samples, gathered on the main process."""
+        c, acc, tok = self.config, self.accelerator, self.tokenizer
+        grouped = (rows.kind != DEMO).nonzero().squeeze(1).tolist()
+        ended = ((rows.completion_ids == tok.eos_token_id) & rows.completion_mask.bool()).any(1)
+        samples = [
+            {
+                "step": step,
+                "rank": acc.process_index,
+                "group": int(rows.group[i]),
+                "kind": KIND_NAMES[int(rows.kind[i])],
+                "parts": [p.name for p in parts if p.rows[i]],
+                "prompt": tok.decode(
+                    rows.prompt_ids[i][rows.prompt_mask[i].bool()], skip_special_tokens=True
+                ),
+                "completion": rows.texts[i],
+                "reward": float(rows.rewards[i]),
+                "advantage": float(rows.advantages[i]),
+                "correct": bool(rows.correct[i]),
+                "formatted": bool(rows.formatted[i]),
+                "truncated": not bool(ended[i]),
+            }
+            for i in grouped
+        ]
+        if acc.num_processes > 1:
+            samples = gather_object(samples)
+        if not acc.is_main_process:
+            return
+        if c.log_completions:
+            with open(self.run_dir / "completions.jsonl", "a") as f:
+                f.writelines(json.dumps(sample) + "\n" for sample in samples)
+        for sample in samples[: c.num_completions_to_print]:
+            tqdm.write(
+                f"step {step} [{sample['kind']}, reward {sample['reward']:.2f}, advantage {sample['advantage']:+.2f}]"
+                f" {sample['completion'][:300]!r}"
+            )
 
     def save_final(self, result: RunResult) -> None:
         """DIR/final: a plain transformers folder (LoRA merged); DIR/adapter: the LoRA adapter alone; each with
