@@ -324,3 +324,54 @@ def test_reward_that_raises_stops_training(capsys, tmp_path, reward_file):
     status = json.loads((tmp_path / "run" / "run.json").read_text())
     assert status["status"] == "running"  # never mistaken for a finished run
     assert not (tmp_path / "run" / "final").exists()
+
+
+def _conversations(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "Answer with 'Answer: <integer>'."},
+                    {"role": "user", "content": f"What is {i} + {i + 1}?"},
+                    {"role": "assistant", "content": f"{i} + {i + 1} = {2 * i + 1}.\nAnswer: {2 * i + 1}"},
+                ]
+            }
+        )
+    return rows
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_conversational_rows_give_prompts_and_demonstrations(tmp_path, suffix):
+    """TRL's conversational format: the turns before the last assistant turn are the prompt, that turn the
+    demonstration; the answer is read from it when the row has no answer field."""
+    path = tmp_path / f"chat{suffix}"
+    rows = _conversations(60)
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    task = get_task(f"jsonl:{path}")
+    train, test = task.examples("train", None), task.examples("test", None)
+    assert len(train) + len(test) == 60 and train and test
+    assert not {ex.question for ex in train} & {ex.question for ex in test}
+    ex = train[0]
+    i = int(ex.question.split()[2])
+    assert task.messages(ex) == rows[i]["messages"][:2]  # system + user: the prompt
+    assert task.target(ex) == rows[i]["messages"][2]["content"] and ex.answer == str(2 * i + 1)
+    assert task.score(task.target(ex), ex).correct
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps(
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+        )
+        + "\n"
+    )
+    with pytest.raises(
+        SasrError,
+        match=re.escape(f"{bad}:1 has no field 'answer' and its last assistant turn no final answer"),
+    ):
+        get_task(f"jsonl:{bad}").examples("train", None)

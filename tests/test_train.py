@@ -240,3 +240,31 @@ def test_a_luffy_step_lays_each_demonstration_inside_its_group(tmp_path):
             rows.rewards[4 * g + 3].item() - rows.rewards[4 * g : 4 * g + 4].mean().item()
         )
     assert stats["accuracy"] == 0.0  # rollout statistics leave the demonstrations out
+
+
+def test_a_conversational_dataset_trains_sft_and_grpo_steps(tmp_path, run_tiny):
+    from sasr import models
+    from sasr.data import render_prompts
+    from sasr.tasks import get_task
+
+    path = tmp_path / "chat.jsonl"
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} + 1?"},
+                {"role": "assistant", "content": f"{i} + 1 = {i + 1}.\nAnswer: {i + 1}"},
+            ]
+        }
+        for i in range(40)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = {"name": f"jsonl:{path}", "train_size": 30, "test_size": 2}
+    _, metrics = run_tiny("chat", method="sft-then-grpo", steps=2, warmup_steps=1, task=task)
+    assert [r["phase"] for r in metrics] == ["sft", "grpo"] and metrics[0]["loss"] > 0
+    # chat_template_kwargs reach the template (e.g. enable_thinking for models whose template reads it)
+    tok = models.load_tokenizer("tiny")
+    tok.chat_template = "{% if enable_thinking %}<think>{% endif %}{{ messages[-1]['content'] }}"
+    chat = get_task(f"jsonl:{path}")
+    exs = chat.examples("train", 2)
+    assert render_prompts(tok, chat, exs, {"enable_thinking": True})[0].startswith("<think>")
+    assert not render_prompts(tok, chat, exs)[0].startswith("<think>")

@@ -31,6 +31,9 @@ class ModelSection(Section):
     name: str = F("smollm2-135m", "hub id, save_pretrained folder, or alias (sasr models)")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = F("float32", "weights' dtype")
     gradient_checkpointing: bool = F(False, "recompute activations in backward: less memory, more time")
+    chat_template_kwargs: dict[str, Any] = F(
+        {}, "extra arguments of the chat template (e.g. enable_thinking: false)"
+    )
 
 
 class LoraSection(Section):

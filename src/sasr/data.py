@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -25,11 +26,15 @@ def pick(n_total: int, per_rank: int, step: int, seed: int, kind: str, rank: int
     return idx[rank * per_rank : (rank + 1) * per_rank]
 
 
-def render_prompts(tokenizer, task: Task, examples: Sequence[Example]) -> list[str]:
+def render_prompts(
+    tokenizer, task: Task, examples: Sequence[Example], template_kwargs: dict[str, Any] | None = None
+) -> list[str]:
     """Each example's chat messages (``task.messages``) as a prompt string ending with the assistant turn's
-    header, by the tokenizer's chat template."""
+    header, by the tokenizer's chat template; ``template_kwargs`` go to the template (e.g. enable_thinking)."""
     return [
-        tokenizer.apply_chat_template(task.messages(ex), tokenize=False, add_generation_prompt=True)
+        tokenizer.apply_chat_template(
+            task.messages(ex), tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+        )
         for ex in examples
     ]
 
@@ -74,13 +79,14 @@ def demonstration_rows(
     max_length: int,
     device: torch.device,
     group: Sequence[int] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> Rows:
     """Demonstrations laid out like rollouts: prompt [B, P] left-padded, target [B, T] right-padded.
 
     The target is the task's chain of thought + answer, then EOS; only target tokens carry SFT loss. Prompt and
     target share ``max_length`` (the prompt keeps at most half of it). ``group``: each row's RL prompt, if any.
     """
-    prompts = render_prompts(tokenizer, task, examples)
+    prompts = render_prompts(tokenizer, task, examples, template_kwargs)
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_length // 2, device)
     texts = [task.target(ex) for ex in examples]
     ids, mask = encode_targets(tokenizer, texts, max(max_length - prompt_ids.size(1), 1), device)

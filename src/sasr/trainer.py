@@ -375,7 +375,15 @@ class Trainer:
         return [pool[i] for i in idx]
 
     def _demo_rows(self, examples, task, max_length: int, group: list[int] | None = None) -> Rows:
-        return demonstration_rows(self.tokenizer, task, examples, max_length, self.accelerator.device, group)
+        return demonstration_rows(
+            self.tokenizer,
+            task,
+            examples,
+            max_length,
+            self.accelerator.device,
+            group,
+            self.config.model.chat_template_kwargs,
+        )
 
     def rows(self, step: int, plan: Plan) -> tuple[Rows, dict[str, float]]:
         """The step's rows: demonstrations, then each RL prompt's group (rollouts, then its demonstrations
@@ -401,7 +409,7 @@ class Trainer:
         demonstration; all scored by the task's judge, advantages computed over the whole group."""
         g = self.config.grpo
         device = self.accelerator.device
-        prompts = render_prompts(self.tokenizer, self.task, examples)
+        prompts = render_prompts(self.tokenizer, self.task, examples, self.config.model.chat_template_kwargs)
         t_rollout = self._now()
         roll = generate(
             self.accelerator.unwrap_model(self.model),

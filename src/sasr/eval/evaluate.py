@@ -97,6 +97,7 @@ def settings(config, samples: int | None = None) -> dict[str, Any]:
         "max_prompt_length": g.max_prompt_length,
         "backend": g.generation_backend,
         "cuda_graphs": g.cuda_graphs,
+        "chat_template_kwargs": config.model.chat_template_kwargs,
     }
 
 
@@ -116,6 +117,7 @@ def evaluate(
     desc: str = "eval",
     backend: str = "sasr",
     cuda_graphs: bool = True,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """One record per example: greedy result, and with ``samples`` = K > 0 the sampled metrics."""
     records: list[dict[str, Any]] = []
@@ -123,7 +125,7 @@ def evaluate(
     bar = tqdm(total=len(examples) * (1 + (samples > 0)), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start : start + batch_size])
-        prompts = render_prompts(tokenizer, task, chunk)
+        prompts = render_prompts(tokenizer, task, chunk, chat_template_kwargs)
         roll = generate(
             model,
             tokenizer,
@@ -148,7 +150,7 @@ def evaluate(
     if samples > 0:
         for start in range(0, len(examples), per_batch):
             chunk = list(examples[start : start + per_batch])
-            prompts = render_prompts(tokenizer, task, chunk)
+            prompts = render_prompts(tokenizer, task, chunk, chat_template_kwargs)
             roll = generate(
                 model,
                 tokenizer,

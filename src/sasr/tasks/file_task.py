@@ -25,11 +25,12 @@ class FileTask(Task):
         source = self.opts["path"] or self.hub_name
         require_fields(rows, self.required_fields(), source)
         if not explicit:
-            rows = hash_split(rows, self.question_field_name(), split)
+            rows = hash_split(rows, self.split_key, split)
         return take([self.to_example(r) for r in rows], n, seed)
 
     def required_fields(self) -> tuple[str, ...]:
         return self.fields
 
-    def question_field_name(self) -> str:
-        return self.question_field
+    def split_key(self, row: dict) -> str:
+        """What the train/test hash is taken of: the question."""
+        return str(row.get(self.question_field, ""))

@@ -1,6 +1,9 @@
 """`jsonl:PATH`: the user's own data, with a built-in judge or the user's reward function.
 
-Fields default to ``question``, ``solution`` (chain of thought) and ``answer`` and can be renamed. The
+Fields default to ``question``, ``solution`` (chain of thought) and ``answer`` and can be renamed. Rows may
+instead be conversations: a ``messages`` field of system/user/assistant turns, as TRL's conversational
+datasets hold them; the turns before the last assistant turn are the prompt, that turn is the demonstration,
+and the answer comes from the ``answer`` field or else from the demonstration's final answer. The
 reward is either a built-in judge (``exact``, ``numeric``, ``math``) on the extracted final answer, or
 a function with TRL's reward signature ``f(prompts, completions, **columns) -> list[float]`` named as
 ``module:function`` or ``path/to/file.py:function``; it receives the questions as ``prompts``, the
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import math
 from collections.abc import Callable
 from numbers import Real
@@ -53,6 +57,7 @@ class JsonlTask(FileTask):
         "path": None,  # set from the task name jsonl:PATH
         "test_path": None,
         "question_field": "question",
+        "messages_field": "messages",  # conversational rows: [{"role": ..., "content": ...}, ...]
         "solution_field": "solution",
         "answer_field": "answer",
         "judge": "numeric",  # exact | numeric | math, used when no reward function is given
@@ -78,15 +83,28 @@ class JsonlTask(FileTask):
         return self.opts["reward"] or f"judge '{self.opts['judge']}'"
 
     def required_fields(self) -> tuple[str, ...]:
-        o = self.opts
-        return (o["question_field"], o["answer_field"])  # no chain of thought: RL prompts only
+        return ()  # checked row by row in to_example: flat rows and conversations need different fields
 
-    def question_field_name(self) -> str:
-        return self.opts["question_field"]
+    def split_key(self, row: dict) -> str:
+        """The question, or a conversation's turns before its last assistant turn."""
+        turns = row.get(self.opts["messages_field"])
+        if isinstance(turns, list):
+            prompt = (
+                turns[:-1]
+                if turns and isinstance(turns[-1], dict) and turns[-1].get("role") == "assistant"
+                else turns
+            )
+            return json.dumps(prompt, sort_keys=True)
+        return str(row.get(self.opts["question_field"], ""))
 
     def to_example(self, row: dict) -> Example:
         o = self.opts
         columns = {k: v for k, v in row.items() if k != "_line"}
+        if row.get(o["messages_field"]) is not None:
+            return self._conversation(row, columns)
+        for name in (o["question_field"], o["answer_field"]):  # no chain of thought: RL prompts only
+            if row.get(name) is None:
+                raise SasrError(f"{o['path']}:{row.get('_line', '?')} has no field '{name}'")
         return Example(
             str(row[o["question_field"]]),
             str(row.get(o["solution_field"]) or "").strip(),
@@ -94,10 +112,43 @@ class JsonlTask(FileTask):
             {"row": columns},
         )
 
+    def _conversation(self, row: dict, columns: dict) -> Example:
+        """A ``messages`` row: the turns before the last assistant turn are the prompt, that turn (if any) the
+        demonstration; the answer is the row's answer field, else the demonstration's final answer."""
+        o = self.opts
+        where = f"{o['path']}:{row.get('_line', '?')}"
+        turns = row[o["messages_field"]]
+        if not isinstance(turns, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)
+            for t in turns
+        ):
+            raise SasrError(f"{where}: '{o['messages_field']}' must be a list of {{role, content}} turns")
+        last = len(turns) - 1 if turns and turns[-1]["role"] == "assistant" else len(turns)
+        prompt, demonstration = turns[:last], turns[last]["content"].strip() if last < len(turns) else ""
+        if not any(t["role"] == "user" for t in prompt):
+            raise SasrError(f"{where}: the conversation has no user turn before its last assistant turn")
+        answer = row.get(o["answer_field"])
+        if answer is None:
+            answer = extract_answer(demonstration)
+        if answer is None:
+            raise SasrError(
+                f"{where} has no field '{o['answer_field']}' and its last assistant turn no final answer "
+                "(\\boxed{}, 'Answer:', '####' or <answer>)"
+            )
+        question = next(t["content"] for t in reversed(prompt) if t["role"] == "user")
+        return Example(question, demonstration, str(answer).strip(), {"row": columns, "messages": prompt})
+
+    def messages(self, example: Example) -> list[dict[str, str]]:
+        """A conversation's own turns; else the system prompt and the question."""
+        return example.metadata.get("messages") or super().messages(example)
+
     def has_demonstration(self, example: Example) -> bool:
         return bool(example.cot)
 
     def target(self, example: Example) -> str:
+        """A conversation's last assistant turn as it is; else the chain of thought and 'Answer: ...'."""
+        if "messages" in example.metadata:
+            return example.cot
         return f"{example.cot}\nAnswer: {example.answer}"
 
     def score(self, completion: str, example: Example) -> Score:

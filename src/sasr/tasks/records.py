@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,9 +119,9 @@ def load_rows(
     return _read_hub(source, hub_config, split), True
 
 
-def hash_split(rows: list[dict[str, Any]], key: str, split: str) -> list[dict[str, Any]]:
-    """The rows of ``split`` by a stable hash of ``row[key]``: train and test never share a question."""
-    return [r for r in rows if split_of(str(r.get(key, ""))) == split]
+def hash_split(rows: list[dict[str, Any]], key: Callable[[dict], str], split: str) -> list[dict[str, Any]]:
+    """The rows of ``split`` by a stable hash of ``key(row)`` (the question): train and test never share one."""
+    return [r for r in rows if split_of(key(r)) == split]
 
 
 def take(items: list, n: int | None, seed: int) -> list:
