@@ -55,7 +55,7 @@ def sasr_config(a, method: str, out: str) -> dict:
         },
         "eval": {"before": False, "after": False},
         "save_final": False,
-        "logging_tensorboard": False,
+        "report_to": ["none"],
         "output_dir": out,
     }
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 import pytest
 
 # Before anything imports huggingface_hub (the test modules import sasr after this file).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="sasr-tests-trackio-"))  # not the user's store
+os.environ.setdefault("WANDB_MODE", "offline")
 
 TINY = {
     "model": {"name": "tiny"},
@@ -17,7 +20,7 @@ TINY = {
     "sft": {"batch_size": 2},
     "grpo": {"batch_size": 2, "num_generations": 4, "max_completion_length": 12},
     "eval": {"max_new_tokens": 12},
-    "logging_tensorboard": False,
+    "report_to": ["none"],
 }
 
 

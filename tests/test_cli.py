@@ -26,7 +26,7 @@ TINY_ARGS = [
     "--set",
     "sft.batch_size=2",
     "--set",
-    "logging_tensorboard=false",
+    "report_to=none",
 ]
 
 

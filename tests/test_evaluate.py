@@ -88,7 +88,7 @@ SMALL = [
     "--set",
     "sft.batch_size=2",
     "--set",
-    "logging_tensorboard=false",
+    "report_to=none",
 ]
 
 

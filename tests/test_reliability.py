@@ -32,7 +32,7 @@ ARGS = [
     "--set",
     "sft.batch_size=2",
     "--set",
-    "logging_tensorboard=false",
+    "report_to=none",
     "--set",
     "grpo.reference=warmup",
 ]

@@ -284,7 +284,7 @@ def _train(capsys, tmp_path, *argv):
             "--set",
             "sft.batch_size=2",
             "--set",
-            "logging_tensorboard=false",
+            "report_to=none",
             *argv,
         ]
     )

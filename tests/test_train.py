@@ -126,13 +126,28 @@ def test_final_model_equals_trained_weights(run_tiny):
 def test_tensorboard_events_hold_every_step(run_tiny):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    result, rows = run_tiny(method="sasr", steps=4, warmup_steps=2, logging_tensorboard=True)
-    acc = EventAccumulator(str(result.output_dir / "tensorboard"))
+    result, rows = run_tiny(method="sasr", steps=4, warmup_steps=2, report_to=["tensorboard"])
+    acc = EventAccumulator(str(result.output_dir / "tensorboard" / "sasr"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert {"train/loss", "train/grad_norm", "train/is_sft", "train/p_t"} <= set(tags)
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
     assert [e.value for e in acc.Scalars("train/grad_norm")] == pytest.approx([r["grad_norm"] for r in rows])
+
+
+def test_trackio_and_wandb_offline_receive_every_step(run_tiny):
+    """The run's scalars read back from trackio's local store; wandb writes an offline run."""
+    from trackio.sqlite_storage import SQLiteStorage
+
+    result, rows = run_tiny("tracked", method="luffy", steps=3, report_to=["trackio", "wandb"])
+    logs = SQLiteStorage.get_logs("sasr", result.output_dir.name)
+    assert [log["step"] for log in logs] == [1, 2, 3]
+    assert [log["train/loss"] for log in logs] == pytest.approx([r["loss"] for r in rows])
+    assert [log["train/offpolicy_shaped_weight"] for log in logs] == pytest.approx(
+        [r["offpolicy_shaped_weight"] for r in rows]
+    )
+    offline = list((result.output_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1 and offline[0].stat().st_size > 0
 
 
 def test_gradient_checkpointing_gives_the_same_step(run_tiny):

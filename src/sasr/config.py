@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sasr.errors import SasrError, nearest
 from sasr.losses import ADVANTAGE_CENTRES, LOSS_AGGREGATIONS, REWARD_SCALES, names
@@ -140,7 +140,9 @@ class TrainConfig(Section):
     save_final: bool = F(True, "write final/ (and adapter/ with LoRA)")
     save_every: int = F(0, "checkpoint every N steps (0: only when stopped by a signal)", ge=0)
     save_total_limit: int = F(2, "keep the newest K checkpoints", ge=1)
-    logging_tensorboard: bool = F(True, "write TensorBoard events to DIR/tensorboard")
+    report_to: list[Literal["tensorboard", "trackio", "wandb", "mlflow", "all", "none"]] = F(
+        ["tensorboard"], "experiment trackers (accelerate's), offline by default; [none] for none"
+    )
     logging_ranks: bool = F(
         False, "every rank also logs its phase and gradient norm to DIR/ranks/rankN.jsonl"
     )
@@ -156,6 +158,11 @@ class TrainConfig(Section):
     grpo: GRPOSection = F(GRPOSection(), "rollouts and the policy-gradient loss")
     demos: DemosSection = F(DemosSection(), "the demonstration source")
     eval: EvalSection = F(EvalSection(), "held-out evaluation")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # report_to: wandb, as TRL takes it
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -332,7 +339,7 @@ RESUME_SAFE_KEYS = (
     "save_every",
     "save_total_limit",
     "save_final",
-    "logging_tensorboard",
+    "report_to",
     "logging_ranks",
     "log_completions",
     "num_completions_to_print",

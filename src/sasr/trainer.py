@@ -22,11 +22,17 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    broadcast_object_list,
+    gather_object,
+    set_seed,
+)
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from sasr import checkpoint, models
+from sasr import checkpoint, models, trackers
 from sasr.batch import DEMO, KIND_NAMES, OFFPOLICY, ROLLOUT, Plan, Rows, cat_rows
 from sasr.config import TrainConfig, to_yaml
 from sasr.data import demonstration_rows, encode_targets, pick, render_prompts, rows_of_kind
@@ -98,7 +104,7 @@ def apply_lora(model, config: TrainConfig):
     return get_peft_model(model, peft_config)
 
 
-def make_accelerator() -> Accelerator:
+def make_accelerator(report_to: list[str] = ()) -> Accelerator:
     """accelerate on the GPU if there is one, else the CPU (several CPU processes talk over gloo).
 
     DDP does not broadcast buffers: a causal LM's buffers are constants (rotary frequencies), and a broadcast
@@ -107,7 +113,15 @@ def make_accelerator() -> Accelerator:
     (transformers' Trainer turns the broadcast off too when activations are recomputed).
     """
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", kwargs_handlers=[ddp])
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision="no",
+        kwargs_handlers=[ddp],
+        log_with=trackers.names(list(report_to)) or None,
+        # The run directory is known only later (its name is broadcast with this accelerator): trackers.start
+        # points the logging directory there before any tracker starts.
+        project_config=ProjectConfiguration(logging_dir="."),
+    )
 
 
 class Trainer:
@@ -116,7 +130,7 @@ class Trainer:
     ) -> None:
         self.config = c = config
         try:
-            self.accelerator = acc = make_accelerator()
+            self.accelerator = acc = make_accelerator(c.report_to)
         except ValueError as exc:  # another library (e.g. a TRL trainer) set up accelerate differently
             raise SasrError(
                 "this Python process already holds an accelerate state with other settings "
@@ -170,7 +184,6 @@ class Trainer:
         if resume_from:
             self.start_step, weights, state = checkpoint.load(resume_from, acc)
             self.load_state_dict(weights, state, resume_from)
-        self.writer = None
         self.stop_signal: str | None = None
         if acc.is_main_process:
             if not resume:
@@ -187,10 +200,7 @@ class Trainer:
             self._write_status("running", step=self.start_step)
             if c.logging_ranks:
                 (self.run_dir / "ranks").mkdir(exist_ok=True)
-            if c.logging_tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.start_step + 1)
+            trackers.start(acc, c.report_to, self.run_dir, c.model_dump(mode="json"), self.start_step)
         acc.wait_for_everyone()
 
     # --- the loop ---------------------------------------------------------------------------------------
@@ -310,8 +320,7 @@ class Trainer:
             if c.save_final:
                 self.save_final(result)
             self._write_summary(result)
-            if self.writer:
-                self.writer.close()
+            acc.end_training()
         acc.wait_for_everyone()
         return result
 
@@ -619,11 +628,7 @@ class Trainer:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(clean, allow_nan=False) + "\n")
-        if self.writer:
-            for k, v in clean.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.writer.add_scalar(f"train/{k}", v, record["step"])
-            self.writer.add_scalar("train/is_sft", float(record["phase"] == "sft"), record["step"])
+        trackers.log(self.accelerator, clean)
 
     def log_completions(self, step: int, rows: Rows, parts) -> None:
         """The step's group rows as samples (TRL's log_completions): appended to DIR/completions.jsonl, and the
