@@ -352,7 +352,17 @@ class Chord(Method):
         ], {}
 
 
-class HPTOptions(Options):
+class DrGRPOOptions(Options):
+    """The RL part as HPT, LUFFY and SRFT's code computes it: no KL, Dr. GRPO's sum over tokens, advantages
+    centred on the group mean and not divided by the std."""
+
+    loss_type: names(LOSS_AGGREGATIONS) = Field("dr_grpo", description="aggregation of the RL part")
+    scale_rewards: names(REWARD_SCALES) = Field(
+        "none", description="what advantages are divided by (the paper: nothing, mean-centred only)"
+    )
+
+
+class HPTOptions(DrGRPOOptions):
     gate: float = Field(
         0.0,
         ge=0,
@@ -361,10 +371,6 @@ class HPTOptions(Options):
     )
     sft_loss_coef: float = Field(1.0, ge=0, description="weight of the SFT part")
     beta: float = Field(0.0, ge=0, description="KL weight of the RL part (HPT: none)")
-    loss_type: names(LOSS_AGGREGATIONS) = Field("dr_grpo", description="the RL part's aggregation")
-    scale_rewards: names(REWARD_SCALES) = Field(
-        "none", description="advantages of the RL part (HPT: mean-centred, not divided by the std)"
-    )
 
 
 class HPT(Method):
@@ -401,14 +407,10 @@ class HPT(Method):
         ], {"sft_fraction": to_sft.float().mean().item()}
 
 
-class LuffyOptions(Options):
+class LuffyOptions(DrGRPOOptions):
     num_demos: int = Field(1, ge=0, description="k: demonstrations in each group of num_generations rows")
     shaping_gamma: float = Field(0.1, gt=0, description="off-policy tokens weigh f(p) = p / (p + gamma)")
     beta: float = Field(0.0, ge=0, description="KL weight on the rollouts (LUFFY: none)")
-    loss_type: names(LOSS_AGGREGATIONS) = Field("dr_grpo", description="aggregation of the group")
-    scale_rewards: names(REWARD_SCALES) = Field(
-        "none", description="advantages over the whole group (LUFFY: mean-centred, not divided by the std)"
-    )
 
 
 class DemosInGroups(Method):
@@ -451,16 +453,12 @@ class Luffy(DemosInGroups):
         return [Part("rl", "pg", rows.of_kind(ROLLOUT, OFFPOLICY), 1.0, options)], {}
 
 
-class SRFTOptions(Options):
+class SRFTOptions(DrGRPOOptions):
     num_demos: int = Field(1, ge=1, description="k: demonstrations in each group of num_generations rows")
     sft_coef: float = Field(0.5, ge=0, description="demonstration SFT weight: sft_coef * exp(-H)")
     rl_coef: float = Field(0.1, ge=0, description="correct self-rollout weight: rl_coef * exp(+H)")
     shaping_gamma: float = Field(
         0.1, gt=0, description="off-policy demonstration tokens weigh p / (p + gamma)"
-    )
-    loss_type: names(LOSS_AGGREGATIONS) = Field("dr_grpo", description="aggregation of the RL terms")
-    scale_rewards: names(REWARD_SCALES) = Field(
-        "none", description="advantages of the demonstrations in the group"
     )
 
 
