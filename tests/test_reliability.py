@@ -297,8 +297,15 @@ def test_two_processes_take_the_same_branches(tmp_path):
         str(run),
     ]
     proc = subprocess.run(
-        [*cmd, "--set", "logging_ranks=true"], env=ENV, capture_output=True, text=True, timeout=600
+        [*cmd, "--set", "logging_ranks=true", "--set", "report_to=tensorboard"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
+    assert list(
+        (run / "tensorboard" / "sasr").glob("events.out.tfevents.*")
+    )  # a tracker, closed with ranks alive
     assert proc.returncode == 0, proc.stderr[-2000:]
     r0 = [json.loads(x) for x in (ranks / "rank0.jsonl").read_text().splitlines()]
     r1 = [json.loads(x) for x in (ranks / "rank1.jsonl").read_text().splitlines()]

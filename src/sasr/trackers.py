@@ -59,6 +59,13 @@ def log(accelerator, record: dict[str, Any]) -> None:
     accelerator.log(values, step=record["step"])
 
 
+def finish(accelerator) -> None:
+    """Close the trackers (not ``accelerator.end_training``: that also ends the process group, which the
+    ranks still use after training)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Dotted keys and scalar values: what every tracker takes as its run's configuration."""
     out: dict[str, Any] = {}

@@ -320,7 +320,7 @@ class Trainer:
             if c.save_final:
                 self.save_final(result)
             self._write_summary(result)
-            acc.end_training()
+            trackers.finish(acc)
         acc.wait_for_everyone()
         return result
 
