@@ -366,15 +366,14 @@ class Trainer:
                 )
             task = get_task(c.demos.task, **c.demos.options())
             examples = task.examples("train", c.demos.train_size, seed=c.seed)
-        if self.method.uses_demos:
-            missing = next((ex for ex in examples if not task.has_demonstration(ex)), None)
-            if missing is not None or not examples:
-                raise SasrError(
-                    f"method '{c.method}' trains on demonstrations, but task '{task.name}' has an example without "
-                    f"one ({missing.question[:60]!r}); add a chain of thought or give demos.task"
-                    if missing is not None
-                    else f"demonstration task '{task.name}' produced no examples"
-                )
+        if not examples:
+            raise SasrError(f"demonstration task '{task.name}' produced no examples")
+        missing = next((ex for ex in examples if not task.has_demonstration(ex)), None)
+        if self.method.uses_demos and missing is not None:
+            raise SasrError(
+                f"method '{c.method}' trains on demonstrations, but task '{task.name}' has an example without "
+                f"one ({missing.question[:60]!r}); add a chain of thought or give demos.task"
+            )
         return task, examples
 
     def _examples(self, step: int, per_rank: int, kind: str, examples: list | None = None):
@@ -410,8 +409,9 @@ class Trainer:
                 pieces.append(
                     self._demo_rows(examples, self.task, c.sft.max_length, list(range(len(examples))))
                 )
-        stats["tokens"] = sum(p.completion_mask.sum().item() for p in pieces)
-        return cat_rows(pieces, self.tokenizer.pad_token_id), stats
+        rows = cat_rows(pieces, self.tokenizer.pad_token_id)
+        stats["tokens"] = rows.completion_mask.sum().item()
+        return rows, stats
 
     def group_rows(self, examples, plan: Plan) -> tuple[Rows, dict[str, float]]:
         """Each prompt's group: ``plan.rollouts`` sampled completions, then ``plan.offpolicy`` copies of its
