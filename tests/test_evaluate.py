@@ -130,16 +130,26 @@ def test_compare_writes_every_file(compared):
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"untrained", "sasr", "grpo"}
     sasr = results["methods"]["sasr"]
-    assert (
-        len(sasr["per_seed"]) == 2
-        and {"accuracy", "pass@3", "maj@3", "distinct_2", "edit_distance"} <= sasr.keys()
-    )
-    assert (
-        results["methods"]["grpo"]["grpo_steps"] == [6.0, 0.0]
-        and results["methods"]["grpo"]["sft_steps"][0] == 0
-    )
+    assert len(sasr["per_seed"]) == 2 and set(sasr["splits"]) == {
+        "test",
+        "ood",
+    }  # arithmetic has an ood split
+    for split in ("test", "ood"):
+        assert {"accuracy", "pass@3", "maj@3", "distinct_2", "edit_distance"} <= sasr["splits"][split].keys()
+        assert sasr["per_seed"][0][split]["n"] == 4
+    grpo = results["methods"]["grpo"]["budget"]
+    assert grpo["grpo_steps"] == [6.0, 0.0] and grpo["sft_steps"][0] == 0 and grpo["tokens"][0] > 0
+    assert results["methods"]["untrained"]["budget"]["tokens"] == [0.0, 0.0]
+    paired = results["paired"]["splits"]
+    assert set(paired) == {"test", "ood"} and set(paired["test"]) == {"untrained", "grpo"}
+    assert {"mean", "low", "high", "clear_of_zero"} == paired["ood"]["grpo"].keys()
+    for name in ("untrained-s1", "sasr-s2", "grpo-s1"):
+        summary = json.loads((out / "summaries" / f"{name}.json").read_text())
+        assert {"commit", "config", "run", "metrics", "eval"} <= summary.keys()
+        assert len(summary["eval"]["ood"]["records"]) == 4
     md = (out / "results.md").read_text()
     assert "| sasr |" in md and "| grpo |" in md and "| untrained |" in md and "sasr compare" in md
+    assert "## Split `ood`: longer expressions" in md and "## SASR against each method, paired" in md
     for seed in (1, 2):
         for m in ("sasr", "grpo"):
             assert (out / "runs" / f"{m}-s{seed}" / "final" / "config.json").is_file()
@@ -193,8 +203,58 @@ def test_eval_run_dir_equals_hub_style_folder(compared, tmp_path, capsys):
     assert main(["eval", "--model", str(run), *common, "--output", str(tmp_path / "a.json")]) == 0
     assert main(["eval", "--model", str(copy), *common, "--output", str(tmp_path / "b.json")]) == 0
     a, b = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
-    assert a == b and a["n"] == 4 and "pass@2" in a
+    assert a == b and set(a) == {"test", "ood"} and a["ood"]["n"] == 4 and "pass@2" in a["test"]
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_compare_assembles_the_same_table_from_summaries_alone(compared, tmp_path, capsys):
+    """The summaries (no run directories, no weights) are enough: another folder, the same table."""
+    out, argv = compared
+    shutil.copytree(out / "summaries", tmp_path / "elsewhere" / "summaries")
+    i = argv.index("--output")
+    assert main([*argv[:i], "--output", str(tmp_path / "elsewhere"), *argv[i + 2 :]]) == 0
+    assert not (tmp_path / "elsewhere" / "runs").exists()  # nothing trained or evaluated again
+    ours = json.loads((tmp_path / "elsewhere" / "results.json").read_text())
+    theirs = json.loads((out / "results.json").read_text())
+    assert {**ours, "command": None} == {**theirs, "command": None}
+    assert json.loads((tmp_path / "elsewhere" / "plots.json").read_text()) == json.loads(
+        (out / "plots.json").read_text()
+    )
+
+
+def test_compare_refuses_a_summary_of_another_configuration(compared, tmp_path, capsys):
+    out, argv = compared
+    shutil.copytree(out / "summaries", tmp_path / "c" / "summaries")
+    i = argv.index("--output")
+    argv = [*argv[:i], "--output", str(tmp_path / "c"), *argv[i + 2 :]]
+    argv[argv.index("--steps") + 1] = "5"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "summaries/sasr-s1.json was made with another configuration (steps: 6 there, 5 here)" in err
+    assert not (tmp_path / "c" / "runs").exists()
+    (tmp_path / "c" / "summaries" / "sasr-s1.json").write_text("{not json")
+    argv[argv.index("--steps") + 1] = "6"
+    assert main(argv) == 2
+    assert "sasr-s1.json is not a sasr compare summary; delete it" in capsys.readouterr().err
+
+
+def test_eval_refuses_an_unknown_split_in_one_sentence(compared, capsys):
+    out, _ = compared
+    argv = ["eval", "--model", str(out / "runs" / "sasr-s1"), "--split", "test,validation", "--quiet"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "sasr: error: task 'arithmetic' has no split 'validation'; its splits: train, test, ood"
+    )
+
+
+def test_two_stage_baseline_gets_the_mean_of_sasrs_sft_steps_over_seeds():
+    from sasr.eval.compare import _sft_budget
+
+    summaries = {("sasr", s): {"run": {"sft_steps": n}} for s, n in [(1, 3), (2, 6), (3, 6)]}
+    assert _sft_budget("sft-then-grpo", summaries, [1, 2, 3]) == 5
+    assert _sft_budget("sft-then-grpo", summaries, [1, 2, 4]) is None  # seed 4 has not finished
+    assert _sft_budget("grpo", summaries, [1, 2, 3]) is None
 
 
 def test_report_of_a_run(compared, capsys):
@@ -231,8 +291,8 @@ def test_compare_jobs_trains_in_parallel_processes_with_the_same_results(compare
             json.loads(x) for x in (out / "runs" / f"{m}-s1" / "metrics.jsonl").read_text().splitlines()
         ]
         assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in serial], rel=1e-5)
-    a = json.loads((par / "results.json").read_text())["methods"]["sasr"]["per_seed"][0]
-    b = json.loads((out / "results.json").read_text())["methods"]["sasr"]["per_seed"][0]
+    a = json.loads((par / "results.json").read_text())["methods"]["sasr"]["per_seed"][0]["test"]
+    b = json.loads((out / "results.json").read_text())["methods"]["sasr"]["per_seed"][0]["test"]
     assert a["accuracy"] == b["accuracy"] and a["pass@3"] == b["pass@3"]
 
 
@@ -392,3 +452,31 @@ def test_compare_gives_the_two_stage_baseline_sasrs_sft_steps(tmp_path):
     assert results["sft-then-grpo"]["per_seed"][0]["sft_steps"] == sasr_sft
     saved = yaml.safe_load((out / "runs" / "sft-then-grpo-s3" / "config.yaml").read_text())
     assert saved["sft-then-grpo"]["switch_step"] == sasr_sft
+
+
+def test_paired_bootstrap_on_cases_computed_by_hand():
+    from sasr.eval.stats import paired_bootstrap
+
+    # One seed, differences [0, 1]: a resample's mean is 0, 1/2 or 1 with probabilities 1/4, 1/2, 1/4, so
+    # the 2.5% and 97.5% points are 0 and 1.
+    assert paired_bootstrap([[1, 1]], [[1, 0]]) == {
+        "mean": 0.5,
+        "low": 0.0,
+        "high": 1.0,
+        "clear_of_zero": False,
+    }
+    # One seed, 400 questions: d = +1 on 60, -1 on 20, 0 on 320. mean 0.1, sd sqrt(0.2 - 0.01): the normal
+    # interval 0.1 +- 1.96 * sqrt(0.19 / 400) = [0.0573, 0.1427].
+    a, b = [1] * 60 + [0] * 340, [0] * 60 + [1] * 20 + [0] * 320
+    p = paired_bootstrap([a], [b])
+    assert p["mean"] == pytest.approx(0.1) and p["clear_of_zero"]
+    assert p["low"] == pytest.approx(0.0573, abs=0.004) and p["high"] == pytest.approx(0.1427, abs=0.004)
+    # Two seeds whose questions agree within a seed (d = 0 on one, 0.2 on the other): only the seed draw
+    # varies, giving 0, 0.1, 0.2 with probabilities 1/4, 1/2, 1/4.
+    p = paired_bootstrap([[0.0] * 10, [0.2] * 10], [[0.0] * 10, [0.0] * 10])
+    assert (p["mean"], p["low"], p["high"]) == pytest.approx((0.1, 0.0, 0.2))
+    # Two identical methods: the interval is [0, 0], which covers zero.
+    same = [[1, 0, 1, 1], [0, 0, 1, 0]]
+    assert paired_bootstrap(same, same) == {"mean": 0.0, "low": 0.0, "high": 0.0, "clear_of_zero": False}
+    with pytest.raises(ValueError, match="same examples"):
+        paired_bootstrap([[1, 0]], [[1]])

@@ -58,5 +58,48 @@ def test_bad_task_name_and_option():
         SasrError, match="task 'arithmetic' has no option 'max_term' \\(did you mean 'max_terms'"
     ):
         get_task("arithmetic", max_term=3)
-    with pytest.raises(SasrError, match="unknown split"):
+    with pytest.raises(SasrError, match="has no split .validation.; its splits: train, test, ood"):
         get_task("arithmetic").examples("validation", 1)
+
+
+def _terms(question: str) -> list[int]:
+    import re
+
+    return [int(x) for x in re.findall(r"\d+", question)]
+
+
+def test_arithmetic_ood_split_is_longer_larger_disjoint_and_deterministic():
+    task = get_task("arithmetic")  # training: 2..4 numbers of 1..20
+    train = task.examples("train", 500, seed=0)
+    ood = task.examples("ood", 200, seed=0)
+    assert ood == task.examples("ood", 200, seed=0) and ood != task.examples("ood", 200, seed=1)
+    assert not {e.question for e in ood} & {e.question for e in train + task.examples("test", 200, seed=0)}
+    assert max(len(_terms(e.question)) for e in train) == 4
+    assert {len(_terms(e.question)) for e in ood} == {5}  # one more number than any training question
+    assert max(max(_terms(e.question)) for e in train) <= 20 < max(max(_terms(e.question)) for e in ood) <= 40
+    for ex in ood[:20]:  # still exact: the chain of thought evaluates to the answer
+        assert eval(ex.question.removeprefix("Compute ").rstrip(".")) == int(ex.answer)
+    assert task.held_out_splits == ("test", "ood")
+
+
+def test_knights_knaves_ood_split_has_more_people():
+    task = get_task("knights-knaves", n_people=2)
+    train, ood = task.examples("train", 20, seed=0), task.examples("ood", 10, seed=0)
+    assert {len(e.metadata["names"]) for e in train} == {2}
+    assert {len(e.metadata["names"]) for e in ood} == {3}
+    assert ood == task.examples("ood", 10, seed=0)
+    assert {
+        len(e.metadata["names"])
+        for e in get_task("knights-knaves", n_people=2, ood_n_people=4).examples("ood", 3)
+    } == {4}
+    with pytest.raises(SasrError, match="ood_n_people must be above n_people"):
+        get_task("knights-knaves", n_people=3, ood_n_people=3)
+
+
+def test_a_task_without_a_shifted_split_says_which_splits_it_has(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"question": "1+1?", "solution": "1+1=2", "answer": "2"}\n')
+    task = get_task(f"jsonl:{path}")
+    assert task.held_out_splits == ("test",)
+    with pytest.raises(SasrError, match=r"task 'jsonl' has no split 'ood'; its splits: train, test"):
+        task.examples("ood", 1)

@@ -124,6 +124,9 @@ def _eval_parser(sub) -> None:
     p.add_argument(
         "--samples", type=int, default=0, help="K samples per question for pass@K, maj@K, diversity"
     )
+    p.add_argument(
+        "--split", help="comma list of splits (default: every held-out split of the task: test, and ood)"
+    )
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1.0)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--output", help="also write the numbers as JSON to this file")
@@ -151,7 +154,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     config = build_config(run / "config.yaml" if use_run_config else None, overrides, args.set)
-    result = evaluate_model(config.model.name, config, config.seed, progress=not args.quiet)
+    splits = [s.strip() for s in args.split.split(",") if s.strip()] if args.split else None
+    evals = evaluate_model(config.model.name, config, config.seed, progress=not args.quiet, splits=splits)
+    result = {split: ev["summary"] for split, ev in evals.items()}
     print(eval_table(config.model.name, config, result))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2))
@@ -159,11 +164,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def eval_table(model: str, config, result: dict) -> str:
-    lines = [f"sasr eval: {model} on task '{config.task.name}' ({result['n']} held-out questions)"]
-    for key, value in result.items():
-        if key != "n":
-            lines.append(f"  {key:<18} {value:.4f}")
+def eval_table(model: str, config, result: dict[str, dict]) -> str:
+    """One column per split."""
+    splits = list(result)
+    lines = [
+        f"sasr eval: {model} on task '{config.task.name}' "
+        + ", ".join(f"{s}: {result[s]['n']} questions" for s in splits),
+        f"  {'':<18} " + " ".join(f"{s:>10}" for s in splits),
+    ]
+    for key in dict.fromkeys(k for s in splits for k in result[s] if k != "n"):
+        cells = (f"{result[s][key]:>10.4f}" if key in result[s] else f"{'':>10}" for s in splits)
+        lines.append(f"  {key:<18} " + " ".join(cells))
     return "\n".join(lines)
 
 
@@ -213,7 +224,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         "eval.samples": 4 if args.samples is None else args.samples,
     }
     base = build_config(args.config, overrides, args.set)
-    if not base.eval.every:
+    if "every" not in base.eval.model_fields_set:  # curves of held-out accuracy unless the config says
         base = base.model_copy(
             update={"eval": base.eval.model_copy(update={"every": max(1, base.steps // 5)})}
         )

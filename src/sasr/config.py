@@ -48,7 +48,7 @@ class TaskSection(Section):
     model_config = ConfigDict(extra="allow", validate_assignment=True)  # extra keys are the task's options
     name: str = F("arithmetic", "the task: its data and judge (sasr tasks); its options are task.OPTION")
     train_size: int = F(2000, "examples generated or loaded for training", ge=1)
-    test_size: int = F(32, "held-out examples evaluated before and after training", ge=0)
+    test_size: int = F(32, "held-out examples per split (test, and ood where the task has one)", ge=0)
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -122,6 +122,7 @@ class EvalSection(Section):
     after: bool = F(True, "evaluate the trained model after training")
     every: int = F(0, "also every N steps (greedy), logged as eval_* in that step's line", ge=0)
     samples: int = F(0, "after training: K samples per question for pass@K, maj@K, diversity", ge=0)
+    sample_size: int | None = F(None, "only the first N questions get those samples; null: all", ge=1)
     temperature: float = F(1.0, "sampling temperature of those K samples", gt=0)
     max_new_tokens: int = F(128, "tokens generated per evaluation answer", ge=1)
     batch_size: int = F(32, "questions generated together", ge=1)

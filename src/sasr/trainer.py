@@ -602,6 +602,7 @@ class Trainer:
             "lr": self.lr_scheduler.get_last_lr()[0],
             **{k: v for k, v in zip(keys, values[1:]) if k != "tokens"},
             **plan.info,
+            "tokens": round(tokens),  # completion tokens of the training passes, every rank
             "tokens_per_second": tokens / seconds,
             "step_seconds": seconds,
         }

@@ -1,9 +1,15 @@
-"""``sasr compare``: every method with the same budget, data and seeds, evaluated the same way.
+"""``sasr compare``: every method with the same budget, data and seeds, evaluated on the same questions.
 
-Layout of DIR: ``runs/METHOD-sSEED/`` (a normal run directory each; its ``run.json`` holds the evaluation
-after training), ``runs/untrained-sSEED/eval.json``, ``results.json``, ``results.md`` and the plots.
-Re-running skips the runs and evaluations that already finished, and continues a stopped run (same
-configuration, a complete checkpoint) from its newest checkpoint instead of training it again.
+Layout of DIR:
+- ``runs/METHOD-sSEED/``: a normal run directory each (weights and checkpoints: never committed);
+- ``summaries/METHOD-sSEED.json`` and ``summaries/untrained-sSEED.json``: all the table needs of a run (its
+  configuration, the commit it ran at, its status and metrics lines, and one record per held-out question of
+  every split). They are small: commit them. The table is assembled from them alone, so a comparison can be
+  run in parts, stopped, and finished on another machine;
+- ``results.json``, ``results.md`` and the plots.
+
+Re-running skips every run with a summary (of the same configuration), continues a stopped run (same
+configuration, a complete checkpoint) from its newest checkpoint, and trains the rest.
 """
 
 from __future__ import annotations
@@ -24,13 +30,51 @@ from sasr.config import TrainConfig, build_config, to_yaml
 from sasr.errors import SasrError
 from sasr.eval.evaluate import evaluate, settings, summarise
 from sasr.eval.report import markdown_table, plot_compare
+from sasr.eval.stats import paired_bootstrap
 from sasr.methods import METHODS
 from sasr.process import on_stop_signals
 from sasr.tasks import get_task
 from sasr.trainer import Trainer
 
 METRICS = ("accuracy", "pass@{k}", "maj@{k}", "distinct_2", "edit_distance", "distinct_answers")
-STEP_KEYS = ("sft_steps", "grpo_steps", "mixed_steps")
+BUDGET = ("sft_steps", "grpo_steps", "mixed_steps", "tokens", "seconds")
+BASELINE = "sasr"  # the method compared with every other one, pairwise
+# What an evaluation of the untrained model depends on (its summary is reused while these stay the same).
+EVAL_KEYS = ("seed", "model", "task", "eval", "grpo.max_prompt_length")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _differences(saved: dict, wanted: dict, keys: tuple[str, ...] | None = None) -> list[str]:
+    """'key: saved -> wanted' for every option that differs (the run directory itself aside)."""
+    a, b = _flat(saved), _flat(wanted)
+    names = sorted((a.keys() | b.keys()) - {"output_dir"})
+    if keys is not None:
+        names = [n for n in names if any(n == k or n.startswith(k + ".") for k in keys)]
+    return [f"{n}: {a.get(n)!r} there, {b.get(n)!r} here" for n in names if a.get(n) != b.get(n)]
+
+
+def git_commit() -> str:
+    """The commit of the sasr source tree that runs ('+dirty' with uncommitted changes), or 'unknown'."""
+    src = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=src, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=src, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def _finished(run_dir: Path) -> bool:
@@ -49,60 +93,59 @@ def _resumable(run_dir: Path, config: TrainConfig) -> bool:
         return False
 
 
-def evaluate_model(model_path: str, config: TrainConfig, seed: int, progress: bool = True) -> dict:
-    """Greedy (+ ``eval.samples`` sampled) evaluation of a model folder or alias on the config's
-    held-out split; the same numbers for a run's final/ and a copy of it anywhere else."""
+def evaluate_model(
+    model_path: str, config: TrainConfig, seed: int, progress: bool = True, splits: list[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Greedy (+ ``eval.samples`` sampled) evaluation of a model folder or alias on every held-out split of
+    the config's task (or on ``splits``): ``{split: {"summary": means, "records": one per question}}``. The
+    same numbers for a run's final/ and a copy of it anywhere else."""
     import torch
     from accelerate.utils import set_seed
 
-    set_seed(seed)
     task = get_task(config.task.name, **config.task.options())
-    examples = task.examples("test", config.task.test_size, seed=config.seed)
+    splits = list(splits or task.held_out_splits)
+    for split in splits:
+        task.check_split(split)
     tokenizer = models.load_tokenizer(model_path)
     model = models.load_model(model_path, config.model.dtype)
     if torch.cuda.is_available():
         model = model.cuda()
-    records = evaluate(
-        model,
-        tokenizer,
-        task,
-        examples,
-        progress=progress,
-        desc=f"eval {Path(model_path).name}",
-        **settings(config),
-    )
-    return summarise(records)
-
-
-def evaluate_cached(model_path: str, config: TrainConfig, seed: int, out_file: Path, progress: bool) -> dict:
-    """``evaluate_model``, read from ``out_file`` when an earlier compare wrote it."""
-    if out_file.exists():
-        return json.loads(out_file.read_text())
-    result = evaluate_model(model_path, config, seed, progress)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(json.dumps(result, indent=2))
-    return result
+    out = {}
+    for split in splits:
+        set_seed(seed)  # each split's samples independent of which splits came before
+        examples = task.examples(split, config.task.test_size, seed=config.seed)
+        records = evaluate(
+            model,
+            tokenizer,
+            task,
+            examples,
+            progress=progress,
+            desc=f"eval {Path(model_path).name} ({split})",
+            **settings(config),
+        )
+        records = [{k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in records]
+        out[split] = {"summary": summarise(records), "records": records}
+    return out
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def run_config(base: TrainConfig, method: str, seed: int, run_dir: Path) -> TrainConfig:
-    """One run of the comparison. The untrained model is evaluated once per seed by compare itself; the
-    trainer's own evaluation after training (greedy + eval.samples) is the final model's evaluation.
+def run_config(
+    base: TrainConfig, method: str, seed: int, run_dir: Path, sft_steps: int | None = None
+) -> TrainConfig:
+    """One run of the comparison. Compare evaluates each final model (and the untrained one) on every
+    held-out split itself, so the trainer's own evaluations before and after are off.
 
-    A method with ``sft_budget_from`` (``sft-then-grpo``: SASR) gets as many SFT steps as that method's run
-    of the same seed took, once it has finished (an equal SFT budget).
+    A method with ``sft_budget_from`` (``sft-then-grpo``: SASR) gets ``sft_steps`` SFT steps, the mean over
+    seeds of that method's SFT steps (an equal SFT budget), unless the configuration sets its own.
     """
-    no_before = base.eval.model_copy(update={"before": False})
+    no_eval = base.eval.model_copy(update={"before": False, "after": False})
     tree = base.model_copy(
-        update={"method": method, "seed": seed, "output_dir": str(run_dir), "eval": no_before}
+        update={"method": method, "seed": seed, "output_dir": str(run_dir), "eval": no_eval}
     ).model_dump()
-    source = METHODS[method].sft_budget_from
-    source_run = run_dir.parent / f"{source}-s{seed}"
-    if source and _finished(source_run):
-        sft_steps = json.loads((source_run / "run.json").read_text())["sft_steps"]
+    if sft_steps is not None and METHODS[method].sft_budget_from:
         tree[method] = METHODS[method].with_sft_steps(base.method_options(method), sft_steps)
     return TrainConfig.model_validate(tree)  # re-check (e.g. warm-up vs steps)
 
@@ -113,11 +156,17 @@ def _waves(methods: list[str]) -> list[list[str]]:
     return [first, [m for m in methods if m not in first]]
 
 
-def _train_in_parallel(
-    base: TrainConfig, pending: list[tuple[str, int]], output: Path, jobs: int, progress: bool
-):
-    """``sasr train`` for each pending (method, seed), ``jobs`` processes at a time (a small model leaves a
-    GPU mostly idle: several runs share it). Each run logs to runs/METHOD-sSEED.log."""
+def _sft_budget(method: str, summaries: dict[tuple[str, int], dict], seeds: list[int]) -> int | None:
+    """The SFT steps ``method`` gets: the mean over seeds of its source method's, once all have finished."""
+    source = METHODS[method].sft_budget_from
+    if not source or any((source, s) not in summaries for s in seeds):
+        return None
+    return round(statistics.fmean(summaries[source, s]["run"]["sft_steps"] for s in seeds))
+
+
+def _train_in_parallel(configs: dict[str, TrainConfig], output: Path, jobs: int, progress: bool) -> None:
+    """``sasr train`` for each pending run (name -> config), ``jobs`` processes at a time (a small model
+    leaves a GPU mostly idle: several runs share it). Each run logs to runs/METHOD-sSEED.log."""
     runs = output / "runs"
     runs.mkdir(parents=True, exist_ok=True)
 
@@ -129,12 +178,11 @@ def _train_in_parallel(
         for proc in list(live):
             proc.send_signal(signal.Signals[name])
 
-    def one(method: str, seed: int) -> tuple[str, int, Path]:
-        name = f"{method}-s{seed}"
+    def one(name: str) -> tuple[str, int, Path]:
         config_file, log_file = runs / f"{name}.yaml", runs / f"{name}.log"
         if stopped:
             return name, -1, log_file
-        config = run_config(base, method, seed, runs / name)
+        config = configs[name]
         config_file.write_text(to_yaml(config))
         resume = _resumable(runs / name, config)
         start = ["--resume", str(runs / name)] if resume else ["--config", str(config_file), "--overwrite"]
@@ -146,11 +194,11 @@ def _train_in_parallel(
             live.discard(proc)
         return name, code, log_file
 
-    bar = tqdm(total=len(pending), desc=f"compare: {jobs} runs at a time", disable=not progress)
+    bar = tqdm(total=len(configs), desc=f"compare: {jobs} runs at a time", disable=not progress)
     failed = []
     try:
         with on_stop_signals(forward), ThreadPoolExecutor(jobs) as pool:
-            for name, code, log_file in pool.map(lambda ms: one(*ms), pending):
+            for name, code, log_file in pool.map(one, configs):
                 bar.update(1)
                 if code > 0 and not stopped:
                     lines = log_file.read_text().strip().splitlines()
@@ -168,6 +216,70 @@ def _train_in_parallel(
         raise SasrError("sasr compare: runs failed: " + "; ".join(failed))
 
 
+# --- summaries: what the table is assembled from ---------------------------------------------------------
+
+
+def read_summary(path: Path, config: dict, keys: tuple[str, ...] | None = None) -> dict | None:
+    """The summary at ``path`` if there is one; refused in one sentence if it was made with another
+    configuration (only ``keys`` compared, when given)."""
+    if not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        saved = summary["config"]
+    except (ValueError, KeyError, TypeError):
+        raise SasrError(f"summary {path} is not a sasr compare summary; delete it to redo that run") from None
+    diff = _differences(saved, config, keys)
+    if diff:
+        raise SasrError(
+            f"summary {path} was made with another configuration ({'; '.join(diff[:3])}); compare with that "
+            "configuration, or delete the summary (and its run directory) to redo the run"
+        )
+    return summary
+
+
+def _write_summary(path: Path, summary: dict) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, separators=(",", ":")) + "\n")
+    tmp.replace(path)  # never half a summary
+    return summary
+
+
+def _untrained(base: TrainConfig, seed: int, output: Path, progress: bool, commit: str) -> dict:
+    config = base.model_copy(update={"seed": seed})
+    tree = config.model_dump(mode="json")
+    path = output / "summaries" / f"untrained-s{seed}.json"
+    if summary := read_summary(path, tree, EVAL_KEYS):
+        return summary
+    evals = evaluate_model(base.model.name, config, seed, progress)
+    return _write_summary(path, {"commit": commit, "config": tree, "run": None, "metrics": [], "eval": evals})
+
+
+def _trained(config: TrainConfig, output: Path, progress: bool, commit: str) -> dict:
+    """Train the run (or continue it) unless it finished, evaluate its final model, write its summary."""
+    run_dir = Path(config.output_dir)
+    tree = config.model_dump(mode="json")
+    if _finished(run_dir):
+        diff = _differences(build_config(run_dir / "config.yaml").model_dump(mode="json"), tree)
+        if diff:
+            raise SasrError(
+                f"run directory {run_dir} finished with another configuration ({'; '.join(diff[:3])}); "
+                "delete it to train that run again"
+            )
+    else:
+        resume = _resumable(run_dir, config)
+        if progress:
+            verb = "continuing" if resume else "training"
+            print(f"sasr compare: {verb} {run_dir.name} -> {run_dir}", file=sys.stderr)
+        Trainer(config, overwrite=not resume, progress=progress, resume=resume).train()
+    evals = evaluate_model(str(run_dir / "final"), config, config.seed, progress)
+    status = json.loads((run_dir / "run.json").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    summary = {"commit": commit, "config": tree, "run": status, "metrics": metrics, "eval": evals}
+    return _write_summary(output / "summaries" / f"{run_dir.name}.json", summary)
+
+
 def compare(
     base: TrainConfig,
     methods: list[str],
@@ -177,49 +289,99 @@ def compare(
     command: str | None = None,
     jobs: int = 1,
 ) -> dict[str, Any]:
-    """Train and evaluate every (method, seed); write results.json, results.md and plots into ``output``.
+    """Train and evaluate every (method, seed) that has no summary yet; assemble results.json, results.md
+    and the plots from the summaries.
 
     ``jobs`` > 1 trains the runs that have not finished in that many parallel ``sasr train`` processes first.
     """
     output.mkdir(parents=True, exist_ok=True)
-    k = base.eval.samples
-    rows: dict[str, list[dict]] = {m: [] for m in ["untrained", *methods]}
-    run_dirs: dict[str, list[Path]] = {m: [] for m in methods}
-    pending = [(m, s) for s in seeds for m in methods if not _finished(output / "runs" / f"{m}-s{s}")]
-    waves = _waves(methods)
-    if jobs > 1 and pending:
-        for wave in waves:
-            if runs := [(m, s) for m, s in pending if m in wave]:
-                _train_in_parallel(base, runs, output, jobs, progress)
-    for seed in seeds:
-        untrained = evaluate_cached(
-            base.model.name,
-            base.model_copy(update={"seed": seed}),
-            seed,
-            output / "runs" / f"untrained-s{seed}" / "eval.json",
-            progress,
-        )
-        rows["untrained"].append({**untrained, "seconds": 0.0, **dict.fromkeys(STEP_KEYS, 0)})
-        for method in [m for wave in waves for m in wave]:
-            run_dir = output / "runs" / f"{method}-s{seed}"
-            config = run_config(base, method, seed, run_dir)
-            if not _finished(run_dir):
-                resume = _resumable(run_dir, config)
-                if progress:
-                    verb = "continuing" if resume else "training"
-                    print(f"sasr compare: {verb} {method} seed {seed} -> {run_dir}", file=sys.stderr)
-                Trainer(config, overwrite=not resume, progress=progress, resume=resume).train()
-            status = json.loads((run_dir / "run.json").read_text())
-            ev = status.get("eval_after") or {}
-            if not ev or (k and f"pass@{k}" not in ev):  # a run trained without the evaluation compare needs
-                ev = evaluate_cached(str(run_dir / "final"), config, seed, run_dir / "eval.json", progress)
-            rows[method].append(
-                {**ev, "seconds": status["seconds"], **{k: status.get(k, 0) for k in STEP_KEYS}}
-            )
-            run_dirs[method].append(run_dir)
+    commit = git_commit()
+    summaries: dict[tuple[str, int], dict] = {}
+    for wave in _waves(methods):
+        configs = {
+            (m, s): run_config(base, m, s, output / "runs" / f"{m}-s{s}", _sft_budget(m, summaries, seeds))
+            for m in wave
+            for s in seeds
+        }
+        found = {
+            key: read_summary(output / "summaries" / f"{m}-s{s}.json", c.model_dump(mode="json"))
+            for key, c in configs.items()
+            for m, s in [key]
+        }
+        pending = {
+            f"{m}-s{s}": configs[m, s]
+            for (m, s), summary in found.items()
+            if summary is None and not _finished(output / "runs" / f"{m}-s{s}")
+        }
+        if jobs > 1 and pending:
+            _train_in_parallel(pending, output, jobs, progress)
+        for key in sorted(configs, key=lambda ms: (ms[1], wave.index(ms[0]))):
+            summaries[key] = found[key] or _trained(configs[key], output, progress, commit)
+    for s in seeds:
+        summaries["untrained", s] = _untrained(base, s, output, progress, commit)
+    results = assemble(base, methods, seeds, summaries, command)
+    (output / "results.json").write_text(json.dumps(results, indent=2))
+    plot_compare({m: [summaries[m, s]["metrics"] for s in seeds] for m in methods}, output)
+    (output / "results.md").write_text(results_markdown(results, output))
+    return results
 
-    metric_names = [m.format(k=k) for m in METRICS] if k else ["accuracy", "format_rate", "completion_length"]
-    results = {
+
+# --- the table ---------------------------------------------------------------------------------------------
+
+
+def _budget(summary: dict) -> dict[str, float]:
+    """Steps of each kind, completion tokens trained on, wall seconds."""
+    run = summary["run"] or {}
+    tokens = sum(r.get("tokens", r["tokens_per_second"] * r["step_seconds"]) for r in summary["metrics"])
+    return {
+        **{k: float(run.get(k, 0)) for k in BUDGET if k not in ("tokens", "seconds")},
+        "tokens": float(tokens),
+        "seconds": float(run.get("seconds", 0.0)),
+    }
+
+
+def assemble(
+    base: TrainConfig, methods: list[str], seeds: list[int], summaries: dict, command: str | None = None
+) -> dict[str, Any]:
+    """results.json's content, from the summaries alone: per method its budget and, per split, the mean ±
+    std over seeds of every metric; for SASR against every other method, the paired accuracy difference."""
+    k = base.eval.samples
+    task = get_task(base.task.name, **base.task.options())
+    names = ["untrained", *methods]
+    splits = list(summaries["untrained", seeds[0]]["eval"])
+    wanted = [m.format(k=k) for m in METRICS] if k else ["accuracy", "format_rate", "completion_length"]
+    out_methods = {}
+    for m in names:
+        runs = [summaries[m, s] for s in seeds]
+        budgets = [_budget(r) for r in runs]
+        out_methods[m] = {
+            "budget": {b: _mean_std([x[b] for x in budgets]) for b in BUDGET},
+            "splits": {
+                split: {
+                    name: _mean_std([r["eval"][split]["summary"][name] for r in runs])
+                    for name in wanted
+                    if name in runs[0]["eval"][split]["summary"]
+                }
+                for split in splits
+            },
+            "per_seed": [
+                {"seed": s, **b, **{split: r["eval"][split]["summary"] for split in splits}}
+                for s, r, b in zip(seeds, runs, budgets)
+            ],
+            "commits": sorted({r["commit"] for r in runs}),
+        }
+    paired: dict[str, dict[str, dict]] = {}
+    if BASELINE in methods:
+        for split in splits:
+
+            def correct(m: str, split: str = split) -> list[list[float]]:
+                return [[x["correct"] for x in summaries[m, s]["eval"][split]["records"]] for s in seeds]
+
+            paired[split] = {
+                m: paired_bootstrap(correct(BASELINE), correct(m)) for m in names if m != BASELINE
+            }
+    e = base.eval
+    return {
         "command": command or "(Python API) sasr.eval.compare.compare",
         "task": base.task.name,
         "model": base.model.name,
@@ -227,39 +389,96 @@ def compare(
         "warmup_steps": base.warmup_steps,
         "seeds": seeds,
         "samples": k,
-        "methods": {
-            m: {
-                **{name: _mean_std([r[name] for r in rs]) for name in [*metric_names, "seconds", *STEP_KEYS]},
-                "per_seed": rs,
+        "sample_size": e.sample_size,
+        "splits": {
+            split: {
+                "n": summaries["untrained", seeds[0]]["eval"][split]["summary"]["n"],
+                "shift": task.ood_shift if split == "ood" else "",
             }
-            for m, rs in rows.items()
+            for split in splits
         },
+        "methods": out_methods,
+        "paired": {"baseline": BASELINE, "metric": "accuracy", "level": 0.95, "splits": paired},
     }
-    (output / "results.json").write_text(json.dumps(results, indent=2))
-    plot_compare(run_dirs, output)
 
-    header = ["method", *metric_names, "wall s", "SFT steps", "GRPO steps", "mixed steps"]
-    table = []
-    for m, res in results["methods"].items():
-        cells = [m] + [f"{res[n][0]:.3f} ± {res[n][1]:.3f}" for n in metric_names]
-        cells += [f"{res['seconds'][0]:.0f}", *(f"{res[k][0]:.1f}" for k in STEP_KEYS)]
-        table.append(cells)
-    md = [
-        f"# {base.task.name}: {', '.join(methods)} on {base.model.name}",
+
+def _signed(x: float) -> str:
+    return f"{x:+.3f}"
+
+
+def results_markdown(results: dict[str, Any], output: Path) -> str:
+    """results.md: the budget table, a metrics table per split, and SASR's paired differences."""
+    methods = results["methods"]
+    k, splits = results["samples"], results["splits"]
+    commits = sorted({c for m in methods.values() for c in m["commits"]})
+    n_sampled = f"the first {results['sample_size']} of them" if results["sample_size"] else "each"
+    lines = [
+        f"# {results['task']}: {', '.join(m for m in methods if m != 'untrained')} on {results['model']}",
         "",
-        f"{base.steps} optimizer steps ({base.warmup_steps} warm-up where the method has one), seeds "
-        f"{', '.join(map(str, seeds))}; {base.task.test_size} held-out questions"
-        + (f", {k} samples each at temperature {base.eval.temperature}" if k else "")
-        + ". Mean ± std over seeds.",
+        f"{results['steps']} optimizer steps ({results['warmup_steps']} warm-up where the method has one), "
+        f"seeds {', '.join(map(str, results['seeds']))}; per split {splits[next(iter(splits))]['n']} held-out "
+        "questions, greedy"
+        + (f", and {k} samples of {n_sampled} at the evaluation temperature" if k else "")
+        + f". Mean ± std over seeds. Runs at commit {', '.join(commits)}.",
         "",
-        markdown_table(header, table),
+        "## Budget",
         "",
-        "Command:",
+        "Tokens: completion tokens in the training passes (demonstrations and rollouts), summed over steps.",
         "",
-        f"    {results['command']}",
-        "",
-        "![held-out accuracy](accuracy_vs_step.png) ![train reward](reward_vs_step.png)",
-        "![how each method decides its steps](dynamics.png)",
+        markdown_table(
+            ["method", "SFT steps", "GRPO steps", "mixed steps", "tokens", "wall s"],
+            [
+                [m, *(f"{r['budget'][b][0]:.1f}" for b in BUDGET[:3]), f"{r['budget']['tokens'][0]:,.0f}"]
+                + [f"{r['budget']['seconds'][0]:.0f}"]
+                for m, r in methods.items()
+            ],
+        ),
     ]
-    (output / "results.md").write_text("\n".join(md) + "\n")
-    return results
+    for split, info in splits.items():
+        names = list(methods["untrained"]["splits"][split])
+        what = "the training distribution" if split == "test" else info["shift"] or split
+        lines += [
+            "",
+            f"## Split `{split}`: {what}",
+            "",
+            markdown_table(
+                ["method", *names],
+                [
+                    [m, *(f"{r['splits'][split][n][0]:.3f} ± {r['splits'][split][n][1]:.3f}" for n in names)]
+                    for m, r in methods.items()
+                ],
+            ),
+        ]
+    paired = results["paired"]["splits"]
+    if paired:
+        lines += [
+            "",
+            "## SASR against each method, paired",
+            "",
+            "Mean difference in greedy accuracy, SASR minus the method, over the same questions; 95% interval "
+            "of a two-level bootstrap (seeds drawn with replacement, then each drawn seed's questions; 10,000 "
+            "replicates). **Bold**: the interval excludes zero.",
+            "",
+            markdown_table(
+                ["method", *paired],
+                [
+                    [m]
+                    + [
+                        ("**{} [{}, {}]**" if p["clear_of_zero"] else "{} [{}, {}]").format(
+                            *map(_signed, (p["mean"], p["low"], p["high"]))
+                        )
+                        for split in paired
+                        for p in [paired[split][m]]
+                    ]
+                    for m in paired[next(iter(paired))]
+                ],
+            ),
+        ]
+    lines += ["", "Command:", "", f"    {results['command']}", ""]
+    figures = [
+        ("accuracy_vs_step.png", "held-out accuracy"),
+        ("reward_vs_step.png", "train reward"),
+        ("dynamics.png", "how each method decides its steps"),
+    ]
+    lines += [f"![{alt}]({name})" for name, alt in figures if (output / name).exists()]
+    return "\n".join(lines) + "\n"

@@ -91,6 +91,7 @@ def settings(config, samples: int | None = None) -> dict[str, Any]:
     e, g = config.eval, config.grpo
     return {
         "samples": e.samples if samples is None else samples,
+        "sample_size": e.sample_size,
         "temperature": e.temperature,
         "max_new_tokens": e.max_new_tokens,
         "batch_size": e.batch_size,
@@ -109,6 +110,7 @@ def evaluate(
     examples: Sequence[Example],
     *,
     samples: int = 0,
+    sample_size: int | None = None,
     temperature: float = 1.0,
     max_new_tokens: int = 128,
     batch_size: int = 32,
@@ -119,10 +121,12 @@ def evaluate(
     cuda_graphs: bool = True,
     chat_template_kwargs: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """One record per example: greedy result, and with ``samples`` = K > 0 the sampled metrics."""
+    """One record per example: greedy result, and with ``samples`` = K > 0 the sampled metrics (for the first
+    ``sample_size`` examples only, when given)."""
     records: list[dict[str, Any]] = []
     per_batch = max(1, batch_size // max(samples, 1))  # prompts per generate call when sampling
-    bar = tqdm(total=len(examples) * (1 + (samples > 0)), desc=desc, disable=not progress, leave=False)
+    sampled = list(examples[:sample_size]) if samples > 0 else []
+    bar = tqdm(total=len(examples) + len(sampled), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(examples), batch_size):
         chunk = list(examples[start : start + batch_size])
         prompts = render_prompts(tokenizer, task, chunk, chat_template_kwargs)
@@ -147,9 +151,9 @@ def evaluate(
                 }
             )
         bar.update(len(chunk))
-    if samples > 0:
-        for start in range(0, len(examples), per_batch):
-            chunk = list(examples[start : start + per_batch])
+    if sampled:
+        for start in range(0, len(sampled), per_batch):
+            chunk = sampled[start : start + per_batch]
             prompts = render_prompts(tokenizer, task, chunk, chat_template_kwargs)
             roll = generate(
                 model,
@@ -186,11 +190,17 @@ GREEDY = ("accuracy", "reward_mean", "format_rate", "completion_length")  # what
 
 
 def summarise(records: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Mean of every metric over examples; ``n`` the number of examples."""
+    """Mean of every metric over the examples that have it; ``n`` the number of examples (and
+    ``n_sampled`` the number with sampled metrics, when fewer)."""
     out: dict[str, float] = {"n": len(records)}
     if not records:
         return out
     names = dict(zip(("correct", "reward", "formatted", "length"), GREEDY))
-    for key in records[0]:
-        out[names.get(key, key)] = sum(r[key] for r in records) / len(records)
+    keys = dict.fromkeys(k for r in records for k in r)  # first-seen order
+    for key in keys:
+        values = [r[key] for r in records if key in r]
+        out[names.get(key, key)] = sum(values) / len(values)
+    n_sampled = sum("sample_accuracy" in r for r in records)
+    if 0 < n_sampled < len(records):
+        out["n_sampled"] = n_sampled
     return out

@@ -163,12 +163,12 @@ def _moving_mean(points: list[tuple[float, float]], window: int = 3) -> list[tup
     ]
 
 
-def plot_compare(runs: dict[str, list[Path]], out_dir: Path) -> dict[str, Any]:
-    """Comparison figures: held-out accuracy and train reward against step for every method (mean over
-    seeds), and each method's dynamics and KL against step over its phase strip (first seed)."""
+def plot_compare(metrics: dict[str, list[list[dict]]], out_dir: Path) -> dict[str, Any]:
+    """Comparison figures from each method's metrics lines per seed: held-out accuracy (when the runs
+    evaluated during training) and train reward against step for every method (mean over seeds), and each
+    method's dynamics and KL against step over its phase strip (first seed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Series] = {}
-    metrics = {m: [read_metrics(d) for d in dirs] for m, dirs in runs.items()}
 
     for name, key, title in [
         ("accuracy_vs_step", "eval_accuracy", "held-out accuracy (greedy), mean over seeds"),
@@ -178,6 +178,8 @@ def plot_compare(runs: dict[str, list[Path]], out_dir: Path) -> dict[str, Any]:
         for method, per_seed in metrics.items():
             curve = _mean_curve([series(rows, key) for rows in per_seed])
             data[method] = _moving_mean(curve) if key == "reward_mean" else curve
+        if not any(data.values()):
+            continue
         fig = Figure(figsize=(7, 4.2))
         ax = fig.subplots()
         _draw(ax, data, title)

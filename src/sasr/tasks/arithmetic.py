@@ -26,11 +26,23 @@ class Arithmetic(Task):
         "parentheses": 0.5,  # chance of grouping the first two terms
         "correct_reward": 1.0,
         "format_reward": 0.1,  # reward for a well-formed but wrong answer
+        "ood_extra_terms": 1,  # the ood split: max_terms+1 .. max_terms+ood_extra_terms numbers
+        "ood_value_scale": 2,  # ... drawn from 1..max_value*ood_value_scale
     }
+    splits = ("train", "test", "ood")
+    ood_shift = "longer expressions (more numbers than any training question) with larger numbers"
     system_prompt = "Solve the problem step by step, one operation per line. End with 'Answer: <integer>'."
 
-    def _generate(self, rng: random.Random) -> Example:
+    def _ood_opts(self) -> dict:
         o = self.opts
+        return {
+            **o,
+            "min_terms": o["max_terms"] + 1,
+            "max_terms": o["max_terms"] + max(1, o["ood_extra_terms"]),
+            "max_value": o["max_value"] * o["ood_value_scale"],
+        }
+
+    def _generate(self, rng: random.Random, o: dict) -> Example:
         n = rng.randint(o["min_terms"], o["max_terms"])
         nums = [rng.randint(1, o["max_value"]) for _ in range(n)]
         ops = [rng.choice(o["operators"]) for _ in range(n - 1)]
@@ -62,13 +74,15 @@ class Arithmetic(Task):
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         self.check_split(split)
         rng = random.Random(f"arithmetic/{split}/{seed}")
+        opts = self._ood_opts() if split == "ood" else self.opts
         out: list[Example] = []
         seen: set[str] = set()
         for _ in range(200 * n + 1000):
             if len(out) == n:
                 break
-            ex = self._generate(rng)
-            if ex.question not in seen and split_of(ex.question) == split:
+            ex = self._generate(rng, opts)
+            # ood questions are longer than any training one: no hash split needed
+            if ex.question not in seen and (split == "ood" or split_of(ex.question) == split):
                 seen.add(ex.question)
                 out.append(ex)
         return out

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from sasr.errors import SasrError, nearest
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "test")  # every task has these; a task with a shifted test set adds "ood"
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ class Task:
     description: ClassVar[str] = ""
     options: ClassVar[dict[str, Any]] = {}
     system_prompt: ClassVar[str] = ""
+    splits: ClassVar[tuple[str, ...]] = SPLITS
+    ood_shift: ClassVar[str] = ""  # how the "ood" split differs from training, for reports
 
     def __init__(self, **options: Any) -> None:
         for key in options:
@@ -108,7 +110,13 @@ class Task:
         """How errors name the reward function."""
         return f"{type(self).__name__}.score"
 
-    @staticmethod
-    def check_split(split: str) -> None:
-        if split not in SPLITS:
-            raise SasrError(f"unknown split '{split}'; valid: {', '.join(SPLITS)}")
+    @property
+    def held_out_splits(self) -> tuple[str, ...]:
+        """The splits evaluation reports: "test" (the training distribution) and "ood" where the task has one."""
+        return tuple(s for s in self.splits if s != "train")
+
+    def check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise SasrError(
+                f"task '{self.name}' has no split '{split}'; its splits: {', '.join(self.splits)}"
+            )

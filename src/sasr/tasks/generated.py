@@ -162,7 +162,10 @@ class KnightsKnaves(Task):
         "answer_reward": 2.0,  # +2 every person right
         "wrong_answer_penalty": -1.5,  # parsed, but someone wrong
         "unparsable_penalty": -2.0,  # no answer that names everyone
+        "ood_n_people": 0,  # people per puzzle of the ood split; 0: n_people + 1
     }
+    splits = ("train", "test", "ood")
+    ood_shift = "puzzles with more people than any training puzzle"
     system_prompt = (
         "Reason inside <think> </think>, then give the answer inside <answer> </answer> as "
         "'NAME is a ROLE' for every person, separated by commas."
@@ -174,16 +177,25 @@ class KnightsKnaves(Task):
             raise SasrError(
                 f"task 'knights-knaves' option n_people must be 2..8, got {self.opts['n_people']}"
             )
+        ood = self.ood_people
+        if not int(self.opts["n_people"]) < ood <= 8:
+            raise SasrError(
+                f"task 'knights-knaves' option ood_n_people must be above n_people and at most 8, got {ood}"
+            )
+
+    @property
+    def ood_people(self) -> int:
+        return int(self.opts["ood_n_people"]) or int(self.opts["n_people"]) + 1
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         self.check_split(split)
         o = self.opts
-        items = _draw(
+        items = _draw(  # ood: more people than any training puzzle, drawn from the test half of the hash
             "knights_knaves",
-            split,
+            "test" if split == "ood" else split,
             n,
             seed,
-            n_people=int(o["n_people"]),
+            n_people=self.ood_people if split == "ood" else int(o["n_people"]),
             depth_constraint=int(o["depth_constraint"]),
             width_constraint=int(o["width_constraint"]),
         )
