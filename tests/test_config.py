@@ -118,3 +118,14 @@ def test_readme_option_table_matches_the_schema_both_ways():
     assert documented - schema == set(), "README keys the schema does not have"
     assert options_table() in readme, "a description or default in the README differs from the schema"
     assert all(text for _, _, text in option_rows()), "every option needs a one-line description"
+
+
+def test_the_comparison_recipes_evaluate_256_questions_per_split():
+    from pathlib import Path
+
+    from sasr.config import build_config
+
+    recipes = sorted((Path(__file__).parents[1] / "configs").glob("compare_*.yaml"))
+    assert len(recipes) >= 3
+    for recipe in recipes:
+        assert build_config(recipe).task.test_size >= 256, recipe.name

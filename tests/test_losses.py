@@ -61,11 +61,13 @@ def trl_trainer(tmp_path_factory):
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
 @pytest.mark.parametrize("beta, bias_correction", [(0.04, False), (0.04, True), (0.0, False)])
-def test_grpo_loss_matches_trl(trl_trainer, loss_type, beta, bias_correction):
+def test_grpo_loss_matches_trl(trl_trainer, loss_type, beta, bias_correction, level):
     logps, old, ref, adv, mask = _inputs()
     trainer = trl_trainer
+    trainer.importance_sampling_level = level  # "sequence": GSPO
     trainer.loss_type = trainer.args.loss_type = loss_type
     trainer.beta = beta
     trainer.args.use_bias_correction_kl = bias_correction
@@ -96,6 +98,7 @@ def test_grpo_loss_matches_trl(trl_trainer, loss_type, beta, bias_correction):
         loss_type=loss_type,
         max_completion_length=T,
         use_bias_correction_kl=bias_correction,
+        importance_sampling_level=level,
     )
     ours.loss.backward()
     torch.testing.assert_close(ours.loss, expected.detach(), rtol=1e-6, atol=1e-7)

@@ -201,13 +201,13 @@ def test_user_fields_and_judges(tmp_path):
 
 
 REWARDS = """
-def good(prompts, completions, answer, **kw):
-    return [1.0 if c.strip().endswith(a) else 0.0 for c, a in zip(completions, answer)]
+def good(prompts, completions, answer, **kw):  # TRL's contract: completions as message lists
+    return [1.0 if c[0]["content"].strip().endswith(a) else 0.0 for c, a in zip(completions, answer)]
 
 def raises(prompts, completions, answer, **kw):
     out = []
     for c in completions:
-        if "Answer: 1" in c:
+        if "Answer: 1" in c[0]["content"]:
             raise ValueError("cannot read this one")
         out.append(0.0)
     return out
@@ -229,30 +229,33 @@ def reward_file(tmp_path):
 
 def test_reward_functions(tmp_path, reward_file):
     from sasr.eval.evaluate import score_all
+    from sasr.rewards import RewardCall, Rewards
 
     f = write_user_jsonl(tmp_path / "d.jsonl", 60)
-    task = get_task(f"jsonl:{f}", reward=f"{reward_file}:good")
+    task = get_task(f"jsonl:{f}")
     exs = task.examples("train", 4)
-    scores = score_all(task, [task.target(e) for e in exs], exs)
-    assert all(s.correct and s.reward == 1.0 for s in scores)
-
-    bad = get_task(f"jsonl:{f}", reward=f"{reward_file}:raises")
     texts = ["Answer: 7", "Answer: 8", "Answer: 1", "Answer: 9"]
+
+    def score(spec: str, texts: list[str] = texts):
+        call = RewardCall([task.messages(e) for e in exs], texts, [[1]] * 4)
+        return Rewards(task, [spec]).score(score_all(task, texts, exs), call, exs)
+
+    assert score(f"{reward_file}:good", [task.target(e) for e in exs])[0] == [1.0] * 4
     with pytest.raises(
         SasrError,
         match=re.escape(
             f"reward function {reward_file}:raises raised ValueError: cannot read this one on example 2"
         ),
     ):
-        score_all(bad, texts, exs)
+        score(f"{reward_file}:raises")
     with pytest.raises(SasrError, match="returned 1 values for 4 completions"):
-        score_all(get_task(f"jsonl:{f}", reward=f"{reward_file}:short"), texts, exs)
-    with pytest.raises(SasrError, match="returned 'yes', not a finite number, for completion 0"):
-        score_all(get_task(f"jsonl:{f}", reward=f"{reward_file}:text"), texts, exs)
+        score(f"{reward_file}:short")
+    with pytest.raises(SasrError, match="returned 'yes', not a finite number or None, for completion 0"):
+        score(f"{reward_file}:text")
     with pytest.raises(SasrError, match="has no function 'nothing'"):
-        get_task(f"jsonl:{f}", reward=f"{reward_file}:nothing")
+        score(f"{reward_file}:nothing")
     with pytest.raises(SasrError, match="cannot import reward module 'no_such_mod'"):
-        get_task(f"jsonl:{f}", reward="no_such_mod:f")
+        score("no_such_mod:f")
 
 
 # --- training on these tasks ------------------------------------------------------------------------

@@ -126,21 +126,40 @@ def test_final_model_equals_trained_weights(run_tiny):
 def test_tensorboard_events_hold_every_step(run_tiny):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    result, rows = run_tiny(method="sasr", steps=4, warmup_steps=2, report_to=["tensorboard"])
+    result, rows = run_tiny(
+        method="sasr",
+        steps=4,
+        warmup_steps=2,
+        report_to=["tensorboard"],
+        log_completions=True,
+        sasr={"gamma": 100},
+    )
     acc = EventAccumulator(str(result.output_dir / "tensorboard" / "sasr"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert {"train/loss", "train/grad_norm", "train/is_sft", "train/p_t"} <= set(tags)
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
     assert [e.value for e in acc.Scalars("train/grad_norm")] == pytest.approx([r["grad_norm"] for r in rows])
+    # The samples of the steps with rollouts, as a text table
+    texts = acc.Tensors("completions/text_summary")
+    assert [e.step for e in texts] == [r["step"] for r in rows if r["phase"] == "grpo"] and texts
+    table = texts[0].tensor_proto.string_val[0].decode()
+    assert table.startswith("| step | kind | prompt | completion | reward |") and "rollout" in table
 
 
 def test_trackio_and_wandb_offline_receive_every_step(run_tiny):
     """The run's scalars read back from trackio's local store; wandb writes an offline run."""
     from trackio.sqlite_storage import SQLiteStorage
 
-    result, rows = run_tiny("tracked", method="luffy", steps=3, report_to=["trackio", "wandb"])
+    result, rows = run_tiny(
+        "tracked", method="luffy", steps=3, report_to=["trackio", "wandb"], log_completions=True
+    )
     logs = SQLiteStorage.get_logs("sasr", result.output_dir.name)
+    tables = [log for log in logs if "completions" in log]  # the samples, as a trackio table per step
+    assert len(tables) == 3 and tables[0]["completions"]["_type"] == "trackio.table"
+    samples = [json.loads(x) for x in (result.output_dir / "completions.jsonl").read_text().splitlines()]
+    assert len(tables[0]["completions"]["_value"]) == sum(s["step"] == 1 for s in samples)
+    logs = [log for log in logs if "train/loss" in log]
     assert [log["step"] for log in logs] == [1, 2, 3]
     assert [log["train/loss"] for log in logs] == pytest.approx([r["loss"] for r in rows])
     assert [log["train/offpolicy_shaped_weight"] for log in logs] == pytest.approx(
@@ -283,3 +302,43 @@ def test_a_conversational_dataset_trains_sft_and_grpo_steps(tmp_path, run_tiny):
     exs = chat.examples("train", 2)
     assert render_prompts(tok, chat, exs, {"enable_thinking": True})[0].startswith("<think>")
     assert not render_prompts(tok, chat, exs)[0].startswith("<think>")
+
+
+def test_report_page_shows_the_curves_and_what_the_model_wrote(run_tiny, capsys):
+    """`sasr report` writes index.html: the summary, the figure, and samples of every step with rollouts, the
+    best and worst rewarded, their text escaped."""
+    from html import escape
+    from html.parser import HTMLParser
+
+    from sasr.cli import main
+
+    result, rows = run_tiny("page", method="grpo", steps=2, log_completions=True)
+    assert main(["report", str(result.output_dir)]) == 0
+    page = result.output_dir / "report" / "index.html"
+    assert "index.html (open it in a browser)" in capsys.readouterr().out
+
+    class Outline(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.samples, self.images, self.headings, self._in = 0, [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "div" and "sample" in attrs.get("class", ""):
+                self.samples += 1
+            if tag == "img":
+                self.images.append(attrs["src"])
+            self._in = tag
+
+        def handle_data(self, data):
+            if self._in in ("h1", "h2", "h3") and data.strip():
+                self.headings.append(data.strip())
+
+    outline = Outline()
+    outline.feed(page.read_text())
+    assert outline.images == ["training.png"] and (page.parent / "training.png").is_file()
+    assert {"Step 1", "Step 2", "What the model wrote", "Training curves"} <= set(outline.headings)
+    assert outline.samples == 2 * 4  # 4 of each step's 2 x 4 rollouts
+    samples = [json.loads(x) for x in (result.output_dir / "completions.jsonl").read_text().splitlines()]
+    best = max((s for s in samples if s["step"] == 1), key=lambda s: s["reward"])
+    assert escape(best["completion"]) in page.read_text()

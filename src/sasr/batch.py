@@ -55,6 +55,7 @@ class Rows(Sequences):
     correct: torch.Tensor  # [B] bool
     formatted: torch.Tensor  # [B] bool
     sampler_logprobs: torch.Tensor | None = None  # [B, T] the sampler's log-probs (ROLLOUT rows; 0 elsewhere)
+    truncated: torch.Tensor | None = None  # [B] bool: a rollout cut at max_completion_length (None: none)
     texts: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -63,6 +64,17 @@ class Rows(Sequences):
     def of_kind(self, *kinds: int) -> torch.Tensor:
         """[B] bool: the rows of these kinds."""
         return torch.isin(self.kind, torch.tensor(kinds, device=self.kind.device))
+
+    def cut(self) -> torch.Tensor:
+        """[B] bool: the rows cut at the length limit."""
+        return self.truncated if self.truncated is not None else torch.zeros_like(self.correct)
+
+    def groups(self, order: list[int]) -> Rows:
+        """The rows of the groups ``order`` (RL prompt indices), renumbered 0, 1, ... in that order."""
+        picked = [(self.group == g).nonzero().squeeze(1) for g in order]
+        out = self.select(torch.cat(picked))
+        out.group = torch.cat([torch.full_like(ix, i) for i, ix in enumerate(picked)])
+        return out
 
     def select(self, rows: torch.Tensor) -> Rows:
         """The rows at indices ``rows`` [b] (long), in that order."""
@@ -116,6 +128,9 @@ def cat_rows(pieces: list[Rows], pad_token_id: int) -> Rows:
         correct=torch.cat([p.correct for p in pieces]),
         formatted=torch.cat([p.formatted for p in pieces]),
         sampler_logprobs=sampler,
+        truncated=torch.cat([p.cut() for p in pieces])
+        if any(p.truncated is not None for p in pieces)
+        else None,
         texts=[t for p in pieces for t in p.texts],
     )
 

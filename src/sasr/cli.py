@@ -32,7 +32,12 @@ def _train_parser(sub) -> None:
     p.add_argument("--config", help="YAML file of options (see configs/)")
     p.add_argument("--method", help=f"one of {', '.join(METHODS)} (default sasr)")
     p.add_argument("--task", help="task name (see `sasr tasks`; default arithmetic)")
-    p.add_argument("--reward", help="jsonl tasks: reward function module:function (TRL signature)")
+    p.add_argument(
+        "--reward",
+        action="append",
+        metavar="MODULE:FUNCTION",
+        help="a reward function with TRL's contract (repeat for several; 'task': the task's judge)",
+    )
     p.add_argument("--model", help="hub id, local folder, or alias (see `sasr models`; default smollm2-135m)")
     p.add_argument("--steps", type=int, help="total optimizer steps, warm-up included")
     p.add_argument("--warmup-steps", type=int, help="W: SFT steps before the adaptive phase")
@@ -55,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {
         "method": args.method,
         "task.name": args.task,
-        "task.reward": args.reward,
+        "reward_funcs": args.reward,
         "model.name": args.model,
         "steps": args.steps,
         "warmup_steps": args.warmup_steps,
@@ -248,7 +253,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _report_parser(sub) -> None:
-    p = sub.add_parser("report", help="draw the plots of a run directory (DIR/report/)")
+    p = sub.add_parser("report", help="a run's page: curves and samples (DIR/report/index.html)")
     p.add_argument("run_dir")
 
 
@@ -261,7 +266,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not (run / "metrics.jsonl").is_file():
         raise SasrError(f"'{run}' is not a run directory (no metrics.jsonl)")
     path = write_run_report(run)
-    print(f"report written to {path} (figure {path.parent / 'training.png'})")
+    print(
+        f"report written to {path.parent / 'index.html'} (open it in a browser), {path} and {path.parent / 'training.png'}"
+    )
     return 0
 
 

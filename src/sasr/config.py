@@ -66,15 +66,18 @@ class OptimSection(Section):
 
 
 class SFTSection(Section):
-    batch_size: int = F(8, "demonstrations per optimizer step per process", ge=1)
+    batch_size: int = F(8, "demonstrations per micro-batch per process", ge=1)
     max_length: int = F(512, "prompt + target tokens; longer ones lose the left of the prompt", ge=8)
 
 
 class GRPOSection(Section):
-    batch_size: int = F(2, "RL prompts per optimizer step per process", ge=1)
+    batch_size: int = F(2, "RL prompts per micro-batch per process", ge=1)
     num_generations: int = F(8, "G: rows per prompt's group", ge=2)
     max_prompt_length: int = F(512, "prompt tokens kept (the last ones)", ge=8)
     max_completion_length: int = F(128, "tokens sampled per completion", ge=1)
+    generation_batch_size: int | None = F(
+        None, "completions per generate call (whole groups); null: all of the step's at once", ge=1
+    )
     temperature: float = F(1.0, "sampling temperature of the rollouts", gt=0)
     top_p: float = F(1.0, "nucleus sampling of the rollouts", gt=0, le=1)
     beta: float = F(0.04, "weight of the k3 KL to the reference policy", ge=0)
@@ -89,6 +92,21 @@ class GRPOSection(Section):
     )
     reference: Literal["initial", "warmup"] = F("initial", "pi_ref: the loaded model, or the end of warm-up")
     use_bias_correction_kl: bool = F(False, "TRL's option: the KL term weighted by the importance ratio")
+    importance_sampling_level: Literal["token", "sequence"] = F(
+        "token", "importance ratio per token, or per sequence (GSPO), as TRL names it"
+    )
+    num_iterations: int = F(1, "updates per batch of rollouts (pi_old: the policy that sampled them)", ge=1)
+    mask_truncated_completions: bool = F(False, "completions cut at max_completion_length get no loss (TRL)")
+    overlong_buffer_len: int = F(
+        0, "DAPO's soft overlong penalty over the last N tokens before the limit (verl's name); 0: off", ge=0
+    )
+    overlong_penalty_factor: float = F(1.0, "the penalty at the limit (verl's name)", ge=0)
+    dynamic_sampling: bool = F(
+        False, "replace groups whose rewards are all equal with further prompts (DAPO; verl's filter_groups)"
+    )
+    max_num_gen_batches: int = F(
+        4, "dynamic sampling: batches of prompts sampled per step at most, then equal groups fill in", ge=1
+    )
     generation_kwargs: dict[str, Any] = F({}, "extra sampling arguments (engine: min_new_tokens, top_k)")
     generation_backend: Literal["sasr", "hf"] = F("sasr", "'sasr': the rollout engine; 'hf': model.generate")
     cuda_graphs: bool = F(True, "sasr backend on a GPU: capture each decode step once, replay it")
@@ -105,6 +123,15 @@ class GRPOSection(Section):
         problem = unsupported_kwargs(self.generation_kwargs)
         if problem:
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _overlong_fits(self) -> GRPOSection:
+        if self.overlong_buffer_len >= self.max_completion_length:
+            raise ValueError(
+                f"grpo.overlong_buffer_len ({self.overlong_buffer_len}) must be below grpo.max_completion_length "
+                f"({self.max_completion_length}): the penalty starts that many tokens before the limit"
+            )
         return self
 
 
@@ -151,6 +178,14 @@ class TrainConfig(Section):
         False, "keep every sampled group's rows in DIR/completions.jsonl (as TRL's option)"
     )
     num_completions_to_print: int = F(0, "print this many samples of each step with rollouts", ge=0)
+    reward_funcs: list[str | dict[str, Any]] = F(
+        [], "reward functions with TRL's contract (module:function; 'task': the judge); []: the judge alone"
+    )
+    reward_weights: list[float] | None = F(None, "a weight per reward function (TRL's name); null: all 1")
+    gradient_accumulation_steps: int = F(
+        1, "micro-batches per optimizer step: the step's batches are this many times larger", ge=1
+    )
+    bf16: bool = F(False, "bfloat16 autocast over float32 weights (TRL's default); model.dtype: pure bf16")
     model: ModelSection = F(ModelSection(), "the model")
     lora: LoraSection = F(LoraSection(), "the adapter")
     task: TaskSection = F(TaskSection(), "the RL task")
@@ -182,6 +217,18 @@ class TrainConfig(Section):
         if METHODS[self.method].Options.model_fields and self.method not in self.model_extra:
             self.model_extra[self.method] = self.method_options()  # the resolved config shows them
         METHODS[self.method](**self.method_kwargs())  # its own checks of budget and options, before any run
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} weights for {len(self.reward_funcs)} reward_funcs; "
+                "give one weight per function (the task's judge counts only when listed as 'task')"
+            )
+        for entry in self.reward_funcs:
+            if isinstance(entry, dict) and (
+                not isinstance(entry.get("function"), str) or set(entry) - {"function", "kwargs"}
+            ):
+                raise ValueError(
+                    f"reward_funcs entry {entry!r} must be 'module:function' or {{function: module:factory, kwargs: {{...}}}}"
+                )
         return self
 
     def method_kwargs(self) -> dict[str, Any]:
@@ -190,8 +237,9 @@ class TrainConfig(Section):
             "steps": self.steps,
             "warmup_steps": self.warmup_steps,
             "seed": self.seed,
-            "demos_per_step": self.sft.batch_size,
-            "prompts_per_step": self.grpo.batch_size,
+            # The method plans the whole step; the trainer computes it in gradient_accumulation_steps pieces.
+            "demos_per_step": self.sft.batch_size * self.gradient_accumulation_steps,
+            "prompts_per_step": self.grpo.batch_size * self.gradient_accumulation_steps,
             "group_size": self.grpo.num_generations,
             **self.method_options(),
         }

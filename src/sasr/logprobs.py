@@ -190,7 +190,7 @@ def _completion_logits(
         use_cache=True,
         logits_to_keep=1,
     )
-    cache = head.past_key_values
+    cache = head.cache
     prompt_kv = [(layer.keys, layer.values) for layer in cache.layers]  # [U, heads, P, d] per layer
     out = []
     for rows, t in groups:
@@ -202,7 +202,7 @@ def _completion_logits(
                 model(
                     input_ids=input_ids[rows, n_prompt : n_prompt + t - 1],
                     attention_mask=attention_mask[rows, : n_prompt + t - 1],
-                    past_key_values=cache,
+                    cache=cache,
                     use_cache=True,
                     logits_to_keep=t - 1,
                 ).logits  # [b, t - 1, V]: completion token i predicts token i + 1

@@ -7,8 +7,9 @@ matmul with ``W + s B A`` (built by a small one), and its backward needs only ``
     dx = g W + s (g B) A,    dA = s (g B)^T x,    dB = s g^T (x A^T)
 
 Same values and gradients to float32 rounding. Used where the decode's merge is (float32, one plain LoRA
-adapter, see ``sasr.rollout.decode_weights``), when the adapter has no dropout, the base layer is frozen, and no layer
-is recomputed by activation checkpointing (the recomputation would run outside this block).
+adapter, see ``sasr.rollout.decode_weights``), when the adapter has no dropout, the base layer is frozen, no layer
+is recomputed by activation checkpointing (the recomputation would run outside this block), and nothing runs
+under autocast (``bf16``: its inputs would be bfloat16).
 """
 
 from __future__ import annotations
@@ -103,11 +104,21 @@ def checkpointed(model) -> bool:
     return model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
+def mixed_precision(model) -> bool:
+    """Whether ``model`` runs under autocast: now, or in its forward (accelerate wraps the forward of a model
+    it prepares with mixed precision, keeping the original as ``_original_forward``)."""
+    return (
+        torch.is_autocast_enabled("cpu")
+        or torch.is_autocast_enabled("cuda")
+        or hasattr(model, "_original_forward")
+    )
+
+
 def fusable_layers(model) -> dict[str, tuple[torch.nn.Module, str]] | None:
     """The layers of ``mergeable_layers`` if each also has no dropout and a frozen base layer, and no layer is
     recomputed in backward; else None."""
     layers = mergeable_layers(model)
-    if layers is None or checkpointed(model):
+    if layers is None or checkpointed(model) or mixed_precision(model):
         return None
     for layer, adapter in layers.values():
         dropout, base = layer.lora_dropout[adapter], layer.get_base_layer()

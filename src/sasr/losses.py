@@ -77,6 +77,8 @@ def group_advantages(
         raise unknown("advantage", centre, ADVANTAGE_CENTRES)
     if scale not in REWARD_SCALES:
         raise unknown("scale_rewards", scale, REWARD_SCALES)
+    if rewards.isnan().any():  # rows no reward function scored: out of the group's statistics, advantage 0
+        return _group_advantages_nan(rewards, num_generations, centre, scale)
     grouped = rewards.view(-1, num_generations)  # [prompts, G]
     std = grouped.std(dim=1, keepdim=True)  # [prompts, 1]
     zero_spread = torch.isclose(std, torch.zeros_like(std)).squeeze(1)
@@ -87,25 +89,60 @@ def group_advantages(
     return adv.reshape(-1), zero_spread
 
 
+def _nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """Unbiased std over the non-NaN values (TRL's nanstd)."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    count = (~x.isnan()).sum(dim=dim, keepdim=keepdim) if dim is not None else (~x.isnan()).sum()
+    var = torch.nansum((x - mean) ** 2, dim=dim, keepdim=keepdim) / (count - 1).clamp(min=1)
+    return var.sqrt()
+
+
+def _group_advantages_nan(rewards: torch.Tensor, num_generations: int, centre: str, scale: str):
+    grouped = rewards.view(-1, num_generations)  # [prompts, G], NaN where unscored
+    std = _nanstd(grouped, dim=1, keepdim=True)  # [prompts, 1]
+    zero_spread = torch.isclose(std, torch.zeros_like(std)).squeeze(1)
+    middle = torch.nanmedian(grouped, dim=1, keepdim=True).values if centre == "median" else None
+    adv = grouped - (middle if middle is not None else torch.nanmean(grouped, dim=1, keepdim=True))
+    divisor = {"group": std, "batch": _nanstd(rewards), "none": None}[scale]
+    if divisor is not None:
+        adv = adv / (divisor + ADVANTAGE_EPS)
+    return adv.reshape(-1).nan_to_num(0.0), zero_spread
+
+
 # --- GRPO loss --------------------------------------------------------------------------------------------
 
 
-def _agg_grpo(loss: torch.Tensor, mask: torch.Tensor, max_completion_length: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class Norm:
+    """What a part's loss is divided by when its rows are computed in pieces: counted over the whole optimizer
+    step (every micro-batch). ``tokens`` is the part's completion tokens summed over every process and divided
+    by the number of processes, so that DDP's mean of the processes' gradients divides by the global count (as
+    TRL's ``dapo`` does). None: the rows at hand are the whole step on one process."""
+
+    rows: int
+    tokens: float
+
+
+def _agg_grpo(loss: torch.Tensor, mask: torch.Tensor, max_completion_length: int, norm: Norm | None = None):
     """Mean over each sequence's tokens, then over sequences."""
-    return ((loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+    per_seq = (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [B]
+    return per_seq.mean() if norm is None else per_seq.sum() / max(norm.rows, 1)
 
 
-def _agg_dr_grpo(loss: torch.Tensor, mask: torch.Tensor, max_completion_length: int) -> torch.Tensor:
+def _agg_dr_grpo(
+    loss: torch.Tensor, mask: torch.Tensor, max_completion_length: int, norm: Norm | None = None
+):
     """Sum over tokens / (sequences x max completion length): no length bias."""
-    return (loss * mask).sum() / (loss.size(0) * max_completion_length)
+    rows = loss.size(0) if norm is None else max(norm.rows, 1)
+    return (loss * mask).sum() / (rows * max_completion_length)
 
 
-def _agg_dapo(loss: torch.Tensor, mask: torch.Tensor, max_completion_length: int) -> torch.Tensor:
-    """Mean over all tokens of the batch."""
-    return masked_mean(loss, mask)
+def _agg_dapo(loss: torch.Tensor, mask: torch.Tensor, max_completion_length: int, norm: Norm | None = None):
+    """Mean over all tokens of the batch (every process's: see Norm)."""
+    return masked_mean(loss, mask) if norm is None else (loss * mask).sum() / max(norm.tokens, 1.0)
 
 
-LOSS_AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
+LOSS_AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "grpo": _agg_grpo,
     "dr_grpo": _agg_dr_grpo,
     "dapo": _agg_dapo,
@@ -129,12 +166,21 @@ def _clipped_tokens(
     epsilon_low: float,
     epsilon_high: float,
     use_bias_correction_kl: bool,
+    importance_sampling_level: str = "token",
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token clipped surrogate plus beta x k3 KL: (loss [B, T], kl [B, T], clipped [B, T] bool).
 
-    logps, old_logps, ref_logps [B, T]; adv [B, 1].
+    logps, old_logps, ref_logps, mask [B, T]; adv [B, 1]. ``importance_sampling_level='sequence'`` (GSPO): every
+    token of a sequence takes the sequence's ratio exp(mean over its tokens of log pi - log pi_old), as TRL
+    computes it (the mean needs ``mask``).
     """
-    ratio = torch.exp(logps - old_logps)  # [B, T]
+    log_ratio = logps - old_logps  # [B, T]
+    if importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1)  # [B, 1]
+    elif importance_sampling_level != "token":
+        raise unknown("importance_sampling_level", importance_sampling_level, ("token", "sequence"))
+    ratio = torch.exp(log_ratio)  # [B, T] or [B, 1]
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     per_token = -torch.min(ratio * adv, clipped * adv)  # [B, T]
     kl = torch.zeros_like(logps)
@@ -145,7 +191,7 @@ def _clipped_tokens(
             per_token = per_token + beta * (kl * ratio if use_bias_correction_kl else kl)
     with torch.no_grad():
         is_clipped = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
-    return per_token, kl, is_clipped
+    return per_token, kl, is_clipped.expand_as(logps)
 
 
 def grpo_loss(
@@ -161,6 +207,7 @@ def grpo_loss(
     loss_type: str = "grpo",
     max_completion_length: int = 128,
     use_bias_correction_kl: bool = False,
+    importance_sampling_level: str = "token",
 ) -> GRPOLossOutput:
     """The clipped surrogate plus beta x k3 KL (docs/methods.md, GRPO).
 
@@ -180,6 +227,8 @@ def grpo_loss(
         epsilon_low=epsilon_low,
         epsilon_high=epsilon_high,
         use_bias_correction_kl=use_bias_correction_kl,
+        importance_sampling_level=importance_sampling_level,
+        mask=mask,
     )
     loss = LOSS_AGGREGATIONS[loss_type](per_token, mask, max_completion_length)
     with torch.no_grad():
@@ -202,6 +251,8 @@ class PartInputs:
     advantages: torch.Tensor  # [b]
     offpolicy: torch.Tensor  # [b] bool: demonstrations inside a group
     correct: torch.Tensor  # [b] bool
+    old_logps: torch.Tensor | None = None  # [b, T] pi_old, the policy that sampled; None: logps.detach()
+    norm: Norm | None = None  # the step's counts when these rows are one piece of it
 
 
 @dataclass
@@ -223,7 +274,7 @@ def nll_part(x: PartInputs, *, phi: bool = False, entropy_coef: float | None = N
     ``phi``: each token weighted by the stop-gradient p (1 - p) (CHORD-phi). ``entropy_coef``: each row weighted
     by the stop-gradient entropy_coef * exp(-H_row), H_row its mean token entropy (SRFT).
     """
-    if not phi and entropy_coef is None:
+    if not phi and entropy_coef is None and x.norm is None:
         return PartLoss(sft_loss(x.logps, x.mask), {})
     weight = torch.ones_like(x.logps)
     stats = {}
@@ -235,6 +286,8 @@ def nll_part(x: PartInputs, *, phi: bool = False, entropy_coef: float | None = N
         w_row = entropy_coef * torch.exp(-row_entropy(x))  # [b]
         weight = weight * w_row[:, None]
         stats["srft_sft_weight"] = w_row.mean().item() if w_row.numel() else 0.0
+    if x.norm is not None:  # a token mean over the whole step, every process's tokens (see Norm)
+        return PartLoss(-(x.logps * weight * x.mask).sum() / max(x.norm.tokens, 1.0), stats)
     return PartLoss(-masked_mean(x.logps * weight, x.mask), stats)
 
 
@@ -247,6 +300,7 @@ def pg_part(
     loss_type: str,
     max_completion_length: int,
     use_bias_correction_kl: bool,
+    importance_sampling_level: str = "token",
     shaping_gamma: float | None = None,
     rollout_coef: float | None = None,
 ) -> PartLoss:
@@ -267,13 +321,15 @@ def pg_part(
     if rollout_coef is None:
         per_token, _, is_clipped = _clipped_tokens(
             x.logps,
-            x.logps.detach(),
+            x.logps.detach() if x.old_logps is None else x.old_logps,
             x.ref_logps,
             adv,
             beta=beta,
             epsilon_low=epsilon,
             epsilon_high=epsilon_high if epsilon_high is not None else epsilon,
             use_bias_correction_kl=use_bias_correction_kl,
+            importance_sampling_level=importance_sampling_level,
+            mask=x.mask,
         )
         stats["clip_fraction"] = masked_mean(is_clipped.float(), on_mask).item()
     else:
@@ -297,7 +353,7 @@ def pg_part(
     if x.logps.size(0) == 0:  # no rows on this rank (HPT routed every prompt to SFT): a zero with a graph
         loss = x.logps.sum()
     else:
-        loss = LOSS_AGGREGATIONS[loss_type](per_token, x.mask, max_completion_length)
+        loss = LOSS_AGGREGATIONS[loss_type](per_token, x.mask, max_completion_length, x.norm)
     return PartLoss(loss, stats)
 
 

@@ -6,7 +6,9 @@
 - ``wandb``: offline unless ``WANDB_MODE`` says otherwise, files under ``DIR/wandb``;
 - ``mlflow``: a file store under ``DIR/mlruns`` (needs ``pip install mlflow``).
 
-Every scalar of a ``metrics.jsonl`` line is logged as ``train/<key>`` at its step, with ``train/is_sft``.
+Every scalar of a ``metrics.jsonl`` line is logged as ``train/<key>`` at its step, with ``train/is_sft``; with
+``log_completions`` a step's samples go to each tracker as a table where it has one (``completions``: a W&B
+and a trackio table, a TensorBoard text).
 """
 
 from __future__ import annotations
@@ -57,6 +59,36 @@ def log(accelerator, record: dict[str, Any]) -> None:
     }
     values["train/is_sft"] = float(record["phase"] == "sft")
     accelerator.log(values, step=record["step"])
+
+
+SAMPLE_COLUMNS = ("step", "kind", "prompt", "completion", "reward", "advantage", "correct", "truncated")
+
+
+def log_samples(accelerator, step: int, samples: list[dict[str, Any]]) -> None:
+    """A step's samples (completions.jsonl lines) as a ``completions`` table: W&B's and trackio's tables, and a
+    markdown table as TensorBoard text."""
+    if not accelerator.trackers or not samples:
+        return
+    columns = [c for c in SAMPLE_COLUMNS if c in samples[0]]
+    rows = [[s[c] for c in columns] for s in samples]
+    for tracker in accelerator.trackers:
+        if tracker.name == "wandb":
+            tracker.log_table("completions", columns=columns, data=rows, step=step)
+        elif tracker.name == "trackio":
+            import trackio
+
+            tracker.log({"completions": trackio.Table(columns=columns, data=rows)}, step=step)
+        elif tracker.name == "tensorboard":
+            text = "\n".join(
+                ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+            )
+            tracker.writer.add_text("completions", text, global_step=step)
+
+
+def _cell(value: Any) -> str:
+    """A markdown table cell: pipes escaped, line breaks as <br>."""
+    return str(value).replace("|", "\\|").replace("\n", "<br>")
 
 
 def finish(accelerator) -> None:

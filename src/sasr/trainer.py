@@ -9,6 +9,7 @@ the loop computes every part from one reference pass and one policy pass and sum
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -30,7 +31,7 @@ from accelerate.utils import (
     set_seed,
 )
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import TrainerState, get_scheduler
 
 from sasr import checkpoint, models, trackers
 from sasr.batch import DEMO, KIND_NAMES, OFFPOLICY, ROLLOUT, Plan, Rows, cat_rows
@@ -39,15 +40,19 @@ from sasr.data import demonstration_rows, encode_targets, pick, render_prompts, 
 from sasr.errors import SasrError
 from sasr.eval.evaluate import GREEDY, evaluate, score_all, settings, summarise
 from sasr.logprobs import completion_logprobs
-from sasr.losses import PART_LOSSES, PartInputs, group_advantages, masked_mean, sft_loss
+from sasr.losses import PART_LOSSES, Norm, PartInputs, group_advantages, masked_mean, sft_loss
 from sasr.methods import METHODS, get_method
 from sasr.model_card import model_card
 from sasr.process import any_rank, on_stop_signals
 from sasr.reference import ReferencePolicy
+from sasr.rewards import RewardCall, Rewards
 from sasr.rollout import generate
 from sasr.tasks import get_task
 
 log = logging.getLogger(__name__)
+
+# Statistics that add up over a step's micro-batches (the rest are averaged over them).
+SUMMED = {"reference_seconds", "policy_forward_seconds"}
 
 # The grpo settings the policy-gradient part takes (a part's options may override them).
 PG_SETTINGS = {
@@ -57,6 +62,7 @@ PG_SETTINGS = {
     "loss_type",
     "max_completion_length",
     "use_bias_correction_kl",
+    "importance_sampling_level",
 }
 
 
@@ -104,7 +110,7 @@ def apply_lora(model, config: TrainConfig):
     return get_peft_model(model, peft_config)
 
 
-def make_accelerator(report_to: list[str] = ()) -> Accelerator:
+def make_accelerator(report_to: list[str] = (), bf16: bool = False) -> Accelerator:
     """accelerate on the GPU if there is one, else the CPU (several CPU processes talk over gloo).
 
     DDP does not broadcast buffers: a causal LM's buffers are constants (rotary frequencies), and a broadcast
@@ -115,7 +121,7 @@ def make_accelerator(report_to: list[str] = ()) -> Accelerator:
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
     return Accelerator(
         cpu=not torch.cuda.is_available(),
-        mixed_precision="no",
+        mixed_precision="bf16" if bf16 else "no",  # autocast over the float32 weights
         kwargs_handlers=[ddp],
         log_with=trackers.names(list(report_to)) or None,
         # The run directory is known only later (its name is broadcast with this accelerator): trackers.start
@@ -130,7 +136,7 @@ class Trainer:
     ) -> None:
         self.config = c = config
         try:
-            self.accelerator = acc = make_accelerator(c.report_to)
+            self.accelerator = acc = make_accelerator(c.report_to, c.bf16)
         except ValueError as exc:  # another library (e.g. a TRL trainer) set up accelerate differently
             raise SasrError(
                 "this Python process already holds an accelerate state with other settings "
@@ -148,6 +154,7 @@ class Trainer:
         if not self.train_examples:
             raise SasrError(f"task '{c.task.name}' produced no training examples")
         self.method = get_method(c.method, **c.method_kwargs())
+        self.rewards = Rewards(self.task, c.reward_funcs, c.reward_weights)
         self.demo_task, self.demo_examples = self._demonstrations()
         self.tokenizer = models.load_tokenizer(c.model.name)
         model = models.load_model(c.model.name, c.model.dtype)
@@ -265,11 +272,12 @@ class Trainer:
                 plan = self.method.plan(step)  # 1. plan: which rows the step needs
                 rows, stats = self.rows(step, plan)  # 2. build them: demonstrations, scored rollouts
                 parts, route = self.method.parts(plan, rows)  # the weighted parts the method makes of them
-                loss, part_stats = self.loss(plan, rows, parts)  # 3. one reference and one policy pass
-                stats.update(route, **part_stats)
                 if plan.prompts and (c.log_completions or c.num_completions_to_print):
-                    self.log_completions(step, rows, parts)
-                grad_norm, finite = self.optimizer_step(loss, step)  # 4. step
+                    self.log_completions(step, rows, parts, stats.pop("_extra", {}))
+                stats.pop("_extra", None)
+                # 3. backward: one reference and one policy pass per micro-batch; 4. step (num_iterations times)
+                loss, grad_norm, finite, part_stats = self.update(plan, rows, parts, step)
+                stats.update(route, **part_stats)
                 probe = self.probe_sft_norm(step) if plan.probe else None
                 self.method.observe(plan, grad_norm if finite else None, probe)
                 if step == self.method.reference_step and c.grpo.reference == "warmup":
@@ -324,21 +332,19 @@ class Trainer:
         acc.wait_for_everyone()
         return result
 
-    def optimizer_step(self, loss: torch.Tensor, step: int) -> tuple[float, bool]:
-        """Backward, clip, update. Returns the pre-clip global gradient norm (read after the DDP all-reduce:
-        the number SASR's p_t is computed from) and whether loss and norm were finite; if not, the update
-        is skipped."""
+    def optimizer_step(self, loss: float, step: int) -> tuple[float, bool]:
+        """Clip and update from the gradients ``backward`` accumulated. Returns the pre-clip global gradient norm
+        (read after the DDP all-reduce: the number SASR's p_t is computed from) and whether loss and norm were
+        finite; if not, the update is skipped."""
         c, acc = self.config, self.accelerator
-        acc.backward(loss)
         max_norm = c.optim.max_grad_norm if c.optim.max_grad_norm is not None else math.inf
         grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
         # Every rank skips or takes the update together (a rank's own loss may be non-finite alone).
-        finite = not any_rank(acc, not (math.isfinite(grad_norm) and math.isfinite(loss.item())))
+        finite = not any_rank(acc, not (math.isfinite(grad_norm) and math.isfinite(loss)))
         if finite:
             self.optimizer.step()
         else:
             log.warning("step %d: non-finite loss or gradient norm; update skipped", step)
-        self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm, finite
 
@@ -402,8 +408,7 @@ class Trainer:
             examples = self._examples(step, plan.demos, "sft", self.demo_examples)
             pieces.append(self._demo_rows(examples, self.demo_task, c.sft.max_length))
         if plan.prompts:
-            examples = self._examples(step, plan.prompts, "grpo")
-            group_rows, stats = self.group_rows(examples, plan)
+            examples, group_rows, stats = self.group_rows(step, plan)
             pieces.append(group_rows)
             if plan.prompt_demos:
                 pieces.append(
@@ -413,39 +418,83 @@ class Trainer:
         stats["tokens"] = rows.completion_mask.sum().item()
         return rows, stats
 
-    def group_rows(self, examples, plan: Plan) -> tuple[Rows, dict[str, float]]:
+    def group_rows(self, step: int, plan: Plan) -> tuple[list, Rows, dict[str, Any]]:
+        """The step's RL prompts and their groups. With ``grpo.dynamic_sampling``, groups whose rewards are all
+        equal (no advantage: nothing to learn) are dropped and further prompts sampled in their place, up to
+        ``grpo.max_num_gen_batches`` batches of prompts; if those run out, equal groups fill the batch."""
+        g, n = self.config.grpo, plan.prompts
+        examples = self._examples(step, n, "grpo")
+        rows, spread, stats = self.sample_groups(examples, plan, step)
+        if g.dynamic_sampling:
+            batches = [(examples, rows, spread)]
+            while sum(int(sp.sum()) for _, _, sp in batches) < n and len(batches) < g.max_num_gen_batches:
+                more = self._examples(step, n, f"grpo-more{len(batches)}")  # new prompts, reproducibly drawn
+                more_rows, more_spread, more_stats = self.sample_groups(more, plan, step)
+                stats["rollout_seconds"] += more_stats["rollout_seconds"]
+                batches.append((more, more_rows, more_spread))
+            # every group with spread, in the order sampled; then equal groups only to fill the batch
+            ranked = [(not sp[i], b, i) for b, (_, _, sp) in enumerate(batches) for i in range(len(sp))]
+            chosen = sorted(sorted(ranked)[:n], key=lambda x: (x[1], x[2]))
+            pieces, examples, offset = [], [], 0
+            for b, (exs, r, _) in enumerate(batches):
+                keep = [i for _, bb, i in chosen if bb == b]
+                if keep:
+                    piece = r.groups(keep)
+                    piece.group = piece.group + offset
+                    pieces.append(piece)
+                    examples += [exs[i] for i in keep]
+                    offset += len(keep)
+            rows = cat_rows(pieces, self.tokenizer.pad_token_id)
+            spread = torch.tensor([not z for z, _, _ in sorted(chosen, key=lambda x: (x[1], x[2]))])
+            stats["dynamic_sampling_batches"] = len(batches)
+            stats["_extra"] = {}  # reward functions' extra columns: per sampled batch, not per chosen group
+        stats.update(self._rollout_stats(rows, spread))
+        return examples, rows, stats
+
+    def sample_groups(self, examples, plan: Plan, step: int) -> tuple[Rows, torch.Tensor, dict[str, Any]]:
         """Each prompt's group: ``plan.rollouts`` sampled completions, then ``plan.offpolicy`` copies of its
-        demonstration; all scored by the task's judge, advantages computed over the whole group."""
-        g = self.config.grpo
+        demonstration; all scored, advantages computed over the whole group. Returns the rows, whether each
+        group's rewards differ [prompts] (bool), and the rollout time (and samples' extra columns)."""
+        c, g = self.config, self.config.grpo
         device = self.accelerator.device
-        prompts = render_prompts(self.tokenizer, self.task, examples, self.config.model.chat_template_kwargs)
-        t_rollout = self._now()
-        roll = generate(
-            self.accelerator.unwrap_model(self.model),
-            self.tokenizer,
-            prompts,
-            num_generations=plan.rollouts,
-            max_new_tokens=g.max_completion_length,
-            max_prompt_length=g.max_prompt_length,
-            temperature=g.temperature,
-            top_p=g.top_p,
-            backend=g.generation_backend,
-            cuda_graphs=g.cuda_graphs,
-            compile=g.torch_compile,
-            **g.generation_kwargs,
-        )  # prompts x rollouts rows
-        rollout_seconds = self._now() - t_rollout
+        prompts = render_prompts(self.tokenizer, self.task, examples, c.model.chat_template_kwargs)
         n, r, k = len(examples), plan.rollouts, plan.offpolicy
-        rows = rows_of_kind(
-            roll.prompt_ids,
-            roll.prompt_mask,
-            roll.completion_ids,
-            roll.completion_mask,
-            roll.texts,
-            ROLLOUT,
-            [i for i in range(n) for _ in range(r)],
-        )
-        rows.sampler_logprobs = roll.logprobs
+        per_call = (
+            n if not g.generation_batch_size else max(1, g.generation_batch_size // r)
+        )  # prompts a call
+        t_rollout = self._now()
+        pieces = []
+        for start in range(0, n, per_call):  # the step's rollouts, generated in chunks
+            with self.decoder() as model:
+                roll = generate(
+                    model,
+                    self.tokenizer,
+                    prompts[start : start + per_call],
+                    num_generations=r,
+                    max_new_tokens=g.max_completion_length,
+                    max_prompt_length=g.max_prompt_length,
+                    temperature=g.temperature,
+                    top_p=g.top_p,
+                    backend=g.generation_backend,
+                    cuda_graphs=g.cuda_graphs,
+                    compile=g.torch_compile,
+                    **g.generation_kwargs,
+                )  # chunk x rollouts rows
+            piece = rows_of_kind(
+                roll.prompt_ids,
+                roll.prompt_mask,
+                roll.completion_ids,
+                roll.completion_mask,
+                roll.texts,
+                ROLLOUT,
+                [start + i for i in range(len(prompts[start : start + per_call])) for _ in range(r)],
+            )
+            piece.sampler_logprobs = roll.logprobs
+            pieces.append(piece)
+        rows = cat_rows(pieces, self.tokenizer.pad_token_id)
+        rollout_seconds = self._now() - t_rollout
+        ended = ((rows.completion_ids == self.tokenizer.eos_token_id) & rows.completion_mask.bool()).any(1)
+        rows.truncated = ~ended & (rows.completion_mask.sum(1) >= g.max_completion_length)  # [B] cut short
         if k:  # the prompt's demonstration k times after its rollouts, with the same prompt tokens: one group
             targets = [self.task.target(ex) for ex in examples]
             ids, mask = encode_targets(self.tokenizer, targets, g.max_completion_length, device)  # [n, t]
@@ -465,77 +514,178 @@ class Trainer:
             rows = merged.select(torch.argsort(merged.group * 2 + (merged.kind == OFFPOLICY), stable=True))
         grouped_examples = [ex for ex in examples for _ in range(r + k)]
         scores = score_all(self.task, rows.texts, grouped_examples)
-        rows.rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32, device=device)  # [B]
+        lengths = rows.completion_mask.sum(1)  # [B]
+        call = RewardCall(
+            prompts=[self.task.messages(ex) for ex in grouped_examples],
+            texts=rows.texts,
+            completion_ids=[
+                ids[:length].tolist() for ids, length in zip(rows.completion_ids, lengths.tolist())
+            ],
+            trainer_state=TrainerState(global_step=step - 1, max_steps=c.steps),
+        )
+        rewards, reward_stats = self.rewards.score(scores, call, grouped_examples)
+        rows.rewards = torch.tensor(
+            rewards, dtype=torch.float32, device=device
+        )  # [B]; NaN: no function scored it
+        if g.overlong_buffer_len:  # DAPO's soft overlong penalty on the sampled rows
+            expected = g.max_completion_length - g.overlong_buffer_len
+            excess = (lengths.float() - expected).clamp(min=0) / g.overlong_buffer_len
+            penalty = -g.overlong_penalty_factor * excess * (rows.kind == ROLLOUT)
+            rows.rewards = rows.rewards + penalty
+            reward_stats["overlong_penalty"] = penalty[rows.kind == ROLLOUT].mean().item()
         rows.correct = torch.tensor([s.correct for s in scores], dtype=torch.bool, device=device)
         rows.formatted = torch.tensor([s.formatted for s in scores], dtype=torch.bool, device=device)
         scale = plan.scale_rewards or g.scale_rewards
         rows.advantages, zero_spread = group_advantages(rows.rewards, r + k, g.advantage, scale)
-        on = rows.kind == ROLLOUT
-        on_scores = [s for s, is_on in zip(scores, on.tolist()) if is_on]
-        rewards = rows.rewards[on]
-        mask = rows.completion_mask[on]
-        stats = {
-            "reward_mean": rewards.mean().item(),
-            "reward_std": rewards.std().item(),
-            "accuracy": sum(s.correct for s in on_scores) / len(on_scores),
-            "format_rate": sum(s.formatted for s in on_scores) / len(on_scores),
-            "completion_length": mask.sum(1).float().mean().item(),
-            # The longest completion: each training pass computes rows up to their length group's longest.
-            "completion_length_max": mask.sum(1).max().item(),
-            "zero_spread_fraction": zero_spread.float().mean().item(),
-            "rollout_seconds": rollout_seconds,
-        }
-        return rows, stats
+        return rows, ~zero_spread, {"rollout_seconds": rollout_seconds, **reward_stats, "_extra": call.extra}
 
-    def loss(self, plan: Plan, rows: Rows, parts) -> tuple[torch.Tensor, dict[str, float]]:
-        """Sum of the weighted part losses, from one reference pass (over the rollouts) and one policy pass
-        (over every row). The policy pass samples at the rollouts' temperature when the step has any."""
-        g = self.config.grpo
-        T = rows.completion_ids.size(1)
-        temperature = g.temperature if plan.prompts else 1.0
+    def _rollout_stats(self, rows: Rows, spread: torch.Tensor) -> dict[str, float]:
+        """Statistics of the step's sampled rows (a reward left out by every function is left out here)."""
         on = rows.kind == ROLLOUT
+        rewards = rows.rewards[on]
+        scored = rewards[~rewards.isnan()]
+        lengths = rows.completion_mask[on].sum(1)
+        return {
+            "reward_mean": scored.mean().item() if scored.numel() else math.nan,
+            "reward_std": scored.std().item() if scored.numel() > 1 else 0.0,
+            "accuracy": rows.correct[on].sum().item() / int(on.sum()),
+            "format_rate": rows.formatted[on].sum().item() / int(on.sum()),
+            "completion_length": lengths.float().mean().item(),
+            # The longest completion: each training pass computes rows up to their length group's longest.
+            "completion_length_max": lengths.max().item(),
+            "clipped_ratio": rows.cut()[on].float().mean().item(),  # cut at the limit (TRL's name)
+            "zero_spread_fraction": (~spread).float().mean().item(),
+        }
+
+    def micro_batches(self, rows: Rows) -> list[torch.Tensor]:
+        """The step's rows in ``gradient_accumulation_steps`` micro-batches [b] (indices): demonstrations and
+        RL prompts (each with its whole group and own demonstrations) shared out evenly, in order."""
+        a = self.config.gradient_accumulation_steps
+        if a == 1:
+            return [torch.arange(len(rows), device=rows.kind.device)]
+        alone = rows.group < 0  # demonstrations of no prompt
+        order = torch.cumsum(alone.long(), 0) - 1  # [B]: index among them
+        n_alone, n_groups = int(alone.sum()), int(rows.group.max()) + 1 if (~alone).any() else 0
+        chunk = torch.where(
+            alone, order * a // max(n_alone, 1), rows.group.clamp(min=0) * a // max(n_groups, 1)
+        )  # [B] in 0..a-1
+        return [ix for i in range(a) if len(ix := (chunk == i).nonzero().squeeze(1))]
+
+    def update(self, plan: Plan, rows: Rows, parts, step: int) -> tuple[float, float, bool, dict[str, float]]:
+        """Backward over the step's micro-batches, then one optimizer update; ``grpo.num_iterations`` updates on
+        a step with rollouts, the ratio taken against the policy that sampled them (pi_old, the first
+        iteration's log-probs). Returns the first update's loss and gradient norm (the norm SASR reads),
+        whether every update was finite, and the statistics (clip_fraction: the mean over updates)."""
+        c, acc = self.config, self.accelerator
+        micro = self.micro_batches(rows)
+        norms = self._norms(rows, parts) if len(micro) > 1 or acc.num_processes > 1 else {}
+        cache: list[dict[str, torch.Tensor]] = [{} for _ in micro]  # per micro-batch: reference, pi_old
+        iterations = c.grpo.num_iterations if plan.prompts else 1
+        first: tuple[float, float] | None = None
+        finite_all, sums = True, {}
+        for _ in range(iterations):
+            loss, stats = 0.0, {}
+            for m, idx in enumerate(micro):
+                last = m == len(micro) - 1
+                with contextlib.nullcontext() if last else acc.no_sync(self.model):  # all-reduce once
+                    part_loss, micro_stats = self.loss(plan, rows, parts, idx, norms, cache[m])
+                    acc.backward(part_loss)
+                loss += part_loss.item()
+                for key, value in micro_stats.items():  # the loss parts add up; other numbers average
+                    add = key.startswith("loss/") or key in SUMMED
+                    stats[key] = stats.get(key, 0.0) + (value if add else value / len(micro))
+            grad_norm, finite = self.optimizer_step(loss, step)
+            finite_all &= finite
+            first = first or (loss, grad_norm)
+            for key, value in stats.items():
+                sums[key] = sums.get(key, 0.0) + value / iterations
+        self.lr_scheduler.step()
+        if iterations > 1:
+            sums["num_iterations"] = iterations
+        return first[0], first[1], finite_all, sums
+
+    def _norms(self, rows: Rows, parts) -> dict[str, Norm]:
+        """Each part's row count on this process and completion-token count over every process (one all-reduce),
+        the divisors of its loss when its rows are computed in micro-batches or on several processes."""
+        mask = self._loss_mask(rows)
+        local = torch.tensor(
+            [float((mask[p.rows]).sum()) for p in parts], device=self.accelerator.device, dtype=torch.float64
+        )
+        total = (
+            self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
+        )
+        n = self.accelerator.num_processes
+        return {p.name: Norm(int(p.rows.sum()), float(t) / n) for p, t in zip(parts, total.tolist())}
+
+    def _loss_mask(self, rows: Rows) -> torch.Tensor:
+        """[B, T]: the tokens that carry loss (with mask_truncated_completions, none of a cut rollout's)."""
+        if not self.config.grpo.mask_truncated_completions:
+            return rows.completion_mask
+        return rows.completion_mask * (~rows.cut())[:, None].to(rows.completion_mask.dtype)
+
+    def loss(
+        self, plan: Plan, rows: Rows, parts, idx: torch.Tensor, norms: dict[str, Norm], cache: dict
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Sum of the weighted part losses over the micro-batch ``idx`` of the step's rows, from one reference
+        pass (over its rollouts, once: cached) and one policy pass (over every row). The policy pass samples at
+        the rollouts' temperature when the step has any."""
+        g = self.config.grpo
+        full = len(idx) == len(rows)
+        sub = rows if full else rows.select(idx)
+        T = sub.completion_ids.size(1)
+        temperature = g.temperature if plan.prompts else 1.0
+        on = sub.kind == ROLLOUT
         stats: dict[str, float] = {}
-        ref, on_rows = None, on.nonzero().squeeze(1)
-        if plan.rollouts:
+        on_rows = on.nonzero().squeeze(1)
+        if plan.rollouts and len(on_rows) and "ref" not in cache:
             # The reference pass comes first: it may swap weights in place, which must not touch a live graph.
             t_reference = self._now()
-            sub = rows if len(on_rows) == len(rows) else rows.select(on_rows)
-            ref = self.reference.logprobs(
-                sub.input_ids, sub.attention_mask, T, temperature
-            )  # [b, T] rollouts
+            ref_rows = sub if len(on_rows) == len(sub) else sub.select(on_rows)
+            with self.accelerator.autocast():
+                cache["ref"] = self.reference.logprobs(
+                    ref_rows.input_ids, ref_rows.attention_mask, T, temperature
+                )  # [b, T] rollouts
             stats["reference_seconds"] = self._now() - t_reference
+        ref = cache.get("ref")
         t_policy = self._now()
         # The G rows of a prompt share one pass over it (completion_logprobs finds them).
         logps, entropy = completion_logprobs(
-            self.model, rows.input_ids, rows.attention_mask, T, temperature, with_entropy=bool(plan.prompts)
-        )  # [B, T]
-        ref_logps = None  # [B, T]: the reference on rollout rows; elsewhere the policy itself (KL 0)
+            self.model, sub.input_ids, sub.attention_mask, T, temperature, with_entropy=bool(plan.prompts)
+        )  # [b, T]
+        if plan.prompts and "old" not in cache and g.num_iterations > 1:
+            cache["old"] = logps.detach()  # pi_old: the weights that sampled the rollouts
+        ref_logps = None  # [b, T]: the reference on rollout rows; elsewhere the policy itself (KL 0)
         if ref is not None:
-            ref_logps = ref if len(on_rows) == len(rows) else logps.detach().index_copy(0, on_rows, ref)
+            ref_logps = ref if len(on_rows) == len(sub) else logps.detach().index_copy(0, on_rows, ref)
         if plan.prompts:
             stats["policy_forward_seconds"] = self._now() - t_policy
-            mask = rows.completion_mask * on[:, None].to(rows.completion_mask.dtype)
+            mask = sub.completion_mask * on[:, None].to(sub.completion_mask.dtype)
             stats["entropy"] = masked_mean(entropy, mask).item()
             if (
                 ref_logps is not None
             ):  # k3 KL to the reference over every rollout, whichever part trains on it
                 delta = ref_logps - logps.detach()
                 stats["kl"] = masked_mean(torch.exp(delta) - delta - 1, mask).item()
-            if rows.sampler_logprobs is not None:  # how far the sampler's numbers are from the learner's
-                gap = (logps.detach() - rows.sampler_logprobs).abs()
+            if sub.sampler_logprobs is not None:  # how far the sampler's numbers are from the learner's
+                gap = (logps.detach() - sub.sampler_logprobs).abs()
                 stats["sampler_logprob_gap"] = masked_mean(gap, mask).item()
         total = None
         grpo_settings = g.model_dump(include=PG_SETTINGS)
+        loss_mask = self._loss_mask(sub)
+        old = cache.get("old")
         for part in parts:
-            idx = part.rows.nonzero().squeeze(1)  # [b]
+            rows_in = part.rows if full else part.rows[idx]
+            pidx = rows_in.nonzero().squeeze(1)  # [b]
             x = PartInputs(
-                logps[idx],
-                rows.completion_mask[idx],
-                None if entropy is None else entropy[idx],
-                None if ref_logps is None else ref_logps[idx],
-                rows.advantages[idx],
-                rows.kind[idx] == OFFPOLICY,
-                rows.correct[idx],
+                logps[pidx],
+                loss_mask[pidx],
+                None if entropy is None else entropy[pidx],
+                None if ref_logps is None else ref_logps[pidx],
+                sub.advantages[pidx].nan_to_num(0.0),  # a row no reward function scored: no advantage
+                sub.kind[pidx] == OFFPOLICY,
+                sub.correct[pidx],
+                old_logps=None if old is None else old[pidx],
+                norm=norms.get(part.name),
             )
             options = {**grpo_settings, **part.options} if part.loss == "pg" else part.options
             out = PART_LOSSES[part.loss](x, **options)
@@ -560,6 +710,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return norm if math.isfinite(norm) else None
 
+    @contextlib.contextmanager
+    def decoder(self):
+        """The model the rollout engine decodes with: unwrapped, and, under ``bf16``, called without the autocast
+        accelerate wraps its forward in (the decode runs with the weights as they are)."""
+        model = self.accelerator.unwrap_model(self.model)
+        wrapped = model.__dict__.get("forward") if "_original_forward" in model.__dict__ else None
+        if wrapped is not None:
+            model.forward = model._original_forward
+        try:
+            yield model
+        finally:
+            if wrapped is not None:
+                model.forward = wrapped
+
     def _now(self) -> float:
         """perf_counter once the device's queued work has finished, so differences time that work."""
         if self.accelerator.device.type == "cuda":
@@ -572,26 +736,25 @@ class Trainer:
         """Held-out evaluation, examples split across ranks, records gathered, then averaged."""
         acc, c = self.accelerator, self.config
         shard = self.test_examples[acc.process_index :: acc.num_processes]
-        records = evaluate(
-            acc.unwrap_model(self.model),
-            self.tokenizer,
-            self.task,
-            shard,
-            progress=self.progress,
-            desc=desc,
-            **settings(c, samples),
-        )
+        with self.decoder() as model:
+            records = evaluate(
+                model,
+                self.tokenizer,
+                self.task,
+                shard,
+                progress=self.progress,
+                desc=desc,
+                **settings(c, samples),
+            )
         if acc.num_processes > 1:
             records = gather_object(records)
         return summarise(records)
 
-    def _record(self, plan: Plan, loss: torch.Tensor, grad_norm: float, stats: dict, seconds: float) -> dict:
+    def _record(self, plan: Plan, loss: float, grad_norm: float, stats: dict, seconds: float) -> dict:
         acc = self.accelerator
         # Mean of each statistic over ranks (the plan, and so the keys, is the same on every rank).
         keys = sorted(stats)
-        values = torch.tensor(
-            [loss.item(), *(stats[k] for k in keys)], device=acc.device, dtype=torch.float64
-        )
+        values = torch.tensor([loss, *(stats[k] for k in keys)], device=acc.device, dtype=torch.float64)
         values = acc.reduce(values, reduction="mean").tolist()
         tokens = values[1 + keys.index("tokens")] * acc.num_processes
         record: dict[str, Any] = {
@@ -631,12 +794,14 @@ class Trainer:
             f.write(json.dumps(clean, allow_nan=False) + "\n")
         trackers.log(self.accelerator, clean)
 
-    def log_completions(self, step: int, rows: Rows, parts) -> None:
+    def log_completions(self, step: int, rows: Rows, parts, extra: dict[str, list] | None = None) -> None:
         """The step's group rows as samples (TRL's log_completions): appended to DIR/completions.jsonl, and the
-        first ``num_completions_to_print`` printed. Every rank's samples, gathered on the main process."""
+        first ``num_completions_to_print`` printed. Every rank's samples, gathered on the main process.
+        ``extra``: columns reward functions added with log_extra, one value per group row."""
         c, acc, tok = self.config, self.accelerator, self.tokenizer
         grouped = (rows.kind != DEMO).nonzero().squeeze(1).tolist()
-        ended = ((rows.completion_ids == tok.eos_token_id) & rows.completion_mask.bool()).any(1)
+        cut = rows.cut()
+        columns = {k: v for k, v in (extra or {}).items() if len(v) == len(grouped)}
         samples = [
             {
                 "step": step,
@@ -652,9 +817,10 @@ class Trainer:
                 "advantage": float(rows.advantages[i]),
                 "correct": bool(rows.correct[i]),
                 "formatted": bool(rows.formatted[i]),
-                "truncated": not bool(ended[i]),
+                "truncated": bool(cut[i]),
+                **{k: v[j] for k, v in columns.items()},
             }
-            for i in grouped
+            for j, i in enumerate(grouped)
         ]
         if acc.num_processes > 1:
             samples = gather_object(samples)
@@ -663,6 +829,7 @@ class Trainer:
         if c.log_completions:
             with open(self.run_dir / "completions.jsonl", "a") as f:
                 f.writelines(json.dumps(sample) + "\n" for sample in samples)
+            trackers.log_samples(acc, step, samples)
         for sample in samples[: c.num_completions_to_print]:
             tqdm.write(
                 f"step {step} [{sample['kind']}, reward {sample['reward']:.2f}, advantage {sample['advantage']:+.2f}]"

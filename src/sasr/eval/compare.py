@@ -19,6 +19,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -54,12 +55,19 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _differences(saved: dict, wanted: dict, keys: tuple[str, ...] | None = None) -> list[str]:
-    """'key: saved -> wanted' for every option that differs (the run directory itself aside)."""
+    """'key: saved there, wanted here' for every option that differs (the run directory itself aside). An
+    option newer than the saved configuration counts as equal while it holds its default (it changes
+    nothing), so summaries of an earlier version of sasr stay usable."""
     a, b = _flat(saved), _flat(wanted)
+    defaults = _flat(TrainConfig().model_dump(mode="json"))
     names = sorted((a.keys() | b.keys()) - {"output_dir"})
     if keys is not None:
         names = [n for n in names if any(n == k or n.startswith(k + ".") for k in keys)]
-    return [f"{n}: {a.get(n)!r} there, {b.get(n)!r} here" for n in names if a.get(n) != b.get(n)]
+    return [
+        f"{n}: {a.get(n)!r} there, {b.get(n)!r} here"
+        for n in names
+        if a.get(n) != b.get(n) and not (n not in a and n in defaults and b.get(n) == defaults[n])
+    ]
 
 
 def git_commit() -> str:
@@ -252,8 +260,10 @@ def _untrained(base: TrainConfig, seed: int, output: Path, progress: bool, commi
     path = output / "summaries" / f"untrained-s{seed}.json"
     if summary := read_summary(path, tree, EVAL_KEYS):
         return summary
+    started = time.perf_counter()
     evals = evaluate_model(base.model.name, config, seed, progress)
-    return _write_summary(path, {"commit": commit, "config": tree, "run": None, "metrics": [], "eval": evals})
+    summary = {"commit": commit, "config": tree, "run": None, "metrics": [], "eval": evals}
+    return _write_summary(path, {**summary, "eval_seconds": time.perf_counter() - started})
 
 
 def _trained(config: TrainConfig, output: Path, progress: bool, commit: str) -> dict:
@@ -273,10 +283,12 @@ def _trained(config: TrainConfig, output: Path, progress: bool, commit: str) -> 
             verb = "continuing" if resume else "training"
             print(f"sasr compare: {verb} {run_dir.name} -> {run_dir}", file=sys.stderr)
         Trainer(config, overwrite=not resume, progress=progress, resume=resume).train()
+    started = time.perf_counter()
     evals = evaluate_model(str(run_dir / "final"), config, config.seed, progress)
     status = json.loads((run_dir / "run.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     summary = {"commit": commit, "config": tree, "run": status, "metrics": metrics, "eval": evals}
+    summary["eval_seconds"] = time.perf_counter() - started
     return _write_summary(output / "summaries" / f"{run_dir.name}.json", summary)
 
 
@@ -399,6 +411,12 @@ def assemble(
         },
         "methods": out_methods,
         "paired": {"baseline": BASELINE, "metric": "accuracy", "level": 0.95, "splits": paired},
+        "time": {  # where the comparison's time went (evaluation timed by summaries that record it)
+            "train_seconds": sum(r["budget"]["seconds"][0] * len(seeds) for r in out_methods.values()),
+            "eval_seconds": sum(x.get("eval_seconds", 0.0) for x in summaries.values()),
+            "eval_timed": sum("eval_seconds" in x for x in summaries.values()),
+            "runs": len(summaries),
+        },
     }
 
 
@@ -473,6 +491,14 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
                     for m in paired[next(iter(paired))]
                 ],
             ),
+        ]
+    t = results["time"]
+    if t["eval_timed"] == t["runs"] and t["train_seconds"] + t["eval_seconds"] > 0:
+        share = t["eval_seconds"] / (t["train_seconds"] + t["eval_seconds"])
+        lines += [
+            "",
+            f"Time: training {t['train_seconds'] / 3600:.2f} h, evaluation {t['eval_seconds'] / 3600:.2f} h "
+            f"({share:.0%} of the comparison).",
         ]
     lines += ["", "Command:", "", f"    {results['command']}", ""]
     figures = [

@@ -211,9 +211,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def write_run_report(run_dir: Path) -> Path:
-    """DIR/report/: training.png, plots.json and report.md (the run's summary and a link to the figure)."""
+    """DIR/report/: training.png, plots.json, report.md (the run's summary and a link to the figure) and
+    index.html (the same with samples of what the model wrote, for a browser)."""
+    from sasr.eval.html_report import write_html
+
     run_dir = Path(run_dir)
     plot_run(run_dir)
+    write_html(run_dir)
     status = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     lines = [f"# Run {run_dir.name}", "", f"status: {status.get('status', 'unknown')}", ""]
     for key in ("method", "task", "model", "steps", "sft_steps", "grpo_steps", "seconds"):

@@ -12,7 +12,7 @@ What it does that ``model.generate`` does not:
 - on CUDA each decode step is captured once as a CUDA graph per (batch bucket, cache length) and replayed,
   which removes the per-kernel launch cost that dominates decoding a small model.
 
-The model is any transformers decoder whose attention calls ``past_key_values.update(k, v, layer_idx)`` and
+The model is any transformers decoder whose attention calls ``cache.update(k, v, layer_idx)`` and
 accepts a ready 4-D attention mask (Llama, Qwen2, Mistral, SmolLM, ...), wrapped by peft or not.
 """
 
@@ -82,7 +82,7 @@ def model_forward(model) -> Forward:
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=attention_mask,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]

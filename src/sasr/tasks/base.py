@@ -101,6 +101,11 @@ class Task:
     def score(self, completion: str, example: Example) -> Score:
         raise NotImplementedError
 
+    def columns(self, example: Example) -> dict[str, Any]:
+        """The row's columns a reward function receives (TRL passes every dataset column but the prompt);
+        ``solution`` is the gold answer, as TRL's math datasets and ``trl.rewards.accuracy_reward`` use it."""
+        return {"question": example.question, "answer": example.answer, "solution": example.answer}
+
     def score_batch(self, completions: list[str], examples: list[Example]) -> list[Score]:
         """Score many completions at once; tasks with a batched reward function override this."""
         return [self.score(c, e) for c, e in zip(completions, examples)]

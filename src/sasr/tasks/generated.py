@@ -178,7 +178,9 @@ class KnightsKnaves(Task):
                 f"task 'knights-knaves' option n_people must be 2..8, got {self.opts['n_people']}"
             )
         ood = self.ood_people
-        if not int(self.opts["n_people"]) < ood <= 8:
+        if not self.opts["ood_n_people"] and ood > 8:  # 8 people: nothing larger to shift to
+            self.splits = ("train", "test")
+        elif not int(self.opts["n_people"]) < ood <= 8:
             raise SasrError(
                 f"task 'knights-knaves' option ood_n_people must be above n_people and at most 8, got {ood}"
             )

@@ -4,21 +4,13 @@ Fields default to ``question``, ``solution`` (chain of thought) and ``answer`` a
 instead be conversations: a ``messages`` field of system/user/assistant turns, as TRL's conversational
 datasets hold them; the turns before the last assistant turn are the prompt, that turn is the demonstration,
 and the answer comes from the ``answer`` field or else from the demonstration's final answer. The
-reward is either a built-in judge (``exact``, ``numeric``, ``math``) on the extracted final answer, or
-a function with TRL's reward signature ``f(prompts, completions, **columns) -> list[float]`` named as
-``module:function`` or ``path/to/file.py:function``; it receives the questions as ``prompts``, the
-completion strings, and every field of the rows as lists.
+judge is built in (``exact``, ``numeric``, ``math``, on the extracted final answer); reward functions
+(``reward_funcs``, ``sasr.rewards``) receive every field of the rows as a column.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import math
-from collections.abc import Callable
-from numbers import Real
-from pathlib import Path
 from typing import Any
 
 from sasr.errors import SasrError, unknown
@@ -27,32 +19,11 @@ from sasr.tasks.file_task import FileTask
 from sasr.tasks.judges import JUDGES, MathJudge
 
 
-def load_function(spec: str) -> Callable:
-    """'module:function' or 'file.py:function' -> the function, or one sentence saying what is missing."""
-    module_name, sep, func_name = spec.rpartition(":")
-    if not sep or not module_name or not func_name:
-        raise SasrError(f"reward '{spec}' must look like module:function or path/to/file.py:function")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise SasrError(f"reward file '{path}' does not exist")
-            mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise SasrError(f"cannot import reward module '{module_name}' ({exc})") from None
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise SasrError(f"reward module '{module_name}' has no function '{func_name}'")
-    return func
-
-
 class JsonlTask(FileTask):
     name = "jsonl"
-    description = "your own JSONL/JSON/Parquet file: --task jsonl:PATH, a judge or --reward module:function"
+    description = (
+        "your own JSONL/JSON/Parquet file: --task jsonl:PATH, a judge and/or --reward module:function"
+    )
     options = {
         "path": None,  # set from the task name jsonl:PATH
         "test_path": None,
@@ -60,9 +31,7 @@ class JsonlTask(FileTask):
         "messages_field": "messages",  # conversational rows: [{"role": ..., "content": ...}, ...]
         "solution_field": "solution",
         "answer_field": "answer",
-        "judge": "numeric",  # exact | numeric | math, used when no reward function is given
-        "reward": None,  # module:function with TRL's reward signature
-        "correct_threshold": 1.0,  # with a reward function: reward >= this counts as correct
+        "judge": "numeric",  # exact | numeric | math: correctness, and the reward unless reward_funcs say
         "system_prompt": "Solve the problem step by step. End with 'Answer: <answer>'.",
     }
 
@@ -74,13 +43,12 @@ class JsonlTask(FileTask):
             raise unknown("judge", self.opts["judge"], JUDGES)
         judge = JUDGES[self.opts["judge"]]
         self.judge = judge() if judge is MathJudge else judge
-        self.reward_fn = load_function(self.opts["reward"]) if self.opts["reward"] else None
         self.system_prompt = self.opts["system_prompt"]
         self.hub_name = self.opts["path"]
 
     @property
     def reward_name(self) -> str:
-        return self.opts["reward"] or f"judge '{self.opts['judge']}'"
+        return f"judge '{self.opts['judge']}'"
 
     def required_fields(self) -> tuple[str, ...]:
         return ()  # checked row by row in to_example: flat rows and conversations need different fields
@@ -151,31 +119,11 @@ class JsonlTask(FileTask):
             return example.cot
         return f"{example.cot}\nAnswer: {example.answer}"
 
-    def score(self, completion: str, example: Example) -> Score:
-        return self.score_batch([completion], [example])[0]
+    def columns(self, example: Example) -> dict[str, Any]:
+        """The row's own fields."""
+        return dict(example.metadata["row"])
 
-    def score_batch(self, completions: list[str], examples: list[Example]) -> list[Score]:
-        answers = [extract_answer(c) for c in completions]
-        if self.reward_fn is None:
-            out = []
-            for got, ex in zip(answers, examples):
-                correct = self.judge(got, ex.answer)
-                out.append(Score(1.0 if correct else 0.0, correct, got is not None))
-            return out
-        columns = {k: [ex.metadata["row"].get(k) for ex in examples] for k in examples[0].metadata["row"]}
-        rewards = self.reward_fn(
-            prompts=[ex.question for ex in examples], completions=list(completions), **columns
-        )
-        name = self.opts["reward"]
-        if not isinstance(rewards, (list, tuple)) or len(rewards) != len(completions):
-            got = len(rewards) if isinstance(rewards, (list, tuple)) else type(rewards).__name__
-            raise SasrError(
-                f"reward function '{name}' returned {got} values for {len(completions)} completions"
-            )
-        for i, r in enumerate(rewards):
-            if isinstance(r, bool) or not isinstance(r, Real) or not math.isfinite(r):
-                raise SasrError(
-                    f"reward function '{name}' returned {r!r}, not a finite number, for completion {i}"
-                )
-        threshold = self.opts["correct_threshold"]
-        return [Score(float(r), float(r) >= threshold, a is not None) for r, a in zip(rewards, answers)]
+    def score(self, completion: str, example: Example) -> Score:
+        got = extract_answer(completion)
+        correct = self.judge(got, example.answer)
+        return Score(1.0 if correct else 0.0, correct, got is not None)

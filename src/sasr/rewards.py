@@ -1,0 +1,227 @@
+"""Reward functions with TRL's contract, and how they make a rollout's reward.
+
+A reward function is called exactly as TRL 1.16's ``GRPOTrainer`` calls one::
+
+    f(prompts=..., completions=..., completion_ids=..., trainer_state=..., log_extra=..., log_metric=...,
+      **columns) -> list[float | None]
+
+- ``prompts``: each row's prompt as chat messages (sasr always renders prompts with the chat template, so
+  they are conversational, as TRL's are for a conversational dataset);
+- ``completions``: each row's completion as a one-message list ``[{"role": "assistant", "content": text}]``;
+- ``completion_ids``: each completion's token ids (padding left out);
+- ``columns``: every other column of the rows, one list each (a file's own fields; a built-in task's
+  ``question``, ``solution`` (its demonstration) and ``answer``);
+- ``trainer_state``: a ``transformers.TrainerState`` whose ``global_step`` counts finished optimizer steps;
+- ``log_extra(column, values)`` adds a column to the step's samples (``completions.jsonl``), and
+  ``log_metric(name, value)`` a number to the step's metrics line.
+
+A function may return None for a row: the row is left out of that function's mean, and a row every function
+left out gets no reward and no advantage (as TRL). A function may be ``async``: those run concurrently. The
+reward is the weighted sum of the functions (``reward_weights``, default all 1). The entry ``task`` is the
+task's own judge; with no ``reward_funcs`` the judge alone is the reward. Whether a rollout is correct (its
+accuracy, and what HPT's gate and SRFT's rollout term read) is always the judge's verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from numbers import Real
+from pathlib import Path
+from typing import Any
+
+from sasr.errors import SasrError
+from sasr.tasks import Example, Score, Task
+
+TASK = "task"  # the reward_funcs entry that names the task's own judge
+
+
+def load_function(spec: str) -> Callable:
+    """'module:function' or 'file.py:function' -> the function, or one sentence saying what is missing."""
+    module_name, sep, func_name = spec.rpartition(":")
+    if not sep or not module_name or not func_name:
+        raise SasrError(f"reward '{spec}' must look like module:function or path/to/file.py:function")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise SasrError(f"reward file '{path}' does not exist")
+            mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(mod_spec)
+            mod_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SasrError(f"cannot import reward module '{module_name}' ({exc})") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise SasrError(f"reward module '{module_name}' has no function '{func_name}'")
+    return func
+
+
+def build_function(entry: str | dict[str, Any]) -> Callable:
+    """A reward_funcs entry: 'module:function', or {function: 'module:factory', kwargs: {...}}, which calls
+    the factory with kwargs (TRL's get_soft_overlong_punishment(max_completion_len=..., ...) and the like)."""
+    if isinstance(entry, str):
+        return load_function(entry)
+    factory = load_function(entry["function"])
+    try:
+        return factory(**entry.get("kwargs", {}))
+    except TypeError as exc:
+        raise SasrError(f"reward factory '{entry['function']}' does not take these kwargs ({exc})") from None
+
+
+def function_name(fn: Callable) -> str:
+    """How logs name a reward function: its __name__, as TRL's metric keys do."""
+    return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _is_async(fn: Callable) -> bool:
+    """Whether calling fn returns a coroutine: an async function, a partial of one, or an instance of a class
+    with an async __call__."""
+    target = getattr(fn, "func", fn)  # functools.partial
+    if not (inspect.isfunction(target) or inspect.ismethod(target)):
+        target = type(target).__call__
+    return inspect.iscoroutinefunction(target)
+
+
+@dataclass
+class RewardCall:
+    """What one batch of rollouts gives every reward function (besides its columns)."""
+
+    prompts: list[list[dict[str, str]]]
+    texts: list[str]
+    completion_ids: list[list[int]]
+    trainer_state: Any = None
+    extra: dict[str, list] = field(default_factory=lambda: defaultdict(list))
+    metrics: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    def kwargs(self, columns: dict[str, list]) -> dict[str, Any]:
+        completions = [[{"role": "assistant", "content": t}] for t in self.texts]
+        return {
+            **columns,
+            "prompts": self.prompts,
+            "completions": completions,
+            "completion_ids": self.completion_ids,
+            "trainer_state": self.trainer_state,
+            "log_extra": lambda column, values: self.extra[column].extend(values),
+            "log_metric": lambda name, value: self.metrics[name].append(float(value)),
+        }
+
+    def select(self, i: int) -> RewardCall:
+        return RewardCall([self.prompts[i]], [self.texts[i]], [self.completion_ids[i]], self.trainer_state)
+
+
+def columns(task: Task, examples: Sequence[Example]) -> dict[str, list]:
+    """Every column of the rows but prompt/completion, as TRL passes a dataset's other columns."""
+    rows = [task.columns(ex) for ex in examples]
+    keys = dict.fromkeys(k for r in rows for k in r if k not in ("prompt", "completion", "completion_ids"))
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+class Rewards:
+    """The task's judge plus the configured reward functions; ``score`` gives each row's reward and verdict."""
+
+    def __init__(
+        self, task: Task, funcs: Sequence[str | dict], weights: Sequence[float] | None = None
+    ) -> None:
+        self.task = task
+        self.funcs = [None if f == TASK else build_function(f) for f in funcs]  # None: the judge
+        self.names = [task.name if f is None else function_name(f) for f in self.funcs]  # as logged
+        self.specs = [e if isinstance(e, str) else e["function"] for e in funcs]  # as errors name them
+        if weights is not None and len(weights) != len(self.funcs):
+            raise SasrError(
+                f"reward_weights has {len(weights)} weights for {len(self.funcs)} reward_funcs; give one per function"
+            )
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.funcs)
+
+    @property
+    def custom(self) -> bool:
+        """Whether the reward is more than the task's judge alone."""
+        return bool(self.funcs)
+
+    def score(
+        self, scores: list[Score], call: RewardCall, examples: Sequence[Example]
+    ) -> tuple[list[float], dict[str, float]]:
+        """Each row's reward (NaN where every function returned None) and the per-function statistics
+        ``rewards/NAME/mean`` and ``/std`` (over the rows the function scored), from the judge's ``scores``."""
+        if not self.custom:
+            return [s.reward for s in scores], {}
+        cols = columns(self.task, examples)
+        per_func: list[list[float]] = [[]] * len(self.funcs)
+        pending = []
+        for i, fn in enumerate(self.funcs):
+            if fn is None:
+                per_func[i] = [s.reward for s in scores]
+            elif _is_async(fn):
+                pending.append(i)
+            else:
+                per_func[i] = self._checked(i, self._call(i, call, cols, examples), len(scores))
+        if pending:
+
+            async def gather() -> list:
+                return await asyncio.gather(*(self.funcs[i](**call.kwargs(cols)) for i in pending))
+
+            try:
+                outputs = asyncio.run(gather())
+            except SasrError:
+                raise
+            except Exception as exc:
+                names = ", ".join(self.specs[i] for i in pending)
+                raise SasrError(f"reward function {names} raised {type(exc).__name__}: {exc}") from exc
+            for i, out in zip(pending, outputs):
+                per_func[i] = self._checked(i, out, len(scores))
+        rewards, stats = [], {}
+        for row in zip(*per_func):
+            scored = [w * r for w, r in zip(self.weights, row) if not math.isnan(r)]
+            rewards.append(sum(scored) if scored else math.nan)
+        for name, values in zip(self.names, per_func):
+            kept = [v for v in values if not math.isnan(v)]
+            mean = sum(kept) / len(kept) if kept else math.nan
+            var = sum((v - mean) ** 2 for v in kept) / (len(kept) - 1) if len(kept) > 1 else 0.0
+            stats[f"rewards/{name}/mean"], stats[f"rewards/{name}/std"] = mean, math.sqrt(var)
+        for name, values in call.metrics.items():
+            stats[name] = sum(values) / len(values)
+        return rewards, stats
+
+    def _call(self, i: int, call: RewardCall, cols: dict[str, list], examples: Sequence[Example]) -> Any:
+        """Call function i; if it raises, find the first row it raises on and say so in one sentence."""
+        fn = self.funcs[i]
+        try:
+            return fn(**call.kwargs(cols))
+        except Exception as batch_exc:
+            for j, ex in enumerate(examples):
+                try:
+                    fn(**call.select(j).kwargs({k: [v[j]] for k, v in cols.items()}))
+                except Exception as exc:
+                    raise SasrError(
+                        f"reward function {self.specs[i]} raised {type(exc).__name__}: {exc} "
+                        f"on example {j} ({ex.question[:60]!r})"
+                    ) from exc
+            raise SasrError(
+                f"reward function {self.specs[i]} raised {type(batch_exc).__name__}: {batch_exc}"
+            ) from batch_exc
+
+    def _checked(self, i: int, out: Any, n: int) -> list[float]:
+        """A function's output as floats (None -> NaN), or one sentence on what is wrong with it."""
+        name = self.specs[i]
+        if not isinstance(out, (list, tuple)) or len(out) != n:
+            got = len(out) if isinstance(out, (list, tuple)) else type(out).__name__
+            raise SasrError(f"reward function {name} returned {got} values for {n} completions")
+        values = []
+        for j, r in enumerate(out):
+            if r is None:
+                values.append(math.nan)
+            elif isinstance(r, bool) or not isinstance(r, Real) or not math.isfinite(r):
+                raise SasrError(
+                    f"reward function {name} returned {r!r}, not a finite number or None, for completion {j}"
+                )
+            else:
+                values.append(float(r))
+        return values

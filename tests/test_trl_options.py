@@ -1,0 +1,640 @@
+"""What TRL and verl users expect: TRL's reward-function contract, gradient accumulation, bf16 autocast, the
+options that decide whether GRPO trains on hard prompts, and the loss normalised over every process."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import textwrap
+
+import pytest
+import torch
+
+from sasr.cli import main
+from sasr.errors import SasrError
+from sasr.rewards import RewardCall, Rewards
+from sasr.tasks import get_task
+
+# --- data and reward functions ----------------------------------------------------------------------------
+
+
+def chat_rows(n: int) -> list[dict]:
+    """A conversational dataset as TRL takes it: messages, plus a gold `solution` column (LaTeX answer)."""
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": "Think in <think></think>, then answer in \\boxed{}."},
+                {"role": "user", "content": f"What is {i} / {i + 1}?"},
+                {
+                    "role": "assistant",
+                    "content": f"<think>divide</think>\n\\boxed{{\\frac{{{i}}}{{{i + 1}}}}}",
+                },
+            ],
+            "solution": f"\\frac{{{i}}}{{{i + 1}}}",
+            "answer": f"\\frac{{{i}}}{{{i + 1}}}",
+            "level": i % 3,
+        }
+        for i in range(1, n + 1)
+    ]
+
+
+@pytest.fixture
+def chat_file(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(60)))
+    return path
+
+
+REWARDS = textwrap.dedent(
+    """
+    import asyncio
+
+    SEEN = {}
+
+    def level_reward(prompts, completions, completion_ids, trainer_state, log_extra, log_metric, level, **kw):
+        SEEN.update(prompts=prompts, completions=completions, completion_ids=completion_ids, step=trainer_state.global_step)
+        log_extra("level_seen", list(level))
+        log_metric("mean_level", sum(level) / len(level))
+        return [float(x) for x in level]
+
+    def only_even(completions, level, **kw):
+        return [1.0 if x % 2 == 0 else None for x in level]
+
+    def never(completions, **kw):
+        return [None] * len(completions)
+
+    async def slow_length(completions, **kw):
+        await asyncio.sleep(0.01)
+        return [len(c[0]["content"]) % 5 for c in completions]
+
+    def length_mod(completions, **kw):
+        return [float(len(c[0]["content"]) % 5) for c in completions]
+
+    def easy_constant(completions, easy, **kw):  # easy prompts: always 1 (no spread); others: varied
+        return [1.0 if e else float(len(c[0]["content"]) % 5) for c, e in zip(completions, easy)]
+    """
+)
+
+
+@pytest.fixture
+def reward_file(tmp_path):
+    path = tmp_path / "myrewards.py"
+    path.write_text(REWARDS)
+    return path
+
+
+def _call(task, examples, texts):
+    return RewardCall(
+        prompts=[task.messages(e) for e in examples],
+        texts=texts,
+        completion_ids=[[1] * (len(t) // 4 + 1) for t in texts],
+        trainer_state=None,
+    )
+
+
+# --- 1. TRL's reward-function contract --------------------------------------------------------------------
+
+
+def test_every_trl_reward_function_works_unchanged_on_a_chat_task(chat_file):
+    """Every function in trl.rewards, called as TRL's GRPOTrainer calls it, on conversational rows."""
+    import trl.rewards as R
+
+    funcs = [
+        "trl.rewards:accuracy_reward",
+        "trl.rewards:reasoning_accuracy_reward",
+        "trl.rewards:think_format_reward",
+        {"function": "trl.rewards:get_cosine_scaled_reward", "kwargs": {"max_len": 64}},
+        {"function": "trl.rewards:get_repetition_penalty_reward", "kwargs": {"ngram_size": 2}},
+        {
+            "function": "trl.rewards:get_soft_overlong_punishment",
+            "kwargs": {"max_completion_len": 40, "soft_punish_cache": 10},
+        },
+    ]
+    assert set(R._import_structure) == {"accuracy_rewards", "format_rewards", "other_rewards"}
+    listed = {name for names in R._import_structure.values() for name in names}
+    assert listed == {
+        "accuracy_reward",
+        "get_cosine_scaled_reward",
+        "reasoning_accuracy_reward",
+        "think_format_reward",
+        "get_repetition_penalty_reward",
+        "get_soft_overlong_punishment",
+    }  # a new function in TRL would need a line above
+    task = get_task(f"jsonl:{chat_file}", judge="math")
+    rewards = Rewards(task, funcs)
+    ex = task.examples("train", 2)
+    right = task.target(ex[0])  # "<think>divide</think>\n\\boxed{i/(i+1)}"
+    wrong = "no tags here \\boxed{7}"
+    values, stats = rewards.score(task.score_batch([right, wrong], ex), _call(task, ex, [right, wrong]), ex)
+    per = {n: (stats[f"rewards/{n}/mean"], stats[f"rewards/{n}/std"]) for n in rewards.names}
+    assert rewards.names == [
+        "accuracy_reward",
+        "reasoning_accuracy_reward",
+        "think_format_reward",
+        "cosine_scaled_reward",
+        "repetition_penalty_reward",
+        "soft_overlong_punishment_reward",
+    ]
+    assert per["accuracy_reward"] == (0.5, pytest.approx(math.sqrt(0.5)))  # right: 1, wrong: 0
+    assert per["think_format_reward"][0] == 0.5
+    assert per["cosine_scaled_reward"][1] > 0  # a right and a wrong one are scaled apart
+    assert all(math.isfinite(v) for v in values) and values[0] > values[1]
+
+
+def test_the_contract_columns_state_none_async_weights_and_logs(chat_file, reward_file):
+    task = get_task(f"jsonl:{chat_file}")
+    funcs = [f"{reward_file}:level_reward", f"{reward_file}:only_even", f"{reward_file}:slow_length", "task"]
+    rewards = Rewards(task, funcs, [1.0, 10.0, 0.5, 2.0])
+    ex = task.examples("train", 4)
+    texts = ["Answer: 3", "abcdefg", "x", "Answer: 1/2"]
+    call = _call(task, ex, texts)
+    from transformers import TrainerState
+
+    call.trainer_state = TrainerState(global_step=7, max_steps=10)
+    values, stats = rewards.score(task.score_batch(texts, ex), call, ex)
+    judge = [s.reward for s in task.score_batch(texts, ex)]
+    levels = [e.metadata["row"]["level"] for e in ex]
+    for v, lv, t, j in zip(values, levels, texts, judge):  # weighted sum; None left out
+        assert v == pytest.approx(lv + (10.0 if lv % 2 == 0 else 0.0) + 0.5 * (len(t) % 5) + 2.0 * j)
+    assert stats["rewards/only_even/mean"] == 1.0  # the mean over the rows it scored
+    assert stats["mean_level"] == pytest.approx(sum(levels) / 4)  # log_metric
+    assert call.extra["level_seen"] == levels  # log_extra
+    # The function saw TRL's formats: message lists, token ids, the trainer state.
+    seen = rewards.funcs[0].__globals__["SEEN"]
+    assert seen["prompts"][0] == task.messages(ex[0]) and seen["prompts"][0][-1]["role"] == "user"
+    assert seen["completions"][1] == [{"role": "assistant", "content": "abcdefg"}]
+    assert seen["completion_ids"] == call.completion_ids and seen["step"] == 7
+
+    nothing = Rewards(task, [f"{reward_file}:never"])
+    values, stats = nothing.score(task.score_batch(texts, ex), _call(task, ex, texts), ex)
+    assert all(math.isnan(v) for v in values) and math.isnan(stats["rewards/never/mean"])
+
+
+def test_advantages_leave_out_rows_no_function_scored():
+    from sasr.losses import group_advantages
+
+    rewards = torch.tensor([1.0, float("nan"), 3.0, 5.0, float("nan"), float("nan")])
+    adv, zero = group_advantages(rewards, 3, scale="none")
+    assert adv.tolist() == [-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]  # group 1: mean of 1 and 3; unscored: 0
+    assert zero.tolist() == [False, True]  # one scored row: no spread
+
+
+def test_bad_reward_settings_get_one_sentence_and_no_run_directory(tmp_path, capsys, chat_file, reward_file):
+    out = tmp_path / "run"
+    base = ["train", "--model", "tiny", "--task", f"jsonl:{chat_file}", "--output", str(out), "--quiet"]
+    cases = [
+        (
+            ["--reward", f"{reward_file}:length_mod", "--set", "reward_weights=[1, 2]"],
+            "reward_weights has 2 weights for 1 reward_funcs; give one weight per function",
+        ),
+        (["--reward", f"{reward_file}:missing"], "has no function 'missing'"),
+        (
+            ["--set", "grpo.overlong_buffer_len=200", "--set", "grpo.max_completion_length=64"],
+            "grpo.overlong_buffer_len (200) must be below grpo.max_completion_length (64)",
+        ),
+        (["--set", "grpo.importance_sampling_level=sentence"], "importance_sampling_level"),
+    ]
+    for extra, says in cases:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("sasr: error:") and says in err, err
+        assert not out.exists()
+
+
+# --- training runs on tiny: each option's effect ------------------------------------------------------------
+
+
+TRAIN_ARGS = [
+    "train",
+    "--model",
+    "tiny",
+    "--quiet",
+    "--set",
+    "report_to=none",
+    "--set",
+    "eval.before=false",
+    "--set",
+    "task.test_size=0",
+    "--set",
+    "grpo.max_completion_length=8",
+]
+
+
+def _train(tmp_path, name, *argv):
+    out = tmp_path / name
+    code = main([*TRAIN_ARGS, "--output", str(out), *argv])
+    assert code == 0
+    return out, [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_chat_task_trains_with_trl_reward_functions_logged_each(tmp_path, chat_file, reward_file):
+    out, rows = _train(
+        tmp_path,
+        "chat",
+        "--task",
+        f"jsonl:{chat_file}",
+        "--method",
+        "sasr",
+        "--steps",
+        "4",
+        "--warmup-steps",
+        "1",
+        "--reward",
+        "trl.rewards:think_format_reward",
+        "--reward",
+        f"{reward_file}:level_reward",
+        "--set",
+        "grpo.num_generations=2",
+        "--set",
+        "sft.batch_size=2",
+        "--set",
+        "log_completions=true",
+        "--set",
+        "sasr.gamma=100",  # p_t near 0: GRPO steps after the warm-up
+    )
+    grpo = [r for r in rows if r["phase"] == "grpo"]
+    assert grpo, [r["phase"] for r in rows]
+    for r in grpo:
+        assert {"rewards/think_format_reward/mean", "rewards/level_reward/std", "mean_level"} <= r.keys()
+        assert r["reward_mean"] == pytest.approx(
+            r["rewards/think_format_reward/mean"] + r["rewards/level_reward/mean"]
+        )
+    samples = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
+    assert samples and all("level_seen" in s for s in samples)
+
+
+def test_gradient_accumulation_equals_one_batch_of_the_same_size(tmp_path, reward_file):
+    """2 micro-batches of (2 demonstrations, 1 prompt) give the update and gradient norm of one batch of (4, 2):
+    the same rows, computed in two pieces, the loss divided by the whole step's counts."""
+    from safetensors.torch import load_file
+
+    data = tmp_path / "d.jsonl"
+    rows = [
+        {"question": e.question, "solution": e.cot, "answer": e.answer}
+        for e in get_task("arithmetic").examples("train", 60)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [
+        "--task",
+        f"jsonl:{data}",
+        "--method",
+        "interleave",
+        "--steps",
+        "5",
+        "--warmup-steps",
+        "1",
+        "--reward",
+        f"{reward_file}:length_mod",
+        "--set",
+        "lora.enabled=false",
+        "--set",
+        "grpo.num_generations=4",
+        "--set",
+        "grpo.beta=0.1",
+    ]
+    for loss_type in ("grpo", "dapo"):
+        one, a = _train(
+            tmp_path,
+            f"one-{loss_type}",
+            *common,
+            "--set",
+            f"grpo.loss_type={loss_type}",
+            "--set",
+            "sft.batch_size=4",
+            "--set",
+            "grpo.batch_size=2",
+        )
+        acc, b = _train(
+            tmp_path,
+            f"acc-{loss_type}",
+            *common,
+            "--set",
+            f"grpo.loss_type={loss_type}",
+            "--set",
+            "sft.batch_size=2",
+            "--set",
+            "grpo.batch_size=1",
+            "--set",
+            "gradient_accumulation_steps=2",
+        )
+        assert [r["phase"] for r in a] == [r["phase"] for r in b] and {"sft", "grpo"} <= {
+            r["phase"] for r in a
+        }
+        assert [r["reward_mean"] for r in a if "reward_mean" in r] == [
+            r["reward_mean"] for r in b if "reward_mean" in r
+        ]
+        for x, y in zip(a, b):
+            assert y["loss"] == pytest.approx(x["loss"], rel=1e-4, abs=1e-6)
+            assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+        wa, wb = (
+            load_file(one / "final" / "model.safetensors"),
+            load_file(acc / "final" / "model.safetensors"),
+        )
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_rollouts_of_a_step_can_be_generated_in_chunks(tmp_path):
+    _, rows = _train(
+        tmp_path,
+        "chunks",
+        "--method",
+        "grpo",
+        "--steps",
+        "2",
+        "--set",
+        "grpo.batch_size=3",
+        "--set",
+        "grpo.num_generations=2",
+        "--set",
+        "grpo.generation_batch_size=2",  # one prompt's group per generate call: 3 calls a step
+    )
+    assert all(r["completion_length"] > 0 for r in rows) and len(rows) == 2
+
+
+def test_bf16_autocast_trains_float32_weights(tmp_path):
+    """In its own process: accelerate's precision is process-wide, as in a fresh `sasr train`."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    common = ["--method", "sft", "--steps", "2", "--set", "lora.enabled=false"]
+    fp32, a = _train(tmp_path, "fp32", *common)
+    bf16 = tmp_path / "bf16"
+    argv = [*TRAIN_ARGS, "--output", str(bf16), *common, "--set", "bf16=true"]
+    subprocess.run([sys.executable, "-m", "sasr", *argv], check=True, capture_output=True)
+    b = [json.loads(x) for x in (bf16 / "metrics.jsonl").read_text().splitlines()]
+    assert all(w.dtype == torch.float32 for w in load_file(bf16 / "final" / "model.safetensors").values())
+    assert a[0]["loss"] != b[0]["loss"] and b[0]["loss"] == pytest.approx(
+        a[0]["loss"], rel=0.02
+    )  # autocast ran
+
+
+def test_mask_truncated_completions_leaves_cut_rollouts_out_of_the_loss(tmp_path, reward_file):
+    """tiny never ends a completion within 8 tokens: every rollout is cut, so none carries loss."""
+    data = tmp_path / "d.jsonl"
+    rows = [
+        {"question": e.question, "answer": e.answer} for e in get_task("arithmetic").examples("train", 40)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [
+        "--method",
+        "grpo",
+        "--steps",
+        "2",
+        "--task",
+        f"jsonl:{data}",
+        "--reward",
+        f"{reward_file}:length_mod",
+    ]
+    _, kept = _train(tmp_path, "kept", *common)
+    _, masked = _train(tmp_path, "masked", *common, "--set", "grpo.mask_truncated_completions=true")
+    assert all(r["clipped_ratio"] == 1.0 for r in kept + masked)
+    assert all(r["grad_norm"] > 0 for r in kept)  # rewards differ: the cut rollouts train
+    assert all(r["loss"] == 0 and r["grad_norm"] == 0 for r in masked)
+
+
+def test_soft_overlong_penalty(tmp_path):
+    """Every completion is 8 tokens, the limit; the buffer is the last 4: the full penalty, -factor."""
+    _, rows = _train(
+        tmp_path,
+        "overlong",
+        "--method",
+        "grpo",
+        "--steps",
+        "1",
+        "--set",
+        "grpo.overlong_buffer_len=4",
+        "--set",
+        "grpo.overlong_penalty_factor=0.5",
+    )
+    assert rows[0]["overlong_penalty"] == -0.5 and rows[0]["reward_mean"] == -0.5  # the judge gave 0
+
+
+def test_num_iterations_updates_against_the_sampling_policy(tmp_path, reward_file):
+    data = tmp_path / "d.jsonl"
+    rows = [
+        {"question": e.question, "answer": e.answer} for e in get_task("arithmetic").examples("train", 40)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [
+        "--task",
+        f"jsonl:{data}",
+        "--method",
+        "grpo",
+        "--steps",
+        "3",
+        "--reward",
+        f"{reward_file}:length_mod",
+        "--set",
+        "optim.learning_rate=0.05",
+        "--set",
+        "lora.enabled=false",
+    ]
+    _, once = _train(tmp_path, "once", *common)
+    _, thrice = _train(tmp_path, "thrice", *common, "--set", "grpo.num_iterations=3")
+    assert all(r["clip_fraction"] == 0 for r in once)  # one update per batch: the ratio is 1
+    assert any(r["clip_fraction"] > 0 for r in thrice)  # later updates move away from pi_old and clip
+    assert all(r["num_iterations"] == 3 for r in thrice)
+    assert once[0]["grad_norm"] == pytest.approx(
+        thrice[0]["grad_norm"], rel=1e-5
+    )  # the first update is alike
+
+
+def test_dynamic_sampling_lets_no_equal_group_through_while_prompts_remain(tmp_path, reward_file):
+    data = tmp_path / "d.jsonl"
+    exs = get_task("arithmetic").examples("train", 80)
+    rows = [{"question": e.question, "answer": e.answer, "easy": i % 2 == 0} for i, e in enumerate(exs)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = [
+        "--task",
+        f"jsonl:{data}",
+        "--method",
+        "grpo",
+        "--steps",
+        "4",
+        "--reward",
+        f"{reward_file}:easy_constant",
+        "--set",
+        "grpo.batch_size=4",
+        "--set",
+        "grpo.num_generations=4",
+    ]
+    _, plain = _train(tmp_path, "plain", *common)
+    _, dyn = _train(
+        tmp_path,
+        "dyn",
+        *common,
+        "--set",
+        "grpo.dynamic_sampling=true",
+        "--set",
+        "grpo.max_num_gen_batches=10",
+    )
+    assert sum(r["zero_spread_fraction"] for r in plain) > 0  # easy prompts: equal rewards
+    assert all(r["zero_spread_fraction"] == 0 for r in dyn)
+    assert all(r["dynamic_sampling_batches"] >= 2 for r in dyn) and all(r["reward_std"] > 0 for r in dyn)
+    # A limit of one batch: nothing more to sample, so equal groups fill the batch.
+    _, capped = _train(
+        tmp_path,
+        "capped",
+        *common,
+        "--set",
+        "grpo.dynamic_sampling=true",
+        "--set",
+        "grpo.max_num_gen_batches=1",
+    )
+    assert sum(r["zero_spread_fraction"] for r in capped) > 0
+
+
+# --- 5. the loss normalised over every process -------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_gradients(rank: int, world: int, port: int, out: str) -> None:
+    """One gloo process: its half of the rows, the part's Norm from the all-reduced token count, backward, then
+    DDP's mean of the gradients (an all-reduce and a division), as the trainer does."""
+    import torch.distributed as dist
+
+    from sasr.losses import Norm, PartInputs, nll_part, pg_part
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    logps, mask, adv = _batch()
+    half = slice(rank * 4, rank * 4 + 4)
+    grads = {}
+    for name in ("dapo", "nll"):
+        x = logps.clone().requires_grad_(True)
+        tokens = mask[half].sum().double()
+        dist.all_reduce(tokens)
+        inputs = PartInputs(
+            x[half],
+            mask[half],
+            None,
+            None,
+            adv[half],
+            torch.zeros(4, dtype=torch.bool),
+            torch.zeros(4, dtype=torch.bool),
+            norm=Norm(rows=4, tokens=float(tokens) / world),
+        )
+        if name == "dapo":
+            loss = pg_part(
+                inputs,
+                beta=0.0,
+                epsilon=0.2,
+                epsilon_high=None,
+                loss_type="dapo",
+                max_completion_length=6,
+                use_bias_correction_kl=False,
+            ).loss
+        else:
+            loss = nll_part(inputs).loss
+        loss.backward()
+        grad = x.grad.clone()
+        dist.all_reduce(grad)
+        grads[name] = grad / world
+    torch.save(grads, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _batch():
+    g = torch.Generator().manual_seed(3)
+    logps = -torch.rand(8, 6, generator=g)
+    lengths = torch.tensor([6, 1, 2, 5, 6, 6, 3, 4])  # the two halves hold 14 and 19 tokens
+    mask = (torch.arange(6)[None] < lengths[:, None]).float()
+    return logps, mask, torch.randn(8, generator=g)
+
+
+def test_dapo_and_sft_token_means_over_two_gloo_processes_equal_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    from sasr.losses import PartInputs, nll_part, pg_part
+
+    mp.spawn(_rank_gradients, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    logps, mask, adv = _batch()
+    no = torch.zeros(8, dtype=torch.bool)
+    for name in ("dapo", "nll"):
+        x = logps.clone().requires_grad_(True)
+        inputs = PartInputs(x, mask, None, None, adv, no, no)  # one process, the whole batch, no Norm
+        if name == "dapo":
+            loss = pg_part(
+                inputs,
+                beta=0.0,
+                epsilon=0.2,
+                epsilon_high=None,
+                loss_type="dapo",
+                max_completion_length=6,
+                use_bias_correction_kl=False,
+            ).loss
+        else:
+            loss = nll_part(inputs).loss
+        loss.backward()
+        for rank in (0, 1):
+            torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt")[name], x.grad)
+        # A per-process token mean (what DDP gave before) is a different number: the test can tell them apart.
+        per_process = torch.zeros_like(x.grad)
+        for half in (slice(0, 4), slice(4, 8)):
+            per_process[half] = x.grad[half] * (mask.sum() / mask[half].sum()) / 2
+        assert not torch.allclose(per_process, x.grad)
+
+
+def test_the_reward_contract_is_refused_a_non_number(chat_file, tmp_path):
+    (tmp_path / "bad.py").write_text("def text(completions, **kw):\n    return ['yes'] * len(completions)\n")
+    task = get_task(f"jsonl:{chat_file}")
+    ex = task.examples("train", 2)
+    rewards = Rewards(task, [f"{tmp_path / 'bad.py'}:text"])
+    with pytest.raises(SasrError, match="returned 'yes', not a finite number or None, for completion 0"):
+        rewards.score(task.score_batch(["a", "b"], ex), _call(task, ex, ["a", "b"]), ex)
+
+
+# --- 6. defaults ------------------------------------------------------------------------------------------
+
+# sasr key -> TRL 1.16 GRPOConfig attribute, for every option the preset sets
+PRESET_TO_TRL = {
+    "bf16": "bf16",
+    "model.gradient_checkpointing": "gradient_checkpointing",
+    "optim.learning_rate": "learning_rate",
+    "optim.lr_scheduler_type": "lr_scheduler_type",
+    "optim.lr_warmup_steps": "warmup_steps",
+    "optim.max_grad_norm": "max_grad_norm",
+    "optim.weight_decay": "weight_decay",
+    "grpo.num_generations": "num_generations",
+    "grpo.max_completion_length": "max_completion_length",
+    "grpo.temperature": "temperature",
+    "grpo.top_p": "top_p",
+    "grpo.loss_type": "loss_type",
+    "grpo.beta": "beta",
+    "grpo.use_bias_correction_kl": "use_bias_correction_kl",
+    "grpo.scale_rewards": "scale_rewards",
+    "grpo.epsilon": "epsilon",
+    "grpo.importance_sampling_level": "importance_sampling_level",
+    "grpo.num_iterations": "num_iterations",
+    "grpo.mask_truncated_completions": "mask_truncated_completions",
+}
+
+
+def test_the_trl_preset_reproduces_trls_defaults():
+    from pathlib import Path
+
+    from trl import GRPOConfig
+
+    from sasr.config import build_config
+
+    trl = GRPOConfig(output_dir="/tmp/unused", use_cpu=True)
+    ours = build_config(Path(__file__).parents[1] / "configs" / "presets" / "trl.yaml", {"method": "grpo"})
+    for key, attr in PRESET_TO_TRL.items():
+        value = ours
+        for part in key.split("."):
+            value = getattr(value, part)
+        expected = getattr(trl, attr)
+        assert value == getattr(expected, "value", expected), key
+    # TRL's per_device_train_batch_size counts completions: one prompt's group per process
+    assert ours.grpo.batch_size * ours.grpo.num_generations == trl.per_device_train_batch_size
+    assert not ours.lora.enabled  # TRL trains every weight unless given a peft_config
