@@ -161,3 +161,33 @@ def test_broken_models_and_files_are_one_sentence_and_write_nothing(tmp_path, ca
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("sasr: error:") and message in err[0], (name, err)
         assert not out.exists(), name
+
+
+def test_an_output_that_is_a_file_or_cannot_be_written_is_refused_before_anything_runs(capsys, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    code, cap = run_cli(capsys, *TINY_ARGS, "--output", str(afile))
+    assert code == 2 and cap.err.strip() == (
+        f"sasr: error: output '{afile}' is a file, not a directory; choose another --output"
+    )
+    assert afile.read_text() == "mine"
+    code, cap = run_cli(capsys, *TINY_ARGS, "--output", "/proc/sasr-run")  # not writable, even by root
+    assert code == 2 and cap.err.startswith(
+        "sasr: error: cannot write the run directory '/proc/sasr-run' in '/proc'"
+    )
+    assert cap.err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--steps", "abc"], "sasr train: error: argument --steps: invalid int value: 'abc'"),
+        (["train", "--method"], "sasr train: error: argument --method: expected one argument"),
+        (["frobnicate"], "sasr: error: argument command: invalid choice: 'frobnicate'"),
+    ],
+)
+def test_a_malformed_command_line_is_one_sentence(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith(message) and "--help" in err

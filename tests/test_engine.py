@@ -355,3 +355,24 @@ def test_kv_pool_evicts_the_oldest_shape_and_stays_correct(smol, monkeypatch):
         )
         T = min(graphed.completion_ids.size(1), eager[n].completion_ids.size(1))
         assert torch.equal(graphed.completion_ids[:, :T], eager[n].completion_ids[:, :T])
+
+
+@pytest.mark.parametrize("backend", ["sasr", "hf"])
+def test_every_end_of_turn_token_of_the_generation_config_stops_a_completion(backend):
+    """A model whose generation config names several end tokens (as Qwen2.5's instruct models do) stops at any
+    of them: here a second stop token chosen as the one tiny emits greedily at its third step (or earlier)."""
+    model, tok = models.load_model("tiny"), models.load_tokenizer("tiny")
+    task = get_task("arithmetic")
+    prompts = render_prompts(tok, task, task.examples("test", 2, seed=1))
+    plain = generate(model, tok, prompts, max_new_tokens=8, greedy=True, backend=backend)
+    assert plain.completion_mask.sum(1).tolist() == [8, 8]  # tiny never says EOS in 8 tokens
+    third = int(plain.completion_ids[0, 2])
+    assert third != tok.eos_token_id
+    model.generation_config.eos_token_id = [tok.eos_token_id, third]
+    stopped = generate(model, tok, prompts, max_new_tokens=8, greedy=True, backend=backend)
+    expected = [
+        int((row == third).nonzero()[0]) + 1 if (row == third).any() else 8 for row in plain.completion_ids
+    ]
+    assert expected[0] <= 3 and stopped.completion_mask.sum(1).tolist() == expected  # at its first stop token
+    for row, n in enumerate(expected):
+        assert torch.equal(stopped.completion_ids[row, :n], plain.completion_ids[row, :n])

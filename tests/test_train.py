@@ -312,7 +312,7 @@ def test_report_page_shows_the_curves_and_what_the_model_wrote(run_tiny, capsys)
 
     from sasr.cli import main
 
-    result, rows = run_tiny("page", method="grpo", steps=2, log_completions=True)
+    result, rows = run_tiny("page", method="grpo", steps=2, log_completions=True, eval={"before": True})
     assert main(["report", str(result.output_dir)]) == 0
     page = result.output_dir / "report" / "index.html"
     assert "index.html (open it in a browser)" in capsys.readouterr().out
@@ -338,7 +338,11 @@ def test_report_page_shows_the_curves_and_what_the_model_wrote(run_tiny, capsys)
     outline.feed(page.read_text())
     assert outline.images == ["training.png"] and (page.parent / "training.png").is_file()
     assert {"Step 1", "Step 2", "What the model wrote", "Training curves"} <= set(outline.headings)
-    assert outline.samples == 2 * 4  # 4 of each step's 2 x 4 rollouts
+    assert outline.samples == 2 * 4 + 2 * 4  # 4 of each step's 2 x 4 rollouts; 4 answers of each evaluation
+    answers = [json.loads(x) for x in (result.output_dir / "eval_completions.jsonl").read_text().splitlines()]
+    assert [a["eval"] for a in answers] == ["eval before"] * 4 + ["eval after"] * 4
+    assert {"question", "completion", "reward", "correct", "step"} <= answers[0].keys()
+    assert [a["step"] for a in answers] == [0] * 4 + [2] * 4
     samples = [json.loads(x) for x in (result.output_dir / "completions.jsonl").read_text().splitlines()]
     best = max((s for s in samples if s["step"] == 1), key=lambda s: s["reward"])
     assert escape(best["completion"]) in page.read_text()

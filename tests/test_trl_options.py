@@ -74,6 +74,32 @@ REWARDS = textwrap.dedent(
 
     def easy_constant(completions, easy, **kw):  # easy prompts: always 1 (no spread); others: varied
         return [1.0 if e else float(len(c[0]["content"]) % 5) for c, e in zip(completions, easy)]
+
+    def mixed_types(completions, **kw):  # what TRL's torch.tensor takes: bools, numpy, torch, NaN
+        import numpy as np
+        import torch
+        kinds = [True, np.float32(0.5), torch.tensor(2.0), float("nan")]
+        return [kinds[i % 4] for i in range(len(completions))]
+
+    class Client:  # an async client made once, bound to the loop it first ran on
+        def __init__(self):
+            self.loop = None
+
+        async def score(self, text):
+            loop = asyncio.get_running_loop()
+            if self.loop is None:
+                self.loop = loop
+            assert loop is self.loop, "called from another event loop"
+            return 1.0
+
+    CLIENT = Client()
+
+    async def client_reward(completions, **kw):
+        return await asyncio.gather(*(CLIENT.score(c[0]["content"]) for c in completions))
+
+    def shadows(completions, log_metric, **kw):
+        log_metric("accuracy", 1.0)
+        return [0.0] * len(completions)
     """
 )
 
@@ -172,6 +198,24 @@ def test_the_contract_columns_state_none_async_weights_and_logs(chat_file, rewar
     assert all(math.isnan(v) for v in values) and math.isnan(stats["rewards/never/mean"])
 
 
+def test_reward_values_as_trl_takes_them_and_one_event_loop_for_async_clients(chat_file, reward_file):
+    task = get_task(f"jsonl:{chat_file}")
+    ex = task.examples("train", 4)
+    texts = ["a", "b", "c", "d"]
+    values, _ = Rewards(task, [f"{reward_file}:mixed_types"]).score(
+        task.score_batch(texts, ex), _call(task, ex, texts), ex
+    )
+    assert values[:3] == [1.0, 0.5, 2.0] and math.isnan(values[3])  # NaN: not scored, as None
+    rewards = Rewards(task, [f"{reward_file}:client_reward"])
+    for _ in range(3):  # a client bound to its first loop keeps working: the loop lives on
+        values, _ = rewards.score(task.score_batch(texts, ex), _call(task, ex, texts), ex)
+        assert values == [1.0] * 4
+    with pytest.raises(SasrError, match="log_metric named 'accuracy', one of sasr's own metrics"):
+        Rewards(task, [f"{reward_file}:shadows"]).score(
+            task.score_batch(texts, ex), _call(task, ex, texts), ex
+        )
+
+
 def test_advantages_leave_out_rows_no_function_scored():
     from sasr.losses import group_advantages
 
@@ -195,6 +239,16 @@ def test_bad_reward_settings_get_one_sentence_and_no_run_directory(tmp_path, cap
             "grpo.overlong_buffer_len (200) must be below grpo.max_completion_length (64)",
         ),
         (["--set", "grpo.importance_sampling_level=sentence"], "importance_sampling_level"),
+        (["--set", "push_to_hub=true"], "push_to_hub needs the network, but HF_HUB_OFFLINE is set"),
+        (
+            ["--method", "chord", "--set", "grpo.num_iterations=2"],
+            "method 'chord' also trains unclipped parts",
+        ),
+        (["--method", "hpt", "--set", "grpo.dynamic_sampling=true"], "which method 'hpt' routes by"),
+        (
+            ["--set", "push_to_hub=true", "--set", "save_final=false"],
+            "push_to_hub uploads final/, so it needs",
+        ),
     ]
     for extra, says in cases:
         assert main([*base, *extra]) == 2
@@ -262,12 +316,15 @@ def test_a_chat_task_trains_with_trl_reward_functions_logged_each(tmp_path, chat
             r["rewards/think_format_reward/mean"] + r["rewards/level_reward/mean"]
         )
     samples = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
-    assert samples and all("level_seen" in s for s in samples)
+    assert samples and all("level_seen" in s for s in samples)  # log_extra's column
+    for s in samples:  # each function's own value beside the weighted sum
+        assert s["reward"] == pytest.approx(s["rewards/think_format_reward"] + s["rewards/level_reward"])
 
 
 def test_gradient_accumulation_equals_one_batch_of_the_same_size(tmp_path, reward_file):
     """2 micro-batches of (2 demonstrations, 1 prompt) give the update and gradient norm of one batch of (4, 2):
-    the same rows, computed in two pieces, the loss divided by the whole step's counts."""
+    the same rows, computed in two pieces, the loss divided by the whole step's counts; for every loss_type,
+    and for SRFT, whose weighted parts take subsets of the rows."""
     from safetensors.torch import load_file
 
     data = tmp_path / "d.jsonl"
@@ -279,8 +336,6 @@ def test_gradient_accumulation_equals_one_batch_of_the_same_size(tmp_path, rewar
     common = [
         "--task",
         f"jsonl:{data}",
-        "--method",
-        "interleave",
         "--steps",
         "5",
         "--warmup-steps",
@@ -294,11 +349,18 @@ def test_gradient_accumulation_equals_one_batch_of_the_same_size(tmp_path, rewar
         "--set",
         "grpo.beta=0.1",
     ]
-    for loss_type in ("grpo", "dapo"):
+    for method, loss_type in [
+        ("interleave", "grpo"),
+        ("interleave", "dapo"),
+        ("interleave", "dr_grpo"),
+        ("hpt", "dapo"),
+    ]:
         one, a = _train(
             tmp_path,
-            f"one-{loss_type}",
+            f"one-{method}-{loss_type}",
             *common,
+            "--method",
+            method,
             "--set",
             f"grpo.loss_type={loss_type}",
             "--set",
@@ -308,8 +370,10 @@ def test_gradient_accumulation_equals_one_batch_of_the_same_size(tmp_path, rewar
         )
         acc, b = _train(
             tmp_path,
-            f"acc-{loss_type}",
+            f"acc-{method}-{loss_type}",
             *common,
+            "--method",
+            method,
             "--set",
             f"grpo.loss_type={loss_type}",
             "--set",
@@ -319,9 +383,14 @@ def test_gradient_accumulation_equals_one_batch_of_the_same_size(tmp_path, rewar
             "--set",
             "gradient_accumulation_steps=2",
         )
-        assert [r["phase"] for r in a] == [r["phase"] for r in b] and {"sft", "grpo"} <= {
-            r["phase"] for r in a
-        }
+        assert [r["phase"] for r in a] == [r["phase"] for r in b]
+        assert (
+            {"sft", "grpo"} <= {r["phase"] for r in a}
+            if method == "interleave"
+            else {"mixed"} == {r["phase"] for r in a}
+        )
+        if method == "srft":  # weighted parts over subsets of the rows: demonstrations, and the groups
+            assert all(r["weight/sft"] > 0 and "loss/rl" in r for r in a)
         assert [r["reward_mean"] for r in a if "reward_mean" in r] == [
             r["reward_mean"] for r in b if "reward_mean" in r
         ]
@@ -336,7 +405,18 @@ def test_gradient_accumulation_equals_one_batch_of_the_same_size(tmp_path, rewar
             torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
 
 
-def test_rollouts_of_a_step_can_be_generated_in_chunks(tmp_path):
+def test_rollouts_of_a_step_can_be_generated_in_chunks(tmp_path, monkeypatch):
+    import sasr.trainer
+
+    calls = []
+
+    def counted(model, tokenizer, prompts, **kw):
+        calls.append(len(prompts))
+        return generate(model, tokenizer, prompts, **kw)
+
+    from sasr.rollout import generate
+
+    monkeypatch.setattr(sasr.trainer, "generate", counted)
     _, rows = _train(
         tmp_path,
         "chunks",
@@ -352,6 +432,7 @@ def test_rollouts_of_a_step_can_be_generated_in_chunks(tmp_path):
         "grpo.generation_batch_size=2",  # one prompt's group per generate call: 3 calls a step
     )
     assert all(r["completion_length"] > 0 for r in rows) and len(rows) == 2
+    assert calls == [1, 1, 1] * 2  # each call one prompt's group of 2 completions
 
 
 def test_bf16_autocast_trains_float32_weights(tmp_path):

@@ -222,6 +222,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except ValueError:
         raise SasrError(f"--seeds must be a comma list of integers, got '{args.seeds}'") from None
     overrides = {
+        "method": methods[0] if methods else None,  # the shared configuration is checked as one of them
         "task.name": args.task,
         "model.name": args.model,
         "steps": args.steps,
@@ -291,9 +292,16 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line ends in one sentence (and exit code 2), as every other bad input does."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sasr", description="Step-wise adaptive SFT + GRPO post-training.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="sasr", description="Step-wise adaptive SFT + GRPO post-training.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _train_parser(sub)
     _eval_parser(sub)
     _compare_parser(sub)

@@ -178,6 +178,10 @@ class TrainConfig(Section):
         False, "keep every sampled group's rows in DIR/completions.jsonl (as TRL's option)"
     )
     num_completions_to_print: int = F(0, "print this many samples of each step with rollouts", ge=0)
+    push_to_hub: bool = F(
+        False, "upload final/ to the Hugging Face Hub after training (untested here: no network)"
+    )
+    hub_model_id: str | None = F(None, "the Hub repository, owner/name (default: the run directory's name)")
     reward_funcs: list[str | dict[str, Any]] = F(
         [], "reward functions with TRL's contract (module:function; 'task': the judge); []: the judge alone"
     )
@@ -217,6 +221,19 @@ class TrainConfig(Section):
         if METHODS[self.method].Options.model_fields and self.method not in self.model_extra:
             self.model_extra[self.method] = self.method_options()  # the resolved config shows them
         METHODS[self.method](**self.method_kwargs())  # its own checks of budget and options, before any run
+        method = METHODS[self.method]
+        if self.grpo.num_iterations > 1 and not method.repeatable_updates:
+            raise ValueError(
+                f"grpo.num_iterations > 1 repeats each update on the same rollouts, which only a clipped ratio "
+                f"bounds; method '{self.method}' also trains unclipped parts in its steps: set num_iterations: 1"
+            )
+        if self.grpo.dynamic_sampling and method.routes_by_outcome:
+            raise ValueError(
+                f"grpo.dynamic_sampling drops groups whose rewards are all equal, which method '{self.method}' "
+                "routes by (an unsolved group goes to SFT): turn dynamic_sampling off"
+            )
+        if self.push_to_hub and not self.save_final:
+            raise ValueError("push_to_hub uploads final/, so it needs save_final: true")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(
                 f"reward_weights has {len(self.reward_weights)} weights for {len(self.reward_funcs)} reward_funcs; "
@@ -335,6 +352,8 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise SasrError(f"config file '{path}' is a directory; pass a YAML file")
     if not path.is_file():
         raise SasrError(f"config file '{path}' does not exist")
     try:

@@ -47,6 +47,12 @@ class Method:
     uses_reference: ClassVar[bool] = True  # samples rollouts, whose KL to the reference is measured
     # In a comparison, this method may take as many SFT steps as the named one took with the same seed.
     sft_budget_from: ClassVar[str | None] = None
+    # False: a step with rollouts also trains parts that no clipped ratio bounds (SFT, shaped or weighted
+    # terms), so grpo.num_iterations > 1 would repeat them with no trust region.
+    repeatable_updates: ClassVar[bool] = True
+    # True: the parts depend on which groups were solved (the groups with equal rewards matter to it), so
+    # grpo.dynamic_sampling, which drops those groups, would change the method.
+    routes_by_outcome: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -327,6 +333,7 @@ class Chord(Method):
     name = "chord"
     Options = ChordOptions
     dynamics = ("mu",)
+    repeatable_updates = False
 
     def mu(self, step: int) -> float:
         o = self.opts
@@ -380,6 +387,8 @@ class HPT(Method):
     name = "hpt"
     Options = HPTOptions
     pairs_demos = True
+    repeatable_updates = False
+    routes_by_outcome = True
     dynamics = ("sft_fraction",)
 
     def plan(self, step: int) -> Plan:
@@ -418,6 +427,7 @@ class DemosInGroups(Method):
     demonstration (options ``num_demos`` = k and ``scale_rewards``)."""
 
     pairs_demos = True
+    repeatable_updates = False
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)

@@ -10,13 +10,16 @@ A reward function is called exactly as TRL 1.16's ``GRPOTrainer`` calls one::
 - ``completions``: each row's completion as a one-message list ``[{"role": "assistant", "content": text}]``;
 - ``completion_ids``: each completion's token ids (padding left out);
 - ``columns``: every other column of the rows, one list each (a file's own fields; a built-in task's
-  ``question``, ``solution`` (its demonstration) and ``answer``);
-- ``trainer_state``: a ``transformers.TrainerState`` whose ``global_step`` counts finished optimizer steps;
+  ``question``, ``answer`` and ``solution``, the gold answer as TRL's math datasets name it);
+- ``trainer_state``: a ``transformers.TrainerState`` whose ``global_step`` counts finished sasr steps;
 - ``log_extra(column, values)`` adds a column to the step's samples (``completions.jsonl``), and
   ``log_metric(name, value)`` a number to the step's metrics line.
 
-A function may return None for a row: the row is left out of that function's mean, and a row every function
-left out gets no reward and no advantage (as TRL). A function may be ``async``: those run concurrently. The
+A function may return None (or NaN) for a row: the row is left out of that function's mean, and a row every
+function left out gets no reward and no advantage (as TRL). Numbers may be bools, numpy or torch scalars, as
+TRL's ``torch.tensor`` takes them. A function may be ``async``: those run concurrently on one event loop that
+lives as long as the process (so an async client made once keeps working). Reward models (``nn.Module``) are
+not supported: wrap one in a function. The
 reward is the weighted sum of the functions (``reward_weights``, default all 1). The entry ``task`` is the
 task's own judge; with no ``reward_funcs`` the judge alone is the reward. Whether a rollout is correct (its
 accuracy, and what HPT's gate and SRFT's rollout term read) is always the judge's verdict.
@@ -25,14 +28,15 @@ accuracy, and what HPT's gate and SRFT's rollout term read) is always the judge'
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import importlib.util
 import inspect
 import math
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,37 @@ from sasr.errors import SasrError
 from sasr.tasks import Example, Score, Task
 
 TASK = "task"  # the reward_funcs entry that names the task's own judge
+# Metric names sasr writes itself, which a reward function's log_metric may not take.
+RESERVED = {
+    "step",
+    "phase",
+    "loss",
+    "grad_norm",
+    "lr",
+    "tokens",
+    "tokens_per_second",
+    "step_seconds",
+    "reward_mean",
+    "reward_std",
+    "accuracy",
+    "format_rate",
+    "completion_length",
+    "completion_length_max",
+    "clipped_ratio",
+    "zero_spread_fraction",
+    "kl",
+    "entropy",
+    "clip_fraction",
+    "sampler_logprob_gap",
+    "overlong_penalty",
+    "dynamic_sampling_batches",
+    "num_iterations",
+    "p_t",
+    "alpha",
+    "g_last",
+    "g_warmup",
+    "skipped",
+}
 
 
 def load_function(spec: str) -> Callable:
@@ -85,10 +120,23 @@ def function_name(fn: Callable) -> str:
 def _is_async(fn: Callable) -> bool:
     """Whether calling fn returns a coroutine: an async function, a partial of one, or an instance of a class
     with an async __call__."""
-    target = getattr(fn, "func", fn)  # functools.partial
-    if not (inspect.isfunction(target) or inspect.ismethod(target)):
-        target = type(target).__call__
-    return inspect.iscoroutinefunction(target)
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn)):
+        fn = type(fn).__call__
+    return inspect.iscoroutinefunction(fn)
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    """One event loop for every async reward call of the process, run by a daemon thread (as TRL does)."""
+    global _LOOP
+    if _LOOP is None:
+        _LOOP = asyncio.new_event_loop()
+        threading.Thread(target=_LOOP.run_forever, name="sasr-rewards", daemon=True).start()
+    return _LOOP
 
 
 @dataclass
@@ -150,7 +198,8 @@ class Rewards:
         self, scores: list[Score], call: RewardCall, examples: Sequence[Example]
     ) -> tuple[list[float], dict[str, float]]:
         """Each row's reward (NaN where every function returned None) and the per-function statistics
-        ``rewards/NAME/mean`` and ``/std`` (over the rows the function scored), from the judge's ``scores``."""
+        ``rewards/NAME/mean`` and ``/std`` (over the rows the function scored), from the judge's ``scores``.
+        Each function's values go to ``call.extra`` as the column ``rewards/NAME`` of the samples."""
         if not self.custom:
             return [s.reward for s in scores], {}
         cols = columns(self.task, examples)
@@ -169,7 +218,7 @@ class Rewards:
                 return await asyncio.gather(*(self.funcs[i](**call.kwargs(cols)) for i in pending))
 
             try:
-                outputs = asyncio.run(gather())
+                outputs = asyncio.run_coroutine_threadsafe(gather(), _event_loop()).result()
             except SasrError:
                 raise
             except Exception as exc:
@@ -187,7 +236,13 @@ class Rewards:
             var = sum((v - mean) ** 2 for v in kept) / (len(kept) - 1) if len(kept) > 1 else 0.0
             stats[f"rewards/{name}/mean"], stats[f"rewards/{name}/std"] = mean, math.sqrt(var)
         for name, values in call.metrics.items():
+            if name in RESERVED or name.startswith(("rewards/", "loss/", "weight/", "eval_")):
+                raise SasrError(
+                    f"a reward function's log_metric named '{name}', one of sasr's own metrics; choose another name"
+                )
             stats[name] = sum(values) / len(values)
+        for name, values in zip(self.names, per_func):  # each function's value, beside each sample
+            call.extra[f"rewards/{name}"] = [None if math.isnan(v) else v for v in values]
         return rewards, stats
 
     def _call(self, i: int, call: RewardCall, cols: dict[str, list], examples: Sequence[Example]) -> Any:
@@ -216,12 +271,13 @@ class Rewards:
             raise SasrError(f"reward function {name} returned {got} values for {n} completions")
         values = []
         for j, r in enumerate(out):
-            if r is None:
-                values.append(math.nan)
-            elif isinstance(r, bool) or not isinstance(r, Real) or not math.isfinite(r):
+            try:
+                value = math.nan if r is None else float(r)  # bools, numpy and torch scalars too
+            except (TypeError, ValueError):
+                value = None
+            if value is None or isinstance(r, str) or math.isinf(value):
                 raise SasrError(
                     f"reward function {name} returned {r!r}, not a finite number or None, for completion {j}"
                 )
-            else:
-                values.append(float(r))
+            values.append(value)  # NaN: not scored, as None
         return values

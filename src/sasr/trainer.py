@@ -14,7 +14,9 @@ import functools
 import json
 import logging
 import math
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,22 +36,25 @@ from tqdm.auto import tqdm
 from transformers import TrainerState, get_scheduler
 
 from sasr import checkpoint, models, trackers
-from sasr.batch import DEMO, KIND_NAMES, OFFPOLICY, ROLLOUT, Plan, Rows, cat_rows
+from sasr.batch import DEMO, KIND_NAMES, OFFPOLICY, ROLLOUT, Part, Plan, Rows, cat_rows
 from sasr.config import TrainConfig, to_yaml
 from sasr.data import demonstration_rows, encode_targets, pick, render_prompts, rows_of_kind
 from sasr.errors import SasrError
 from sasr.eval.evaluate import GREEDY, evaluate, score_all, settings, summarise
 from sasr.logprobs import completion_logprobs
-from sasr.losses import PART_LOSSES, Norm, PartInputs, group_advantages, masked_mean, sft_loss
+from sasr.losses import PART_LOSSES, Norm, PartInputs, group_advantages, masked_mean
 from sasr.methods import METHODS, get_method
 from sasr.model_card import model_card
 from sasr.process import any_rank, on_stop_signals
 from sasr.reference import ReferencePolicy
 from sasr.rewards import RewardCall, Rewards
-from sasr.rollout import generate
+from sasr.rollout import generate, stop_token_ids
 from sasr.tasks import get_task
 
 log = logging.getLogger(__name__)
+
+# What an evaluation sample keeps (eval_completions.jsonl, with log_completions).
+EVAL_SAMPLE_KEYS = ("question", "completion", "reward", "correct", "formatted", "length")
 
 # Statistics that add up over a step's micro-batches (the rest are averaged over them).
 SUMMED = {"reference_seconds", "policy_forward_seconds"}
@@ -89,6 +94,15 @@ def resolve_run_dir(config: TrainConfig, overwrite: bool, resume: bool, acc: Acc
     name = config.output_dir or f"runs/{config.method}-{config.task.name}-{datetime.now():%Y%m%d-%H%M%S}"
     name = broadcast_object_list([name])[0] if acc.num_processes > 1 else name  # one timestamp for all ranks
     path = Path(name)
+    if path.exists() and not path.is_dir():
+        raise SasrError(f"output '{path}' is a file, not a directory; choose another --output")
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    try:  # a real write, removed at once: permissions alone do not say (root, read-only or virtual file systems)
+        os.rmdir(tempfile.mkdtemp(prefix=".sasr-write-check-", dir=parent))
+    except OSError as exc:
+        raise SasrError(
+            f"cannot write the run directory '{path}' in '{parent}' ({exc.strerror}); choose another --output"
+        ) from None
     if not resume and path.exists() and any(path.iterdir()) and not overwrite:
         raise SasrError(
             f"output directory '{path}' already exists; pass --overwrite or choose another --output"
@@ -146,6 +160,10 @@ class Trainer:
         set_seed(c.seed, device_specific=True)  # sampling differs per rank; method draws do not (own RNG)
 
         # Everything that can fail on bad input fails before the run directory is touched.
+        if c.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            raise SasrError(
+                "push_to_hub needs the network, but HF_HUB_OFFLINE is set; unset it or drop push_to_hub"
+            )
         self.run_dir = resolve_run_dir(c, overwrite, resume, acc)
         resume_from = checkpoint.latest(self.run_dir) if resume else None
         self.task = get_task(c.task.name, **c.task.options())
@@ -158,6 +176,7 @@ class Trainer:
         self.demo_task, self.demo_examples = self._demonstrations()
         self.tokenizer = models.load_tokenizer(c.model.name)
         model = models.load_model(c.model.name, c.model.dtype)
+        self.stop_ids = stop_token_ids(model, self.tokenizer)  # what ends a completion (EOS, end-of-turn)
         if c.model.gradient_checkpointing:
             models.enable_activation_checkpointing(model)
         if c.lora.enabled:
@@ -201,7 +220,7 @@ class Trainer:
                     to_yaml(c.model_copy(update={"output_dir": str(self.run_dir)}))
                 )
             else:  # forget the lines of steps after the checkpoint: they are redone identically
-                for lines in ("metrics.jsonl", "completions.jsonl"):
+                for lines in ("metrics.jsonl", "completions.jsonl", "eval_completions.jsonl"):
                     _truncate_metrics(self.run_dir / lines, self.start_step)
                 (self.run_dir / "config.yaml").write_text(to_yaml(c))
             self._write_status("running", step=self.start_step)
@@ -254,7 +273,7 @@ class Trainer:
         c, acc = self.config, self.accelerator
         self.started = time.perf_counter()
         if self.start_step == 0 and c.eval.before and c.task.test_size:
-            self.eval_before = self.evaluate("eval before")
+            self.eval_before = self.evaluate("eval before", step=0)
         history: list[dict[str, Any]] = []
         after: dict[str, float] | None = None
         nonfinite = 0
@@ -291,9 +310,9 @@ class Trainer:
                     record["skipped"] = True
                 if c.eval.every and step % c.eval.every == 0 and c.task.test_size:
                     if step == c.steps and c.eval.after:  # the final evaluation's greedy part is this one
-                        held_out = after = self.evaluate("eval after", c.eval.samples)
+                        held_out = after = self.evaluate("eval after", c.eval.samples, step)
                     else:
-                        held_out = self.evaluate(f"eval step {step}")
+                        held_out = self.evaluate(f"eval step {step}", step=step)
                     record.update({f"eval_{k}": v for k, v in held_out.items() if k != "n" and k in GREEDY})
                 history.append(record)
                 self._log(record)
@@ -321,12 +340,14 @@ class Trainer:
         bar.close()
 
         if after is None and c.eval.after and c.task.test_size:
-            after = self.evaluate("eval after", c.eval.samples)
+            after = self.evaluate("eval after", c.eval.samples, c.steps)
         seconds = self.elapsed()
         result = RunResult(self.run_dir, dict(self.method.counts), self.eval_before, after, seconds, history)
         if acc.is_main_process:
             if c.save_final:
                 self.save_final(result)
+            if c.push_to_hub:
+                self.push_to_hub()
             self._write_summary(result)
             trackers.finish(acc)
         acc.wait_for_everyone()
@@ -427,11 +448,18 @@ class Trainer:
         rows, spread, stats = self.sample_groups(examples, plan, step)
         if g.dynamic_sampling:
             batches = [(examples, rows, spread)]
+            batch_stats = [stats]
             while sum(int(sp.sum()) for _, _, sp in batches) < n and len(batches) < g.max_num_gen_batches:
                 more = self._examples(step, n, f"grpo-more{len(batches)}")  # new prompts, reproducibly drawn
                 more_rows, more_spread, more_stats = self.sample_groups(more, plan, step)
-                stats["rollout_seconds"] += more_stats["rollout_seconds"]
+                batch_stats.append(more_stats)
                 batches.append((more, more_rows, more_spread))
+            # the reward functions' numbers over every sampled batch; rollout time in all
+            stats = {
+                k: sum(b[k] for b in batch_stats) / (1 if k == "rollout_seconds" else len(batch_stats))
+                for k in stats
+                if k != "_extra" and all(k in b for b in batch_stats)
+            }
             # every group with spread, in the order sampled; then equal groups only to fill the batch
             ranked = [(not sp[i], b, i) for b, (_, _, sp) in enumerate(batches) for i in range(len(sp))]
             chosen = sorted(sorted(ranked)[:n], key=lambda x: (x[1], x[2]))
@@ -493,7 +521,8 @@ class Trainer:
             pieces.append(piece)
         rows = cat_rows(pieces, self.tokenizer.pad_token_id)
         rollout_seconds = self._now() - t_rollout
-        ended = ((rows.completion_ids == self.tokenizer.eos_token_id) & rows.completion_mask.bool()).any(1)
+        stops = torch.tensor(self.stop_ids, device=device)
+        ended = (torch.isin(rows.completion_ids, stops) & rows.completion_mask.bool()).any(1)
         rows.truncated = ~ended & (rows.completion_mask.sum(1) >= g.max_completion_length)  # [B] cut short
         if k:  # the prompt's demonstration k times after its rollouts, with the same prompt tokens: one group
             targets = [self.task.target(ex) for ex in examples]
@@ -597,8 +626,8 @@ class Trainer:
             grad_norm, finite = self.optimizer_step(loss, step)
             finite_all &= finite
             first = first or (loss, grad_norm)
-            for key, value in stats.items():
-                sums[key] = sums.get(key, 0.0) + value / iterations
+            for key, value in stats.items():  # timings add up over the updates; the rest average
+                sums[key] = sums.get(key, 0.0) + (value if key in SUMMED else value / iterations)
         self.lr_scheduler.step()
         if iterations > 1:
             sums["num_iterations"] = iterations
@@ -698,15 +727,19 @@ class Trainer:
         return total, stats
 
     def probe_sft_norm(self, step: int) -> float | None:
-        """SASR's probe: the SFT gradient norm on a batch of demonstrations, the weights left as they are."""
-        c = self.config
-        examples = self._examples(step, c.sft.batch_size, "probe", self.demo_examples)
+        """SASR's probe: the SFT gradient norm on a step's worth of demonstrations (the SFT steps' batch, in
+        their micro-batches and normalisation), the weights left as they are."""
+        c, acc = self.config, self.accelerator
+        n = c.sft.batch_size * c.gradient_accumulation_steps
+        examples = self._examples(step, n, "probe", self.demo_examples)
         rows = self._demo_rows(examples, self.demo_task, c.sft.max_length)
-        logps, _ = completion_logprobs(
-            self.model, rows.input_ids, rows.attention_mask, rows.completion_ids.size(1)
-        )
-        self.accelerator.backward(sft_loss(logps, rows.completion_mask))
-        norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), math.inf))
+        plan, parts = Plan(step, "sft", demos=n), [Part("sft", "nll", torch.ones_like(rows.correct))]
+        micro = self.micro_batches(rows)
+        norms = self._norms(rows, parts) if len(micro) > 1 or acc.num_processes > 1 else {}
+        for m, idx in enumerate(micro):
+            with contextlib.nullcontext() if m == len(micro) - 1 else acc.no_sync(self.model):
+                acc.backward(self.loss(plan, rows, parts, idx, norms, {})[0])
+        norm = float(acc.clip_grad_norm_(self.model.parameters(), math.inf))
         self.optimizer.zero_grad(set_to_none=True)
         return norm if math.isfinite(norm) else None
 
@@ -732,8 +765,9 @@ class Trainer:
 
     # --- evaluation, logging, saving -------------------------------------------------------------------
 
-    def evaluate(self, desc: str, samples: int = 0) -> dict[str, float]:
-        """Held-out evaluation, examples split across ranks, records gathered, then averaged."""
+    def evaluate(self, desc: str, samples: int = 0, step: int = 0) -> dict[str, float]:
+        """Held-out evaluation after ``step`` steps, examples split across ranks, records gathered, then
+        averaged; with ``log_completions`` its greedy answers go to DIR/eval_completions.jsonl."""
         acc, c = self.accelerator, self.config
         shard = self.test_examples[acc.process_index :: acc.num_processes]
         with self.decoder() as model:
@@ -744,18 +778,36 @@ class Trainer:
                 shard,
                 progress=self.progress,
                 desc=desc,
+                keep_text=c.log_completions,
                 **settings(c, samples),
             )
         if acc.num_processes > 1:
             records = gather_object(records)
+        if c.log_completions and acc.is_main_process:  # the evaluation's greedy answers, as samples
+            with open(self.run_dir / "eval_completions.jsonl", "a") as f:
+                f.writelines(
+                    json.dumps({"eval": desc, "step": step, **{k: r[k] for k in EVAL_SAMPLE_KEYS}}) + "\n"
+                    for r in records
+                )
         return summarise(records)
 
     def _record(self, plan: Plan, loss: float, grad_norm: float, stats: dict, seconds: float) -> dict:
         acc = self.accelerator
-        # Mean of each statistic over ranks (the plan, and so the keys, is the same on every rank).
+        # Mean of each statistic over ranks. The plan, and so sasr's own keys, is the same on every rank; a
+        # reward function's log_metric may name a number on some ranks only: the mean over those that have it.
         keys = sorted(stats)
-        values = torch.tensor([loss, *(stats[k] for k in keys)], device=acc.device, dtype=torch.float64)
-        values = acc.reduce(values, reduction="mean").tolist()
+        if acc.num_processes > 1:
+            keys = sorted({k for ks in gather_object([keys]) for k in ks})
+        values = torch.tensor(
+            [loss, *(stats.get(k, math.nan) for k in keys)], device=acc.device, dtype=torch.float64
+        )
+        if acc.num_processes > 1:
+            have = (~values.isnan()).double()
+            totals = acc.reduce(torch.cat([values.nan_to_num(0.0) * have, have]), reduction="sum")
+            n = len(values)
+            values = (totals[:n] / totals[n:]).tolist()  # NaN where no rank has the key
+        else:
+            values = values.tolist()
         tokens = values[1 + keys.index("tokens")] * acc.num_processes
         record: dict[str, Any] = {
             "step": plan.step,
@@ -856,10 +908,29 @@ class Trainer:
         self.tokenizer.save_pretrained(final)
         (final / "README.md").write_text(card())
 
+    def push_to_hub(self) -> None:
+        """Upload final/ (model, tokenizer, model card) to ``hub_model_id`` with huggingface_hub."""
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        repo = api.create_repo(self.config.hub_model_id or self.run_dir.name, exist_ok=True).repo_id
+        api.upload_folder(
+            repo_id=repo, folder_path=self.run_dir / "final", commit_message="sasr: final model"
+        )
+        log.warning("pushed %s to https://huggingface.co/%s", self.run_dir / "final", repo)
+
     def _write_status(self, status: str, **extra: Any) -> None:
         if not self.accelerator.is_main_process:
             return
-        (self.run_dir / "run.json").write_text(json.dumps({"status": status, **extra}, indent=2))
+        acc = self.accelerator
+        how = {
+            "kind": str(acc.distributed_type.value),
+            "num_processes": acc.num_processes,
+            "device": acc.device.type,
+        }
+        (self.run_dir / "run.json").write_text(
+            json.dumps({"status": status, **extra, "distributed": how}, indent=2)
+        )
 
     def _write_summary(self, r: RunResult) -> None:
         summary = {

@@ -120,9 +120,10 @@ def evaluate(
     backend: str = "sasr",
     cuda_graphs: bool = True,
     chat_template_kwargs: dict[str, Any] | None = None,
+    keep_text: bool = False,
 ) -> list[dict[str, Any]]:
     """One record per example: greedy result, and with ``samples`` = K > 0 the sampled metrics (for the first
-    ``sample_size`` examples only, when given)."""
+    ``sample_size`` examples only, when given). ``keep_text``: also the question and the greedy completion."""
     records: list[dict[str, Any]] = []
     per_batch = max(1, batch_size // max(samples, 1))  # prompts per generate call when sampling
     sampled = list(examples[:sample_size]) if samples > 0 else []
@@ -141,15 +142,16 @@ def evaluate(
             cuda_graphs=cuda_graphs,
         )
         lengths = roll.completion_mask.sum(1).tolist()
-        for s, n_tok in zip(score_all(task, roll.texts, chunk), lengths):
-            records.append(
-                {
-                    "correct": float(s.correct),
-                    "reward": s.reward,
-                    "formatted": float(s.formatted),
-                    "length": n_tok,
-                }
-            )
+        for s, n_tok, ex, text in zip(score_all(task, roll.texts, chunk), lengths, chunk, roll.texts):
+            record = {
+                "correct": float(s.correct),
+                "reward": s.reward,
+                "formatted": float(s.formatted),
+                "length": n_tok,
+            }
+            if keep_text:
+                record.update(question=ex.question, completion=text)
+            records.append(record)
         bar.update(len(chunk))
     if sampled:
         for start in range(0, len(sampled), per_batch):
@@ -196,7 +198,7 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     if not records:
         return out
     names = dict(zip(("correct", "reward", "formatted", "length"), GREEDY))
-    keys = dict.fromkeys(k for r in records for k in r)  # first-seen order
+    keys = dict.fromkeys(k for r in records for k, v in r.items() if not isinstance(v, str))  # numbers
     for key in keys:
         values = [r[key] for r in records if key in r]
         out[names.get(key, key)] = sum(values) / len(values)

@@ -25,15 +25,20 @@ details summary { cursor: pointer; color: #555; }
 """
 
 
-def _samples_by_step(run_dir: Path) -> dict[int, list[dict[str, Any]]]:
-    path = run_dir / "completions.jsonl"
-    steps: dict[int, list[dict[str, Any]]] = defaultdict(list)
+def _grouped(path: Path, key: str) -> dict[Any, list[dict[str, Any]]]:
+    """The JSON lines of ``path`` grouped by their ``key``, in order (empty if there is no file)."""
+    groups: dict[Any, list[dict[str, Any]]] = defaultdict(list)
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
-                sample = json.loads(line)
-                steps[int(sample["step"])].append(sample)
-    return steps
+                row = json.loads(line)
+                groups[row[key]].append(row)
+    return groups
+
+
+def _number(x: Any) -> float:
+    """A reward to sort by: NaN (no function scored it) below every number."""
+    return float("-inf") if x is None or x != x else float(x)
 
 
 def _table(rows: list[tuple[str, Any]]) -> str:
@@ -41,11 +46,12 @@ def _table(rows: list[tuple[str, Any]]) -> str:
     return f"<table>{cells}</table>"
 
 
-def _sample(s: dict[str, Any]) -> str:
+def _sample(s: dict[str, Any], advantage: bool = True) -> str:
     verdict = "right" if s.get("correct") else "wrong"
     meta = (
-        f"{html.escape(s.get('kind', ''))} &middot; reward {s['reward']:.3f} &middot; advantage "
-        f"{s['advantage']:+.3f} &middot; {verdict}"
+        f"{html.escape(s.get('kind', ''))} &middot; reward {s['reward']:.3f}"
+        + (f" &middot; advantage {s['advantage']:+.3f}" if advantage else "")
+        + f" &middot; {verdict}"
         + (" &middot; cut at the length limit" if s.get("truncated") else "")
     )
     if s.get("parts"):
@@ -77,19 +83,34 @@ def write_html(run_dir: Path, per_step: int = 4) -> Path:
                 _table([(k, f"{v:.3f}" if isinstance(v, float) else v) for k, v in status[when].items()])
             )
     parts.append('<h2>Training curves</h2><img src="training.png" alt="training curves">')
-    steps = _samples_by_step(run_dir)
+    steps = _grouped(run_dir / "completions.jsonl", "step")
     parts.append("<h2>What the model wrote</h2>")
     if not steps:
         parts.append("<p>No samples: train with <code>log_completions=true</code> to keep them.</p>")
     for step, samples in sorted(steps.items()):
-        ranked = sorted(samples, key=lambda s: -s["reward"])
-        shown = ranked[: (per_step + 1) // 2] + ranked[(per_step + 1) // 2 :][-(per_step // 2) :]
-        rewards = [s["reward"] for s in samples]
+        ranked = sorted(samples, key=lambda s: -_number(s["reward"]))  # unscored (NaN) last
+        best = (per_step + 1) // 2
+        shown = (
+            ranked if len(ranked) <= per_step else ranked[:best] + ranked[len(ranked) - (per_step - best) :]
+        )
+        rewards = [s["reward"] for s in samples if s["reward"] == s["reward"]] or [float("nan")]
         parts.append(
             f"<h3>Step {step}</h3><p class='meta'>{len(samples)} samples, mean reward "
             f"{sum(rewards) / len(rewards):.3f}; {len(shown)} shown (best and worst rewarded)</p>"
         )
         parts += [_sample(s) for s in shown]
+    evals = _grouped(run_dir / "eval_completions.jsonl", "eval")
+    if evals:
+        parts.append("<h2>Held-out answers (greedy)</h2>")
+    for desc, answers in evals.items():
+        right = sum(a["correct"] for a in answers)
+        parts.append(
+            f"<h3>{html.escape(desc)}</h3><p class='meta'>{right:.0f} of {len(answers)} right; first {per_step} shown</p>"
+        )
+        parts += [
+            _sample({**a, "prompt": a["question"], "kind": "held-out", "advantage": 0.0}, advantage=False)
+            for a in answers[:per_step]
+        ]
     parts.append("</body></html>")
     out = run_dir / "report" / "index.html"
     out.parent.mkdir(parents=True, exist_ok=True)

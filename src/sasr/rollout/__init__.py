@@ -29,9 +29,18 @@ class Rollouts(Sequences):
     logprobs: torch.Tensor | None = None  # [B, T] log-prob of each sampled token when it was sampled (sasr)
 
 
-def completion_mask(ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """1 for every token up to and including the first EOS of each row, 0 after. [B, T] -> [B, T]"""
-    is_eos = ids == eos_token_id
+def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
+    """The tokens that end a completion: the tokenizer's EOS and every end-of-turn token the model's generation
+    config names (Qwen2.5's instruct models stop at <|im_end|> and <|endoftext|>)."""
+    config = getattr(model, "generation_config", None)
+    named = getattr(config, "eos_token_id", None)
+    named = list(named) if isinstance(named, (list, tuple)) else [named]
+    return tuple(dict.fromkeys(int(i) for i in [tokenizer.eos_token_id, *named] if i is not None))
+
+
+def completion_mask(ids: torch.Tensor, eos_token_id: int | tuple[int, ...]) -> torch.Tensor:
+    """1 for every token up to and including the first stop token of each row, 0 after. [B, T] -> [B, T]"""
+    is_eos = torch.isin(ids, torch.tensor(eos_token_id, device=ids.device))
     seen_before = torch.cumsum(is_eos.int(), dim=1) - is_eos.int()  # EOS count strictly before each position
     return (seen_before == 0).long()
 
@@ -110,12 +119,13 @@ def generate(
     prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)  # [B, P], B = prompts x G
     prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
     params = engine.SamplingParams(temperature=temperature, top_p=top_p, greedy=greedy)
+    stop = stop_token_ids(model, tokenizer)
     completion_ids, logprobs = GENERATION_BACKENDS[backend](
         model,
         prompt_ids,
         prompt_mask,
         max_new_tokens,
-        tokenizer.eos_token_id,
+        stop if len(stop) > 1 else stop[0],
         tokenizer.pad_token_id,
         params,
         generation_kwargs,
@@ -124,7 +134,7 @@ def generate(
     if completion_ids.size(1) == 0:  # nothing generated at all: keep one pad column so shapes stay valid
         completion_ids = torch.full_like(prompt_ids[:, :1], tokenizer.pad_token_id)
         logprobs = None if logprobs is None else torch.zeros(completion_ids.shape, device=device)
-    mask = completion_mask(completion_ids, tokenizer.eos_token_id)
+    mask = completion_mask(completion_ids, stop)
     texts = tokenizer.batch_decode(
         completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True
     )

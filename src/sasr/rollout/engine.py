@@ -136,7 +136,7 @@ def inverse_cdf(probs: torch.Tensor, block: int = 1024) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, params: SamplingParams, eos_token_id: int, eos_bias: torch.Tensor
+    logits: torch.Tensor, params: SamplingParams, eos_token_id: int | tuple[int, ...], eos_bias: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next token and its log-prob under softmax(logits / T), all on the device. [b, V] -> [b], [b]
 
@@ -145,7 +145,10 @@ def sample(
     temperature = 1.0 if params.greedy else params.temperature
     scaled = logits.float() / temperature  # [b, V]
     filtered = scaled.clone()
-    filtered[:, eos_token_id] += eos_bias  # -inf while min_new_tokens forbids stopping
+    stops = (
+        eos_token_id if isinstance(eos_token_id, int) else list(eos_token_id)
+    )  # one or several stop tokens
+    filtered[:, stops] += eos_bias  # -inf while min_new_tokens forbids stopping
     if params.greedy:
         token = filtered.argmax(-1)
     else:
@@ -319,7 +322,7 @@ class RolloutEngine:
         prompt_mask: torch.Tensor,
         *,
         max_new_tokens: int,
-        eos_token_id: int,
+        eos_token_id: int | tuple[int, ...],
         pad_token_id: int,
         params: SamplingParams,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -427,10 +430,11 @@ class RolloutEngine:
         scratch = out_ids.size(0) - 1
         check_every = 4 if state.graph is not None else 1  # a live-row count is a host sync: not every step
         t = 0
+        stops = torch.tensor(eos_token_id, device=token.device)  # [] or [k]: the stop tokens
         while True:
             out_ids[state.rows, t] = torch.where(state.done, pad_token_id, token)
             out_logp[state.rows, t] = torch.where(state.done, 0.0, logprob)
-            state.done |= token == eos_token_id
+            state.done |= torch.isin(token, stops)
             t += 1
             if t == max_new_tokens:
                 return t
