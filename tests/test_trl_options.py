@@ -584,7 +584,7 @@ def _rank_gradients(rank: int, world: int, port: int, out: str) -> None:
     DDP's mean of the gradients (an all-reduce and a division), as the trainer does."""
     import torch.distributed as dist
 
-    from sasr.losses import Norm, PartInputs, nll_part, pg_part
+    from sasr.losses import Norm, PartInputs
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -605,24 +605,24 @@ def _rank_gradients(rank: int, world: int, port: int, out: str) -> None:
             torch.zeros(4, dtype=torch.bool),
             norm=Norm(rows=4, tokens=float(tokens) / world),
         )
-        if name == "dapo":
-            loss = pg_part(
-                inputs,
-                beta=0.0,
-                epsilon=0.2,
-                epsilon_high=None,
-                loss_type="dapo",
-                max_completion_length=6,
-                use_bias_correction_kl=False,
-            ).loss
-        else:
-            loss = nll_part(inputs).loss
-        loss.backward()
+        _part_loss(name, inputs).backward()
         grad = x.grad.clone()
         dist.all_reduce(grad)
         grads[name] = grad / world
     torch.save(grads, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _part_loss(name: str, inputs):
+    """The dapo policy-gradient part or the SFT part over ``inputs``: the two token means under test."""
+    from sasr.losses import nll_part, pg_part
+
+    if name == "nll":
+        return nll_part(inputs).loss
+    options = dict(
+        beta=0.0, epsilon=0.2, epsilon_high=None, max_completion_length=6, use_bias_correction_kl=False
+    )
+    return pg_part(inputs, loss_type="dapo", **options).loss
 
 
 def _batch():
@@ -636,7 +636,7 @@ def _batch():
 def test_dapo_and_sft_token_means_over_two_gloo_processes_equal_one_process(tmp_path):
     import torch.multiprocessing as mp
 
-    from sasr.losses import PartInputs, nll_part, pg_part
+    from sasr.losses import PartInputs
 
     mp.spawn(_rank_gradients, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     logps, mask, adv = _batch()
@@ -644,19 +644,7 @@ def test_dapo_and_sft_token_means_over_two_gloo_processes_equal_one_process(tmp_
     for name in ("dapo", "nll"):
         x = logps.clone().requires_grad_(True)
         inputs = PartInputs(x, mask, None, None, adv, no, no)  # one process, the whole batch, no Norm
-        if name == "dapo":
-            loss = pg_part(
-                inputs,
-                beta=0.0,
-                epsilon=0.2,
-                epsilon_high=None,
-                loss_type="dapo",
-                max_completion_length=6,
-                use_bias_correction_kl=False,
-            ).loss
-        else:
-            loss = nll_part(inputs).loss
-        loss.backward()
+        _part_loss(name, inputs).backward()
         for rank in (0, 1):
             torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt")[name], x.grad)
         # A per-process token mean (what DDP gave before) is a different number: the test can tell them apart.

@@ -89,21 +89,21 @@ def group_advantages(
     return adv.reshape(-1), zero_spread
 
 
-def _nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
-    """Unbiased std over the non-NaN values (TRL's nanstd)."""
-    mean = torch.nanmean(x, dim=dim, keepdim=True)
-    count = (~x.isnan()).sum(dim=dim, keepdim=keepdim) if dim is not None else (~x.isnan()).sum()
-    var = torch.nansum((x - mean) ** 2, dim=dim, keepdim=keepdim) / (count - 1).clamp(min=1)
+def _nanstd(x: torch.Tensor) -> torch.Tensor:
+    """Unbiased std over the non-NaN values of each row (TRL's nanstd). [N, G] -> [N, 1]"""
+    mean = torch.nanmean(x, dim=1, keepdim=True)
+    count = (~x.isnan()).sum(dim=1, keepdim=True)
+    var = torch.nansum((x - mean) ** 2, dim=1, keepdim=True) / (count - 1).clamp(min=1)
     return var.sqrt()
 
 
 def _group_advantages_nan(rewards: torch.Tensor, num_generations: int, centre: str, scale: str):
     grouped = rewards.view(-1, num_generations)  # [prompts, G], NaN where unscored
-    std = _nanstd(grouped, dim=1, keepdim=True)  # [prompts, 1]
+    std = _nanstd(grouped)  # [prompts, 1]
     zero_spread = torch.isclose(std, torch.zeros_like(std)).squeeze(1)
     middle = torch.nanmedian(grouped, dim=1, keepdim=True).values if centre == "median" else None
     adv = grouped - (middle if middle is not None else torch.nanmean(grouped, dim=1, keepdim=True))
-    divisor = {"group": std, "batch": _nanstd(rewards), "none": None}[scale]
+    divisor = REWARD_SCALES[scale](std, rewards[~rewards.isnan()])  # the registry, over the scored rows
     if divisor is not None:
         adv = adv / (divisor + ADVANTAGE_EPS)
     return adv.reshape(-1).nan_to_num(0.0), zero_spread

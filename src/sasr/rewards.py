@@ -77,6 +77,23 @@ RESERVED = {
 }
 
 
+def failure(name: str, examples: Sequence[Example], call_one: Callable[[int], Any], batch_exc: Exception):
+    """The one-sentence error for a reward function (or judge) ``name`` that raised on a batch: it names the
+    first example it raises on alone (``call_one(i)`` scores example i by itself)."""
+    for i, ex in enumerate(examples):
+        try:
+            call_one(i)
+        except Exception as exc:
+            err = SasrError(
+                f"reward function {name} raised {type(exc).__name__}: {exc} on example {i} ({ex.question[:60]!r})"
+            )
+            err.__cause__ = exc
+            return err
+    err = SasrError(f"reward function {name} raised {type(batch_exc).__name__}: {batch_exc}")
+    err.__cause__ = batch_exc
+    return err
+
+
 def load_function(spec: str) -> Callable:
     """'module:function' or 'file.py:function' -> the function, or one sentence saying what is missing."""
     module_name, sep, func_name = spec.rpartition(":")
@@ -251,17 +268,11 @@ class Rewards:
         try:
             return fn(**call.kwargs(cols))
         except Exception as batch_exc:
-            for j, ex in enumerate(examples):
-                try:
-                    fn(**call.select(j).kwargs({k: [v[j]] for k, v in cols.items()}))
-                except Exception as exc:
-                    raise SasrError(
-                        f"reward function {self.specs[i]} raised {type(exc).__name__}: {exc} "
-                        f"on example {j} ({ex.question[:60]!r})"
-                    ) from exc
-            raise SasrError(
-                f"reward function {self.specs[i]} raised {type(batch_exc).__name__}: {batch_exc}"
-            ) from batch_exc
+
+            def one(j: int) -> Any:
+                return fn(**call.select(j).kwargs({k: [v[j]] for k, v in cols.items()}))
+
+            raise failure(self.specs[i], examples, one, batch_exc) from batch_exc
 
     def _checked(self, i: int, out: Any, n: int) -> list[float]:
         """A function's output as floats (None -> NaN), or one sentence on what is wrong with it."""

@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sasr.config import dotted
+
 PROJECT = "sasr"
 TRACKERS = ("tensorboard", "trackio", "wandb", "mlflow")
 
@@ -98,14 +100,10 @@ def finish(accelerator) -> None:
         tracker.finish()
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flat(tree: dict[str, Any]) -> dict[str, Any]:
     """Dotted keys and scalar values: what every tracker takes as its run's configuration."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = (
-                value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
-            )
-    return out
+    return {
+        key: value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
+        for key, value in dotted(tree).items()
+        if value != {}
+    }

@@ -291,9 +291,9 @@ class Trainer:
                 plan = self.method.plan(step)  # 1. plan: which rows the step needs
                 rows, stats = self.rows(step, plan)  # 2. build them: demonstrations, scored rollouts
                 parts, route = self.method.parts(plan, rows)  # the weighted parts the method makes of them
+                extra = stats.pop("_extra", {})  # reward functions' log_extra columns
                 if plan.prompts and (c.log_completions or c.num_completions_to_print):
-                    self.log_completions(step, rows, parts, stats.pop("_extra", {}))
-                stats.pop("_extra", None)
+                    self.log_completions(step, rows, parts, extra)
                 # 3. backward: one reference and one policy pass per micro-batch; 4. step (num_iterations times)
                 loss, grad_norm, finite, part_stats = self.update(plan, rows, parts, step)
                 stats.update(route, **part_stats)
@@ -473,7 +473,7 @@ class Trainer:
                     examples += [exs[i] for i in keep]
                     offset += len(keep)
             rows = cat_rows(pieces, self.tokenizer.pad_token_id)
-            spread = torch.tensor([not z for z, _, _ in sorted(chosen, key=lambda x: (x[1], x[2]))])
+            spread = torch.tensor([not z for z, _, _ in chosen])
             stats["dynamic_sampling_batches"] = len(batches)
             stats["_extra"] = {}  # reward functions' extra columns: per sampled batch, not per chosen group
         stats.update(self._rollout_stats(rows, spread))
@@ -605,24 +605,13 @@ class Trainer:
         a step with rollouts, the ratio taken against the policy that sampled them (pi_old, the first
         iteration's log-probs). Returns the first update's loss and gradient norm (the norm SASR reads),
         whether every update was finite, and the statistics (clip_fraction: the mean over updates)."""
-        c, acc = self.config, self.accelerator
-        micro = self.micro_batches(rows)
-        norms = self._norms(rows, parts) if len(micro) > 1 or acc.num_processes > 1 else {}
+        micro, norms = self._pieces(rows, parts)
         cache: list[dict[str, torch.Tensor]] = [{} for _ in micro]  # per micro-batch: reference, pi_old
-        iterations = c.grpo.num_iterations if plan.prompts else 1
+        iterations = self.config.grpo.num_iterations if plan.prompts else 1
         first: tuple[float, float] | None = None
         finite_all, sums = True, {}
         for _ in range(iterations):
-            loss, stats = 0.0, {}
-            for m, idx in enumerate(micro):
-                last = m == len(micro) - 1
-                with contextlib.nullcontext() if last else acc.no_sync(self.model):  # all-reduce once
-                    part_loss, micro_stats = self.loss(plan, rows, parts, idx, norms, cache[m])
-                    acc.backward(part_loss)
-                loss += part_loss.item()
-                for key, value in micro_stats.items():  # the loss parts add up; other numbers average
-                    add = key.startswith("loss/") or key in SUMMED
-                    stats[key] = stats.get(key, 0.0) + (value if add else value / len(micro))
+            loss, stats = self.backward(plan, rows, parts, micro, norms, cache)
             grad_norm, finite = self.optimizer_step(loss, step)
             finite_all &= finite
             first = first or (loss, grad_norm)
@@ -632,6 +621,37 @@ class Trainer:
         if iterations > 1:
             sums["num_iterations"] = iterations
         return first[0], first[1], finite_all, sums
+
+    def _pieces(self, rows: Rows, parts) -> tuple[list[torch.Tensor], dict[str, Norm]]:
+        """The step's micro-batches, and the whole-step divisors of each part's loss when the step is computed
+        in pieces (several micro-batches or processes; none when it is one piece)."""
+        micro = self.micro_batches(rows)
+        pieces = len(micro) > 1 or self.accelerator.num_processes > 1
+        return micro, self._norms(rows, parts) if pieces else {}
+
+    def backward(
+        self,
+        plan: Plan,
+        rows: Rows,
+        parts,
+        micro: list[torch.Tensor],
+        norms: dict[str, Norm],
+        cache: list[dict],
+    ) -> tuple[float, dict[str, float]]:
+        """Forward and backward over each micro-batch, the gradients all-reduced once, at the last. Returns the
+        step's loss and statistics (the loss parts and timings add up; other numbers average)."""
+        acc = self.accelerator
+        loss, stats = 0.0, {}
+        for m, idx in enumerate(micro):
+            last = m == len(micro) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                part_loss, micro_stats = self.loss(plan, rows, parts, idx, norms, cache[m])
+                acc.backward(part_loss)
+            loss += part_loss.item()
+            for key, value in micro_stats.items():
+                add = key.startswith("loss/") or key in SUMMED
+                stats[key] = stats.get(key, 0.0) + (value if add else value / len(micro))
+        return loss, stats
 
     def _norms(self, rows: Rows, parts) -> dict[str, Norm]:
         """Each part's row count on this process and completion-token count over every process (one all-reduce),
@@ -734,11 +754,8 @@ class Trainer:
         examples = self._examples(step, n, "probe", self.demo_examples)
         rows = self._demo_rows(examples, self.demo_task, c.sft.max_length)
         plan, parts = Plan(step, "sft", demos=n), [Part("sft", "nll", torch.ones_like(rows.correct))]
-        micro = self.micro_batches(rows)
-        norms = self._norms(rows, parts) if len(micro) > 1 or acc.num_processes > 1 else {}
-        for m, idx in enumerate(micro):
-            with contextlib.nullcontext() if m == len(micro) - 1 else acc.no_sync(self.model):
-                acc.backward(self.loss(plan, rows, parts, idx, norms, {})[0])
+        micro, norms = self._pieces(rows, parts)
+        self.backward(plan, rows, parts, micro, norms, [{} for _ in micro])
         norm = float(acc.clip_grad_norm_(self.model.parameters(), math.inf))
         self.optimizer.zero_grad(set_to_none=True)
         return norm if math.isfinite(norm) else None

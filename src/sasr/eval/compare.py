@@ -27,7 +27,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from sasr import checkpoint, models
-from sasr.config import TrainConfig, build_config, to_yaml
+from sasr.config import TrainConfig, build_config, dotted, to_yaml
 from sasr.errors import SasrError
 from sasr.eval.evaluate import evaluate, settings, summarise
 from sasr.eval.report import markdown_table, plot_compare
@@ -44,22 +44,12 @@ BASELINE = "sasr"  # the method compared with every other one, pairwise
 EVAL_KEYS = ("seed", "model", "task", "eval", "grpo.max_prompt_length")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _differences(saved: dict, wanted: dict, keys: tuple[str, ...] | None = None) -> list[str]:
     """'key: saved there, wanted here' for every option that differs (the run directory itself aside). An
     option newer than the saved configuration counts as equal while it holds its default (it changes
     nothing), so summaries of an earlier version of sasr stay usable."""
-    a, b = _flat(saved), _flat(wanted)
-    defaults = _flat(TrainConfig().model_dump(mode="json"))
+    a, b = dotted(saved), dotted(wanted)
+    defaults = dotted(TrainConfig().model_dump(mode="json"))
     names = sorted((a.keys() | b.keys()) - {"output_dir"})
     if keys is not None:
         names = [n for n in names if any(n == k or n.startswith(k + ".") for k in keys)]

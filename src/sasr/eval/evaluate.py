@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from sasr.data import render_prompts
 from sasr.errors import SasrError
+from sasr.rewards import failure
 from sasr.rollout import generate
 from sasr.tasks import Example, Score, Task, extract_answer
 
@@ -73,17 +74,11 @@ def score_all(task: Task, texts: Sequence[str], examples: Sequence[Example]) -> 
     except SasrError:
         raise
     except Exception as batch_exc:  # a user's judge may raise anything: find the example it fails on
-        for i, (text, ex) in enumerate(zip(texts, examples)):
-            try:
-                task.score_batch([text], [ex])
-            except Exception as exc:
-                raise SasrError(
-                    f"reward function {task.reward_name} raised {type(exc).__name__}: {exc} "
-                    f"on example {i} ({ex.question[:60]!r})"
-                ) from exc
-        raise SasrError(
-            f"reward function {task.reward_name} raised {type(batch_exc).__name__}: {batch_exc}"
-        ) from batch_exc
+
+        def one(i: int) -> list[Score]:
+            return task.score_batch([texts[i]], [examples[i]])
+
+        raise failure(task.reward_name, examples, one, batch_exc) from batch_exc
 
 
 def settings(config, samples: int | None = None) -> dict[str, Any]:
