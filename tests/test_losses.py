@@ -391,27 +391,35 @@ def test_a_ddp_model_that_broadcasts_buffers_makes_one_forward_call_per_pass(tmp
 
 
 def test_an_fsdp_model_makes_one_forward_call_per_pass(tmp_path):
-    """FSDP gathers each unit's weights in every forward (a collective), as FSDP2's fully_shard and FSDP1 do."""
+    """FSDP gathers each unit's weights in every forward (a collective), so a pass over rows of several lengths
+    and shared prompts is one call (ranks must make as many); its log-probs are the unsharded model's."""
+    import copy
+
     import torch.distributed as dist
-    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     from sasr import models
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        ids, mask = _lengths_batch([16, 2, 15, 3], seed=0)
-        plain, _ = completion_logprobs(models.load_model("tiny"), ids, mask, 16)
-        fsdp2 = models.load_model("tiny")
-        for layer in fsdp2.model.layers:
+        plain = models.load_model("tiny")
+        sharded = copy.deepcopy(plain)
+        for layer in sharded.model.layers:
             fully_shard(layer)
-        fsdp1 = FullyShardedDataParallel(models.load_model("tiny"), device_id=torch.device("cpu"))
-        for model, inner in ((fsdp2, fsdp2), (fsdp1, fsdp1.module)):  # inner: what the reference pass calls
-            calls = []
-            inner.register_forward_hook(lambda *_, calls=calls: calls.append(1))
-            sharded, _ = completion_logprobs(model, ids, mask, 16)
-            assert len(calls) == 1
-            real = mask[:, 5:].bool()
-            torch.testing.assert_close(sharded[real], plain[real], rtol=1e-4, atol=1e-5)
+        fully_shard(sharded)
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(5, 500, (2, 6), generator=g).repeat_interleave(3, 0)  # 2 prompts x 3 rows
+        completions = torch.randint(5, 500, (6, 40), generator=g)
+        ids = torch.cat([prompts, completions], 1)  # [6, 46]
+        mask = torch.ones_like(ids)
+        mask[::2, 6 + 4 :] = 0  # every other completion 4 tokens long, the rest 40: length groups pay
+        calls = []
+        sharded.register_forward_pre_hook(lambda *_: calls.append(1))
+        got, _ = completion_logprobs(sharded, ids, mask, 40)
+        want, _ = completion_logprobs(plain, ids, mask, 40)
+        assert len(calls) == 1
+        m = mask[:, 6:].bool()
+        torch.testing.assert_close(got[m], want[m], rtol=1e-5, atol=1e-5)
     finally:
         dist.destroy_process_group()
 

@@ -40,3 +40,25 @@ def test_smollm2_alias_converts_and_runs():
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == ids["input_ids"].shape[1] + 3
+
+
+def test_processes_that_build_the_cache_at_once_all_load_it(tmp_path):
+    """The ranks of a first multi-process launch all find the cache empty and build it together."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from sasr import models; print(sum(p.sum().item() for p in models.load_model('tiny').parameters()))"
+    )
+    env = {**os.environ, "SASR_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 2, outs[0][1][-2000:]
+    assert len({out for out, _ in outs}) == 1  # the same weights everywhere
+    assert not list((tmp_path / "models").glob("*.tmp*"))  # no temporary folder left

@@ -36,20 +36,14 @@ ARGS = [
     "--set",
     "grpo.reference=warmup",
 ]
-# `sasr train` in two gloo processes on the CPU, as accelerate launches it.
+# `sasr train` in two gloo processes on the CPU, launched with the README's config.
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 TWO_PROCESSES = [
     sys.executable,
     "-m",
     "accelerate.commands.launch",
-    "--multi_gpu",
-    "--num_processes",
-    "2",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
+    "--config_file",
+    str(ACCELERATE_CONFIGS / "ddp_cpu.yaml"),
     "-m",
     "sasr",
     "train",
@@ -274,6 +268,15 @@ def test_zero_spread_groups_give_no_nan(run_tiny):
     for r in rows:
         assert r["zero_spread_fraction"] == 1.0 and r["reward_std"] == 0.0
         assert r["loss"] == r["loss"] and r["grad_norm"] == r["grad_norm"]  # not NaN
+
+
+def test_every_accelerate_config_shipped_is_one_a_test_launches():
+    """configs/accelerate/ holds only configs whose path has run (here: ddp_cpu.yaml above, fsdp_cpu.yaml in
+    tests/test_fsdp.py)."""
+    tests = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
+    shipped = sorted(p.name for p in ACCELERATE_CONFIGS.glob("*.yaml"))
+    assert shipped == ["ddp_cpu.yaml", "fsdp_cpu.yaml"]
+    assert all(f'"{name}"' in tests for name in shipped)
 
 
 def test_the_trainers_ddp_lets_ranks_make_different_numbers_of_forward_calls():

@@ -10,6 +10,9 @@ A checkpoint ``DIR/checkpoints/step-000012/`` holds
 - ``trainer_state.json``: the step and the trainer's bookkeeping: the method's state (for SASR: G_warmup,
   g_last, its generator, counts), the evaluation before training, the wall seconds so far;
 - ``rng_state_RANK.pt``: python, numpy and torch generators of every process.
+Under FSDP ``sharded/`` (a torch distributed checkpoint: every rank's shards of the trainable weights, the
+optimizer's state and the reference) takes the place of ``model/``, ``optimizer.pt`` and
+``reference.safetensors``.
 The data position needs no state: each step's examples are a pure function of (seed, step).
 
 It is written to ``.tmp-step-000012`` and renamed once complete, so a folder named ``step-*`` is always
@@ -29,6 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sasr import fsdp
 from sasr.errors import SasrError
 from sasr.process import any_rank
 
@@ -83,7 +87,7 @@ def save(run_dir: Path, step: int, model, state: dict[str, Any], accelerator, ke
 
     ``model``: the unwrapped model (its trainable part goes through ``save_pretrained``); ``state``: the
     trainer's ``state_dict()`` (``optimizer``, ``scheduler``, ``reference`` snapshot or None, and ``trainer``:
-    JSON-able bookkeeping).
+    JSON-able bookkeeping), or under FSDP ``scheduler``, ``sharded`` (each rank's shards) and ``trainer``.
     """
     acc = accelerator
     root = checkpoints_dir(run_dir)
@@ -94,16 +98,23 @@ def save(run_dir: Path, step: int, model, state: dict[str, Any], accelerator, ke
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            model.save_pretrained(tmp / "model")
-            torch.save(state["optimizer"], tmp / "optimizer.pt")
             torch.save(state["scheduler"], tmp / "scheduler.pt")
-            if state["reference"] is not None:
+            if "sharded" not in state:
+                model.save_pretrained(tmp / "model")
+                torch.save(state["optimizer"], tmp / "optimizer.pt")
+            if state.get("reference") is not None:
                 save_file(
                     {k: v.contiguous() for k, v in state["reference"].items()}, tmp / "reference.safetensors"
                 )
         except WRITE_ERRORS as exc:
             error = exc
     error = _agree(acc, error)
+    if error is None and "sharded" in state:
+        try:  # every rank writes its shards
+            fsdp.save(tmp / "sharded", state["sharded"])
+        except WRITE_ERRORS as exc:
+            error = exc
+        error = _agree(acc, error)
     if error is None:
         try:
             torch.save(_rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
@@ -144,11 +155,19 @@ def _agree(acc, error: Exception | None) -> Exception | None:
     return error
 
 
-def load(path: Path, accelerator) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
+def load(
+    path: Path, accelerator, sharded: bool = False
+) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
     """Read what ``save`` wrote and restore this process's random generators. Returns (step, the trainable
-    weights, the trainer's state) for ``Trainer.load_state_dict``."""
+    weights, the trainer's state) for ``Trainer.load_state_dict``; for an FSDP run (``sharded``) no weights,
+    and the trainer's state names the sharded checkpoint to read."""
     acc = accelerator
     trainer_state = json.loads((path / "trainer_state.json").read_text())
+    if (path / "sharded").is_dir() != sharded:
+        how = "with" if not sharded else "without"
+        raise SasrError(
+            f"checkpoint {path} was written {how} FSDP; resume it with the accelerate config it was trained with"
+        )
     if trainer_state["num_processes"] != acc.num_processes:
         raise SasrError(
             f"checkpoint {path} was written by {trainer_state['num_processes']} processes; resume with the same "
@@ -157,13 +176,13 @@ def load(path: Path, accelerator) -> tuple[int, dict[str, torch.Tensor], dict[st
     device = (
         "cpu" if acc.device.type == "cpu" else str(acc.device)
     )  # safetensors refuses a CPU rank's 'cpu:0'
-    weights = load_file(next((path / "model").glob("*.safetensors")), device=device)
-    reference = path / "reference.safetensors"
-    state = {
-        "optimizer": torch.load(path / "optimizer.pt", map_location=device, weights_only=False),
-        "scheduler": torch.load(path / "scheduler.pt", weights_only=False),
-        "reference": load_file(reference, device=device) if reference.exists() else None,
-        "trainer": trainer_state,
-    }
+    state = {"scheduler": torch.load(path / "scheduler.pt", weights_only=False), "trainer": trainer_state}
+    if sharded:
+        weights, state["sharded"] = {}, path / "sharded"
+    else:
+        weights = load_file(next((path / "model").glob("*.safetensors")), device=device)
+        reference = path / "reference.safetensors"
+        state["optimizer"] = torch.load(path / "optimizer.pt", map_location=device, weights_only=False)
+        state["reference"] = load_file(reference, device=device) if reference.exists() else None
     _set_rng_state(torch.load(path / f"rng_state_{acc.process_index}.pt", weights_only=False))
     return int(trainer_state["step"]), weights, state

@@ -172,7 +172,9 @@ class TrainConfig(Section):
         ["tensorboard"], "experiment trackers (accelerate's), offline by default; [none] for none"
     )
     logging_ranks: bool = F(
-        False, "every rank also logs its phase and gradient norm to DIR/ranks/rankN.jsonl"
+        False,
+        "every rank also logs its phase, gradient norm and memory (weights and optimizer state held, peak "
+        "resident) to DIR/ranks/rankN.jsonl",
     )
     log_completions: bool = F(
         False, "keep every sampled group's rows in DIR/completions.jsonl (as TRL's option)"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from sasr import fsdp
 from sasr.lora_linear import checkpointed, fused_lora
 
 
@@ -156,6 +157,7 @@ def _completion_logits(
     attention_mask: torch.Tensor,
     n_completion: int,
     groups: list[tuple[torch.Tensor, int]],
+    share_prompts: bool = True,
 ) -> list[list[torch.Tensor]]:
     """Per group (rows [b], t): the logits that predict its rows' first t completion tokens, as pieces along the
     token axis whose concatenation is [b, t, V] (concatenating them would copy the largest tensor of the step).
@@ -163,7 +165,8 @@ def _completion_logits(
     The last token is never fed: nothing reads what it predicts. Rows that repeat the prompt of the row before
     (GRPO's G completions of one prompt) share one pass over it: each distinct prompt goes through the model
     once and its keys and values are repeated for its rows, in every group. The same numbers as the plain
-    forward; gradients flow into the prompt through the shared keys/values.
+    forward; gradients flow into the prompt through the shared keys/values. ``share_prompts=False``: one call
+    per group, whatever the rows (ranks whose forward calls are collectives must make as many).
     """
     n_prompt = input_ids.size(1) - n_completion
     first, inverse = (
@@ -172,7 +175,7 @@ def _completion_logits(
         else (None, None)
     )  # [U], [B]
     # A checkpointed layer would append to the cache again when it recomputes in backward: plain path.
-    if first is None or first.numel() == input_ids.size(0) or checkpointed(model):
+    if not share_prompts or first is None or first.numel() == input_ids.size(0) or checkpointed(model):
         return [
             [
                 model(
@@ -215,18 +218,12 @@ def forwards_are_collective(model: torch.nn.Module) -> bool:
     """Whether each forward call of this model talks to the other ranks, so that every rank (each with its own
     completion lengths) must make as many calls, and a pass computes one padded group instead of length groups.
 
-    True for a DDP that broadcasts its buffers (sasr's trainer turns that off), FSDP (each unit gathers its
-    weights) and DeepSpeed (ZeRO-3 gathers them; the engine is taken as collective whatever its stage).
+    True for a DDP that broadcasts its buffers (sasr's trainer turns that off) and under FSDP (each unit
+    gathers its weights).
     """
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return model.broadcast_buffers
-    if type(model).__name__ == "DeepSpeedEngine" or any(hasattr(p, "ds_id") for p in model.parameters()):
-        return True
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+    return fsdp.is_sharded(model)
 
 
 def completion_logprobs(
@@ -246,9 +243,10 @@ def completion_logprobs(
     """
     T = n_completion
     P = input_ids.size(1) - T
-    groups = length_groups(attention_mask[:, P:].sum(1), 1 if forwards_are_collective(model) else MAX_GROUPS)
+    collective = forwards_are_collective(model)  # then one forward call, on every rank
+    groups = length_groups(attention_mask[:, P:].sum(1), 1 if collective else MAX_GROUPS)
     with fused_lora(getattr(model, "module", model)):  # the peft model inside a DDP wrapper
-        logits = _completion_logits(model, input_ids, attention_mask, T, groups)
+        logits = _completion_logits(model, input_ids, attention_mask, T, groups, not collective)
     logps, entropies = [], []
     for (rows, t), parts in zip(groups, logits):  # parts: [b, t_i, V], sum t_i = t
         targets = input_ids[rows, P : P + t].split([p.size(1) for p in parts], dim=1)

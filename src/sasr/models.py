@@ -51,14 +51,16 @@ def _gguf_folder() -> Path:
 
 def _atomic_save(folder: Path, *objects) -> Path:
     """``save_pretrained`` each object into folder.tmp, then rename, so a killed conversion never leaves
-    a half folder."""
+    a half folder. Processes that do it at once (the ranks of one launch) keep the first one's."""
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for obj in objects:
         obj.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process renamed its own folder there first: the same files
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

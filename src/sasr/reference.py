@@ -3,7 +3,7 @@
 - LoRA, reference 'initial': the same weights with the adapter switched off (no extra memory).
 - Otherwise a snapshot of the trainable parameters (the adapter, or every weight under full fine-tuning),
   taken when the model is loaded ('initial') or at the end of warm-up ('warmup'), swapped in for the
-  reference forward and swapped back after.
+  reference forward and swapped back after. Under FSDP the snapshot and the swap are of each rank's shards.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 
+from sasr import fsdp
 from sasr.logprobs import completion_logprobs
 
 
@@ -27,10 +28,12 @@ class ReferencePolicy:
     @torch.no_grad()
     def snapshot(self) -> None:
         """Freeze the current trainable weights as the reference."""
+        fsdp.reshard(self.model)  # the parameters are the shards again
         self.snapshot_ = {n: p.detach().clone() for n, p in self._trainable().items()}
 
     @torch.no_grad()
     def _swap(self) -> None:
+        fsdp.reshard(self.model)  # no gathered copy outlives the weights it was gathered from
         for name, p in self._trainable().items():
             held = p.detach().clone()
             p.copy_(self.snapshot_[name])

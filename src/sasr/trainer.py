@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -35,7 +36,7 @@ from accelerate.utils import (
 from tqdm.auto import tqdm
 from transformers import TrainerState, get_scheduler
 
-from sasr import checkpoint, models, trackers
+from sasr import checkpoint, fsdp, models, trackers
 from sasr.batch import DEMO, KIND_NAMES, OFFPOLICY, ROLLOUT, Part, Plan, Rows, cat_rows
 from sasr.config import TrainConfig, to_yaml
 from sasr.data import demonstration_rows, encode_targets, pick, render_prompts, rows_of_kind
@@ -149,6 +150,7 @@ class Trainer:
         self, config: TrainConfig, overwrite: bool = False, progress: bool = True, resume: bool = False
     ) -> None:
         self.config = c = config
+        self.sharded = fsdp.requested()
         try:
             self.accelerator = acc = make_accelerator(c.report_to, c.bf16)
         except ValueError as exc:  # another library (e.g. a TRL trainer) set up accelerate differently
@@ -160,6 +162,12 @@ class Trainer:
         set_seed(c.seed, device_specific=True)  # sampling differs per rank; method draws do not (own RNG)
 
         # Everything that can fail on bad input fails before the run directory is touched.
+        if self.sharded:
+            fsdp.plugin(acc)  # a config sasr cannot run is refused here
+            if c.bf16:
+                raise SasrError(
+                    "bf16 (autocast) is not supported with FSDP; set model.dtype=bfloat16 to train in bfloat16"
+                )
         if c.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
             raise SasrError(
                 "push_to_hub needs the network, but HF_HUB_OFFLINE is set; unset it or drop push_to_hub"
@@ -181,6 +189,8 @@ class Trainer:
             models.enable_activation_checkpointing(model)
         if c.lora.enabled:
             model = apply_lora(model, c)
+        if self.sharded:  # in place, before the optimizer and the reference snapshot take its parameters
+            model = fsdp.shard(model, acc)
         self.reference = ReferencePolicy(model, use_lora=c.lora.enabled)
         if not c.lora.enabled and self.method.uses_reference:  # full fine-tuning: pi_ref is a copy
             self.reference.snapshot()
@@ -201,14 +211,17 @@ class Trainer:
             num_warmup_steps=c.optim.lr_warmup_steps,
             num_training_steps=c.steps,
         )
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        if self.sharded:  # accelerate would wrap a sharded model in DDP on a CPU: the optimizer only
+            self.model, self.optimizer = model, acc.prepare(optimizer)
+        else:
+            self.model, self.optimizer = acc.prepare(model, optimizer)
 
         self.eval_before: dict[str, float] | None = None
         self.seconds_before = 0.0  # wall time of the segments before a resume (a checkpoint holds it)
         self.started = time.perf_counter()
         self.start_step = 0
         if resume_from:
-            self.start_step, weights, state = checkpoint.load(resume_from, acc)
+            self.start_step, weights, state = checkpoint.load(resume_from, acc, self.sharded)
             self.load_state_dict(weights, state, resume_from)
         self.stop_signal: str | None = None
         if acc.is_main_process:
@@ -232,16 +245,25 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs beside the weights (``checkpoint`` writes it)."""
+        """What a resumed run needs beside the weights (``checkpoint`` writes it). Under FSDP the weights, the
+        optimizer's state and the reference are each rank's shards, under ``sharded``."""
+        reference = self.reference.snapshot_
+        trainer = {
+            "method": self.method.state_dict(),
+            "eval_before": self.eval_before,
+            "seconds": self.elapsed(),
+            "reference": reference is not None,
+        }
+        if self.sharded:
+            sharded = fsdp.training_state(self.model, self.optimizer.optimizer)
+            if reference is not None:
+                sharded["reference"] = reference
+            return {"scheduler": self.lr_scheduler.state_dict(), "sharded": sharded, "trainer": trainer}
         return {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.lr_scheduler.state_dict(),
-            "reference": self.reference.snapshot_,
-            "trainer": {
-                "method": self.method.state_dict(),
-                "eval_before": self.eval_before,
-                "seconds": self.elapsed(),
-            },
+            "reference": reference,
+            "trainer": trainer,
         }
 
     def load_state_dict(self, weights: dict[str, torch.Tensor], state: dict[str, Any], source: Path) -> None:
@@ -249,7 +271,14 @@ class Trainer:
         from peft import set_peft_model_state_dict
 
         model = self.accelerator.unwrap_model(self.model)
-        if self.config.lora.enabled:
+        unexpected = []
+        if self.sharded:  # read into the shards this run holds, of the same shapes
+            if state["trainer"].get("reference") and self.reference.snapshot_ is None:
+                self.reference.snapshot()  # a template the checkpoint's reference is read into
+            template = self.state_dict()["sharded"]
+            fsdp.load(state["sharded"], template)
+            fsdp.load_training_state(model, self.optimizer.optimizer, template)
+        elif self.config.lora.enabled:
             unexpected = set_peft_model_state_dict(model, weights).unexpected_keys
         else:  # strict=False: save_pretrained leaves out tied weights (lm_head = embeddings)
             unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
@@ -257,9 +286,10 @@ class Trainer:
             raise SasrError(
                 f"checkpoint {source} does not fit this model (unexpected weights: {unexpected[:3]})"
             )
-        self.optimizer.load_state_dict(state["optimizer"])
+        if not self.sharded:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["scheduler"])
-        if state["reference"] is not None:
+        if state.get("reference") is not None:
             self.reference.snapshot_ = state["reference"]
         self.method.load_state_dict(state["trainer"]["method"])
         self.eval_before = state["trainer"]["eval_before"]
@@ -343,9 +373,10 @@ class Trainer:
             after = self.evaluate("eval after", c.eval.samples, c.steps)
         seconds = self.elapsed()
         result = RunResult(self.run_dir, dict(self.method.counts), self.eval_before, after, seconds, history)
+        whole = self.whole_model() if c.save_final else None  # under FSDP gathered on rank 0
         if acc.is_main_process:
             if c.save_final:
-                self.save_final(result)
+                self.save_final(result, whole)
             if c.push_to_hub:
                 self.push_to_hub()
             self._write_summary(result)
@@ -429,7 +460,8 @@ class Trainer:
             examples = self._examples(step, plan.demos, "sft", self.demo_examples)
             pieces.append(self._demo_rows(examples, self.demo_task, c.sft.max_length))
         if plan.prompts:
-            examples, group_rows, stats = self.group_rows(step, plan)
+            with self.decoder() as model:  # one gathering of the weights for every rollout of the step
+                examples, group_rows, stats = self.group_rows(model, step, plan)
             pieces.append(group_rows)
             if plan.prompt_demos:
                 pieces.append(
@@ -439,19 +471,19 @@ class Trainer:
         stats["tokens"] = rows.completion_mask.sum().item()
         return rows, stats
 
-    def group_rows(self, step: int, plan: Plan) -> tuple[list, Rows, dict[str, Any]]:
+    def group_rows(self, model, step: int, plan: Plan) -> tuple[list, Rows, dict[str, Any]]:
         """The step's RL prompts and their groups. With ``grpo.dynamic_sampling``, groups whose rewards are all
         equal (no advantage: nothing to learn) are dropped and further prompts sampled in their place, up to
         ``grpo.max_num_gen_batches`` batches of prompts; if those run out, equal groups fill the batch."""
         g, n = self.config.grpo, plan.prompts
         examples = self._examples(step, n, "grpo")
-        rows, spread, stats = self.sample_groups(examples, plan, step)
+        rows, spread, stats = self.sample_groups(model, examples, plan, step)
         if g.dynamic_sampling:
             batches = [(examples, rows, spread)]
             batch_stats = [stats]
             while sum(int(sp.sum()) for _, _, sp in batches) < n and len(batches) < g.max_num_gen_batches:
                 more = self._examples(step, n, f"grpo-more{len(batches)}")  # new prompts, reproducibly drawn
-                more_rows, more_spread, more_stats = self.sample_groups(more, plan, step)
+                more_rows, more_spread, more_stats = self.sample_groups(model, more, plan, step)
                 batch_stats.append(more_stats)
                 batches.append((more, more_rows, more_spread))
             # the reward functions' numbers over every sampled batch; rollout time in all
@@ -479,8 +511,10 @@ class Trainer:
         stats.update(self._rollout_stats(rows, spread))
         return examples, rows, stats
 
-    def sample_groups(self, examples, plan: Plan, step: int) -> tuple[Rows, torch.Tensor, dict[str, Any]]:
-        """Each prompt's group: ``plan.rollouts`` sampled completions, then ``plan.offpolicy`` copies of its
+    def sample_groups(
+        self, model, examples, plan: Plan, step: int
+    ) -> tuple[Rows, torch.Tensor, dict[str, Any]]:
+        """Each prompt's group, sampled from ``model`` (``decoder()``'s): ``plan.rollouts`` sampled completions, then ``plan.offpolicy`` copies of its
         demonstration; all scored, advantages computed over the whole group. Returns the rows, whether each
         group's rewards differ [prompts] (bool), and the rollout time (and samples' extra columns)."""
         c, g = self.config, self.config.grpo
@@ -493,21 +527,20 @@ class Trainer:
         t_rollout = self._now()
         pieces = []
         for start in range(0, n, per_call):  # the step's rollouts, generated in chunks
-            with self.decoder() as model:
-                roll = generate(
-                    model,
-                    self.tokenizer,
-                    prompts[start : start + per_call],
-                    num_generations=r,
-                    max_new_tokens=g.max_completion_length,
-                    max_prompt_length=g.max_prompt_length,
-                    temperature=g.temperature,
-                    top_p=g.top_p,
-                    backend=g.generation_backend,
-                    cuda_graphs=g.cuda_graphs,
-                    compile=g.torch_compile,
-                    **g.generation_kwargs,
-                )  # chunk x rollouts rows
+            roll = generate(
+                model,
+                self.tokenizer,
+                prompts[start : start + per_call],
+                num_generations=r,
+                max_new_tokens=g.max_completion_length,
+                max_prompt_length=g.max_prompt_length,
+                temperature=g.temperature,
+                top_p=g.top_p,
+                backend=g.generation_backend,
+                cuda_graphs=g.cuda_graphs,
+                compile=g.torch_compile,
+                **g.generation_kwargs,
+            )  # chunk x rollouts rows
             piece = rows_of_kind(
                 roll.prompt_ids,
                 roll.prompt_mask,
@@ -644,7 +677,7 @@ class Trainer:
         loss, stats = 0.0, {}
         for m, idx in enumerate(micro):
             last = m == len(micro) - 1
-            with contextlib.nullcontext() if last else acc.no_sync(self.model):
+            with contextlib.nullcontext() if last else self.no_sync():
                 part_loss, micro_stats = self.loss(plan, rows, parts, idx, norms, cache[m])
                 acc.backward(part_loss)
             loss += part_loss.item()
@@ -652,6 +685,10 @@ class Trainer:
                 add = key.startswith("loss/") or key in SUMMED
                 stats[key] = stats.get(key, 0.0) + (value if add else value / len(micro))
         return loss, stats
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Within this block backward accumulates gradients without reducing them across processes."""
+        return fsdp.no_sync(self.model) if self.sharded else self.accelerator.no_sync(self.model)
 
     def _norms(self, rows: Rows, parts) -> dict[str, Norm]:
         """Each part's row count on this process and completion-token count over every process (one all-reduce),
@@ -762,14 +799,16 @@ class Trainer:
 
     @contextlib.contextmanager
     def decoder(self):
-        """The model the rollout engine decodes with: unwrapped, and, under ``bf16``, called without the autocast
-        accelerate wraps its forward in (the decode runs with the weights as they are)."""
+        """The model the rollout engine decodes with: unwrapped, its weights whole (gathered under FSDP), and,
+        under ``bf16``, called without the autocast accelerate wraps its forward in (the decode runs with the
+        weights as they are)."""
         model = self.accelerator.unwrap_model(self.model)
         wrapped = model.__dict__.get("forward") if "_original_forward" in model.__dict__ else None
         if wrapped is not None:
             model.forward = model._original_forward
         try:
-            yield model
+            with fsdp.gathered(model):
+                yield model
         finally:
             if wrapped is not None:
                 model.forward = wrapped
@@ -851,8 +890,14 @@ class Trainer:
         return out
 
     def _log(self, record: dict) -> None:
-        if self.config.logging_ranks:  # every rank: its phase and gradient norm, to check that ranks agree
-            line = {"step": record["step"], "phase": record["phase"], "grad_norm": record["grad_norm"]}
+        if self.config.logging_ranks:  # every rank: its phase and gradient norm (ranks agree), what it holds
+            line = {
+                "step": record["step"],
+                "phase": record["phase"],
+                "grad_norm": record["grad_norm"],
+                "state_mb": fsdp.held_bytes(self.model, self.optimizer) / 2**20,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
             with open(self.run_dir / "ranks" / f"rank{self.accelerator.process_index}.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
         if not self.accelerator.is_main_process:
@@ -905,10 +950,24 @@ class Trainer:
                 f" {sample['completion'][:300]!r}"
             )
 
-    def save_final(self, result: RunResult) -> None:
+    def whole_model(self) -> torch.nn.Module | None:
+        """The trained model with its whole weights: the model itself, or under FSDP a copy built on rank 0 from
+        the gathered weights (None on the other ranks; a collective)."""
+        c, model = self.config, self.accelerator.unwrap_model(self.model)
+        if not self.sharded:
+            return model
+        weights = fsdp.full_state_dict(model)
+        if not self.accelerator.is_main_process:
+            return None
+        whole = models.load_model(c.model.name, c.model.dtype)
+        if c.lora.enabled:
+            whole = apply_lora(whole, c)
+        whole.load_state_dict(weights)
+        return whole
+
+    def save_final(self, result: RunResult, model: torch.nn.Module) -> None:
         """DIR/final: a plain transformers folder (LoRA merged); DIR/adapter: the LoRA adapter alone; each with
-        its model card (README.md)."""
-        model = self.accelerator.unwrap_model(self.model)
+        its model card (README.md). ``model``: ``whole_model()``'s."""
         final = self.run_dir / "final"
         card = functools.partial(
             model_card, self.config, result.counts, result.eval_before, result.eval_after
@@ -941,7 +1000,7 @@ class Trainer:
             return
         acc = self.accelerator
         how = {
-            "kind": str(acc.distributed_type.value),
+            "kind": "FSDP" if self.sharded else str(acc.distributed_type.value),
             "num_processes": acc.num_processes,
             "device": acc.device.type,
         }

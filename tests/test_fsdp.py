@@ -1,0 +1,188 @@
+"""FSDP2 in two gloo processes, launched as a user launches it: the same plans on both ranks, each rank holding
+half the weights and optimizer state, a loadable final/, and a bit-identical run after SIGKILL and --resume."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_reliability import ACCELERATE_CONFIGS, ARGS, ENV, assert_same_run, metrics, wait_for
+from transformers import AutoModelForCausalLM
+
+from sasr import models
+from sasr.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+FSDP = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--config_file",
+    str(ACCELERATE_CONFIGS / "fsdp_cpu.yaml"),
+    "-m",
+    "sasr",
+    "train",
+]
+# One SFT/GRPO method with LoRA, one hybrid with full fine-tuning (its reference a snapshot of the shards).
+CASES = {
+    "sasr-lora": ["--method", "sasr"],
+    "luffy-full": ["--method", "luffy", "--set", "lora.enabled=false", "--set", "grpo.num_generations=3"],
+}
+RUN = ["--steps", "12", "--warmup-steps", "3", "--save-every", "3", "--set", "logging_ranks=true"]
+
+
+def launch(*argv: str, **popen) -> subprocess.Popen:
+    return subprocess.Popen([*FSDP, *argv], env=ENV, cwd=ROOT, **popen)
+
+
+def unsharded_mb(full_fine_tuning: bool) -> float:
+    """What one process holds without sharding: every weight, and Adam's two moments of the trained ones."""
+    model = models.load_model("tiny")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return (weights * 3 if full_fine_tuning else weights) / 2**20  # LoRA's moments are far below a MB
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def straight(request, tmp_path_factory):
+    """The uninterrupted 12-step FSDP run of each case."""
+    out = tmp_path_factory.mktemp(request.param) / "run"
+    proc = launch(*ARGS, *CASES[request.param], *RUN, "--output", str(out), stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return request.param, out
+
+
+def test_ranks_plan_alike_and_each_holds_half(straight):
+    case, run = straight
+    ranks = [
+        [json.loads(x) for x in (run / "ranks" / f"rank{i}.jsonl").read_text().splitlines()] for i in (0, 1)
+    ]
+    assert [x["phase"] for x in ranks[0]] == [x["phase"] for x in ranks[1]]
+    assert len(ranks[0]) == 12 and {x["phase"] for x in ranks[0]} == (
+        {"sft", "grpo"} if case == "sasr-lora" else {"mixed"}
+    )
+    assert [x["grad_norm"] for x in ranks[0]] == [x["grad_norm"] for x in ranks[1]]
+    whole = unsharded_mb(full_fine_tuning=case == "luffy-full")
+    for rank in ranks:  # each rank's shards of the weights and optimizer state: about half the whole
+        assert 0.45 * whole < rank[-1]["state_mb"] < 0.6 * whole
+    how = json.loads((run / "run.json").read_text())["distributed"]
+    assert how == {"kind": "FSDP", "num_processes": 2, "device": "cpu"}
+
+
+def test_final_is_an_ordinary_model_folder(straight):
+    case, run = straight
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    trained = sum(p.numel() for p in model.parameters())
+    assert trained == sum(p.numel() for p in models.load_model("tiny").parameters())  # merged, whole
+    assert (run / "adapter" / "adapter_config.json").exists() == (case == "sasr-lora")
+    ids = torch.tensor([[1, 2, 3]])
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
+def test_sigkill_then_resume_is_bit_identical(straight, tmp_path):
+    case, reference = straight
+    run = tmp_path / "run"
+    # A new session: SIGKILL reaches the launcher and both ranks at once, as when a machine goes down.
+    proc = launch(
+        *ARGS, *CASES[case], *RUN, "--output", str(run), stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    wait_for(lambda: (run / "checkpoints" / "step-000006").exists(), proc, timeout=300)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run / "final").exists()
+    resumed = launch("--resume", str(run), "--quiet", stderr=subprocess.PIPE, text=True)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert_same_run(reference, run)
+
+
+def test_an_fsdp_checkpoint_resumed_without_fsdp_is_refused(straight, tmp_path, capsys):
+    _, reference = straight
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    assert "was written with FSDP; resume it with the accelerate config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"FSDP_VERSION": "1"}, "sasr shards with FSDP2, but the accelerate config asks for FSDP version 1"),
+        ({"FSDP_VERSION": "2"}, "an FSDP config needs at least 2 processes"),
+    ],
+)
+def test_fsdp_settings_sasr_cannot_run_are_one_sentence(env, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert (
+        main(["train", *ARGS, "--steps", "2", "--warmup-steps", "1", "--output", str(tmp_path / "run")]) == 2
+    )
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+# The other methods, each with one setting whose path differs under FSDP: micro-batches (gradient sync only at
+# the last), dynamic sampling (ranks decode different numbers of batches), the reference of the warm-up's end.
+OTHERS = {
+    "sft": ["--set", "gradient_accumulation_steps=2"],
+    "grpo": ["--set", "grpo.dynamic_sampling=true", "--set", "grpo.max_num_gen_batches=3"],
+    "sft-then-grpo": ["--set", "grpo.reference=warmup", "--set", "lora.enabled=false"],
+    "interleave": ["--set", "gradient_accumulation_steps=2", "--set", "lora.enabled=false"],
+    "chord": ["--set", "grpo.num_generations=3"],
+    "hpt": ["--set", "grpo.num_generations=3", "--set", "lora.enabled=false"],
+    "srft": ["--set", "grpo.num_generations=3", "--set", "gradient_accumulation_steps=2"],
+}
+
+
+@pytest.mark.parametrize("method", list(OTHERS))
+def test_every_other_method_trains_sharded(method, tmp_path):
+    run = tmp_path / "run"
+    proc = launch(
+        *ARGS,
+        "--method",
+        method,
+        *OTHERS[method],
+        "--steps",
+        "4",
+        "--warmup-steps",
+        "2",
+        "--set",
+        "logging_ranks=true",
+        "--set",
+        "save_final=false",
+        "--output",
+        str(run),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    r0, r1 = (
+        [json.loads(x) for x in (run / "ranks" / f"rank{i}.jsonl").read_text().splitlines()] for i in (0, 1)
+    )
+    assert len(r0) == 4 and [x["phase"] for x in r0] == [x["phase"] for x in r1]
+    assert [x["grad_norm"] for x in r0] == [x["grad_norm"] for x in r1]
+    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+
+
+def test_sharded_steps_compute_what_data_parallel_steps_do(straight, tmp_path):
+    """The same run under DDP: the same losses and gradient norms, to float rounding (reduce-scatter and
+    all-reduce add the ranks' gradients in different orders)."""
+    case, run = straight
+    ddp = tmp_path / "ddp"
+    cmd = [*FSDP[:4], str(ACCELERATE_CONFIGS / "ddp_cpu.yaml"), *FSDP[5:]]
+    proc = subprocess.run(
+        [*cmd, *ARGS, *CASES[case], *RUN, "--output", str(ddp)], env=ENV, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded, plain = metrics(run), metrics(ddp)
+    assert [r["phase"] for r in sharded] == [r["phase"] for r in plain]
+    for a, b in zip(sharded, plain):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4, abs=1e-7)
