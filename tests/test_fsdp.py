@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_reliability import ACCELERATE_CONFIGS, ARGS, ENV, assert_same_run, metrics, wait_for
 from transformers import AutoModelForCausalLM
 
@@ -109,20 +110,39 @@ def test_an_fsdp_checkpoint_resumed_without_fsdp_is_refused(straight, tmp_path, 
     assert "was written with FSDP; resume it with the accelerate config" in capsys.readouterr().err
 
 
+V2 = {"FSDP_VERSION": "2"}
+
+
 @pytest.mark.parametrize(
-    "env, message",
+    "env, extra, message",
     [
-        ({"FSDP_VERSION": "1"}, "sasr shards with FSDP2, but the accelerate config asks for FSDP version 1"),
-        ({"FSDP_VERSION": "2"}, "an FSDP config needs at least 2 processes"),
+        (
+            {"FSDP_VERSION": "1"},
+            [],
+            "sasr shards with FSDP2, but the accelerate config asks for FSDP version 1",
+        ),
+        (V2, [], "an FSDP config needs at least 2 processes"),
+        (
+            V2,
+            ["--set", "bf16=true"],
+            "mixed precision (bf16, or mixed_precision in the accelerate config) is not",
+        ),
+        (
+            {**V2, "ACCELERATE_MIXED_PRECISION": "bf16"},
+            [],
+            "set mixed_precision: 'no' and model.dtype=bfloat16",
+        ),
+        ({**V2, "FSDP_ACTIVATION_CHECKPOINTING": "true"}, [], "set model.gradient_checkpointing=true"),
+        (V2, ["--set", "grpo.torch_compile=true"], "grpo.torch_compile is not supported with FSDP"),
+        ({**V2, "FSDP_AUTO_WRAP_POLICY": "BY_MOOD"}, [], "accelerate refused the FSDP settings"),
     ],
 )
-def test_fsdp_settings_sasr_cannot_run_are_one_sentence(env, message, tmp_path, monkeypatch, capsys):
+def test_fsdp_settings_sasr_cannot_run_are_one_sentence(env, extra, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    assert (
-        main(["train", *ARGS, "--steps", "2", "--warmup-steps", "1", "--output", str(tmp_path / "run")]) == 2
-    )
+    argv = ["train", *ARGS, *extra, "--steps", "2", "--warmup-steps", "1", "--output", str(tmp_path / "run")]
+    assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -186,3 +206,61 @@ def test_sharded_steps_compute_what_data_parallel_steps_do(straight, tmp_path):
     for a, b in zip(sharded, plain):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4, abs=1e-7)
+    got, want = (load_file(r / "final" / "model.safetensors") for r in (run, ddp))  # the trained weights
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6)
+    # and a DDP run's checkpoint is not resumed under FSDP
+    shutil.rmtree(ddp / "final")
+    again = launch("--resume", str(ddp), "--quiet", stderr=subprocess.PIPE, text=True)
+    _, err = again.communicate(timeout=600)
+    assert again.returncode != 0 and "was written without FSDP; resume it with the accelerate config" in err
+
+
+def _gathered_rank(rank: int, init: str, out: str) -> None:
+    """One rank of test_ranks_decode_for_different_lengths_within_one_gathering."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from sasr import fsdp
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    model = models.load_model("tiny")
+    ids = torch.randint(5, 500, (2, 7), generator=torch.Generator().manual_seed(rank))
+    with torch.no_grad():
+        want = model(ids).logits
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    with torch.no_grad(), fsdp.gathered(model):
+        for _ in range(rank + 1):  # rank 1 decodes one more step than rank 0: no collective may happen here
+            got = model(ids).logits
+    model(ids).logits.float().pow(2).mean().backward()  # then a sharded step, in lockstep again
+    grad = next(p.grad for p in model.parameters() if p.grad is not None).full_tensor()
+    torch.save({"diff": (got - want).abs().max().item(), "grad": grad}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ranks_decode_for_different_lengths_within_one_gathering(tmp_path):
+    """Within ``fsdp.gathered`` a forward talks to no other rank, so ranks may decode different numbers of
+    tokens (their completions end at different lengths), and compute the unsharded model's numbers."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=_gathered_rank, args=(r, init, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 180  # about 10 s when it works
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    hung = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        p.kill() if p.is_alive() else None
+    assert not hung, "the two ranks deadlocked"
+    assert [p.exitcode for p in procs] == [0, 0]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert all(r["diff"] < 1e-5 for r in ranks)
+    torch.testing.assert_close(ranks[0]["grad"], ranks[1]["grad"])  # the reduced gradient, the same on both

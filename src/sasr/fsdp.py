@@ -42,11 +42,35 @@ def requested() -> bool:
     return True
 
 
+def check(config) -> None:
+    """Refuse, in one sentence, the settings sasr does not honour under FSDP (before accelerate reads them)."""
+    env = os.environ
+    if config.bf16 or env.get("ACCELERATE_MIXED_PRECISION", "no") not in ("no", ""):
+        raise SasrError(
+            "mixed precision (bf16, or mixed_precision in the accelerate config) is not supported with FSDP; "
+            "set mixed_precision: 'no' and model.dtype=bfloat16 to train in bfloat16"
+        )
+    if env.get("FSDP_ACTIVATION_CHECKPOINTING", "false").lower() == "true":
+        raise SasrError(
+            "fsdp_activation_checkpointing is not read by sasr; drop it from the accelerate config and set "
+            "model.gradient_checkpointing=true"
+        )
+    if config.grpo.torch_compile:
+        raise SasrError("grpo.torch_compile is not supported with FSDP; set grpo.torch_compile=false")
+
+
 def plugin(accelerator):
     """The launcher's FSDP settings: accelerate's own plugin on GPUs, read from the same environment on a CPU."""
     from accelerate import FullyShardedDataParallelPlugin
 
-    settings = getattr(accelerator.state, "fsdp_plugin", None) or FullyShardedDataParallelPlugin()
+    settings = getattr(accelerator.state, "fsdp_plugin", None)
+    if settings is None:
+        try:
+            settings = FullyShardedDataParallelPlugin()
+        except ValueError as exc:
+            raise SasrError(
+                f"accelerate refused the FSDP settings ({str(exc).splitlines()[0]}); fix the accelerate config"
+            ) from None
     if accelerator.num_processes < 2:
         raise SasrError(
             "an FSDP config needs at least 2 processes; set num_processes in the accelerate config"
@@ -57,8 +81,9 @@ def plugin(accelerator):
 def shard(model: torch.nn.Module, accelerator) -> torch.nn.Module:
     """Shard ``model`` in place as accelerate does on GPUs: each decoder layer (the model's
     ``_no_split_modules``, or the config's classes) one FSDP unit, the embeddings, final norm and head another,
-    the rest the root. Rank 0's weights are broadcast to every rank, so LoRA's random initialisation and a
-    model loaded on rank 0 only agree everywhere."""
+    the rest the root (with untied embeddings the input embeddings are a unit of their own). Rank 0's weights
+    are broadcast to every rank, so LoRA's random initialisation and a model loaded on rank 0 only agree
+    everywhere."""
     from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
     settings = plugin(accelerator)
@@ -113,8 +138,9 @@ def gathered(model: torch.nn.Module) -> Iterator[None]:
 
 
 def reshard(model: torch.nn.Module) -> None:
-    """Free every gathered copy of the weights (a forward without backward leaves the root's gathered), so that
-    weights written in place are the ones the next forward gathers."""
+    """Free every gathered copy of the weights (a forward without backward leaves the units that do not
+    reshard after forward gathered: the root, and the head with the final norm), so that weights written in
+    place are the ones the next forward gathers."""
     for unit in units(model):
         unit.reshard()
 
@@ -145,8 +171,12 @@ def save(path: Path, state: dict) -> None:
 def load(path: Path, state: dict) -> None:
     """Read a checkpoint ``save`` wrote into ``state``'s tensors in place (the same shapes and sharding)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    dcp.load(state, checkpoint_id=path)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except (CheckpointException, OSError, RuntimeError) as exc:  # a BaseException, raised on every rank alike
+        raise SasrError(f"cannot read the sharded checkpoint {path} ({str(exc).splitlines()[0]})") from None
 
 
 def training_state(model: torch.nn.Module, optimizer) -> dict:

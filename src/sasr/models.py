@@ -59,8 +59,10 @@ def _atomic_save(folder: Path, *objects) -> Path:
         obj.save_pretrained(tmp)
     try:
         tmp.rename(folder)
-    except OSError:  # another process renamed its own folder there first: the same files
-        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        if not any((folder / name).exists() for name in ("config.json", "tokenizer_config.json")):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process renamed its own folder there first: the same
     return folder
 
 

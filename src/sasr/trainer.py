@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import (
     DistributedDataParallelKwargs,
     ProjectConfiguration,
@@ -151,9 +152,15 @@ class Trainer:
     ) -> None:
         self.config = c = config
         self.sharded = fsdp.requested()
+        if self.sharded:
+            fsdp.check(c)
         try:
             self.accelerator = acc = make_accelerator(c.report_to, c.bf16)
         except ValueError as exc:  # another library (e.g. a TRL trainer) set up accelerate differently
+            if self.sharded:  # on GPUs accelerate reads the FSDP settings here
+                raise SasrError(
+                    f"accelerate refused the FSDP settings ({str(exc).splitlines()[0]}); fix the accelerate config"
+                ) from None
             raise SasrError(
                 "this Python process already holds an accelerate state with other settings "
                 f"({str(exc).splitlines()[0]}); run sasr in a fresh process"
@@ -164,10 +171,8 @@ class Trainer:
         # Everything that can fail on bad input fails before the run directory is touched.
         if self.sharded:
             fsdp.plugin(acc)  # a config sasr cannot run is refused here
-            if c.bf16:
-                raise SasrError(
-                    "bf16 (autocast) is not supported with FSDP; set model.dtype=bfloat16 to train in bfloat16"
-                )
+        # CUDA graphs replay against the weights' addresses, which FSDP frees and allocates anew at each gathering.
+        self.cuda_graphs = c.grpo.cuda_graphs and not self.sharded
         if c.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
             raise SasrError(
                 "push_to_hub needs the network, but HF_HUB_OFFLINE is set; unset it or drop push_to_hub"
@@ -211,8 +216,8 @@ class Trainer:
             num_warmup_steps=c.optim.lr_warmup_steps,
             num_training_steps=c.steps,
         )
-        if self.sharded:  # accelerate would wrap a sharded model in DDP on a CPU: the optimizer only
-            self.model, self.optimizer = model, acc.prepare(optimizer)
+        if self.sharded:  # not prepared: accelerate would wrap it in DDP on a CPU, and on GPUs shard it again
+            self.model, self.optimizer = model, AcceleratedOptimizer(optimizer, device_placement=False)
         else:
             self.model, self.optimizer = acc.prepare(model, optimizer)
 
@@ -514,9 +519,10 @@ class Trainer:
     def sample_groups(
         self, model, examples, plan: Plan, step: int
     ) -> tuple[Rows, torch.Tensor, dict[str, Any]]:
-        """Each prompt's group, sampled from ``model`` (``decoder()``'s): ``plan.rollouts`` sampled completions, then ``plan.offpolicy`` copies of its
-        demonstration; all scored, advantages computed over the whole group. Returns the rows, whether each
-        group's rewards differ [prompts] (bool), and the rollout time (and samples' extra columns)."""
+        """Each prompt's group: ``plan.rollouts`` completions sampled from ``model`` (``decoder()``'s), then
+        ``plan.offpolicy`` copies of its demonstration; all scored, advantages computed over the whole group.
+        Returns the rows, whether each group's rewards differ [prompts] (bool), and the rollout time (and
+        samples' extra columns)."""
         c, g = self.config, self.config.grpo
         device = self.accelerator.device
         prompts = render_prompts(self.tokenizer, self.task, examples, c.model.chat_template_kwargs)
@@ -537,7 +543,7 @@ class Trainer:
                 temperature=g.temperature,
                 top_p=g.top_p,
                 backend=g.generation_backend,
-                cuda_graphs=g.cuda_graphs,
+                cuda_graphs=self.cuda_graphs,
                 compile=g.torch_compile,
                 **g.generation_kwargs,
             )  # chunk x rollouts rows
@@ -835,7 +841,7 @@ class Trainer:
                 progress=self.progress,
                 desc=desc,
                 keep_text=c.log_completions,
-                **settings(c, samples),
+                **{**settings(c, samples), "cuda_graphs": self.cuda_graphs},
             )
         if acc.num_processes > 1:
             records = gather_object(records)
