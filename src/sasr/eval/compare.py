@@ -406,6 +406,10 @@ def assemble(
             "eval_seconds": sum(x.get("eval_seconds", 0.0) for x in summaries.values()),
             "eval_timed": sum("eval_seconds" in x for x in summaries.values()),
             "runs": len(summaries),
+            # training seconds of the runs whose evaluation was timed: the share over those runs alone
+            "timed_train_seconds": sum(
+                (x["run"] or {}).get("seconds") or 0.0 for x in summaries.values() if "eval_seconds" in x
+            ),
         },
     }
 
@@ -483,12 +487,17 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
             ),
         ]
     t = results["time"]
-    if t["eval_timed"] == t["runs"] and t["train_seconds"] + t["eval_seconds"] > 0:
-        share = t["eval_seconds"] / (t["train_seconds"] + t["eval_seconds"])
+    if t["eval_timed"] and t.get("timed_train_seconds", 0.0) + t["eval_seconds"] > 0:
+        share = t["eval_seconds"] / (t["timed_train_seconds"] + t["eval_seconds"])
+        which = (
+            ""
+            if t["eval_timed"] == t["runs"]
+            else f" in the {t['eval_timed']} of {t['runs']} runs that timed it"
+        )
         lines += [
             "",
-            f"Time: training {t['train_seconds'] / 3600:.2f} h, evaluation {t['eval_seconds'] / 3600:.2f} h "
-            f"({share:.0%} of the comparison).",
+            f"Time: training {t['train_seconds'] / 3600:.2f} h, evaluation {t['eval_seconds'] / 3600:.2f} h"
+            f"{which} ({share:.0%} of those runs' time).",
         ]
     lines += ["", "Command:", "", f"    {results['command']}", ""]
     figures = [
