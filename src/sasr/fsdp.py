@@ -4,7 +4,9 @@ processes over gloo.
 accelerate shards a model in ``prepare`` only when its state is FSDP, which it never is on a CPU
 (``Accelerator(cpu=True)`` drops the FSDP plugin and wraps the model in DDP). sasr therefore shards the model
 itself, on every device, with the function ``prepare`` calls on GPUs (``fsdp2_prepare_model``) and the plugin
-the launcher's settings describe; accelerate then prepares only the optimizer.
+the launcher's settings describe. The model is then never passed to ``prepare`` (on a CPU it would be wrapped
+in DDP), and the optimizer is wrapped in accelerate's ``AcceleratedOptimizer`` directly (on GPUs ``prepare``
+refuses an FSDP2 optimizer without its model).
 
 What sharding changes for the trainer:
 - every forward call gathers weights from the other ranks, so ranks make the same number of calls;
