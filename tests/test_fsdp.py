@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_losses import two_gloo_ranks
 from test_reliability import ACCELERATE_CONFIGS, ARGS, ENV, assert_same_run, metrics, wait_for
 from transformers import AutoModelForCausalLM
 
@@ -244,23 +245,6 @@ def _gathered_rank(rank: int, init: str, out: str) -> None:
 def test_ranks_decode_for_different_lengths_within_one_gathering(tmp_path):
     """Within ``fsdp.gathered`` a forward talks to no other rank, so ranks may decode different numbers of
     tokens (their completions end at different lengths), and compute the unsharded model's numbers."""
-    import time
-
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [ctx.Process(target=_gathered_rank, args=(r, init, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 180  # about 10 s when it works
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    hung = [p.pid for p in procs if p.is_alive()]
-    for p in procs:
-        p.kill() if p.is_alive() else None
-    assert not hung, "the two ranks deadlocked"
-    assert [p.exitcode for p in procs] == [0, 0]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = two_gloo_ranks(_gathered_rank, tmp_path)
     assert all(r["diff"] < 1e-5 for r in ranks)
     torch.testing.assert_close(ranks[0]["grad"], ranks[1]["grad"])  # the reduced gradient, the same on both

@@ -427,6 +427,27 @@ def test_an_fsdp_model_makes_one_forward_call_per_pass(tmp_path):
 RANK_LENGTHS = ([16, 2, 15, 3], [16, 16, 15, 14])  # two length groups on rank 0, one on rank 1
 
 
+def two_gloo_ranks(target, tmp_path, timeout: float = 180.0) -> list[dict]:
+    """Run ``target(rank, init, out)`` in two spawned processes that meet over gloo; fail if they deadlock or
+    either fails. Returns what each rank saved to ``out/rank{rank}.pt``."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=target, args=(r, init, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout  # about 10 s when it works
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    hung = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        p.kill() if p.is_alive() else None
+    assert not hung, "the two ranks deadlocked"
+    assert [p.exitcode for p in procs] == [0, 0]
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
 def _ddp_rank(rank: int, init: str, out: str) -> None:
     """One rank of test_ranks_with_different_numbers_of_length_groups_train_together."""
     import torch.distributed as dist
@@ -449,24 +470,9 @@ def _ddp_rank(rank: int, init: str, out: str) -> None:
 def test_ranks_with_different_numbers_of_length_groups_train_together(tmp_path):
     """Two gloo processes make different numbers of forward calls (length groups) under DDP, as sasr's trainer
     configures it, and still get the average of their plain gradients (a broadcast of buffers deadlocks here)."""
-    import torch.multiprocessing as mp
-
     from sasr import models
 
-    ctx = mp.get_context("spawn")
-    init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [ctx.Process(target=_ddp_rank, args=(r, init, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 180  # about 10 s when it works
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    hung = [p.pid for p in procs if p.is_alive()]
-    for p in procs:
-        p.kill() if p.is_alive() else None
-    assert not hung, "the two ranks deadlocked"
-    assert [p.exitcode for p in procs] == [0, 0]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = two_gloo_ranks(_ddp_rank, tmp_path)
     assert [r["calls"] for r in ranks] == [2, 1]
     model = models.load_model("tiny")
     expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}

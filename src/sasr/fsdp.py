@@ -61,6 +61,13 @@ def check(config) -> None:
         raise SasrError("grpo.torch_compile is not supported with FSDP; set grpo.torch_compile=false")
 
 
+def refused(exc: ValueError) -> SasrError:
+    """accelerate's complaint about the launcher's FSDP settings, as one sentence."""
+    return SasrError(
+        f"accelerate refused the FSDP settings ({str(exc).splitlines()[0]}); fix the accelerate config"
+    )
+
+
 def plugin(accelerator):
     """The launcher's FSDP settings: accelerate's own plugin on GPUs, read from the same environment on a CPU."""
     from accelerate import FullyShardedDataParallelPlugin
@@ -70,9 +77,7 @@ def plugin(accelerator):
         try:
             settings = FullyShardedDataParallelPlugin()
         except ValueError as exc:
-            raise SasrError(
-                f"accelerate refused the FSDP settings ({str(exc).splitlines()[0]}); fix the accelerate config"
-            ) from None
+            raise refused(exc) from None
     if accelerator.num_processes < 2:
         raise SasrError(
             "an FSDP config needs at least 2 processes; set num_processes in the accelerate config"

@@ -158,9 +158,7 @@ class Trainer:
             self.accelerator = acc = make_accelerator(c.report_to, c.bf16)
         except ValueError as exc:  # another library (e.g. a TRL trainer) set up accelerate differently
             if self.sharded:  # on GPUs accelerate reads the FSDP settings here
-                raise SasrError(
-                    f"accelerate refused the FSDP settings ({str(exc).splitlines()[0]}); fix the accelerate config"
-                ) from None
+                raise fsdp.refused(exc) from None
             raise SasrError(
                 "this Python process already holds an accelerate state with other settings "
                 f"({str(exc).splitlines()[0]}); run sasr in a fresh process"

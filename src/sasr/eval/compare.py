@@ -487,7 +487,7 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
             ),
         ]
     t = results["time"]
-    if t["eval_timed"] and t.get("timed_train_seconds", 0.0) + t["eval_seconds"] > 0:
+    if t["eval_timed"] and t["timed_train_seconds"] + t["eval_seconds"] > 0:
         share = t["eval_seconds"] / (t["timed_train_seconds"] + t["eval_seconds"])
         which = (
             ""
