@@ -69,6 +69,51 @@ def test_a_repeated_prompt_is_prefilled_once_and_decodes_like_a_single_one(smol)
     assert engine_for(model).stats["prefill_rows"] == 2
 
 
+def _prefill_calls(model, **kwargs):
+    """generate(..., **kwargs) and the [rows, columns] of each prefill forward (those with more than 1 column)."""
+    shapes = []
+    hook = model.register_forward_hook(
+        lambda module, args, kw, out: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        roll = generate(model, max_new_tokens=24, greedy=True, **kwargs)
+    finally:
+        hook.remove()
+    return roll, [s for s in shapes if s[1] > 1]
+
+
+@pytest.mark.parametrize("case", ["system prompt", "padding past the prefix", "one prompt inside another"])
+def test_a_shared_prefix_is_prefilled_once_and_decodes_like_the_plain_prefill(smol, case):
+    model, tok, prompts = smol
+    if case == "padding past the prefix":  # a prompt longer by more than the prefix: padding inside the rest
+        prompts = [*prompts[:3], prompts[3].replace("Compute", "Compute, without a calculator and " * 8)]
+    elif case == "one prompt inside another":  # the shared part is capped so each row keeps a token
+        prompts = ["12 + 7 =", "12 + 7 = 19, and 19 * 2 ="]
+    plain, plain_calls = _prefill_calls(model, tokenizer=tok, prompts=prompts, num_generations=2)
+    shared, shared_calls = _prefill_calls(
+        model, tokenizer=tok, prompts=prompts, num_generations=2, share_prefix=True
+    )
+    assert torch.equal(shared.completion_ids, plain.completion_ids)
+    torch.testing.assert_close(shared.logprobs, plain.logprobs, atol=1e-4, rtol=0)
+    U, P = plain_calls[0]
+    (one, C), (rows, W) = shared_calls  # the prefix once, then each distinct prompt's remaining columns
+    ids = tok(prompts).input_ids
+    shortest = min(map(len, ids))
+    common = next((i for i, column in enumerate(zip(*ids)) if len(set(column)) > 1), shortest)
+    assert (one, rows, U) == (1, len(prompts), len(prompts))
+    assert C == min(common, shortest - 1) > 0 and W < P
+    assert engine_for(model).stats["prefill_tokens"] == C + U * W < U * P
+
+
+def test_prompts_without_a_common_start_are_prefilled_as_before(smol):
+    model, tok, _ = smol
+    prompts = ["12 + 7 =", "Twelve plus seven is"]
+    plain = generate(model, tok, prompts, max_new_tokens=8, greedy=True)
+    shared, calls = _prefill_calls(model, tokenizer=tok, prompts=prompts, share_prefix=True)
+    assert torch.equal(shared.completion_ids[:, :8], plain.completion_ids)
+    assert len(calls) == 1 and engine_for(model).stats["prefill_tokens"] == 2 * calls[0][1]
+
+
 def test_eager_decode_steps_attend_only_to_written_columns(smol, monkeypatch):
     import sasr.rollout.engine as engine
 

@@ -135,6 +135,7 @@ def evaluate(
             greedy=True,
             backend=backend,
             cuda_graphs=cuda_graphs,
+            share_prefix=True,  # one system prompt before every question
         )
         lengths = roll.completion_mask.sum(1).tolist()
         for s, n_tok, ex, text in zip(score_all(task, roll.texts, chunk), lengths, chunk, roll.texts):
@@ -162,6 +163,7 @@ def evaluate(
                 temperature=temperature,
                 backend=backend,
                 cuda_graphs=cuda_graphs,
+                share_prefix=True,  # one system prompt before every question
             )
             grouped = [ex for ex in chunk for _ in range(samples)]
             scores = score_all(task, roll.texts, grouped)

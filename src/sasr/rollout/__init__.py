@@ -83,13 +83,14 @@ def _sasr_generate(
         top_k=generation_kwargs.get("top_k", params.top_k),
         min_new_tokens=generation_kwargs.get("min_new_tokens", 0),
     )
-    return engine.engine_for(model, **engine_opts).decode(
+    return engine.engine_for(model, engine_opts["cuda_graphs"], engine_opts["compile"]).decode(
         prompt_ids,
         prompt_mask,
         max_new_tokens=max_new_tokens,
         eos_token_id=eos,
         pad_token_id=pad,
         params=params,
+        share_prefix=engine_opts["share_prefix"],
     )
 
 
@@ -111,9 +112,14 @@ def generate(
     backend: str = "sasr",
     cuda_graphs: bool = True,
     compile: bool = False,
+    share_prefix: bool = False,
     **generation_kwargs,
 ) -> Rollouts:
-    """``num_generations`` completions per prompt, grouped consecutively: rows g*i .. g*i+g-1 share prompt i."""
+    """``num_generations`` completions per prompt, grouped consecutively: rows g*i .. g*i+g-1 share prompt i.
+
+    ``share_prefix`` (sasr backend): the prompts' common first tokens are prefilled once, for many distinct
+    prompts with one system prompt (evaluation); the result equals the plain prefill's up to float rounding.
+    """
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_length, device)
     prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)  # [B, P], B = prompts x G
@@ -129,7 +135,7 @@ def generate(
         tokenizer.pad_token_id,
         params,
         generation_kwargs,
-        {"cuda_graphs": cuda_graphs, "compile": compile},
+        {"cuda_graphs": cuda_graphs, "compile": compile, "share_prefix": share_prefix},
     )
     if completion_ids.size(1) == 0:  # nothing generated at all: keep one pad column so shapes stay valid
         completion_ids = torch.full_like(prompt_ids[:, :1], tokenizer.pad_token_id)

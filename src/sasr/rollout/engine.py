@@ -274,8 +274,14 @@ class RolloutEngine:
         self.forward = torch.compile(model, dynamic=False) if compile else model
         self._graph_forward = model_forward(self.forward)
         self._states: OrderedDict[tuple, _DecodeState] = OrderedDict()
-        # Of the last decode(): steps, rows computed, CUDA graphs captured, prompts prefilled.
-        self.stats = {"decode_steps": 0, "row_steps": 0, "graph_captures": 0, "prefill_rows": 0}
+        # Of the last decode(): steps, rows computed, CUDA graphs captured, prompts and tokens prefilled.
+        self.stats = {
+            "decode_steps": 0,
+            "row_steps": 0,
+            "graph_captures": 0,
+            "prefill_rows": 0,
+            "prefill_tokens": 0,
+        }
 
     @property
     def device(self) -> torch.device:
@@ -325,10 +331,12 @@ class RolloutEngine:
         eos_token_id: int | tuple[int, ...],
         pad_token_id: int,
         params: SamplingParams,
+        share_prefix: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Completions and their sampling log-probs for left-padded prompts. [B, P] -> [B, T], [B, T]
 
         Tokens after a row's EOS are ``pad_token_id`` with log-prob 0; T is the longest row's length.
+        ``share_prefix``: the prompts' common first tokens (a system prompt) go through the model once.
         """
         model, device = self.model, self.device
         B, P = prompt_ids.shape
@@ -352,7 +360,7 @@ class RolloutEngine:
                 state = self._state(B, length, params, eos_token_id, w.merged)
                 state = self._graphed(state, params, eos_token_id)
                 first_token, first_logp = self._prefill(
-                    state, prompt_ids, prompt_mask, params, eos_token_id, prefill
+                    state, prompt_ids, prompt_mask, params, eos_token_id, prefill, share_prefix
                 )
                 state.rows.copy_(torch.arange(B, device=device))
                 state.done.zero_()
@@ -373,11 +381,21 @@ class RolloutEngine:
             model.train(was_training)
         return out_ids[:B, :t_end], out_logp[:B, :t_end]
 
-    def _prefill(self, state, prompt_ids, prompt_mask, params, eos_token_id, forward: Forward):
+    def _prefill(
+        self,
+        state,
+        prompt_ids,
+        prompt_mask,
+        params,
+        eos_token_id,
+        forward: Forward,
+        share_prefix: bool = False,
+    ):
         """Run the prompts through the model, filling the cache's first P columns; sample the first token.
 
         Repeated prompts (GRPO's G rows per prompt are consecutive) go through the model once; their keys and
-        values are then copied to every row that shares them.
+        values are then copied to every row that shares them. With ``share_prefix`` the first tokens all
+        prompts share go through the model once too (``_prefill_prefix``), and the rest of each prompt after.
         """
         B, P = prompt_ids.shape
         device = prompt_ids.device
@@ -390,13 +408,22 @@ class RolloutEngine:
         visible |= torch.eye(P, dtype=torch.bool, device=device)[None]  # pads see themselves: no empty rows
         full = torch.zeros(U, 1, P, state.length, dtype=torch.bool, device=device)
         full[:, 0, :, :P] = visible
-        first_rows = StaticKVCache(  # the first U rows of the state's cache
+        # The first U rows of the state's cache; a shared prefix leaves the last W columns to compute.
+        C, W = (
+            self._prefill_prefix(state, unique_ids, unique_mask, forward)
+            if share_prefix and U > 1
+            else (0, P)
+        )
+        first_rows = StaticKVCache(
             [k[:U] for k in state.cache.keys],
             [v[:U] for v in state.cache.values],
-            torch.arange(P, device=device),
+            torch.arange(P - W, P, device=device),
         )
         self.stats["prefill_rows"] = U
-        logits = forward(unique_ids, positions, full, first_rows)  # [U, V]
+        self.stats["prefill_tokens"] = C + U * W
+        logits = forward(
+            unique_ids[:, P - W :], positions[:, P - W :], full[:, :, P - W :], first_rows
+        )  # [U, V]
         if U < B:  # spread: index_select copies first, so reading rows [:U] while writing [:B] is safe
             for t in state.cache.keys + state.cache.values:
                 t[:, :, :P].copy_(t[:U, :, :P].index_select(0, inverse))
@@ -411,6 +438,36 @@ class RolloutEngine:
         token, logprob = sample(logits, params, eos_token_id, state.eos_bias)
         state.tokens.copy_(token[:, None])
         return token, logprob
+
+    def _prefill_prefix(
+        self, state, ids: torch.Tensor, mask: torch.Tensor, forward: Forward
+    ) -> tuple[int, int]:
+        """The C first real tokens every prompt shares, through the model once as a batch of one; their keys
+        and values are written to each row's columns of them. [U, P], [U, P] -> (C, W): W is the number of
+        last columns still to compute (P when no prefix is shared).
+
+        A row's first real token is at column ``pad_i``, so its prefix fills columns pad_i .. pad_i + C - 1;
+        every row keeps at least one token of its own, whose logits give its first completion token.
+        """
+        U, P = ids.shape
+        pad = P - mask.sum(-1)  # [U] left padding of each row
+        shortest = int(mask.sum(-1).min())
+        cols = pad[:, None] + torch.arange(shortest, device=ids.device)  # [U, shortest]
+        aligned = ids.gather(1, cols)  # [U, shortest]: each row's real tokens from its first
+        agree = (aligned == aligned[:1]).all(0).long()  # [shortest]
+        C = min(int(agree.cumprod(0).sum()), shortest - 1)
+        if C <= 0:
+            return 0, P
+        keys = [torch.empty_like(k[:1, :, :C]) for k in state.cache.keys]  # [1, H_kv, C, D] per layer
+        values = [torch.empty_like(v[:1, :, :C]) for v in state.cache.values]
+        causal = torch.ones(1, 1, C, C, dtype=torch.bool, device=ids.device).tril()  # [1, 1, C, C]
+        at = torch.arange(C, device=ids.device)  # [C]
+        forward(aligned[:1, :C], at[None], causal, StaticKVCache(keys, values, at))
+        where = cols[:, None, :C, None]  # [U, 1, C, 1]: row i's prefix columns
+        for mine, whole in zip(keys + values, state.cache.keys + state.cache.values):
+            rows = whole[:U]  # [U, H_kv, L, D]
+            rows.scatter_(2, where.expand(U, rows.size(1), C, rows.size(3)), mine.expand(U, -1, -1, -1))
+        return C, P - int((pad + C).min())
 
     def _loop(
         self,
