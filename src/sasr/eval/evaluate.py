@@ -116,9 +116,11 @@ def evaluate(
     cuda_graphs: bool = True,
     chat_template_kwargs: dict[str, Any] | None = None,
     keep_text: bool = False,
+    share_prefix: bool = True,
 ) -> list[dict[str, Any]]:
     """One record per example: greedy result, and with ``samples`` = K > 0 the sampled metrics (for the first
-    ``sample_size`` examples only, when given). ``keep_text``: also the question and the greedy completion."""
+    ``sample_size`` examples only, when given). ``keep_text``: also the question and the greedy completion.
+    ``share_prefix``: the questions' common start (the system prompt) is prefilled once per batch."""
     records: list[dict[str, Any]] = []
     per_batch = max(1, batch_size // max(samples, 1))  # prompts per generate call when sampling
     sampled = list(examples[:sample_size]) if samples > 0 else []
@@ -135,7 +137,7 @@ def evaluate(
             greedy=True,
             backend=backend,
             cuda_graphs=cuda_graphs,
-            share_prefix=True,  # one system prompt before every question
+            share_prefix=share_prefix,
         )
         lengths = roll.completion_mask.sum(1).tolist()
         for s, n_tok, ex, text in zip(score_all(task, roll.texts, chunk), lengths, chunk, roll.texts):
@@ -163,7 +165,7 @@ def evaluate(
                 temperature=temperature,
                 backend=backend,
                 cuda_graphs=cuda_graphs,
-                share_prefix=True,  # one system prompt before every question
+                share_prefix=share_prefix,
             )
             grouped = [ex for ex in chunk for _ in range(samples)]
             scores = score_all(task, roll.texts, grouped)
