@@ -69,17 +69,17 @@ def test_a_repeated_prompt_is_prefilled_once_and_decodes_like_a_single_one(smol)
     assert engine_for(model).stats["prefill_rows"] == 2
 
 
-def _prefill_calls(model, **kwargs):
-    """generate(..., **kwargs) and the [rows, columns] of each prefill forward (those with more than 1 column)."""
+def _forward_shapes(model, **kwargs):
+    """generate(..., **kwargs) and the [rows, columns] of every forward call, in order."""
     shapes = []
     hook = model.register_forward_hook(
         lambda module, args, kw, out: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True
     )
     try:
-        roll = generate(model, max_new_tokens=24, greedy=True, **kwargs)
+        roll = generate(model, max_new_tokens=24, **kwargs)
     finally:
         hook.remove()
-    return roll, [s for s in shapes if s[1] > 1]
+    return roll, shapes
 
 
 @pytest.mark.parametrize("case", ["system prompt", "padding past the prefix", "one prompt inside another"])
@@ -89,14 +89,20 @@ def test_a_shared_prefix_is_prefilled_once_and_decodes_like_the_plain_prefill(sm
         prompts = [*prompts[:3], prompts[3].replace("Compute", "Compute, without a calculator and " * 8)]
     elif case == "one prompt inside another":  # the shared part is capped so each row keeps a token
         prompts = ["12 + 7 =", "12 + 7 = 19, and 19 * 2 ="]
-    plain, plain_calls = _prefill_calls(model, tokenizer=tok, prompts=prompts, num_generations=2)
-    shared, shared_calls = _prefill_calls(
-        model, tokenizer=tok, prompts=prompts, num_generations=2, share_prefix=True
-    )
+    args = {"tokenizer": tok, "prompts": prompts, "num_generations": 2, "greedy": True}
+    plain, plain_calls = _forward_shapes(model, **args)
+    shared, shared_calls = _forward_shapes(model, **args, share_prefix=True)
     assert torch.equal(shared.completion_ids, plain.completion_ids)
     torch.testing.assert_close(shared.logprobs, plain.logprobs, atol=1e-4, rtol=0)
-    U, P = plain_calls[0]
-    (one, C), (rows, W) = shared_calls  # the prefix once, then each distinct prompt's remaining columns
+    mask = shared.completion_mask.bool()  # and against a forward over prompt + completion
+    torch.testing.assert_close(
+        shared.logprobs[mask], _plain_logprobs(model, shared, 1.0)[mask], atol=1e-4, rtol=0
+    )
+    (U, P), ((one, C), (rows, W)) = (
+        plain_calls[0],
+        shared_calls[:2],
+    )  # the prefix once, then each prompt's rest
+    assert shared_calls[2:] == plain_calls[1:]  # the same decode steps after
     ids = tok(prompts).input_ids
     shortest = min(map(len, ids))
     common = next((i for i, column in enumerate(zip(*ids)) if len(set(column)) > 1), shortest)
@@ -105,13 +111,25 @@ def test_a_shared_prefix_is_prefilled_once_and_decodes_like_the_plain_prefill(sm
     assert engine_for(model).stats["prefill_tokens"] == C + U * W < U * P
 
 
+def test_shared_prefix_samples_like_the_plain_prefill(smol):
+    model, tok, prompts = smol
+    runs = []
+    for share in (False, True):
+        torch.manual_seed(0)
+        runs.append(generate(model, tok, prompts, num_generations=3, max_new_tokens=24, share_prefix=share))
+    assert torch.equal(runs[1].completion_ids, runs[0].completion_ids)  # the same draws from the same logits
+    torch.testing.assert_close(runs[1].logprobs, runs[0].logprobs, atol=1e-4, rtol=0)
+
+
 def test_prompts_without_a_common_start_are_prefilled_as_before(smol):
     model, tok, _ = smol
     prompts = ["12 + 7 =", "Twelve plus seven is"]
-    plain = generate(model, tok, prompts, max_new_tokens=8, greedy=True)
-    shared, calls = _prefill_calls(model, tokenizer=tok, prompts=prompts, share_prefix=True)
-    assert torch.equal(shared.completion_ids[:, :8], plain.completion_ids)
-    assert len(calls) == 1 and engine_for(model).stats["prefill_tokens"] == 2 * calls[0][1]
+    plain, plain_calls = _forward_shapes(model, tokenizer=tok, prompts=prompts, greedy=True)
+    shared, shared_calls = _forward_shapes(
+        model, tokenizer=tok, prompts=prompts, greedy=True, share_prefix=True
+    )
+    assert torch.equal(shared.completion_ids, plain.completion_ids) and shared_calls == plain_calls
+    assert engine_for(model).stats["prefill_tokens"] == 2 * plain_calls[0][1]
 
 
 def test_eager_decode_steps_attend_only_to_written_columns(smol, monkeypatch):

@@ -153,6 +153,9 @@ class EvalSection(Section):
     temperature: float = F(1.0, "sampling temperature of those K samples", gt=0)
     max_new_tokens: int = F(128, "tokens generated per evaluation answer", ge=1)
     batch_size: int = F(32, "questions generated together", ge=1)
+    share_prefix: bool = F(
+        True, "the questions' common start (a system prompt) is prefilled once per batch (sasr backend)"
+    )
 
 
 class TrainConfig(Section):

@@ -90,6 +90,7 @@ def settings(config, samples: int | None = None) -> dict[str, Any]:
         "temperature": e.temperature,
         "max_new_tokens": e.max_new_tokens,
         "batch_size": e.batch_size,
+        "share_prefix": e.share_prefix,
         "max_prompt_length": g.max_prompt_length,
         "backend": g.generation_backend,
         "cuda_graphs": g.cuda_graphs,
@@ -120,7 +121,8 @@ def evaluate(
 ) -> list[dict[str, Any]]:
     """One record per example: greedy result, and with ``samples`` = K > 0 the sampled metrics (for the first
     ``sample_size`` examples only, when given). ``keep_text``: also the question and the greedy completion.
-    ``share_prefix``: the questions' common start (the system prompt) is prefilled once per batch."""
+    ``share_prefix`` (sasr backend; hf ignores it): the questions' common start (the system prompt) is prefilled
+    once per batch; its logits equal the plain prefill's up to float rounding."""
     records: list[dict[str, Any]] = []
     per_batch = max(1, batch_size // max(samples, 1))  # prompts per generate call when sampling
     sampled = list(examples[:sample_size]) if samples > 0 else []

@@ -83,7 +83,8 @@ def _sasr_generate(
         top_k=generation_kwargs.get("top_k", params.top_k),
         min_new_tokens=generation_kwargs.get("min_new_tokens", 0),
     )
-    return engine.engine_for(model, engine_opts["cuda_graphs"], engine_opts["compile"]).decode(
+    engine_ = engine.engine_for(model, cuda_graphs=engine_opts["cuda_graphs"], compile=engine_opts["compile"])
+    return engine_.decode(
         prompt_ids,
         prompt_mask,
         max_new_tokens=max_new_tokens,
@@ -118,7 +119,8 @@ def generate(
     """``num_generations`` completions per prompt, grouped consecutively: rows g*i .. g*i+g-1 share prompt i.
 
     ``share_prefix`` (sasr backend): the prompts' common first tokens are prefilled once, for many distinct
-    prompts with one system prompt (evaluation); the result equals the plain prefill's up to float rounding.
+    prompts with one system prompt (evaluation). The logits equal the plain prefill's up to float rounding, so
+    a near-tie may decode differently.
     """
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_length, device)

@@ -48,8 +48,8 @@ class SamplingParams:
 class StaticKVCache:
     """Preallocated keys/values per layer; the transformers ``Cache`` calls a decoder layer makes.
 
-    ``write_at`` holds the cache columns the next forward writes (``[P]`` for a prefill, ``[1]`` for a decode
-    step); it is a device tensor so that a captured CUDA graph advances it itself.
+    ``write_at`` holds the cache columns the next forward writes (the prompt columns for a prefill, one for a
+    decode step); it is a device tensor so that a captured CUDA graph advances it itself.
     """
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], write_at: torch.Tensor) -> None:
@@ -391,7 +391,8 @@ class RolloutEngine:
         forward: Forward,
         share_prefix: bool = False,
     ):
-        """Run the prompts through the model, filling the cache's first P columns; sample the first token.
+        """Run the prompts through the model, writing their keys and values to the cache's first P columns (pad
+        columns may be left unwritten: they are masked); sample the first token.
 
         Repeated prompts (GRPO's G rows per prompt are consecutive) go through the model once; their keys and
         values are then copied to every row that shares them. With ``share_prefix`` the first tokens all
@@ -402,28 +403,25 @@ class RolloutEngine:
         first, inverse = unique_prompts(prompt_ids, prompt_mask)  # [U], [B]
         U = first.numel()
         unique_ids, unique_mask = prompt_ids[first], prompt_mask[first].long()  # [U, P]
-        positions = (unique_mask.cumsum(-1) - 1).clamp(min=0)  # [U, P]
-        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()  # [P, P]
-        visible = causal[None] & unique_mask.bool()[:, None, :]  # [U, P(query), P(key)]
-        visible |= torch.eye(P, dtype=torch.bool, device=device)[None]  # pads see themselves: no empty rows
-        full = torch.zeros(U, 1, P, state.length, dtype=torch.bool, device=device)
-        full[:, 0, :, :P] = visible
-        # The first U rows of the state's cache; a shared prefix leaves the last W columns to compute.
-        C, W = (
+        C, W = (  # a shared prefix leaves the last W columns to compute
             self._prefill_prefix(state, unique_ids, unique_mask, forward)
             if share_prefix and U > 1
             else (0, P)
         )
-        first_rows = StaticKVCache(
+        positions = (unique_mask.cumsum(-1) - 1).clamp(min=0)[:, P - W :]  # [U, W]
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()[P - W :]  # [W, P]
+        visible = causal[None] & unique_mask.bool()[:, None, :]  # [U, W(query), P(key)]
+        visible |= torch.eye(P, dtype=torch.bool, device=device)[None, P - W :]  # pads see themselves
+        full = torch.zeros(U, 1, W, state.length, dtype=torch.bool, device=device)
+        full[:, 0, :, :P] = visible
+        first_rows = StaticKVCache(  # the first U rows of the state's cache, written at the last W columns
             [k[:U] for k in state.cache.keys],
             [v[:U] for v in state.cache.values],
             torch.arange(P - W, P, device=device),
         )
         self.stats["prefill_rows"] = U
         self.stats["prefill_tokens"] = C + U * W
-        logits = forward(
-            unique_ids[:, P - W :], positions[:, P - W :], full[:, :, P - W :], first_rows
-        )  # [U, V]
+        logits = forward(unique_ids[:, P - W :], positions, full, first_rows)  # [U, V]
         if U < B:  # spread: index_select copies first, so reading rows [:U] while writing [:B] is safe
             for t in state.cache.keys + state.cache.values:
                 t[:, :, :P].copy_(t[:U, :, :P].index_select(0, inverse))
