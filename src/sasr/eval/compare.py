@@ -489,16 +489,16 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
     t = results["time"]
     if t["eval_timed"] and t["timed_train_seconds"] + t["eval_seconds"] > 0:
         share = t["eval_seconds"] / (t["timed_train_seconds"] + t["eval_seconds"])
-        which = (
-            ""
-            if t["eval_timed"] == t["runs"]
-            else f" in the {t['eval_timed']} of {t['runs']} runs that timed it"
-        )
-        lines += [
-            "",
-            f"Time: training {t['train_seconds'] / 3600:.2f} h, evaluation {t['eval_seconds'] / 3600:.2f} h"
-            f"{which} ({share:.0%} of those runs' time).",
-        ]
+        hours = f"evaluation {t['eval_seconds'] / 3600:.2f} h ({share:.0%} of those runs' time)."
+        if t["eval_timed"] == t["runs"]:
+            timing = f"Time: training {t['train_seconds'] / 3600:.2f} h, {hours}"
+        else:
+            timing = (
+                f"Time: training {t['train_seconds'] / 3600:.2f} h over all {t['runs']} runs; in the "
+                f"{t['eval_timed']} that timed their evaluation, training {t['timed_train_seconds'] / 3600:.2f} h"
+                f" and {hours}"
+            )
+        lines += ["", timing]
     lines += ["", "Command:", "", f"    {results['command']}", ""]
     figures = [
         ("accuracy_vs_step.png", "held-out accuracy"),
