@@ -98,10 +98,8 @@ def test_a_shared_prefix_is_prefilled_once_and_decodes_like_the_plain_prefill(sm
     torch.testing.assert_close(
         shared.logprobs[mask], _plain_logprobs(model, shared, 1.0)[mask], atol=1e-4, rtol=0
     )
-    (U, P), ((one, C), (rows, W)) = (
-        plain_calls[0],
-        shared_calls[:2],
-    )  # the prefix once, then each prompt's rest
+    U, P = plain_calls[0]
+    (one, C), (rows, W) = shared_calls[:2]  # the prefix once, then each prompt's rest
     assert shared_calls[2:] == plain_calls[1:]  # the same decode steps after
     ids = tok(prompts).input_ids
     shortest = min(map(len, ids))

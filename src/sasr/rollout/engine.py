@@ -448,8 +448,9 @@ class RolloutEngine:
         every row keeps at least one token of its own, whose logits give its first completion token.
         """
         U, P = ids.shape
-        pad = P - mask.sum(-1)  # [U] left padding of each row
-        shortest = int(mask.sum(-1).min())
+        lengths = mask.sum(-1)  # [U] real tokens of each row
+        pad = P - lengths  # [U] left padding of each row
+        shortest = int(lengths.min())
         cols = pad[:, None] + torch.arange(shortest, device=ids.device)  # [U, shortest]
         aligned = ids.gather(1, cols)  # [U, shortest]: each row's real tokens from its first
         agree = (aligned == aligned[:1]).all(0).long()  # [shortest]
