@@ -3,16 +3,20 @@ samples of the first questions), with the shared-prefix prefill (``eval.share_pr
 the plain prefill, on the same weights after a warm-up evaluation. Each mode runs ``--repeats`` times in
 alternating order (plain, shared, shared, plain, ...), since this machine's timings drift by tens of percent
 between runs; the table gives each run's seconds, the tokens the model computed (prompt tokens prefilled and
-rows decoded, which do not drift), and whether the records are the same as the plain prefill's (they may
-differ where rounding breaks a near-tie). The last line gives the plain prefill's over the shared prefix's.
+rows decoded, which do not drift), the page faults, and whether the records are the same as the plain
+prefill's (they may differ where rounding breaks a near-tie). The last line gives the plain prefill's over
+the shared prefix's. Like the ``sasr`` command, it keeps freed memory (``sasr.process.keep_freed_memory``);
+``--malloc system`` leaves glibc's malloc as it is, to measure that setting by running the script both ways.
 
     python benchmarks/eval_speed.py --model runs/compare-arithmetic/runs/sasr-s3
     python benchmarks/eval_speed.py --model smollm2-135m --config configs/compare_arithmetic.yaml --n 64
+    python benchmarks/eval_speed.py --model runs/compare-arithmetic/runs/sasr-s3 --prefill shared --malloc system
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -23,10 +27,11 @@ from accelerate.utils import set_seed
 from sasr import models
 from sasr.config import build_config
 from sasr.eval.evaluate import evaluate, settings, summarise
+from sasr.process import keep_freed_memory
 from sasr.rollout.engine import RolloutEngine
 from sasr.tasks import get_task
 
-MODES = {"plain prefill": False, "shared prefix": True}
+MODES = {"plain prefill": "plain", "shared prefix": "shared"}
 
 
 def counting_tokens() -> dict[str, int]:
@@ -50,7 +55,16 @@ def main() -> None:
     ap.add_argument("--config", help="YAML of the task and eval settings (default: the run's config.yaml)")
     ap.add_argument("--n", type=int, help="questions per split (default: the config's task.test_size)")
     ap.add_argument("--repeats", type=int, default=2, help="runs of each mode (default 2)")
+    ap.add_argument(
+        "--prefill", choices=["both", *MODES.values()], default="both", help="modes (default both)"
+    )
+    ap.add_argument(
+        "--malloc", choices=["kept", "system"], default="kept", help="keep freed memory (default)"
+    )
     a = ap.parse_args()
+    if a.malloc == "kept":
+        keep_freed_memory()
+    modes = [m for m, key in MODES.items() if a.prefill in ("both", key)]
     run = Path(a.model)
     is_run = (run / "config.yaml").is_file() and (run / "final").is_dir()
     overrides = {"model.name": str(run / "final") if is_run else a.model, "task.test_size": a.n}
@@ -64,43 +78,48 @@ def main() -> None:
     evaluate(model, tokenizer, task, warm, progress=False, **settings(config))
     counts = counting_tokens()
     print(
-        f"{config.model.name}: {config.task.name}, seed {config.seed}, {config.task.test_size} questions per split"
+        f"{config.model.name}: {config.task.name}, seed {config.seed}, {config.task.test_size} questions per split, "
+        f"malloc {a.malloc}"
     )
     print(
-        "| split | prefill | seconds | prompt tokens prefilled | rows decoded | accuracy | same records as plain |"
+        "| split | prefill | seconds | prompt tokens prefilled | rows decoded | page faults | accuracy "
+        "| same records as plain |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    best = dict.fromkeys(MODES, 0.0)
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    best = dict.fromkeys(modes, 0.0)
     for split in task.held_out_splits:
         examples = task.examples(split, config.task.test_size, seed=config.seed)
-        seconds: dict[str, list[float]] = {m: [] for m in MODES}
-        records, tokens = {}, {}
+        seconds: dict[str, list[float]] = {m: [] for m in modes}
+        records, tokens, faults = {}, {}, {}
         for r in range(a.repeats):
-            for mode in list(MODES)[:: 1 if r % 2 == 0 else -1]:
+            for mode in modes[:: 1 if r % 2 == 0 else -1]:
                 set_seed(config.seed)
                 counts.update(dict.fromkeys(counts, 0))
-                start = time.perf_counter()
+                start, faulted = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 records[mode] = evaluate(
                     model,
                     tokenizer,
                     task,
                     examples,
                     progress=False,
-                    **{**settings(config), "share_prefix": MODES[mode]},
+                    **{**settings(config), "share_prefix": MODES[mode] == "shared"},
                 )
                 seconds[mode].append(time.perf_counter() - start)
+                faults[mode] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted
                 tokens[mode] = dict(counts)
-        for mode in MODES:
+        for mode in modes:
             best[mode] += min(seconds[mode])
             runs = ", ".join(f"{t:.1f}" for t in seconds[mode])
             accuracy = summarise(records[mode])["accuracy"]
-            same = records[mode] == records["plain prefill"]
+            same = records[mode] == records["plain prefill"] if "plain prefill" in records else "-"
             print(
                 f"| {split} | {mode} | {runs} (median {statistics.median(seconds[mode]):.1f}) | "
-                f"{tokens[mode]['prefill_tokens']:,} | {tokens[mode]['row_steps']:,} | {accuracy:.3f} | {same} |"
+                f"{tokens[mode]['prefill_tokens']:,} | {tokens[mode]['row_steps']:,} | {faults[mode]:,} | "
+                f"{accuracy:.3f} | {same} |"
             )
-    ratio = best["plain prefill"] / best["shared prefix"]
-    print(f"plain prefill / shared prefix, the fastest run of each, all splits: {ratio:.2f}x")
+    print("the fastest run of each mode, all splits: " + ", ".join(f"{m} {t:.1f} s" for m, t in best.items()))
+    if len(best) == 2:
+        print(f"plain prefill / shared prefix: {best['plain prefill'] / best['shared prefix']:.2f}x")
 
 
 if __name__ == "__main__":

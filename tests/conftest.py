@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -11,7 +13,9 @@ import pytest
 # Before anything imports huggingface_hub (the test modules import sasr after this file).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="sasr-tests-trackio-"))  # not the user's store
+if "TRACKIO_DIR" not in os.environ:  # not the user's store; removed when the tests end
+    os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="sasr-tests-trackio-")
+    atexit.register(shutil.rmtree, os.environ["TRACKIO_DIR"], ignore_errors=True)
 os.environ.setdefault("WANDB_MODE", "offline")
 
 TINY = {

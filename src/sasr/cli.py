@@ -11,7 +11,7 @@ import sys
 import warnings
 
 from sasr.errors import SasrError
-from sasr.process import exit_code
+from sasr.process import exit_code, keep_freed_memory
 
 EXAMPLES = """examples:
   sasr train                                   # SASR, SmolLM2-135M-Instruct + LoRA, task arithmetic
@@ -313,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    keep_freed_memory()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)

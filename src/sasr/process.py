@@ -1,15 +1,36 @@
-"""What a process does beside the algorithm: agree with the other ranks, catch stop signals, exit with a code."""
+"""What a process does beside the algorithm: agree with the other ranks, catch stop signals, exit with a code,
+keep freed memory."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import platform
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 
 import torch
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# glibc's mallopt parameters (malloc.h): no mmap for large blocks, and the heap's free top kept up to 1 GiB.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+KEPT = {M_TRIM_THRESHOLD: 2**30, M_MMAP_MAX: 0}
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for the next allocation, for the rest of the process.
+
+    By default a large block (a decode step's ``[B, V]`` logits, a KV cache) is a fresh ``mmap`` whose pages
+    the kernel faults in and zeroes one at a time, and goes back to the kernel when freed, as does the free top
+    of the heap; kept, the next block reuses those pages. Decoding large batches spends much of its time on
+    the faults (measured in docs/performance.md). Returns whether it applied: False where malloc is not glibc's.
+    """
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+    return all(mallopt(param, value) == 1 for param, value in KEPT.items())
 
 
 def any_rank(accelerator, flag: bool) -> bool:
