@@ -4,8 +4,8 @@ the plain prefill, on the same weights after a warm-up evaluation. Each mode run
 alternating order (plain, shared, shared, plain, ...), since this machine's timings drift by tens of percent
 between runs; the table gives each run's seconds, the tokens the model computed (prompt tokens prefilled and
 rows decoded, which do not drift), the page faults, and whether the records are the same as the plain
-prefill's (they may differ where rounding breaks a near-tie). The last line gives the plain prefill's over
-the shared prefix's. Like the ``sasr`` command, it keeps freed memory (``sasr.process.keep_freed_memory``);
+prefill's (they may differ where rounding breaks a near-tie). With both modes, the last line gives the plain
+prefill's over the shared prefix's. Like the ``sasr`` command, it keeps freed memory (``sasr.process.keep_freed_memory``);
 ``--malloc system`` leaves glibc's malloc as it is, to measure that setting by running the script both ways.
 
     python benchmarks/eval_speed.py --model runs/compare-arithmetic/runs/sasr-s3
@@ -59,11 +59,14 @@ def main() -> None:
         "--prefill", choices=["both", *MODES.values()], default="both", help="modes (default both)"
     )
     ap.add_argument(
-        "--malloc", choices=["kept", "system"], default="kept", help="keep freed memory (default)"
+        "--malloc",
+        choices=["kept", "system"],
+        default="kept",
+        help="kept: keep freed memory (default); system: glibc's defaults",
     )
     a = ap.parse_args()
-    if a.malloc == "kept":
-        keep_freed_memory()
+    if a.malloc == "kept" and not keep_freed_memory():
+        ap.error("--malloc kept needs glibc's malloc (Linux): use --malloc system")
     modes = [m for m, key in MODES.items() if a.prefill in ("both", key)]
     run = Path(a.model)
     is_run = (run / "config.yaml").is_file() and (run / "final").is_dir()
@@ -82,7 +85,7 @@ def main() -> None:
         f"malloc {a.malloc}"
     )
     print(
-        "| split | prefill | seconds | prompt tokens prefilled | rows decoded | page faults | accuracy "
+        "| split | prefill | seconds | prompt tokens prefilled | rows decoded | page faults (last run) | accuracy "
         "| same records as plain |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

@@ -10,6 +10,8 @@ import tempfile
 
 import pytest
 
+from sasr.process import keep_freed_memory
+
 # Before anything imports huggingface_hub (the test modules import sasr after this file).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -17,6 +19,7 @@ if "TRACKIO_DIR" not in os.environ:  # not the user's store; removed when the te
     os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="sasr-tests-trackio-")
     atexit.register(shutil.rmtree, os.environ["TRACKIO_DIR"], ignore_errors=True)
 os.environ.setdefault("WANDB_MODE", "offline")
+keep_freed_memory()  # as the sasr command does, so in-process cli.main calls change nothing for later tests
 
 TINY = {
     "model": {"name": "tiny"},

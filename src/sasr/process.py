@@ -25,12 +25,18 @@ def keep_freed_memory() -> bool:
     By default a large block (a decode step's ``[B, V]`` logits, a KV cache) is a fresh ``mmap`` whose pages
     the kernel faults in and zeroes one at a time, and goes back to the kernel when freed, as does the free top
     of the heap; kept, the next block reuses those pages. Decoding large batches spends much of its time on
-    the faults (measured in docs/performance.md). Returns whether it applied: False where malloc is not glibc's.
+    the faults (measured in docs/performance.md). The cost: freed memory stays with the process (up to 1 GiB
+    at the heap's top, and any block below live ones). Returns whether glibc took the settings: False where
+    it is not the C library (a preloaded jemalloc or tcmalloc goes unnoticed, and is left as it is).
     """
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL("libc.so.6").mallopt
-    return all(mallopt(param, value) == 1 for param, value in KEPT.items())
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    taken = [
+        mallopt(param, value) == 1 for param, value in KEPT.items()
+    ]  # both tried, whatever the first gives
+    return all(taken)
 
 
 def any_rank(accelerator, flag: bool) -> bool:
