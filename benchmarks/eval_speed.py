@@ -25,6 +25,7 @@ import torch
 from accelerate.utils import set_seed
 
 from sasr import models
+from sasr.checkpoint import is_run_dir
 from sasr.config import build_config
 from sasr.eval.evaluate import evaluate, settings, summarise
 from sasr.process import keep_freed_memory
@@ -69,7 +70,7 @@ def main() -> None:
         ap.error("--malloc kept needs glibc's malloc (Linux): use --malloc system")
     modes = [m for m, key in MODES.items() if a.prefill in ("both", key)]
     run = Path(a.model)
-    is_run = (run / "config.yaml").is_file() and (run / "final").is_dir()
+    is_run = is_run_dir(run)
     overrides = {"model.name": str(run / "final") if is_run else a.model, "task.test_size": a.n}
     config = build_config(a.config or (run / "config.yaml" if is_run else None), overrides, [])
     task = get_task(config.task.name, **config.task.options())

@@ -1,12 +1,13 @@
 """The process settings: glibc's malloc keeps freed memory, so a large tensor allocated again faults no pages."""
 
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from sasr.process import GLIBC
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 # What changes the default run's faults: torch's and glibc's huge-page switches, malloc variables, another malloc.
@@ -28,9 +29,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(
-    sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
-)
+@pytest.mark.skipif(not GLIBC, reason="glibc's malloc only")
 @pytest.mark.skipif(
     THP.is_file() and "[always]" in THP.read_text(), reason="huge pages fault 512 pages at a time"
 )

@@ -41,6 +41,11 @@ PREFIX = "step-"
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
+def is_run_dir(path: Path) -> bool:
+    """A run directory with its final model: its config.yaml and final/ (what ``sasr eval`` takes for a run)."""
+    return (Path(path) / "config.yaml").is_file() and (Path(path) / "final").is_dir()
+
+
 def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 

@@ -143,11 +143,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from sasr.checkpoint import is_run_dir
     from sasr.config import build_config, load_yaml
     from sasr.eval.compare import evaluate_model
 
     run = Path(args.model)
-    is_run = (run / "config.yaml").is_file() and (run / "final").is_dir()
+    is_run = is_run_dir(run)
     run_task = load_yaml(run / "config.yaml").get("task", {}).get("name") if is_run else None
     use_run_config = is_run and args.task in (None, run_task)  # the run's task options and test split
     overrides = {

@@ -17,6 +17,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # glibc's mallopt parameters (malloc.h): no mmap for large blocks, and the heap's free top kept up to 1 GiB.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 KEPT = {M_TRIM_THRESHOLD: 2**30, M_MMAP_MAX: 0}
+GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"  # malloc is glibc's: mallopt applies
 
 
 def keep_freed_memory() -> bool:
@@ -29,13 +30,12 @@ def keep_freed_memory() -> bool:
     at the heap's top, and any block below live ones). Returns whether glibc took the settings: False where
     it is not the C library (a preloaded jemalloc or tcmalloc goes unnoticed, and is left as it is).
     """
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    if not GLIBC:
         return False
     mallopt = ctypes.CDLL("libc.so.6").mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    taken = [
-        mallopt(param, value) == 1 for param, value in KEPT.items()
-    ]  # both tried, whatever the first gives
+    # Both are tried, whatever the first gives.
+    taken = [mallopt(param, value) == 1 for param, value in KEPT.items()]
     return all(taken)
 
 
