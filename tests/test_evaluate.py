@@ -12,6 +12,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+import torch
 
 from sasr.checkpoint import complete_checkpoints
 from sasr.cli import main
@@ -246,6 +247,10 @@ def test_compare_refuses_a_summary_of_another_configuration(compared, tmp_path, 
     assert len(err.splitlines()) == 1
     assert "summaries/sasr-s1.json was made with another configuration (steps: 6 there, 5 here)" in err
     assert not (tmp_path / "c" / "runs").exists()
+    # Checkpoint frequency and logging change no result: the summaries still serve.
+    argv[argv.index("--steps") + 1] = "6"
+    assert main([*argv, "--set", "save_every=3", "--set", "save_total_limit=1"]) == 0
+    assert not (tmp_path / "c" / "runs").exists()
     (tmp_path / "c" / "summaries" / "sasr-s1.json").write_text("{not json")
     argv[argv.index("--steps") + 1] = "6"
     assert main(argv) == 2
@@ -297,8 +302,11 @@ def test_compare_jobs_trains_in_parallel_processes_with_the_same_results(compare
     argv = [*argv[:i], "--output", str(par), *argv[i + 2 :]]
     argv[argv.index("--seeds") + 1] = "1"
     assert main([*argv, "--jobs", "2", "--quiet"]) == 0
+    threads = int(os.environ.get("OMP_NUM_THREADS", max(1, torch.get_num_threads() // 2)))
     for m in ("sasr", "grpo"):
         assert (par / "runs" / f"{m}-s1.log").is_file()  # each run was its own `sasr train` process
+        how = json.loads((par / "runs" / f"{m}-s1" / "run.json").read_text())["distributed"]
+        assert how["threads"] == threads  # its share of the cores
         ours = [json.loads(x) for x in (par / "runs" / f"{m}-s1" / "metrics.jsonl").read_text().splitlines()]
         serial = [
             json.loads(x) for x in (out / "runs" / f"{m}-s1" / "metrics.jsonl").read_text().splitlines()

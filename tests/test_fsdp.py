@@ -73,6 +73,7 @@ def test_ranks_plan_alike_and_each_holds_half(straight):
     for rank in ranks:  # each rank's shards of the weights and optimizer state: about half the whole
         assert 0.45 * whole < rank[-1]["state_mb"] < 0.6 * whole
     how = json.loads((run / "run.json").read_text())["distributed"]
+    assert how.pop("threads") >= 1
     assert how == {"kind": "FSDP", "num_processes": 2, "device": "cpu"}
 
 

@@ -417,9 +417,9 @@ def validate(tree: dict[str, Any]) -> TrainConfig:
         raise SasrError(f"config key '{key}': {msg} (got {err.get('input')!r})") from None
 
 
-# Keys a resumed run may change: they alter neither the optimisation so far nor what it means.
-RESUME_SAFE_KEYS = (
-    "steps",
+# Keys that say only where, how often and what a run writes: they change neither its optimisation nor its
+# results (output_dir last: the resume error below lists the others).
+BOOKKEEPING_KEYS = (
     "save_every",
     "save_total_limit",
     "save_final",
@@ -429,6 +429,8 @@ RESUME_SAFE_KEYS = (
     "num_completions_to_print",
     "output_dir",
 )
+# Keys a resumed run may change: they alter neither the optimisation so far nor what it means.
+RESUME_SAFE_KEYS = ("steps", *BOOKKEEPING_KEYS)
 RESUME_SAFE_SECTIONS = ("eval.",)
 
 

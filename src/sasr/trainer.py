@@ -1007,6 +1007,7 @@ class Trainer:
             "kind": "FSDP" if self.sharded else str(acc.distributed_type.value),
             "num_processes": acc.num_processes,
             "device": acc.device.type,
+            "threads": torch.get_num_threads(),
         }
         (self.run_dir / "run.json").write_text(
             json.dumps({"status": status, **extra, "distributed": how}, indent=2)

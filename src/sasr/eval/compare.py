@@ -15,6 +15,7 @@ configuration, a complete checkpoint) from its newest checkpoint, and trains the
 from __future__ import annotations
 
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -27,7 +28,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from sasr import checkpoint, models
-from sasr.config import TrainConfig, build_config, dotted, to_yaml
+from sasr.config import BOOKKEEPING_KEYS, TrainConfig, build_config, dotted, to_yaml
 from sasr.errors import SasrError
 from sasr.eval.evaluate import evaluate, settings, summarise
 from sasr.eval.report import markdown_table, plot_compare
@@ -45,12 +46,12 @@ EVAL_KEYS = ("seed", "model", "task", "eval", "grpo.max_prompt_length")
 
 
 def _differences(saved: dict, wanted: dict, keys: tuple[str, ...] | None = None) -> list[str]:
-    """'key: saved there, wanted here' for every option that differs (the run directory itself aside). An
-    option newer than the saved configuration counts as equal while it holds its default (it changes
-    nothing), so summaries of an earlier version of sasr stay usable."""
+    """'key: saved there, wanted here' for every option that differs (bookkeeping such as the run directory
+    or checkpoint frequency aside). An option newer than the saved configuration counts as equal while it
+    holds its default (it changes nothing), so summaries of an earlier version of sasr stay usable."""
     a, b = dotted(saved), dotted(wanted)
     defaults = dotted(TrainConfig().model_dump(mode="json"))
-    names = sorted((a.keys() | b.keys()) - {"output_dir"})
+    names = sorted((a.keys() | b.keys()) - set(BOOKKEEPING_KEYS))
     if keys is not None:
         names = [n for n in names if any(n == k or n.startswith(k + ".") for k in keys)]
     return [
@@ -164,9 +165,15 @@ def _sft_budget(method: str, summaries: dict[tuple[str, int], dict], seeds: list
 
 def _train_in_parallel(configs: dict[str, TrainConfig], output: Path, jobs: int, progress: bool) -> None:
     """``sasr train`` for each pending run (name -> config), ``jobs`` processes at a time (a small model
-    leaves a GPU mostly idle: several runs share it). Each run logs to runs/METHOD-sSEED.log."""
+    leaves a GPU mostly idle: several runs share it). Each run logs to runs/METHOD-sSEED.log.
+
+    Each process gets its share of the CPU threads (unless OMP_NUM_THREADS is set): ``jobs`` processes of
+    all threads each would oversubscribe the cores."""
+    import torch
+
     runs = output / "runs"
     runs.mkdir(parents=True, exist_ok=True)
+    env = {"OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // jobs)), **os.environ}
 
     live: set[subprocess.Popen] = set()
     stopped: list[str] = []
@@ -186,7 +193,9 @@ def _train_in_parallel(configs: dict[str, TrainConfig], output: Path, jobs: int,
         start = ["--resume", str(runs / name)] if resume else ["--config", str(config_file), "--overwrite"]
         cmd = [sys.executable, "-m", "sasr", "train", *start, "--quiet"]
         with log_file.open("a" if resume else "w") as log:  # a continued run's log goes on
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            )
             live.add(proc)
             code = proc.wait()
             live.discard(proc)
