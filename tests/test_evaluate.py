@@ -16,6 +16,8 @@ import torch
 
 from sasr.checkpoint import complete_checkpoints
 from sasr.cli import main
+from sasr.config import TrainConfig
+from sasr.eval.compare import run_config, wall_seconds
 from sasr.eval.evaluate import distinct_n, majority_correct, mean_edit_distance, pass_at_k, summarise
 
 
@@ -315,6 +317,33 @@ def test_compare_jobs_trains_in_parallel_processes_with_the_same_results(compare
     a = json.loads((par / "results.json").read_text())["methods"]["sasr"]["per_seed"][0]["test"]
     b = json.loads((out / "results.json").read_text())["methods"]["sasr"]["per_seed"][0]["test"]
     assert a["accuracy"] == b["accuracy"] and a["pass@3"] == b["pass@3"]
+    # Two runs at a time share the wall clock: evaluation's share is of the wall clock, not of the run time.
+    t = json.loads((par / "results.json").read_text())["time"]
+    runs = [json.loads(f.read_text())["run"] for f in (par / "summaries").glob("*.json")]
+    longest = max(r["seconds"] for r in runs if r)
+    assert t["jobs"] == 2 and longest <= t["timed_train_wall_seconds"] < 0.9 * t["timed_train_seconds"]
+    share = t["eval_seconds"] / (t["timed_train_wall_seconds"] + t["eval_seconds"])
+    assert "up to 2 runs trained at once), evaluation" in (par / "results.md").read_text()
+    assert f"({share:.0%} of those runs' wall clock)" in (par / "results.md").read_text()
+
+
+def test_a_comparison_run_saves_its_final_model_and_leaves_evaluation_to_compare():
+    base = TrainConfig.model_validate({"save_final": False, "eval": {"before": True, "after": True}})
+    config = run_config(base, "sasr", 2, Path("runs/sasr-s2"))
+    assert config.save_final and not config.eval.before and not config.eval.after
+    assert (config.method, config.seed, config.output_dir) == ("sasr", 2, "runs/sasr-s2")
+
+
+def test_wall_seconds_counts_runs_trained_side_by_side_once():
+    runs = [
+        {"segments": [[0.0, 10.0], [20.0, 30.0]], "seconds": 20.0},  # stopped at 10, resumed at 20
+        {"segments": [[5.0, 25.0]], "seconds": 20.0},  # beside it
+        {"segments": [[12.0, 14.0]], "seconds": 2.0},  # inside the second
+        {"segments": [[40.0, 41.0]], "seconds": 1.0},  # alone
+        {"seconds": 7.0},  # a run of a sasr that kept no segments: its own seconds
+    ]
+    assert wall_seconds(runs) == 30.0 + 1.0 + 7.0
+    assert wall_seconds([]) == 0.0
 
 
 def test_compare_jobs_reports_a_failed_run(tmp_path, capsys):
@@ -397,8 +426,9 @@ def test_compare_jobs_passes_sigterm_to_its_runs_and_continues_them(tmp_path):
         first[n] = [int(x) for x in pattern.findall((out / "runs" / f"{n}.log").read_text())]
         assert len(first[n]) == 1 and (out / "runs" / n / "checkpoints" / f"step-{first[n][0]:06d}").is_dir()
 
-    # The same command again continues each run from its checkpoint: same log, metrics without a gap.
-    _stop_compare_after(cmd, out, {n: first[n][0] for n in names})
+    # The same command again continues each run from its checkpoint: same log, metrics without a gap; a
+    # checkpoint frequency of its own is bookkeeping, not another run.
+    _stop_compare_after([*cmd, "--set", "save_every=1000"], out, {n: first[n][0] for n in names})
     for n in names:
         stops = [int(x) for x in pattern.findall((out / "runs" / f"{n}.log").read_text())]
         assert len(stops) == 2 and stops[0] == first[n][0] < stops[1]

@@ -143,7 +143,10 @@ def test_sigterm_saves_and_says_how_to_resume(tmp_path, straight):
     assert before > 0
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert_same_run(straight, run)
-    assert json.loads((run / "run.json").read_text())["seconds"] > before  # wall time counts every segment
+    status = json.loads((run / "run.json").read_text())
+    assert status["seconds"] > before  # wall time counts every segment
+    (a, b), (c, d) = status["segments"]  # the stopped stretch, then the resumed one
+    assert a < b <= c < d and (b - a) + (d - c) == pytest.approx(status["seconds"], abs=0.5)
 
 
 def test_half_written_checkpoints_are_never_picked(tmp_path):

@@ -8,7 +8,8 @@ A checkpoint ``DIR/checkpoints/step-000012/`` holds
 - ``optimizer.pt``, ``scheduler.pt``;
 - ``reference.safetensors``: the reference snapshot, when the reference is one;
 - ``trainer_state.json``: the step and the trainer's bookkeeping: the method's state (for SASR: G_warmup,
-  g_last, its generator, counts), the evaluation before training, the wall seconds so far;
+  g_last, its generator, counts), the evaluation before training, the wall seconds so far and the stretches
+  of time they were spent in;
 - ``rng_state_RANK.pt``: python, numpy and torch generators of every process.
 Under FSDP ``sharded/`` (a torch distributed checkpoint: every rank's shards of the trainable weights, the
 optimizer's state and the reference) takes the place of ``model/``, ``optimizer.pt`` and

@@ -221,7 +221,9 @@ class Trainer:
 
         self.eval_before: dict[str, float] | None = None
         self.seconds_before = 0.0  # wall time of the segments before a resume (a checkpoint holds it)
-        self.started = time.perf_counter()
+        self.segments_before: list[list[float]] = []  # their [start, end] Unix times
+        self.started, self.started_at = time.perf_counter(), time.time()
+        self.finished_at: float | None = None  # when training (with its last evaluation) ended
         self.start_step = 0
         if resume_from:
             self.start_step, weights, state = checkpoint.load(resume_from, acc, self.sharded)
@@ -255,6 +257,7 @@ class Trainer:
             "method": self.method.state_dict(),
             "eval_before": self.eval_before,
             "seconds": self.elapsed(),
+            "segments": self.segments(),
             "reference": reference is not None,
         }
         if self.sharded:
@@ -297,10 +300,16 @@ class Trainer:
         self.method.load_state_dict(state["trainer"]["method"])
         self.eval_before = state["trainer"]["eval_before"]
         self.seconds_before = state["trainer"].get("seconds", 0.0)
+        self.segments_before = state["trainer"].get("segments", [])
 
     def elapsed(self) -> float:
         """Wall seconds of the whole run so far, the segments before a resume included."""
         return self.seconds_before + time.perf_counter() - self.started
+
+    def segments(self) -> list[list[float]]:
+        """[start, end] Unix times of each stretch this run trained (a resume starts a new one), so runs
+        trained side by side can be told from runs trained one after another."""
+        return [*self.segments_before, [self.started_at, self.finished_at or time.time()]]
 
     def train(self) -> RunResult:
         c, acc = self.config, self.accelerator
@@ -374,7 +383,7 @@ class Trainer:
 
         if after is None and c.eval.after and c.task.test_size:
             after = self.evaluate("eval after", c.eval.samples, c.steps)
-        seconds = self.elapsed()
+        seconds, self.finished_at = self.elapsed(), time.time()
         result = RunResult(self.run_dir, dict(self.method.counts), self.eval_before, after, seconds, history)
         whole = self.whole_model() if c.save_final else None  # under FSDP gathered on rank 0
         if acc.is_main_process:
@@ -1010,7 +1019,7 @@ class Trainer:
             "threads": torch.get_num_threads(),
         }
         (self.run_dir / "run.json").write_text(
-            json.dumps({"status": status, **extra, "distributed": how}, indent=2)
+            json.dumps({"status": status, **extra, "segments": self.segments(), "distributed": how}, indent=2)
         )
 
     def _write_summary(self, r: RunResult) -> None:

@@ -82,12 +82,13 @@ def _finished(run_dir: Path) -> bool:
 
 
 def _resumable(run_dir: Path, config: TrainConfig) -> bool:
-    """A stopped run of exactly ``config`` with a complete checkpoint: continue it rather than start over."""
+    """A stopped run of ``config`` (bookkeeping aside) with a complete checkpoint: continue it rather than
+    start over."""
     saved = run_dir / "config.yaml"
     if not checkpoint.complete_checkpoints(run_dir) or not saved.is_file():
         return False
     try:
-        return build_config(saved).model_dump(mode="json") == config.model_dump(mode="json")
+        return not _differences(build_config(saved).model_dump(mode="json"), config.model_dump(mode="json"))
     except SasrError:  # an unreadable saved config: train again
         return False
 
@@ -135,14 +136,21 @@ def run_config(
     base: TrainConfig, method: str, seed: int, run_dir: Path, sft_steps: int | None = None
 ) -> TrainConfig:
     """One run of the comparison. Compare evaluates each final model (and the untrained one) on every
-    held-out split itself, so the trainer's own evaluations before and after are off.
+    held-out split itself, so the trainer's own evaluations before and after are off, and the final model
+    is always saved.
 
     A method with ``sft_budget_from`` (``sft-then-grpo``: SASR) gets ``sft_steps`` SFT steps, the mean over
     seeds of that method's SFT steps (an equal SFT budget), unless the configuration sets its own.
     """
     no_eval = base.eval.model_copy(update={"before": False, "after": False})
     tree = base.model_copy(
-        update={"method": method, "seed": seed, "output_dir": str(run_dir), "eval": no_eval}
+        update={
+            "method": method,
+            "seed": seed,
+            "output_dir": str(run_dir),
+            "eval": no_eval,
+            "save_final": True,
+        }
     ).model_dump()
     if sft_steps is not None and METHODS[method].sft_budget_from:
         tree[method] = METHODS[method].with_sft_steps(base.method_options(method), sft_steps)
@@ -173,7 +181,8 @@ def _train_in_parallel(configs: dict[str, TrainConfig], output: Path, jobs: int,
 
     runs = output / "runs"
     runs.mkdir(parents=True, exist_ok=True)
-    env = {"OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // jobs)), **os.environ}
+    lanes = min(jobs, len(configs))
+    env = {"OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // lanes)), **os.environ}
 
     live: set[subprocess.Popen] = set()
     stopped: list[str] = []
@@ -265,8 +274,9 @@ def _untrained(base: TrainConfig, seed: int, output: Path, progress: bool, commi
     return _write_summary(path, {**summary, "eval_seconds": time.perf_counter() - started})
 
 
-def _trained(config: TrainConfig, output: Path, progress: bool, commit: str) -> dict:
-    """Train the run (or continue it) unless it finished, evaluate its final model, write its summary."""
+def _trained(config: TrainConfig, output: Path, progress: bool, commit: str, jobs: int = 1) -> dict:
+    """Train the run (or continue it) unless it finished, evaluate its final model, write its summary
+    (with ``jobs``: how many runs the command trained at once)."""
     run_dir = Path(config.output_dir)
     tree = config.model_dump(mode="json")
     if _finished(run_dir):
@@ -286,7 +296,14 @@ def _trained(config: TrainConfig, output: Path, progress: bool, commit: str) -> 
     evals = evaluate_model(str(run_dir / "final"), config, config.seed, progress)
     status = json.loads((run_dir / "run.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    summary = {"commit": commit, "config": tree, "run": status, "metrics": metrics, "eval": evals}
+    summary = {
+        "commit": commit,
+        "config": tree,
+        "run": status,
+        "metrics": metrics,
+        "eval": evals,
+        "jobs": jobs,
+    }
     summary["eval_seconds"] = time.perf_counter() - started
     return _write_summary(output / "summaries" / f"{run_dir.name}.json", summary)
 
@@ -327,7 +344,7 @@ def compare(
         if jobs > 1 and pending:
             _train_in_parallel(pending, output, jobs, progress)
         for key in sorted(configs, key=lambda ms: (ms[1], wave.index(ms[0]))):
-            summaries[key] = found[key] or _trained(configs[key], output, progress, commit)
+            summaries[key] = found[key] or _trained(configs[key], output, progress, commit, jobs)
     for s in seeds:
         summaries["untrained", s] = _untrained(base, s, output, progress, commit)
     results = assemble(base, methods, seeds, summaries, command)
@@ -419,8 +436,24 @@ def assemble(
             "timed_train_seconds": sum(
                 (x["run"] or {}).get("seconds") or 0.0 for x in summaries.values() if "eval_seconds" in x
             ),
+            # runs trained side by side (--jobs N) share the wall clock: count the time any of them trained
+            "timed_train_wall_seconds": wall_seconds(
+                [x["run"] for x in summaries.values() if "eval_seconds" in x and x["run"]]
+            ),
+            "jobs": max(x.get("jobs", 1) for x in summaries.values()),
         },
     }
+
+
+def wall_seconds(runs: list[dict]) -> float:
+    """Seconds in which any of ``runs`` (their run.json) was training: the union of their segments, so runs
+    trained side by side count once. A run without segments (sasr before 2026-12-02) counts its seconds."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(tuple(s) for r in runs for s in r.get("segments", [])):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total + sum(r.get("seconds") or 0.0 for r in runs if "segments" not in r)
 
 
 def _signed(x: float) -> str:
@@ -497,15 +530,20 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
         ]
     t = results["time"]
     if t["eval_timed"] and t["timed_train_seconds"] + t["eval_seconds"] > 0:
-        share = t["eval_seconds"] / (t["timed_train_seconds"] + t["eval_seconds"])
-        hours = f"evaluation {t['eval_seconds'] / 3600:.2f} h ({share:.0%} of those runs' time)."
-        if t["eval_timed"] == t["runs"]:
-            timing = f"Time: training {t['train_seconds'] / 3600:.2f} h, {hours}"
+        everything = t["eval_timed"] == t["runs"]
+        train = f"{(t['train_seconds'] if everything else t['timed_train_seconds']) / 3600:.2f} h"
+        wall, of = t.get("timed_train_wall_seconds", t["timed_train_seconds"]), "time"
+        if t.get("jobs", 1) > 1:
+            train += f" ({wall / 3600:.2f} h of wall clock, up to {t['jobs']} runs trained at once)"
+            of = "wall clock"
+        share = t["eval_seconds"] / (wall + t["eval_seconds"])
+        hours = f"evaluation {t['eval_seconds'] / 3600:.2f} h ({share:.0%} of those runs' {of})."
+        if everything:
+            timing = f"Time: training {train}, {hours}"
         else:
             timing = (
                 f"Time: training {t['train_seconds'] / 3600:.2f} h over all {t['runs']} runs; in the "
-                f"{t['eval_timed']} that timed their evaluation, training {t['timed_train_seconds'] / 3600:.2f} h"
-                f" and {hours}"
+                f"{t['eval_timed']} that timed their evaluation, training {train} and {hours}"
             )
         lines += ["", timing]
     lines += ["", "Command:", "", f"    {results['command']}", ""]
