@@ -17,7 +17,7 @@ import torch
 from sasr.checkpoint import complete_checkpoints
 from sasr.cli import main
 from sasr.config import TrainConfig
-from sasr.eval.compare import run_config, wall_seconds
+from sasr.eval.compare import most_at_once, run_config, wall_seconds
 from sasr.eval.evaluate import distinct_n, majority_correct, mean_edit_distance, pass_at_k, summarise
 
 
@@ -305,6 +305,7 @@ def test_compare_jobs_trains_in_parallel_processes_with_the_same_results(compare
     argv[argv.index("--seeds") + 1] = "1"
     assert main([*argv, "--jobs", "2", "--quiet"]) == 0
     threads = int(os.environ.get("OMP_NUM_THREADS", max(1, torch.get_num_threads() // 2)))
+    pair = ("sasr-s1", "grpo-s1")
     for m in ("sasr", "grpo"):
         assert (par / "runs" / f"{m}-s1.log").is_file()  # each run was its own `sasr train` process
         how = json.loads((par / "runs" / f"{m}-s1" / "run.json").read_text())["distributed"]
@@ -319,9 +320,9 @@ def test_compare_jobs_trains_in_parallel_processes_with_the_same_results(compare
     assert a["accuracy"] == b["accuracy"] and a["pass@3"] == b["pass@3"]
     # Two runs at a time share the wall clock: evaluation's share is of the wall clock, not of the run time.
     t = json.loads((par / "results.json").read_text())["time"]
-    runs = [json.loads(f.read_text())["run"] for f in (par / "summaries").glob("*.json")]
-    longest = max(r["seconds"] for r in runs if r)
-    assert t["jobs"] == 2 and longest <= t["timed_train_wall_seconds"] < 0.9 * t["timed_train_seconds"]
+    (a, b), (c, d) = (json.loads((par / "runs" / m / "run.json").read_text())["segments"][0] for m in pair)
+    assert max(a, c) < min(b, d)  # the two runs trained at the same time
+    assert t["most_at_once"] == 2 and t["timed_train_wall_seconds"] < t["timed_train_seconds"]
     share = t["eval_seconds"] / (t["timed_train_wall_seconds"] + t["eval_seconds"])
     assert "up to 2 runs trained at once), evaluation" in (par / "results.md").read_text()
     assert f"({share:.0%} of those runs' wall clock)" in (par / "results.md").read_text()
@@ -338,12 +339,15 @@ def test_wall_seconds_counts_runs_trained_side_by_side_once():
     runs = [
         {"segments": [[0.0, 10.0], [20.0, 30.0]], "seconds": 20.0},  # stopped at 10, resumed at 20
         {"segments": [[5.0, 25.0]], "seconds": 20.0},  # beside it
-        {"segments": [[12.0, 14.0]], "seconds": 2.0},  # inside the second
+        {"segments": [[8.0, 14.0]], "seconds": 6.0},  # inside the second, beside the first until 10
         {"segments": [[40.0, 41.0]], "seconds": 1.0},  # alone
         {"seconds": 7.0},  # a run of a sasr that kept no segments: its own seconds
+        {"segments": [[50.0, 52.0]], "seconds": 5.0},  # resumed from such a checkpoint: 3 s not covered
     ]
-    assert wall_seconds(runs) == 30.0 + 1.0 + 7.0
-    assert wall_seconds([]) == 0.0
+    assert wall_seconds(runs) == 30.0 + 1.0 + 7.0 + 2.0 + 3.0
+    assert most_at_once(runs) == 3  # from 8 to 10
+    assert wall_seconds([]) == 0.0 and most_at_once([{"seconds": 7.0}]) == 1
+    assert most_at_once([{"segments": [[0.0, 1.0]]}, {"segments": [[1.0, 2.0]]}]) == 1  # one after the other
 
 
 def test_compare_jobs_reports_a_failed_run(tmp_path, capsys):

@@ -313,7 +313,7 @@ class Trainer:
 
     def train(self) -> RunResult:
         c, acc = self.config, self.accelerator
-        self.started = time.perf_counter()
+        self.started, self.started_at = time.perf_counter(), time.time()
         if self.start_step == 0 and c.eval.before and c.task.test_size:
             self.eval_before = self.evaluate("eval before", step=0)
         history: list[dict[str, Any]] = []

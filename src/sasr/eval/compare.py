@@ -199,7 +199,11 @@ def _train_in_parallel(configs: dict[str, TrainConfig], output: Path, jobs: int,
         config = configs[name]
         config_file.write_text(to_yaml(config))
         resume = _resumable(runs / name, config)
-        start = ["--resume", str(runs / name)] if resume else ["--config", str(config_file), "--overwrite"]
+        # a resumed run keeps its saved configuration but for the bookkeeping compare sets
+        keep = ["--set", "save_final=true", "--set", f"save_every={config.save_every}"]
+        start = (
+            ["--resume", str(runs / name), *keep] if resume else ["--config", str(config_file), "--overwrite"]
+        )
         cmd = [sys.executable, "-m", "sasr", "train", *start, "--quiet"]
         with log_file.open("a" if resume else "w") as log:  # a continued run's log goes on
             proc = subprocess.Popen(
@@ -274,9 +278,8 @@ def _untrained(base: TrainConfig, seed: int, output: Path, progress: bool, commi
     return _write_summary(path, {**summary, "eval_seconds": time.perf_counter() - started})
 
 
-def _trained(config: TrainConfig, output: Path, progress: bool, commit: str, jobs: int = 1) -> dict:
-    """Train the run (or continue it) unless it finished, evaluate its final model, write its summary
-    (with ``jobs``: how many runs the command trained at once)."""
+def _trained(config: TrainConfig, output: Path, progress: bool, commit: str) -> dict:
+    """Train the run (or continue it) unless it finished, evaluate its final model, write its summary."""
     run_dir = Path(config.output_dir)
     tree = config.model_dump(mode="json")
     if _finished(run_dir):
@@ -296,14 +299,7 @@ def _trained(config: TrainConfig, output: Path, progress: bool, commit: str, job
     evals = evaluate_model(str(run_dir / "final"), config, config.seed, progress)
     status = json.loads((run_dir / "run.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    summary = {
-        "commit": commit,
-        "config": tree,
-        "run": status,
-        "metrics": metrics,
-        "eval": evals,
-        "jobs": jobs,
-    }
+    summary = {"commit": commit, "config": tree, "run": status, "metrics": metrics, "eval": evals}
     summary["eval_seconds"] = time.perf_counter() - started
     return _write_summary(output / "summaries" / f"{run_dir.name}.json", summary)
 
@@ -344,7 +340,7 @@ def compare(
         if jobs > 1 and pending:
             _train_in_parallel(pending, output, jobs, progress)
         for key in sorted(configs, key=lambda ms: (ms[1], wave.index(ms[0]))):
-            summaries[key] = found[key] or _trained(configs[key], output, progress, commit, jobs)
+            summaries[key] = found[key] or _trained(configs[key], output, progress, commit)
     for s in seeds:
         summaries["untrained", s] = _untrained(base, s, output, progress, commit)
     results = assemble(base, methods, seeds, summaries, command)
@@ -409,6 +405,7 @@ def assemble(
                 m: paired_bootstrap(correct(BASELINE), correct(m)) for m in names if m != BASELINE
             }
     e = base.eval
+    timed = [x["run"] for x in summaries.values() if "eval_seconds" in x and x["run"]]
     return {
         "command": command or "(Python API) sasr.eval.compare.compare",
         "task": base.task.name,
@@ -437,23 +434,35 @@ def assemble(
                 (x["run"] or {}).get("seconds") or 0.0 for x in summaries.values() if "eval_seconds" in x
             ),
             # runs trained side by side (--jobs N) share the wall clock: count the time any of them trained
-            "timed_train_wall_seconds": wall_seconds(
-                [x["run"] for x in summaries.values() if "eval_seconds" in x and x["run"]]
-            ),
-            "jobs": max(x.get("jobs", 1) for x in summaries.values()),
+            "timed_train_wall_seconds": wall_seconds(timed),
+            "most_at_once": most_at_once(timed),
         },
     }
 
 
 def wall_seconds(runs: list[dict]) -> float:
     """Seconds in which any of ``runs`` (their run.json) was training: the union of their segments, so runs
-    trained side by side count once. A run without segments (sasr before 2026-12-02) counts its seconds."""
+    trained side by side count once. Seconds a run's segments do not cover (sasr before 0202e1e kept none, and
+    a run resumed from such a checkpoint lacks its first ones) count as if trained alone."""
     total, end = 0.0, float("-inf")
     for start, stop in sorted(tuple(s) for r in runs for s in r.get("segments", [])):
         if stop > end:
             total += stop - max(start, end)
             end = stop
-    return total + sum(r.get("seconds") or 0.0 for r in runs if "segments" not in r)
+    uncovered = (
+        (r.get("seconds") or 0.0) - sum(max(0.0, b - a) for a, b in r.get("segments", [])) for r in runs
+    )
+    return total + sum(max(0.0, x) for x in uncovered)
+
+
+def most_at_once(runs: list[dict]) -> int:
+    """The most of ``runs`` that were training at the same moment (by their segments; 1 without any)."""
+    events = sorted((t, d) for r in runs for a, b in r.get("segments", []) for t, d in ((a, 1), (b, -1)))
+    now = most = 0
+    for _, d in events:  # an end sorts before a start at the same time: touching stretches do not overlap
+        now += d
+        most = max(most, now)
+    return max(most, 1)
 
 
 def _signed(x: float) -> str:
@@ -529,12 +538,12 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
             ),
         ]
     t = results["time"]
-    if t["eval_timed"] and t["timed_train_seconds"] + t["eval_seconds"] > 0:
+    wall = t.get("timed_train_wall_seconds", t["timed_train_seconds"])
+    if t["eval_timed"] and wall + t["eval_seconds"] > 0:
         everything = t["eval_timed"] == t["runs"]
-        train = f"{(t['train_seconds'] if everything else t['timed_train_seconds']) / 3600:.2f} h"
-        wall, of = t.get("timed_train_wall_seconds", t["timed_train_seconds"]), "time"
-        if t.get("jobs", 1) > 1:
-            train += f" ({wall / 3600:.2f} h of wall clock, up to {t['jobs']} runs trained at once)"
+        train, of = f"{(t['train_seconds'] if everything else t['timed_train_seconds']) / 3600:.2f} h", "time"
+        if t.get("most_at_once", 1) > 1:
+            train += f" ({wall / 3600:.2f} h of wall clock, up to {t['most_at_once']} runs trained at once)"
             of = "wall clock"
         share = t["eval_seconds"] / (wall + t["eval_seconds"])
         hours = f"evaluation {t['eval_seconds'] / 3600:.2f} h ({share:.0%} of those runs' {of})."
