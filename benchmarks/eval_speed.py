@@ -5,8 +5,9 @@ alternating order (plain, shared, shared, plain, ...), since this machine's timi
 between runs; the table gives each run's seconds, the tokens the model computed (prompt tokens prefilled and
 rows decoded, which do not drift), the page faults, and whether the records are the same as the plain
 prefill's (they may differ where rounding breaks a near-tie). With both modes, the last line gives the plain
-prefill's over the shared prefix's. Like the ``sasr`` command, it keeps freed memory (``sasr.process.keep_freed_memory``);
-``--malloc system`` leaves glibc's malloc as it is, to measure that setting by running the script both ways.
+prefill's over the shared prefix's. Like the ``sasr`` command, it keeps freed memory
+(``sasr.process.keep_freed_memory``); ``--malloc system`` leaves glibc's malloc as it is, to measure that
+setting by running the script both ways.
 
     python benchmarks/eval_speed.py --model runs/compare-arithmetic/runs/sasr-s3
     python benchmarks/eval_speed.py --model smollm2-135m --config configs/compare_arithmetic.yaml --n 64

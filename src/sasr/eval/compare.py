@@ -430,9 +430,7 @@ def assemble(
             "eval_timed": sum("eval_seconds" in x for x in summaries.values()),
             "runs": len(summaries),
             # training seconds of the runs whose evaluation was timed: the share over those runs alone
-            "timed_train_seconds": sum(
-                (x["run"] or {}).get("seconds") or 0.0 for x in summaries.values() if "eval_seconds" in x
-            ),
+            "timed_train_seconds": sum(r.get("seconds") or 0.0 for r in timed),
             # runs trained side by side (--jobs N) share the wall clock: count the time any of them trained
             "timed_train_wall_seconds": wall_seconds(timed),
             "most_at_once": most_at_once(timed),
