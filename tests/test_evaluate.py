@@ -19,6 +19,7 @@ from sasr.cli import main
 from sasr.config import TrainConfig
 from sasr.eval.compare import most_at_once, run_config, wall_seconds
 from sasr.eval.evaluate import distinct_n, majority_correct, mean_edit_distance, pass_at_k, summarise
+from sasr.eval.report import plot_compare
 
 
 @pytest.mark.parametrize(
@@ -154,6 +155,7 @@ def test_compare_writes_every_file(compared):
     assert "| sasr |" in md and "| grpo |" in md and "| untrained |" in md and "sasr compare" in md
     assert "## Split `ood`: longer expressions" in md and "## SASR against each method, paired" in md
     assert "% of those runs' time)" in md and "that timed their" not in md  # evaluation's share of the time
+    assert "Mean ± std over seeds." in md and "| sasr | " in md and md.count(" ± ") >= 2 * 3 * 5
     for seed in (1, 2):
         for m in ("sasr", "grpo"):
             assert (out / "runs" / f"{m}-s{seed}" / "final" / "config.json").is_file()
@@ -177,6 +179,17 @@ def test_compare_plots_have_the_expected_series(compared):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         h, w, _ = matplotlib.image.imread(out / name).shape
         assert h > 200 and w > 300
+
+
+def test_reward_curve_is_smoothed_over_a_window_that_grows_with_the_budget(tmp_path):
+    # rewards alternating 0, 1: a moving mean over an even window is exactly 0.5 once the window is full
+    rows = [{"step": i, "phase": "grpo", "reward_mean": float(i % 2)} for i in range(1, 201)]
+    long = plot_compare({"grpo": [rows]}, tmp_path / "long")["reward_vs_step"]["grpo"]
+    assert [v for _, v in long[7:]] == [0.5] * 193 and long[6][1] != 0.5  # 200 steps: a window of 8
+    short = plot_compare({"grpo": [rows[:40]]}, tmp_path / "short")["reward_vs_step"]["grpo"]
+    assert [v for _, v in short[:4]] == pytest.approx(
+        [1.0, 0.5, 2 / 3, 1 / 3]
+    )  # 40 steps: the window of 3 as before
 
 
 def test_compare_rerun_skips_finished_runs(compared, capsys):
@@ -326,6 +339,9 @@ def test_compare_jobs_trains_in_parallel_processes_with_the_same_results(compare
     share = t["eval_seconds"] / (t["timed_train_wall_seconds"] + t["eval_seconds"])
     assert "up to 2 runs trained at once), evaluation" in (par / "results.md").read_text()
     assert f"({share:.0%} of those runs' wall clock)" in (par / "results.md").read_text()
+    # one seed has no spread: the tables give means alone, not a std of 0.000
+    assert "One seed: no spread over seeds." in (par / "results.md").read_text()
+    assert "±" not in (par / "results.md").read_text()
 
 
 def test_a_comparison_run_saves_its_final_model_and_leaves_evaluation_to_compare():

@@ -473,6 +473,11 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
     k, splits = results["samples"], results["splits"]
     commits = sorted({c for m in methods.values() for c in m["commits"]})
     n_sampled = f"the first {results['sample_size']} of them" if results["sample_size"] else "each"
+    one_seed = len(results["seeds"]) == 1  # no spread to show: a std of 0.000 would read as measured
+
+    def cell(mean_std: list[float]) -> str:
+        return f"{mean_std[0]:.3f}" if one_seed else f"{mean_std[0]:.3f} ± {mean_std[1]:.3f}"
+
     lines = [
         f"# {results['task']}: {', '.join(m for m in methods if m != 'untrained')} on {results['model']}",
         "",
@@ -480,7 +485,8 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
         f"seeds {', '.join(map(str, results['seeds']))}; per split {splits[next(iter(splits))]['n']} held-out "
         "questions, greedy"
         + (f", and {k} samples of {n_sampled} at the evaluation temperature" if k else "")
-        + f". Mean ± std over seeds. Runs at commit {', '.join(commits)}.",
+        + (". One seed: no spread over seeds." if one_seed else ". Mean ± std over seeds.")
+        + f" Runs at commit {', '.join(commits)}.",
         "",
         "## Budget",
         "",
@@ -504,10 +510,7 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
             "",
             markdown_table(
                 ["method", *names],
-                [
-                    [m, *(f"{r['splits'][split][n][0]:.3f} ± {r['splits'][split][n][1]:.3f}" for n in names)]
-                    for m, r in methods.items()
-                ],
+                [[m, *(cell(r["splits"][split][n]) for n in names)] for m, r in methods.items()],
             ),
         ]
     paired = results["paired"]["splits"]

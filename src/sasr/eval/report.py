@@ -170,14 +170,24 @@ def plot_compare(metrics: dict[str, list[list[dict]]], out_dir: Path) -> dict[st
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Series] = {}
 
+    steps = max(
+        (r.get("step", 0) for per_seed in metrics.values() for rows in per_seed for r in rows), default=0
+    )
+    window = max(
+        3, steps // 25
+    )  # about 25 independent points whatever the budget: a long run reads as a trend
     for name, key, title in [
         ("accuracy_vs_step", "eval_accuracy", "held-out accuracy (greedy), mean over seeds"),
-        ("reward_vs_step", "reward_mean", "train reward on GRPO steps (moving mean of 3), mean over seeds"),
+        (
+            "reward_vs_step",
+            "reward_mean",
+            f"train reward (moving mean of {window} GRPO steps), mean over seeds",
+        ),
     ]:
         data = {}
         for method, per_seed in metrics.items():
             curve = _mean_curve([series(rows, key) for rows in per_seed])
-            data[method] = _moving_mean(curve) if key == "reward_mean" else curve
+            data[method] = _moving_mean(curve, window) if key == "reward_mean" else curve
         if not any(data.values()):
             continue
         fig = Figure(figsize=(7, 4.2))
