@@ -155,7 +155,12 @@ def test_compare_writes_every_file(compared):
     assert "| sasr |" in md and "| grpo |" in md and "| untrained |" in md and "sasr compare" in md
     assert "## Split `ood`: longer expressions" in md and "## SASR against each method, paired" in md
     assert "% of those runs' time)" in md and "that timed their" not in md  # evaluation's share of the time
-    assert "Mean ± std over seeds." in md and "| sasr | " in md and md.count(" ± ") >= 2 * 3 * 5
+    assert (
+        "two-level bootstrap" in md
+        and "Mean ± std over seeds." in md
+        and "| sasr | " in md
+        and md.count(" ± ") >= 2 * 3 * 5
+    )
     for seed in (1, 2):
         for m in ("sasr", "grpo"):
             assert (out / "runs" / f"{m}-s{seed}" / "final" / "config.json").is_file()
@@ -342,6 +347,7 @@ def test_compare_jobs_trains_in_parallel_processes_with_the_same_results(compare
     # one seed has no spread: the tables give means alone, not a std of 0.000
     assert "One seed: no spread over seeds." in (par / "results.md").read_text()
     assert "±" not in (par / "results.md").read_text()
+    assert "bootstrap over the questions (one seed" in (par / "results.md").read_text()
 
 
 def test_a_comparison_run_saves_its_final_model_and_leaves_evaluation_to_compare():

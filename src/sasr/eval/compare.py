@@ -520,8 +520,12 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
             "## SASR against each method, paired",
             "",
             "Mean difference in greedy accuracy, SASR minus the method, over the same questions; 95% interval "
-            "of a two-level bootstrap (seeds drawn with replacement, then each drawn seed's questions; 10,000 "
-            "replicates). **Bold**: the interval excludes zero.",
+            + (
+                "of a bootstrap over the questions (one seed, so no spread over seeds is in it; "
+                if one_seed
+                else "of a two-level bootstrap (seeds drawn with replacement, then each drawn seed's questions; "
+            )
+            + "10,000 replicates). **Bold**: the interval excludes zero.",
             "",
             markdown_table(
                 ["method", *paired],

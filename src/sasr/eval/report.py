@@ -181,7 +181,7 @@ def plot_compare(metrics: dict[str, list[list[dict]]], out_dir: Path) -> dict[st
         (
             "reward_vs_step",
             "reward_mean",
-            f"train reward (moving mean of {window} GRPO steps), mean over seeds",
+            f"train reward (moving mean of {window} steps with rollouts), mean over seeds",
         ),
     ]:
         data = {}
