@@ -192,9 +192,8 @@ def test_reward_curve_is_smoothed_over_a_window_that_grows_with_the_budget(tmp_p
     long = plot_compare({"grpo": [rows]}, tmp_path / "long")["reward_vs_step"]["grpo"]
     assert [v for _, v in long[7:]] == [0.5] * 193 and long[6][1] != 0.5  # 200 steps: a window of 8
     short = plot_compare({"grpo": [rows[:40]]}, tmp_path / "short")["reward_vs_step"]["grpo"]
-    assert [v for _, v in short[:4]] == pytest.approx(
-        [1.0, 0.5, 2 / 3, 1 / 3]
-    )  # 40 steps: the window of 3 as before
+    # 40 steps: the window of 3 as before
+    assert [v for _, v in short[:4]] == pytest.approx([1.0, 0.5, 2 / 3, 1 / 3])
 
 
 def test_compare_rerun_skips_finished_runs(compared, capsys):
@@ -342,12 +341,12 @@ def test_compare_jobs_trains_in_parallel_processes_with_the_same_results(compare
     assert max(a, c) < min(b, d)  # the two runs trained at the same time
     assert t["most_at_once"] == 2 and t["timed_train_wall_seconds"] < t["timed_train_seconds"]
     share = t["eval_seconds"] / (t["timed_train_wall_seconds"] + t["eval_seconds"])
-    assert "up to 2 runs trained at once), evaluation" in (par / "results.md").read_text()
-    assert f"({share:.0%} of those runs' wall clock)" in (par / "results.md").read_text()
+    md = (par / "results.md").read_text()
+    assert "up to 2 runs trained at once), evaluation" in md
+    assert f"({share:.0%} of those runs' wall clock)" in md
     # one seed has no spread: the tables give means alone, not a std of 0.000
-    assert "One seed: no spread over seeds." in (par / "results.md").read_text()
-    assert "±" not in (par / "results.md").read_text()
-    assert "bootstrap over the questions (one seed" in (par / "results.md").read_text()
+    assert "One seed: no spread over seeds." in md and "±" not in md
+    assert "bootstrap over the questions (one seed" in md
 
 
 def test_a_comparison_run_saves_its_final_model_and_leaves_evaluation_to_compare():

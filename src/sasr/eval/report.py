@@ -173,9 +173,8 @@ def plot_compare(metrics: dict[str, list[list[dict]]], out_dir: Path) -> dict[st
     steps = max(
         (r.get("step", 0) for per_seed in metrics.values() for rows in per_seed for r in rows), default=0
     )
-    window = max(
-        3, steps // 25
-    )  # about 25 independent points whatever the budget: a long run reads as a trend
+    # about 25 independent points whatever the budget: a long run reads as a trend
+    window = max(3, steps // 25)
     for name, key, title in [
         ("accuracy_vs_step", "eval_accuracy", "held-out accuracy (greedy), mean over seeds"),
         (
