@@ -155,6 +155,18 @@ def environment(tree: Path, out: Path) -> dict[str, str]:
     }
 
 
+def check_source(tree: Path, out: Path) -> None:
+    """Refuse to go on unless this checkout's runs import sasr from its own src/ (not an installed copy)."""
+    code = "import sasr; print(sasr.__file__)"
+    found = subprocess.run(
+        [sys.executable, "-c", code], env=environment(tree, out), capture_output=True, text=True
+    )
+    if not found.stdout.strip().startswith(str(tree / "src")):
+        raise SystemExit(
+            f"runs of {tree} would import sasr from {found.stdout.strip() or found.stderr[-500:]}"
+        )
+
+
 def train(tree: Path, label: str, case: str, out: Path, baseline_runs: Path | None) -> Path:
     """Train ``case`` with the checkout at ``tree`` into OUT/LABEL/CASE (kept when done and a commit's)."""
     run = out / label / case
@@ -275,6 +287,8 @@ def main() -> int:
         raise SystemExit(f"unknown cases {unknown}; known: {', '.join(CASES)}")
     base_tree, base = checkout(args.baseline, out)
     cand_tree, cand = checkout(args.candidate, out)
+    check_source(base_tree, out)
+    check_source(cand_tree, out)
     print(f"baseline {base}  candidate {cand}")
     failed = 0
     for case in cases:
