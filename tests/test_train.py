@@ -7,6 +7,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sasr import metrics
 from sasr.config import METHODS
 
 REQUIRED = {"step", "phase", "loss", "grad_norm", "lr", "step_seconds"}
@@ -30,6 +31,7 @@ def test_every_method_runs_and_writes_a_loadable_final(run_tiny, method):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     for r in rows:
         assert r.keys() >= REQUIRED and r["phase"] in ("sft", "grpo", "mixed")
+        assert [k for k in r if metrics.metric(k) is None] == [], "a key sasr writes is not in sasr.metrics"
         assert (r.keys() >= GRPO_KEYS) == (r["phase"] != "sft")
         assert (r.keys() >= SASR_KEYS) == (method == "sasr" and r["step"] > 2)
         if r["phase"] != "sft":

@@ -37,7 +37,7 @@ from accelerate.utils import (
 from tqdm.auto import tqdm
 from transformers import TrainerState, get_scheduler
 
-from sasr import checkpoint, fsdp, models, trackers
+from sasr import checkpoint, fsdp, metrics, models, trackers
 from sasr.batch import DEMO, KIND_NAMES, OFFPOLICY, ROLLOUT, Part, Plan, Rows, cat_rows
 from sasr.config import TrainConfig, to_yaml
 from sasr.data import demonstration_rows, encode_targets, pick, render_prompts, rows_of_kind
@@ -57,9 +57,6 @@ log = logging.getLogger(__name__)
 
 # What an evaluation sample keeps (eval_completions.jsonl, with log_completions).
 EVAL_SAMPLE_KEYS = ("question", "completion", "reward", "correct", "formatted", "length")
-
-# Statistics that add up over a step's micro-batches (the rest are averaged over them).
-SUMMED = {"reference_seconds", "policy_forward_seconds"}
 
 # The grpo settings the policy-gradient part takes (a part's options may override them).
 PG_SETTINGS = {
@@ -537,7 +534,7 @@ class Trainer:
         per_call = (
             n if not g.generation_batch_size else max(1, g.generation_batch_size // r)
         )  # prompts a call
-        t_rollout = self._now()
+        t_rollout = metrics.now(self.accelerator.device)
         pieces = []
         for start in range(0, n, per_call):  # the step's rollouts, generated in chunks
             roll = generate(
@@ -566,7 +563,7 @@ class Trainer:
             piece.sampler_logprobs = roll.logprobs
             pieces.append(piece)
         rows = cat_rows(pieces, self.tokenizer.pad_token_id)
-        rollout_seconds = self._now() - t_rollout
+        rollout_seconds = metrics.now(self.accelerator.device) - t_rollout
         stops = torch.tensor(self.stop_ids, device=device)
         ended = (torch.isin(rows.completion_ids, stops) & rows.completion_mask.bool()).any(1)
         rows.truncated = ~ended & (rows.completion_mask.sum(1) >= g.max_completion_length)  # [B] cut short
@@ -661,8 +658,7 @@ class Trainer:
             grad_norm, finite = self.optimizer_step(loss, step)
             finite_all &= finite
             first = first or (loss, grad_norm)
-            for key, value in stats.items():  # timings add up over the updates; the rest average
-                sums[key] = sums.get(key, 0.0) + (value if key in SUMMED else value / iterations)
+            metrics.combine(sums, stats, iterations, "iterations")
         self.lr_scheduler.step()
         if iterations > 1:
             sums["num_iterations"] = iterations
@@ -694,9 +690,7 @@ class Trainer:
                 part_loss, micro_stats = self.loss(plan, rows, parts, idx, norms, cache[m])
                 acc.backward(part_loss)
             loss += part_loss.item()
-            for key, value in micro_stats.items():
-                add = key.startswith("loss/") or key in SUMMED
-                stats[key] = stats.get(key, 0.0) + (value if add else value / len(micro))
+            metrics.combine(stats, micro_stats, len(micro), "micro")
         return loss, stats
 
     def no_sync(self) -> contextlib.AbstractContextManager:
@@ -738,15 +732,15 @@ class Trainer:
         on_rows = on.nonzero().squeeze(1)
         if plan.rollouts and len(on_rows) and "ref" not in cache:
             # The reference pass comes first: it may swap weights in place, which must not touch a live graph.
-            t_reference = self._now()
+            t_reference = metrics.now(self.accelerator.device)
             ref_rows = sub if len(on_rows) == len(sub) else sub.select(on_rows)
             with self.accelerator.autocast():
                 cache["ref"] = self.reference.logprobs(
                     ref_rows.input_ids, ref_rows.attention_mask, T, temperature
                 )  # [b, T] rollouts
-            stats["reference_seconds"] = self._now() - t_reference
+            stats["reference_seconds"] = metrics.now(self.accelerator.device) - t_reference
         ref = cache.get("ref")
-        t_policy = self._now()
+        t_policy = metrics.now(self.accelerator.device)
         # The G rows of a prompt share one pass over it (completion_logprobs finds them).
         logps, entropy = completion_logprobs(
             self.model, sub.input_ids, sub.attention_mask, T, temperature, with_entropy=bool(plan.prompts)
@@ -757,7 +751,7 @@ class Trainer:
         if ref is not None:
             ref_logps = ref if len(on_rows) == len(sub) else logps.detach().index_copy(0, on_rows, ref)
         if plan.prompts:
-            stats["policy_forward_seconds"] = self._now() - t_policy
+            stats["policy_forward_seconds"] = metrics.now(self.accelerator.device) - t_policy
             mask = sub.completion_mask * on[:, None].to(sub.completion_mask.dtype)
             stats["entropy"] = masked_mean(entropy, mask).item()
             if (
@@ -825,12 +819,6 @@ class Trainer:
         finally:
             if wrapped is not None:
                 model.forward = wrapped
-
-    def _now(self) -> float:
-        """perf_counter once the device's queued work has finished, so differences time that work."""
-        if self.accelerator.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
 
     # --- evaluation, logging, saving -------------------------------------------------------------------
 

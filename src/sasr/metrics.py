@@ -1,0 +1,134 @@
+"""Every number a step's line of ``metrics.jsonl`` holds: its name, how it combines, what it means.
+
+A step is computed in pieces, and each metric says how its pieces make the step's number:
+
+- over a step's micro-batches (``micro``) and over its ``num_iterations`` updates (``iterations``):
+  ``sum`` (time spent, a part's share of the loss) or ``mean``;
+- over processes (``ranks``): ``mean`` (of the ranks that have it), or ``sum`` (tokens).
+
+Names of a family (one per loss part or reward function) are registered by their prefix. A reward
+function's ``log_metric`` may not take a registered name (``rewards.Rewards`` refuses it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str  # the key in metrics.jsonl; a family's ends with '/' or '_' and prefixes its members
+    meaning: str
+    micro: str = "mean"  # over a step's micro-batches: "sum" or "mean"
+    iterations: str = "mean"  # over a step's num_iterations updates: "sum" or "mean"
+    ranks: str = "mean"  # over processes: "mean" (of the ranks that have it) or "sum"
+
+
+def _m(name: str, meaning: str, **how: str) -> Metric:
+    return Metric(name, meaning, **how)
+
+
+_TIME = {"micro": "sum", "iterations": "sum"}
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in [
+        # the loop
+        _m("step", "the optimizer step, from 1"),
+        _m("phase", "'sft' (demonstrations only), 'grpo' (rollouts only) or 'mixed' (both in one step)"),
+        _m("loss", "the step's loss (the first update's, with num_iterations)"),
+        _m("grad_norm", "the global gradient norm before clipping (the first update's)"),
+        _m("lr", "the learning rate the step used"),
+        _m("tokens", "completion tokens trained on, every process", ranks="sum"),
+        _m("tokens_per_second", "tokens / step_seconds"),
+        _m("step_seconds", "wall seconds of the step, evaluation and saving left out"),
+        _m("skipped", "true when the update was skipped: a non-finite loss or gradient norm"),
+        _m("num_iterations", "updates taken on the step's rollouts (written when above 1)"),
+        _m("probe_grad_norm", "SASR's probe: the SFT gradient norm on demonstrations, no update taken"),
+        # the rollouts
+        _m("reward_mean", "mean reward of the step's rollouts (rows no function scored left out)"),
+        _m("reward_std", "standard deviation of those rewards"),
+        _m("accuracy", "share of rollouts the task's judge calls correct"),
+        _m("format_rate", "share of rollouts in the task's answer format"),
+        _m("completion_length", "mean rollout length in tokens"),
+        _m("completion_length_max", "the longest rollout (each training pass computes up to its group's)"),
+        _m("clipped_ratio", "share of rollouts cut at max_completion_length"),
+        _m("zero_spread_fraction", "share of prompts whose group's rewards are all equal (no advantage)"),
+        _m("overlong_penalty", "mean of DAPO's soft overlong penalty over the rollouts"),
+        _m("dynamic_sampling_batches", "batches of prompts sampled to fill the step (dynamic sampling)"),
+        _m("rollout_seconds", "seconds spent sampling the step's rollouts", **_TIME),
+        # the training passes
+        _m("reference_seconds", "seconds of the reference pass over the rollouts", **_TIME),
+        _m("policy_forward_seconds", "seconds of the policy's forward passes", **_TIME),
+        _m("kl", "k3 estimate of KL(policy || reference) over the rollouts"),
+        _m("entropy", "mean token entropy of the policy on the rollouts"),
+        _m("sampler_logprob_gap", "mean |learner - sampler| log-probability on rollout tokens"),
+        _m("clip_fraction", "share of rollout tokens whose ratio was clipped"),
+        _m("chord_phi", "CHORD-phi: mean token weight p(1 - p) on demonstrations"),
+        _m("srft_sft_weight", "SRFT: mean weight of the demonstration term"),
+        _m("srft_rl_weight", "SRFT: mean weight of the positive rollouts' term"),
+        _m("offpolicy_shaped_weight", "LUFFY: mean shaped weight of off-policy tokens"),
+        _m("offpolicy_prob", "LUFFY: mean probability the policy gives off-policy tokens"),
+        # the methods' plans and routes
+        _m("p_t", "SASR: the probability of an SFT step"),
+        _m("alpha", "SASR / interleave: the uniform draw compared with p_t"),
+        _m("g_last", "SASR: the gradient norm p_t was computed from"),
+        _m("g_warmup", "SASR: the mean gradient norm of the warm-up"),
+        _m("mu", "CHORD: the weight of the demonstration part"),
+        _m("offpolicy_share", "LUFFY: the share of each group that is off-policy demonstrations"),
+        _m("sft_fraction", "HPT: the share of prompts routed to SFT"),
+        # families
+        _m("loss/", "loss/PART: a part's loss, on steps of several parts", micro="sum"),
+        _m("weight/", "weight/PART: a part's weight, on steps of several parts"),
+        _m("rewards/", "rewards/NAME/mean and /std: each reward function's values"),
+        _m("eval_", "eval_METRIC: held-out greedy evaluation at eval.every"),
+    ]
+}
+
+FAMILIES = tuple(name for name in METRICS if name.endswith(("/", "_")))
+
+
+def metric(name: str) -> Metric | None:
+    """The registered metric ``name`` is, by its own name or its family's prefix (None: not sasr's)."""
+    if name in METRICS:
+        return METRICS[name]
+    family = next((f for f in FAMILIES if name.startswith(f)), None)
+    return METRICS[family] if family else None
+
+
+def combine(total: dict[str, float], piece: dict[str, float], pieces: int, over: str) -> None:
+    """Add one of ``pieces`` pieces of a step (``over``: "micro" or "iterations") into ``total``, in place:
+    summed metrics add up, the others average. A name sasr does not register averages."""
+    for name, value in piece.items():
+        known = metric(name)
+        add = known is not None and getattr(known, over) == "sum"
+        total[name] = total.get(name, 0.0) + (value if add else value / pieces)
+
+
+def now(device: torch.device) -> float:
+    """perf_counter once the device's queued work has finished, so differences time that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+@contextmanager
+def timer(stats: dict[str, float], name: str, device: torch.device) -> Iterator[None]:
+    """Time the block into ``stats[name]`` (a registered ``*_seconds`` metric)."""
+    start = now(device)
+    yield
+    stats[name] = now(device) - start
+
+
+def table() -> str:
+    """The metrics as a markdown table (README.md holds it; a test keeps the two equal)."""
+    lines = ["| metric | what it is | over micro-batches / updates / ranks |", "| --- | --- | --- |"]
+    for m in METRICS.values():
+        key = f"{m.name}NAME" if m.name in FAMILIES else m.name
+        lines.append(f"| `{key}` | {m.meaning} | {m.micro} / {m.iterations} / {m.ranks} |")
+    return "\n".join(lines)
