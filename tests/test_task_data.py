@@ -228,8 +228,7 @@ def reward_file(tmp_path):
 
 
 def test_reward_functions(tmp_path, reward_file):
-    from sasr.eval.evaluate import score_all
-    from sasr.rewards import RewardCall, Rewards
+    from sasr.rewards import RewardCall, Rewards, score_all
 
     f = write_user_jsonl(tmp_path / "d.jsonl", 60)
     task = get_task(f"jsonl:{f}")

@@ -261,7 +261,8 @@ def test_a_luffy_step_lays_each_demonstration_inside_its_group(tmp_path):
     config = validate(tiny_config(tmp_path / "run", method="luffy", grpo=grpo))
     trainer = Trainer(config, progress=False)
     plan = trainer.method.plan(1)
-    rows, stats = trainer.rows(1, plan)
+    got = trainer.collector.collect(1, plan)
+    rows, stats = got.rows, got.stats
     assert rows.kind.tolist() == [ROLLOUT] * 3 + [OFFPOLICY] + [ROLLOUT] * 3 + [OFFPOLICY]
     assert rows.group.tolist() == [0] * 4 + [1] * 4
     for g in (0, 1):

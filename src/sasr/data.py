@@ -94,9 +94,18 @@ def demonstration_rows(
 
 
 def rows_of_kind(
-    prompt_ids, prompt_mask, ids, mask, texts: Sequence[str], kind: int, group: Sequence[int] | None = None
+    prompt_ids,
+    prompt_mask,
+    ids,
+    mask,
+    texts: Sequence[str],
+    kind: int,
+    group: Sequence[int] | None = None,
+    sampler_logprobs: torch.Tensor | None = None,
+    truncated: torch.Tensor | None = None,
 ) -> Rows:
-    """Rows of one kind from prompt and completion tokens; rewards and advantages are set once scored."""
+    """Rows of one kind from prompt and completion tokens, not yet scored (reward, advantage 0; not correct).
+    ``sampler_logprobs`` [B, T] and ``truncated`` [B]: a sampler's, for rollouts."""
     B, device = ids.size(0), ids.device
     return Rows(
         prompt_ids,
@@ -109,5 +118,7 @@ def rows_of_kind(
         advantages=torch.zeros(B, device=device),
         correct=torch.zeros(B, dtype=torch.bool, device=device),
         formatted=torch.zeros(B, dtype=torch.bool, device=device),
+        sampler_logprobs=sampler_logprobs,
+        truncated=truncated,
         texts=list(texts),
     )

@@ -292,3 +292,18 @@ class Rewards:
                 )
             values.append(value)  # NaN: not scored, as None
         return values
+
+
+def score_all(task: Task, texts: Sequence[str], examples: Sequence[Example]) -> list[Score]:
+    """Score completions against their examples; a reward function that raises stops the run with one
+    sentence naming it and the first example it fails on."""
+    try:
+        return task.score_batch(list(texts), list(examples))
+    except SasrError:
+        raise
+    except Exception as batch_exc:  # a user's judge may raise anything: find the example it fails on
+
+        def one(i: int) -> list[Score]:
+            return task.score_batch([texts[i]], [examples[i]])
+
+        raise failure(task.reward_name, examples, one, batch_exc) from batch_exc

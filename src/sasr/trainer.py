@@ -35,22 +35,22 @@ from accelerate.utils import (
     set_seed,
 )
 from tqdm.auto import tqdm
-from transformers import TrainerState, get_scheduler
+from transformers import get_scheduler
 
 from sasr import checkpoint, fsdp, metrics, models, trackers
-from sasr.batch import DEMO, KIND_NAMES, OFFPOLICY, ROLLOUT, Part, Plan, Rows, cat_rows
+from sasr.batch import DEMO, KIND_NAMES, OFFPOLICY, ROLLOUT, Part, Plan, Rows
+from sasr.collect import Collector, demonstration_source
 from sasr.config import TrainConfig, to_yaml
-from sasr.data import demonstration_rows, encode_targets, pick, render_prompts, rows_of_kind
 from sasr.errors import SasrError
-from sasr.eval.evaluate import GREEDY, evaluate, score_all, settings, summarise
+from sasr.eval.evaluate import GREEDY, evaluate, settings, summarise
 from sasr.logprobs import completion_logprobs
-from sasr.losses import PART_LOSSES, Norm, PartInputs, group_advantages, masked_mean
-from sasr.methods import METHODS, get_method
+from sasr.losses import PART_LOSSES, Norm, PartInputs, masked_mean
+from sasr.methods import get_method
 from sasr.model_card import model_card
 from sasr.process import any_rank, on_stop_signals
 from sasr.reference import ReferencePolicy
-from sasr.rewards import RewardCall, Rewards
-from sasr.rollout import generate, stop_token_ids
+from sasr.rewards import Rewards
+from sasr.rollout import stop_token_ids
 from sasr.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ class Trainer:
             raise SasrError(f"task '{c.task.name}' produced no training examples")
         self.method = get_method(c.method, **c.method_kwargs())
         self.rewards = Rewards(self.task, c.reward_funcs, c.reward_weights)
-        self.demo_task, self.demo_examples = self._demonstrations()
+        demos = demonstration_source(c, self.task, self.train_examples, self.method)
         self.tokenizer = models.load_tokenizer(c.model.name)
         model = models.load_model(c.model.name, c.model.dtype)
         self.stop_ids = stop_token_ids(model, self.tokenizer)  # what ends a completion (EOS, end-of-turn)
@@ -191,6 +191,18 @@ class Trainer:
             model = apply_lora(model, c)
         if self.sharded:  # in place, before the optimizer and the reference snapshot take its parameters
             model = fsdp.shard(model, acc)
+        self.collector = Collector(
+            c,
+            self.task,
+            self.train_examples,
+            demos,
+            self.tokenizer,
+            self.rewards,
+            self.stop_ids,
+            acc,
+            self.decoder,
+            self.cuda_graphs,
+        )
         self.reference = ReferencePolicy(model, use_lora=c.lora.enabled)
         if not c.lora.enabled and self.method.uses_reference:  # full fine-tuning: pi_ref is a copy
             self.reference.snapshot()
@@ -328,9 +340,9 @@ class Trainer:
             for step in bar:
                 t0 = time.perf_counter()
                 plan = self.method.plan(step)  # 1. plan: which rows the step needs
-                rows, stats = self.rows(step, plan)  # 2. build them: demonstrations, scored rollouts
+                got = self.collector.collect(step, plan)  # 2. build them: demonstrations, scored rollouts
+                rows, stats, extra = got.rows, got.stats, got.extra
                 parts, route = self.method.parts(plan, rows)  # the weighted parts the method makes of them
-                extra = stats.pop("_extra", {})  # reward functions' log_extra columns
                 if plan.prompts and (c.log_completions or c.num_completions_to_print):
                     self.log_completions(step, rows, parts, extra)
                 # 3. backward: one reference and one policy pass per micro-batch; 4. step (num_iterations times)
@@ -418,216 +430,6 @@ class Trainer:
         return (self.stop_signal or "SIGTERM") if any_rank(self.accelerator, bool(self.stop_signal)) else None
 
     # --- the rows of a step, and its loss ---------------------------------------------------------------
-
-    def _demonstrations(self):
-        """The demonstration source: the RL task's own examples, or ``demos.task`` (another task or file)."""
-        c = self.config
-        if c.demos.task is None:
-            task, examples = self.task, self.train_examples
-        else:
-            if self.method.pairs_demos:
-                paired = ", ".join(n for n, m in METHODS.items() if m.pairs_demos)
-                raise SasrError(
-                    f"method '{c.method}' trains each RL prompt's own demonstration, so it cannot take "
-                    f"demonstrations from demos.task; drop demos.task (methods that pair them: {paired})"
-                )
-            task = get_task(c.demos.task, **c.demos.options())
-            examples = task.examples("train", c.demos.train_size, seed=c.seed)
-        if not examples:
-            raise SasrError(f"demonstration task '{task.name}' produced no examples")
-        missing = next((ex for ex in examples if not task.has_demonstration(ex)), None)
-        if self.method.uses_demos and missing is not None:
-            raise SasrError(
-                f"method '{c.method}' trains on demonstrations, but task '{task.name}' has an example without "
-                f"one ({missing.question[:60]!r}); add a chain of thought or give demos.task"
-            )
-        return task, examples
-
-    def _examples(self, step: int, per_rank: int, kind: str, examples: list | None = None):
-        acc = self.accelerator
-        pool = self.train_examples if examples is None else examples
-        idx = pick(len(pool), per_rank, step, self.config.seed, kind, acc.process_index, acc.num_processes)
-        return [pool[i] for i in idx]
-
-    def _demo_rows(self, examples, task, max_length: int, group: list[int] | None = None) -> Rows:
-        return demonstration_rows(
-            self.tokenizer,
-            task,
-            examples,
-            max_length,
-            self.accelerator.device,
-            group,
-            self.config.model.chat_template_kwargs,
-        )
-
-    def rows(self, step: int, plan: Plan) -> tuple[Rows, dict[str, float]]:
-        """The step's rows: demonstrations, then each RL prompt's group (rollouts, then its demonstrations
-        in the group), then the RL prompts' own demonstrations. Returns (rows, rollout statistics)."""
-        c = self.config
-        pieces, stats = [], {}
-        if plan.demos:
-            examples = self._examples(step, plan.demos, "sft", self.demo_examples)
-            pieces.append(self._demo_rows(examples, self.demo_task, c.sft.max_length))
-        if plan.prompts:
-            with self.decoder() as model:  # one gathering of the weights for every rollout of the step
-                examples, group_rows, stats = self.group_rows(model, step, plan)
-            pieces.append(group_rows)
-            if plan.prompt_demos:
-                pieces.append(
-                    self._demo_rows(examples, self.task, c.sft.max_length, list(range(len(examples))))
-                )
-        rows = cat_rows(pieces, self.tokenizer.pad_token_id)
-        stats["tokens"] = rows.completion_mask.sum().item()
-        return rows, stats
-
-    def group_rows(self, model, step: int, plan: Plan) -> tuple[list, Rows, dict[str, Any]]:
-        """The step's RL prompts and their groups. With ``grpo.dynamic_sampling``, groups whose rewards are all
-        equal (no advantage: nothing to learn) are dropped and further prompts sampled in their place, up to
-        ``grpo.max_num_gen_batches`` batches of prompts; if those run out, equal groups fill the batch."""
-        g, n = self.config.grpo, plan.prompts
-        examples = self._examples(step, n, "grpo")
-        rows, spread, stats = self.sample_groups(model, examples, plan, step)
-        if g.dynamic_sampling:
-            batches = [(examples, rows, spread)]
-            batch_stats = [stats]
-            while sum(int(sp.sum()) for _, _, sp in batches) < n and len(batches) < g.max_num_gen_batches:
-                more = self._examples(step, n, f"grpo-more{len(batches)}")  # new prompts, reproducibly drawn
-                more_rows, more_spread, more_stats = self.sample_groups(model, more, plan, step)
-                batch_stats.append(more_stats)
-                batches.append((more, more_rows, more_spread))
-            # the reward functions' numbers over every sampled batch; rollout time in all
-            stats = {
-                k: sum(b[k] for b in batch_stats) / (1 if k == "rollout_seconds" else len(batch_stats))
-                for k in stats
-                if k != "_extra" and all(k in b for b in batch_stats)
-            }
-            # every group with spread, in the order sampled; then equal groups only to fill the batch
-            ranked = [(not sp[i], b, i) for b, (_, _, sp) in enumerate(batches) for i in range(len(sp))]
-            chosen = sorted(sorted(ranked)[:n], key=lambda x: (x[1], x[2]))
-            pieces, examples, offset = [], [], 0
-            for b, (exs, r, _) in enumerate(batches):
-                keep = [i for _, bb, i in chosen if bb == b]
-                if keep:
-                    piece = r.groups(keep)
-                    piece.group = piece.group + offset
-                    pieces.append(piece)
-                    examples += [exs[i] for i in keep]
-                    offset += len(keep)
-            rows = cat_rows(pieces, self.tokenizer.pad_token_id)
-            spread = torch.tensor([not z for z, _, _ in chosen])
-            stats["dynamic_sampling_batches"] = len(batches)
-            stats["_extra"] = {}  # reward functions' extra columns: per sampled batch, not per chosen group
-        stats.update(self._rollout_stats(rows, spread))
-        return examples, rows, stats
-
-    def sample_groups(
-        self, model, examples, plan: Plan, step: int
-    ) -> tuple[Rows, torch.Tensor, dict[str, Any]]:
-        """Each prompt's group: ``plan.rollouts`` completions sampled from ``model`` (``decoder()``'s), then
-        ``plan.offpolicy`` copies of its demonstration; all scored, advantages computed over the whole group.
-        Returns the rows, whether each group's rewards differ [prompts] (bool), and the rollout time (and
-        samples' extra columns)."""
-        c, g = self.config, self.config.grpo
-        device = self.accelerator.device
-        prompts = render_prompts(self.tokenizer, self.task, examples, c.model.chat_template_kwargs)
-        n, r, k = len(examples), plan.rollouts, plan.offpolicy
-        per_call = (
-            n if not g.generation_batch_size else max(1, g.generation_batch_size // r)
-        )  # prompts a call
-        t_rollout = metrics.now(self.accelerator.device)
-        pieces = []
-        for start in range(0, n, per_call):  # the step's rollouts, generated in chunks
-            roll = generate(
-                model,
-                self.tokenizer,
-                prompts[start : start + per_call],
-                num_generations=r,
-                max_new_tokens=g.max_completion_length,
-                max_prompt_length=g.max_prompt_length,
-                temperature=g.temperature,
-                top_p=g.top_p,
-                backend=g.generation_backend,
-                cuda_graphs=self.cuda_graphs,
-                compile=g.torch_compile,
-                **g.generation_kwargs,
-            )  # chunk x rollouts rows
-            piece = rows_of_kind(
-                roll.prompt_ids,
-                roll.prompt_mask,
-                roll.completion_ids,
-                roll.completion_mask,
-                roll.texts,
-                ROLLOUT,
-                [start + i for i in range(len(prompts[start : start + per_call])) for _ in range(r)],
-            )
-            piece.sampler_logprobs = roll.logprobs
-            pieces.append(piece)
-        rows = cat_rows(pieces, self.tokenizer.pad_token_id)
-        rollout_seconds = metrics.now(self.accelerator.device) - t_rollout
-        stops = torch.tensor(self.stop_ids, device=device)
-        ended = (torch.isin(rows.completion_ids, stops) & rows.completion_mask.bool()).any(1)
-        rows.truncated = ~ended & (rows.completion_mask.sum(1) >= g.max_completion_length)  # [B] cut short
-        if k:  # the prompt's demonstration k times after its rollouts, with the same prompt tokens: one group
-            targets = [self.task.target(ex) for ex in examples]
-            ids, mask = encode_targets(self.tokenizer, targets, g.max_completion_length, device)  # [n, t]
-            texts = self.tokenizer.batch_decode(
-                ids, skip_special_tokens=True
-            )  # judged as trained: maybe cut short
-            demos = rows_of_kind(
-                *(
-                    x.repeat_interleave(k, 0)
-                    for x in (rows.prompt_ids[::r], rows.prompt_mask[::r], ids, mask)
-                ),
-                [t for t in texts for _ in range(k)],
-                OFFPOLICY,
-                [i for i in range(n) for _ in range(k)],
-            )
-            merged = cat_rows([rows, demos], self.tokenizer.pad_token_id)
-            rows = merged.select(torch.argsort(merged.group * 2 + (merged.kind == OFFPOLICY), stable=True))
-        grouped_examples = [ex for ex in examples for _ in range(r + k)]
-        scores = score_all(self.task, rows.texts, grouped_examples)
-        lengths = rows.completion_mask.sum(1)  # [B]
-        call = RewardCall(
-            prompts=[self.task.messages(ex) for ex in grouped_examples],
-            texts=rows.texts,
-            completion_ids=[
-                ids[:length].tolist() for ids, length in zip(rows.completion_ids, lengths.tolist())
-            ],
-            trainer_state=TrainerState(global_step=step - 1, max_steps=c.steps),
-        )
-        rewards, reward_stats = self.rewards.score(scores, call, grouped_examples)
-        rows.rewards = torch.tensor(
-            rewards, dtype=torch.float32, device=device
-        )  # [B]; NaN: no function scored it
-        if g.overlong_buffer_len:  # DAPO's soft overlong penalty on the sampled rows
-            expected = g.max_completion_length - g.overlong_buffer_len
-            excess = (lengths.float() - expected).clamp(min=0) / g.overlong_buffer_len
-            penalty = -g.overlong_penalty_factor * excess * (rows.kind == ROLLOUT)
-            rows.rewards = rows.rewards + penalty
-            reward_stats["overlong_penalty"] = penalty[rows.kind == ROLLOUT].mean().item()
-        rows.correct = torch.tensor([s.correct for s in scores], dtype=torch.bool, device=device)
-        rows.formatted = torch.tensor([s.formatted for s in scores], dtype=torch.bool, device=device)
-        scale = plan.scale_rewards or g.scale_rewards
-        rows.advantages, zero_spread = group_advantages(rows.rewards, r + k, g.advantage, scale)
-        return rows, ~zero_spread, {"rollout_seconds": rollout_seconds, **reward_stats, "_extra": call.extra}
-
-    def _rollout_stats(self, rows: Rows, spread: torch.Tensor) -> dict[str, float]:
-        """Statistics of the step's sampled rows (a reward left out by every function is left out here)."""
-        on = rows.kind == ROLLOUT
-        rewards = rows.rewards[on]
-        scored = rewards[~rewards.isnan()]
-        lengths = rows.completion_mask[on].sum(1)
-        return {
-            "reward_mean": scored.mean().item() if scored.numel() else math.nan,
-            "reward_std": scored.std().item() if scored.numel() > 1 else 0.0,
-            "accuracy": rows.correct[on].sum().item() / int(on.sum()),
-            "format_rate": rows.formatted[on].sum().item() / int(on.sum()),
-            "completion_length": lengths.float().mean().item(),
-            # The longest completion: each training pass computes rows up to their length group's longest.
-            "completion_length_max": lengths.max().item(),
-            "clipped_ratio": rows.cut()[on].float().mean().item(),  # cut at the limit (TRL's name)
-            "zero_spread_fraction": (~spread).float().mean().item(),
-        }
 
     def micro_batches(self, rows: Rows) -> list[torch.Tensor]:
         """The step's rows in ``gradient_accumulation_steps`` micro-batches [b] (indices): demonstrations and
@@ -794,9 +596,8 @@ class Trainer:
         """SASR's probe: the SFT gradient norm on a step's worth of demonstrations (the SFT steps' batch, in
         their micro-batches and normalisation), the weights left as they are."""
         c, acc = self.config, self.accelerator
+        rows = self.collector.probe_rows(step)
         n = c.sft.batch_size * c.gradient_accumulation_steps
-        examples = self._examples(step, n, "probe", self.demo_examples)
-        rows = self._demo_rows(examples, self.demo_task, c.sft.max_length)
         plan, parts = Plan(step, "sft", demos=n), [Part("sft", "nll", torch.ones_like(rows.correct))]
         micro, norms = self._pieces(rows, parts)
         self.backward(plan, rows, parts, micro, norms, [{} for _ in micro])

@@ -22,10 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from sasr.data import render_prompts
-from sasr.errors import SasrError
-from sasr.rewards import failure
+from sasr.rewards import score_all
 from sasr.rollout import generate
-from sasr.tasks import Example, Score, Task, extract_answer
+from sasr.tasks import Example, Task, extract_answer
 
 # --- the metrics, as plain functions ----------------------------------------------------------------------
 
@@ -63,22 +62,7 @@ def mean_edit_distance(texts: Sequence[str]) -> float:
     return sum(Levenshtein.distance(a, b) / max(len(a), len(b), 1) for a, b in pairs) / len(pairs)
 
 
-# --- scoring and generation ------------------------------------------------------------------------------
-
-
-def score_all(task: Task, texts: Sequence[str], examples: Sequence[Example]) -> list[Score]:
-    """Score completions against their examples; a reward function that raises stops the run with one
-    sentence naming it and the first example it fails on."""
-    try:
-        return task.score_batch(list(texts), list(examples))
-    except SasrError:
-        raise
-    except Exception as batch_exc:  # a user's judge may raise anything: find the example it fails on
-
-        def one(i: int) -> list[Score]:
-            return task.score_batch([texts[i]], [examples[i]])
-
-        raise failure(task.reward_name, examples, one, batch_exc) from batch_exc
+# --- generation ------------------------------------------------------------------------------
 
 
 def settings(config, samples: int | None = None) -> dict[str, Any]:

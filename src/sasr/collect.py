@@ -1,0 +1,285 @@
+"""A step's rows, as its plan asks: demonstrations from their source, then each RL prompt's group (rollouts
+sampled in chunks, its off-policy demonstrations), scored, penalised, dynamically sampled, with advantages,
+then the RL prompts' own demonstrations. Rows in; no gradient here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import TrainerState
+
+from sasr import metrics
+from sasr.batch import OFFPOLICY, ROLLOUT, Plan, Rows, cat_rows
+from sasr.config import TrainConfig
+from sasr.data import demonstration_rows, encode_targets, pick, render_prompts, rows_of_kind
+from sasr.errors import SasrError
+from sasr.losses import group_advantages
+from sasr.methods import METHODS, Method
+from sasr.rewards import RewardCall, Rewards, score_all
+from sasr.rollout import generate
+from sasr.tasks import Example, Task, get_task
+
+
+@dataclass
+class Collected:
+    """A step's rows and what collecting them measured."""
+
+    rows: Rows
+    stats: dict[str, float]  # rollout statistics, the reward functions' numbers, ``tokens``
+    extra: dict[str, list]  # the reward functions' log_extra columns, one value per group row
+
+
+@dataclass
+class Groups:
+    """One batch of RL prompts' groups, scored."""
+
+    examples: list[Example]
+    rows: Rows
+    spread: torch.Tensor  # [prompts] bool: the group's rewards differ
+    stats: dict[str, float]
+    extra: dict[str, list]
+
+
+def demonstration_source(config: TrainConfig, task: Task, examples: list[Example], method: Method):
+    """The demonstration source: the RL task's own examples, or ``demos.task`` (another task or file)."""
+    c = config
+    if c.demos.task is not None:
+        if method.pairs_demos:
+            paired = ", ".join(n for n, m in METHODS.items() if m.pairs_demos)
+            raise SasrError(
+                f"method '{c.method}' trains each RL prompt's own demonstration, so it cannot take "
+                f"demonstrations from demos.task; drop demos.task (methods that pair them: {paired})"
+            )
+        task = get_task(c.demos.task, **c.demos.options())
+        examples = task.examples("train", c.demos.train_size, seed=c.seed)
+    if not examples:
+        raise SasrError(f"demonstration task '{task.name}' produced no examples")
+    missing = next((ex for ex in examples if not task.has_demonstration(ex)), None)
+    if method.uses_demos and missing is not None:
+        raise SasrError(
+            f"method '{c.method}' trains on demonstrations, but task '{task.name}' has an example without "
+            f"one ({missing.question[:60]!r}); add a chain of thought or give demos.task"
+        )
+    return task, examples
+
+
+class Collector:
+    """Builds each step's rows. ``decoder()`` gives the model the rollout engine samples with."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        task: Task,
+        examples: list[Example],
+        demos: tuple[Task, list[Example]],
+        tokenizer,
+        rewards: Rewards,
+        stop_ids: list[int],
+        accelerator: Accelerator,
+        decoder: Callable[[], AbstractContextManager],
+        cuda_graphs: bool = False,
+    ) -> None:
+        self.config, self.task, self.examples = config, task, examples
+        self.demo_task, self.demo_examples = demos
+        self.tokenizer, self.rewards, self.stop_ids = tokenizer, rewards, stop_ids
+        self.accelerator, self.decoder, self.cuda_graphs = accelerator, decoder, cuda_graphs
+
+    def pick(self, step: int, per_rank: int, kind: str, pool: list[Example] | None = None) -> list[Example]:
+        """This rank's ``per_rank`` examples of the step, drawn for ``kind`` (a pure function of the step)."""
+        acc, pool = self.accelerator, self.examples if pool is None else pool
+        idx = pick(len(pool), per_rank, step, self.config.seed, kind, acc.process_index, acc.num_processes)
+        return [pool[i] for i in idx]
+
+    def demonstrations(self, examples, task: Task, group: list[int] | None = None) -> Rows:
+        """DEMO rows of ``examples``; ``group``: each row's RL prompt, if any."""
+        c = self.config
+        return demonstration_rows(
+            self.tokenizer,
+            task,
+            examples,
+            c.sft.max_length,
+            self.accelerator.device,
+            group,
+            c.model.chat_template_kwargs,
+        )
+
+    def probe_rows(self, step: int) -> Rows:
+        """A step's worth of demonstrations for SASR's probe: the SFT steps' batch, drawn apart from it."""
+        n = self.config.sft.batch_size * self.config.gradient_accumulation_steps
+        return self.demonstrations(self.pick(step, n, "probe", self.demo_examples), self.demo_task)
+
+    def collect(self, step: int, plan: Plan) -> Collected:
+        """The step's rows: demonstrations, then each RL prompt's group (rollouts, then its demonstrations
+        in the group), then the RL prompts' own demonstrations."""
+        pieces, stats, extra = [], {}, {}
+        if plan.demos:
+            examples = self.pick(step, plan.demos, "sft", self.demo_examples)
+            pieces.append(self.demonstrations(examples, self.demo_task))
+        if plan.prompts:
+            with self.decoder() as model:  # one gathering of the weights for every rollout of the step
+                groups = self.groups(model, step, plan)
+            pieces.append(groups.rows)
+            stats, extra = groups.stats, groups.extra
+            if plan.prompt_demos:
+                n = len(groups.examples)
+                pieces.append(self.demonstrations(groups.examples, self.task, list(range(n))))
+        rows = cat_rows(pieces, self.tokenizer.pad_token_id)
+        stats["tokens"] = rows.completion_mask.sum().item()
+        return Collected(rows, stats, extra)
+
+    def groups(self, model, step: int, plan: Plan) -> Groups:
+        """The step's RL prompts and their groups. With ``grpo.dynamic_sampling``, groups whose rewards are all
+        equal (no advantage: nothing to learn) are dropped and further prompts sampled in their place, up to
+        ``grpo.max_num_gen_batches`` batches of prompts; if those run out, equal groups fill the batch."""
+        g, n = self.config.grpo, plan.prompts
+        first = self.sample_groups(model, self.pick(step, n, "grpo"), plan, step)
+        if not g.dynamic_sampling:
+            first.stats.update(rollout_stats(first.rows, first.spread))
+            return first
+        batches = [first]
+        while sum(int(b.spread.sum()) for b in batches) < n and len(batches) < g.max_num_gen_batches:
+            more = self.pick(step, n, f"grpo-more{len(batches)}")  # new prompts, reproducibly drawn
+            batches.append(self.sample_groups(model, more, plan, step))
+        # the reward functions' numbers over every sampled batch; rollout time in all
+        stats = {
+            k: sum(b.stats[k] for b in batches) / (1 if k == "rollout_seconds" else len(batches))
+            for k in first.stats
+            if all(k in b.stats for b in batches)
+        }
+        # every group with spread, in the order sampled; then equal groups only to fill the batch
+        ranked = [
+            (not sp, b, i) for b, batch in enumerate(batches) for i, sp in enumerate(batch.spread.tolist())
+        ]
+        chosen = sorted(sorted(ranked)[:n], key=lambda x: (x[1], x[2]))
+        pieces, examples, offset = [], [], 0
+        for b, batch in enumerate(batches):
+            keep = [i for _, bb, i in chosen if bb == b]
+            if keep:
+                piece = batch.rows.groups(keep)
+                pieces.append(dataclasses.replace(piece, group=piece.group + offset))
+                examples += [batch.examples[i] for i in keep]
+                offset += len(keep)
+        rows = cat_rows(pieces, self.tokenizer.pad_token_id)
+        spread = torch.tensor([not z for z, _, _ in chosen])
+        stats["dynamic_sampling_batches"] = len(batches)
+        stats.update(rollout_stats(rows, spread))
+        # the reward functions' extra columns are per sampled batch, not per chosen group: left out
+        return Groups(examples, rows, spread, stats, {})
+
+    def sample_groups(self, model, examples: list[Example], plan: Plan, step: int) -> Groups:
+        """Each prompt's group: ``plan.rollouts`` completions sampled from ``model`` (``decoder()``'s), then
+        ``plan.offpolicy`` copies of its demonstration; all scored, advantages computed over the whole group."""
+        c, g = self.config, self.config.grpo
+        device = self.accelerator.device
+        prompts = render_prompts(self.tokenizer, self.task, examples, c.model.chat_template_kwargs)
+        n, r, k = len(examples), plan.rollouts, plan.offpolicy
+        per_call = (
+            n if not g.generation_batch_size else max(1, g.generation_batch_size // r)
+        )  # prompts a call
+        stops = torch.tensor(self.stop_ids, device=device)
+        stats: dict[str, float] = {}
+        with metrics.timer(stats, "rollout_seconds", device):
+            pieces = []
+            for start in range(0, n, per_call):  # the step's rollouts, generated in chunks
+                chunk = prompts[start : start + per_call]
+                roll = generate(
+                    model,
+                    self.tokenizer,
+                    chunk,
+                    num_generations=r,
+                    max_new_tokens=g.max_completion_length,
+                    max_prompt_length=g.max_prompt_length,
+                    temperature=g.temperature,
+                    top_p=g.top_p,
+                    backend=g.generation_backend,
+                    cuda_graphs=self.cuda_graphs,
+                    compile=g.torch_compile,
+                    **g.generation_kwargs,
+                )  # [chunk x r] rows
+                ended = (torch.isin(roll.completion_ids, stops) & roll.completion_mask.bool()).any(1)
+                cut = ~ended & (roll.completion_mask.sum(1) >= g.max_completion_length)  # [chunk x r]
+                pieces.append(
+                    rows_of_kind(
+                        roll.prompt_ids,
+                        roll.prompt_mask,
+                        roll.completion_ids,
+                        roll.completion_mask,
+                        roll.texts,
+                        ROLLOUT,
+                        [start + i for i in range(len(chunk)) for _ in range(r)],
+                        sampler_logprobs=roll.logprobs,
+                        truncated=cut,
+                    )
+                )
+            rows = cat_rows(pieces, self.tokenizer.pad_token_id)
+        if k:  # the prompt's demonstration k times after its rollouts, with the same prompt tokens: one group
+            targets = [self.task.target(ex) for ex in examples]
+            ids, mask = encode_targets(self.tokenizer, targets, g.max_completion_length, device)  # [n, t]
+            texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)  # judged as trained: maybe cut
+            demos = rows_of_kind(
+                *(
+                    x.repeat_interleave(k, 0)
+                    for x in (rows.prompt_ids[::r], rows.prompt_mask[::r], ids, mask)
+                ),
+                [t for t in texts for _ in range(k)],
+                OFFPOLICY,
+                [i for i in range(n) for _ in range(k)],
+            )
+            merged = cat_rows([rows, demos], self.tokenizer.pad_token_id)
+            rows = merged.select(torch.argsort(merged.group * 2 + (merged.kind == OFFPOLICY), stable=True))
+        grouped = [ex for ex in examples for _ in range(r + k)]
+        scores = score_all(self.task, rows.texts, grouped)
+        lengths = rows.completion_mask.sum(1)  # [B]
+        call = RewardCall(
+            prompts=[self.task.messages(ex) for ex in grouped],
+            texts=rows.texts,
+            completion_ids=[
+                ids[:length].tolist() for ids, length in zip(rows.completion_ids, lengths.tolist())
+            ],
+            trainer_state=TrainerState(global_step=step - 1, max_steps=c.steps),
+        )
+        values, reward_stats = self.rewards.score(scores, call, grouped)
+        rewards = torch.tensor(values, dtype=torch.float32, device=device)  # [B]; NaN: no function scored it
+        if g.overlong_buffer_len:  # DAPO's soft overlong penalty on the sampled rows
+            expected = g.max_completion_length - g.overlong_buffer_len
+            excess = (lengths.float() - expected).clamp(min=0) / g.overlong_buffer_len
+            penalty = -g.overlong_penalty_factor * excess * (rows.kind == ROLLOUT)
+            rewards = rewards + penalty
+            reward_stats["overlong_penalty"] = penalty[rows.kind == ROLLOUT].mean().item()
+        scale = plan.scale_rewards or g.scale_rewards
+        advantages, zero_spread = group_advantages(rewards, r + k, g.advantage, scale)
+        rows = dataclasses.replace(
+            rows,
+            rewards=rewards,
+            advantages=advantages,
+            correct=torch.tensor([s.correct for s in scores], dtype=torch.bool, device=device),
+            formatted=torch.tensor([s.formatted for s in scores], dtype=torch.bool, device=device),
+        )
+        return Groups(examples, rows, ~zero_spread, {**stats, **reward_stats}, call.extra)
+
+
+def rollout_stats(rows: Rows, spread: torch.Tensor) -> dict[str, float]:
+    """Statistics of the step's sampled rows (a reward left out by every function is left out here)."""
+    on = rows.kind == ROLLOUT
+    rewards = rows.rewards[on]
+    scored = rewards[~rewards.isnan()]
+    lengths = rows.completion_mask[on].sum(1)
+    stats: dict[str, Any] = {
+        "reward_mean": scored.mean().item() if scored.numel() else math.nan,
+        "reward_std": scored.std().item() if scored.numel() > 1 else 0.0,
+        "accuracy": rows.correct[on].sum().item() / int(on.sum()),
+        "format_rate": rows.formatted[on].sum().item() / int(on.sum()),
+        "completion_length": lengths.float().mean().item(),
+        "completion_length_max": lengths.max().item(),
+        "clipped_ratio": rows.cut()[on].float().mean().item(),
+        "zero_spread_fraction": (~spread).float().mean().item(),
+    }
+    return stats
