@@ -37,14 +37,13 @@ from accelerate.utils import (
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from sasr import checkpoint, fsdp, metrics, models, trackers
-from sasr.batch import DEMO, KIND_NAMES, OFFPOLICY, ROLLOUT, Part, Plan, Rows
+from sasr import checkpoint, fsdp, models, trackers
+from sasr.batch import DEMO, KIND_NAMES, Plan, Rows
 from sasr.collect import Collector, demonstration_source
 from sasr.config import TrainConfig, to_yaml
 from sasr.errors import SasrError
 from sasr.eval.evaluate import GREEDY, evaluate, settings, summarise
-from sasr.logprobs import completion_logprobs
-from sasr.losses import PART_LOSSES, Norm, PartInputs, masked_mean
+from sasr.learner import Learner
 from sasr.methods import get_method
 from sasr.model_card import model_card
 from sasr.process import any_rank, on_stop_signals
@@ -57,17 +56,6 @@ log = logging.getLogger(__name__)
 
 # What an evaluation sample keeps (eval_completions.jsonl, with log_completions).
 EVAL_SAMPLE_KEYS = ("question", "completion", "reward", "correct", "formatted", "length")
-
-# The grpo settings the policy-gradient part takes (a part's options may override them).
-PG_SETTINGS = {
-    "beta",
-    "epsilon",
-    "epsilon_high",
-    "loss_type",
-    "max_completion_length",
-    "use_bias_correction_kl",
-    "importance_sampling_level",
-}
 
 
 @dataclass
@@ -227,6 +215,9 @@ class Trainer:
             self.model, self.optimizer = model, AcceleratedOptimizer(optimizer, device_placement=False)
         else:
             self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.learner = Learner(
+            c, self.model, self.optimizer, self.lr_scheduler, self.reference, acc, self.sharded
+        )
 
         self.eval_before: dict[str, float] | None = None
         self.seconds_before = 0.0  # wall time of the segments before a resume (a checkpoint holds it)
@@ -346,18 +337,18 @@ class Trainer:
                 if plan.prompts and (c.log_completions or c.num_completions_to_print):
                     self.log_completions(step, rows, parts, extra)
                 # 3. backward: one reference and one policy pass per micro-batch; 4. step (num_iterations times)
-                loss, grad_norm, finite, part_stats = self.update(plan, rows, parts, step)
-                stats.update(route, **part_stats)
-                probe = self.probe_sft_norm(step) if plan.probe else None
-                self.method.observe(plan, grad_norm if finite else None, probe)
+                update = self.learner.update(plan, rows, parts)
+                stats.update(route, **update.stats)
+                probe = self.learner.probe(self.collector.probe_rows(step)) if plan.probe else None
+                self.method.observe(plan, update.grad_norm if update.finite else None, probe)
                 if step == self.method.reference_step and c.grpo.reference == "warmup":
                     self.reference.snapshot()
-                nonfinite = 0 if finite else nonfinite + 1
+                nonfinite = 0 if update.finite else nonfinite + 1
 
-                record = self._record(plan, loss, grad_norm, stats, time.perf_counter() - t0)  # 5. log
+                record = self._record(plan, update.loss, update.grad_norm, stats, time.perf_counter() - t0)
                 if probe is not None:
                     record["probe_grad_norm"] = probe
-                if not finite:
+                if not update.finite:
                     record["skipped"] = True
                 if c.eval.every and step % c.eval.every == 0 and c.task.test_size:
                     if step == c.steps and c.eval.after:  # the final evaluation's greedy part is this one
@@ -405,22 +396,6 @@ class Trainer:
         acc.wait_for_everyone()
         return result
 
-    def optimizer_step(self, loss: float, step: int) -> tuple[float, bool]:
-        """Clip and update from the gradients ``backward`` accumulated. Returns the pre-clip global gradient norm
-        (read after the DDP all-reduce: the number SASR's p_t is computed from) and whether loss and norm were
-        finite; if not, the update is skipped."""
-        c, acc = self.config, self.accelerator
-        max_norm = c.optim.max_grad_norm if c.optim.max_grad_norm is not None else math.inf
-        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
-        # Every rank skips or takes the update together (a rank's own loss may be non-finite alone).
-        finite = not any_rank(acc, not (math.isfinite(grad_norm) and math.isfinite(loss)))
-        if finite:
-            self.optimizer.step()
-        else:
-            log.warning("step %d: non-finite loss or gradient norm; update skipped", step)
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm, finite
-
     def _on_signal(self, name: str) -> None:
         """SIGTERM / SIGINT: finish the current step, save a checkpoint, stop (see ``_stop_requested``)."""
         self.stop_signal = name
@@ -430,180 +405,6 @@ class Trainer:
         return (self.stop_signal or "SIGTERM") if any_rank(self.accelerator, bool(self.stop_signal)) else None
 
     # --- the rows of a step, and its loss ---------------------------------------------------------------
-
-    def micro_batches(self, rows: Rows) -> list[torch.Tensor]:
-        """The step's rows in ``gradient_accumulation_steps`` micro-batches [b] (indices): demonstrations and
-        RL prompts (each with its whole group and own demonstrations) shared out evenly, in order."""
-        a = self.config.gradient_accumulation_steps
-        if a == 1:
-            return [torch.arange(len(rows), device=rows.kind.device)]
-        alone = rows.group < 0  # demonstrations of no prompt
-        order = torch.cumsum(alone.long(), 0) - 1  # [B]: index among them
-        n_alone, n_groups = int(alone.sum()), int(rows.group.max()) + 1 if (~alone).any() else 0
-        chunk = torch.where(
-            alone, order * a // max(n_alone, 1), rows.group.clamp(min=0) * a // max(n_groups, 1)
-        )  # [B] in 0..a-1
-        return [ix for i in range(a) if len(ix := (chunk == i).nonzero().squeeze(1))]
-
-    def update(self, plan: Plan, rows: Rows, parts, step: int) -> tuple[float, float, bool, dict[str, float]]:
-        """Backward over the step's micro-batches, then one optimizer update; ``grpo.num_iterations`` updates on
-        a step with rollouts, the ratio taken against the policy that sampled them (pi_old, the first
-        iteration's log-probs). Returns the first update's loss and gradient norm (the norm SASR reads),
-        whether every update was finite, and the statistics (clip_fraction: the mean over updates)."""
-        micro, norms = self._pieces(rows, parts)
-        cache: list[dict[str, torch.Tensor]] = [{} for _ in micro]  # per micro-batch: reference, pi_old
-        iterations = self.config.grpo.num_iterations if plan.prompts else 1
-        first: tuple[float, float] | None = None
-        finite_all, sums = True, {}
-        for _ in range(iterations):
-            loss, stats = self.backward(plan, rows, parts, micro, norms, cache)
-            grad_norm, finite = self.optimizer_step(loss, step)
-            finite_all &= finite
-            first = first or (loss, grad_norm)
-            metrics.combine(sums, stats, iterations, "iterations")
-        self.lr_scheduler.step()
-        if iterations > 1:
-            sums["num_iterations"] = iterations
-        return first[0], first[1], finite_all, sums
-
-    def _pieces(self, rows: Rows, parts) -> tuple[list[torch.Tensor], dict[str, Norm]]:
-        """The step's micro-batches, and the whole-step divisors of each part's loss when the step is computed
-        in pieces (several micro-batches or processes; none when it is one piece)."""
-        micro = self.micro_batches(rows)
-        pieces = len(micro) > 1 or self.accelerator.num_processes > 1
-        return micro, self._norms(rows, parts) if pieces else {}
-
-    def backward(
-        self,
-        plan: Plan,
-        rows: Rows,
-        parts,
-        micro: list[torch.Tensor],
-        norms: dict[str, Norm],
-        cache: list[dict],
-    ) -> tuple[float, dict[str, float]]:
-        """Forward and backward over each micro-batch, the gradients all-reduced once, at the last. Returns the
-        step's loss and statistics (the loss parts and timings add up; other numbers average)."""
-        acc = self.accelerator
-        loss, stats = 0.0, {}
-        for m, idx in enumerate(micro):
-            last = m == len(micro) - 1
-            with contextlib.nullcontext() if last else self.no_sync():
-                part_loss, micro_stats = self.loss(plan, rows, parts, idx, norms, cache[m])
-                acc.backward(part_loss)
-            loss += part_loss.item()
-            metrics.combine(stats, micro_stats, len(micro), "micro")
-        return loss, stats
-
-    def no_sync(self) -> contextlib.AbstractContextManager:
-        """Within this block backward accumulates gradients without reducing them across processes."""
-        return fsdp.no_sync(self.model) if self.sharded else self.accelerator.no_sync(self.model)
-
-    def _norms(self, rows: Rows, parts) -> dict[str, Norm]:
-        """Each part's row count on this process and completion-token count over every process (one all-reduce),
-        the divisors of its loss when its rows are computed in micro-batches or on several processes."""
-        mask = self._loss_mask(rows)
-        local = torch.tensor(
-            [float((mask[p.rows]).sum()) for p in parts], device=self.accelerator.device, dtype=torch.float64
-        )
-        total = (
-            self.accelerator.reduce(local, reduction="sum") if self.accelerator.num_processes > 1 else local
-        )
-        n = self.accelerator.num_processes
-        return {p.name: Norm(int(p.rows.sum()), float(t) / n) for p, t in zip(parts, total.tolist())}
-
-    def _loss_mask(self, rows: Rows) -> torch.Tensor:
-        """[B, T]: the tokens that carry loss (with mask_truncated_completions, none of a cut rollout's)."""
-        if not self.config.grpo.mask_truncated_completions:
-            return rows.completion_mask
-        return rows.completion_mask * (~rows.cut())[:, None].to(rows.completion_mask.dtype)
-
-    def loss(
-        self, plan: Plan, rows: Rows, parts, idx: torch.Tensor, norms: dict[str, Norm], cache: dict
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Sum of the weighted part losses over the micro-batch ``idx`` of the step's rows, from one reference
-        pass (over its rollouts, once: cached) and one policy pass (over every row). The policy pass samples at
-        the rollouts' temperature when the step has any."""
-        g = self.config.grpo
-        full = len(idx) == len(rows)
-        sub = rows if full else rows.select(idx)
-        T = sub.completion_ids.size(1)
-        temperature = g.temperature if plan.prompts else 1.0
-        on = sub.kind == ROLLOUT
-        stats: dict[str, float] = {}
-        on_rows = on.nonzero().squeeze(1)
-        if plan.rollouts and len(on_rows) and "ref" not in cache:
-            # The reference pass comes first: it may swap weights in place, which must not touch a live graph.
-            t_reference = metrics.now(self.accelerator.device)
-            ref_rows = sub if len(on_rows) == len(sub) else sub.select(on_rows)
-            with self.accelerator.autocast():
-                cache["ref"] = self.reference.logprobs(
-                    ref_rows.input_ids, ref_rows.attention_mask, T, temperature
-                )  # [b, T] rollouts
-            stats["reference_seconds"] = metrics.now(self.accelerator.device) - t_reference
-        ref = cache.get("ref")
-        t_policy = metrics.now(self.accelerator.device)
-        # The G rows of a prompt share one pass over it (completion_logprobs finds them).
-        logps, entropy = completion_logprobs(
-            self.model, sub.input_ids, sub.attention_mask, T, temperature, with_entropy=bool(plan.prompts)
-        )  # [b, T]
-        if plan.prompts and "old" not in cache and g.num_iterations > 1:
-            cache["old"] = logps.detach()  # pi_old: the weights that sampled the rollouts
-        ref_logps = None  # [b, T]: the reference on rollout rows; elsewhere the policy itself (KL 0)
-        if ref is not None:
-            ref_logps = ref if len(on_rows) == len(sub) else logps.detach().index_copy(0, on_rows, ref)
-        if plan.prompts:
-            stats["policy_forward_seconds"] = metrics.now(self.accelerator.device) - t_policy
-            mask = sub.completion_mask * on[:, None].to(sub.completion_mask.dtype)
-            stats["entropy"] = masked_mean(entropy, mask).item()
-            if (
-                ref_logps is not None
-            ):  # k3 KL to the reference over every rollout, whichever part trains on it
-                delta = ref_logps - logps.detach()
-                stats["kl"] = masked_mean(torch.exp(delta) - delta - 1, mask).item()
-            if sub.sampler_logprobs is not None:  # how far the sampler's numbers are from the learner's
-                gap = (logps.detach() - sub.sampler_logprobs).abs()
-                stats["sampler_logprob_gap"] = masked_mean(gap, mask).item()
-        total = None
-        grpo_settings = g.model_dump(include=PG_SETTINGS)
-        loss_mask = self._loss_mask(sub)
-        old = cache.get("old")
-        for part in parts:
-            rows_in = part.rows if full else part.rows[idx]
-            pidx = rows_in.nonzero().squeeze(1)  # [b]
-            x = PartInputs(
-                logps[pidx],
-                loss_mask[pidx],
-                None if entropy is None else entropy[pidx],
-                None if ref_logps is None else ref_logps[pidx],
-                sub.advantages[pidx].nan_to_num(0.0),  # a row no reward function scored: no advantage
-                sub.kind[pidx] == OFFPOLICY,
-                sub.correct[pidx],
-                old_logps=None if old is None else old[pidx],
-                norm=norms.get(part.name),
-            )
-            options = {**grpo_settings, **part.options} if part.loss == "pg" else part.options
-            out = PART_LOSSES[part.loss](x, **options)
-            term = out.loss if part.weight == 1.0 else part.weight * out.loss
-            total = term if total is None else total + term
-            stats.update(out.stats)
-            if len(parts) > 1:
-                stats[f"loss/{part.name}"] = out.loss.item()
-                stats[f"weight/{part.name}"] = part.weight
-        return total, stats
-
-    def probe_sft_norm(self, step: int) -> float | None:
-        """SASR's probe: the SFT gradient norm on a step's worth of demonstrations (the SFT steps' batch, in
-        their micro-batches and normalisation), the weights left as they are."""
-        c, acc = self.config, self.accelerator
-        rows = self.collector.probe_rows(step)
-        n = c.sft.batch_size * c.gradient_accumulation_steps
-        plan, parts = Plan(step, "sft", demos=n), [Part("sft", "nll", torch.ones_like(rows.correct))]
-        micro, norms = self._pieces(rows, parts)
-        self.backward(plan, rows, parts, micro, norms, [{} for _ in micro])
-        norm = float(acc.clip_grad_norm_(self.model.parameters(), math.inf))
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm if math.isfinite(norm) else None
 
     @contextlib.contextmanager
     def decoder(self):

@@ -1,0 +1,279 @@
+"""One optimizer update from a step's rows and the method's parts: the rows in micro-batches, each part's
+whole-step divisors, one reference pass and one policy pass per micro-batch, the weighted part losses,
+backward (gradients reduced across processes once, at the last micro-batch), clip, finite check, step.
+An update out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+
+from sasr import fsdp, metrics
+from sasr.batch import OFFPOLICY, ROLLOUT, Part, Plan, Rows
+from sasr.config import TrainConfig
+from sasr.logprobs import completion_logprobs
+from sasr.losses import PART_LOSSES, Norm, PartInputs, masked_mean
+from sasr.process import any_rank
+from sasr.reference import ReferencePolicy
+
+log = logging.getLogger(__name__)
+
+# The grpo settings the policy-gradient part takes (a part's options may override them).
+PG_SETTINGS = {
+    "beta",
+    "epsilon",
+    "epsilon_high",
+    "loss_type",
+    "max_completion_length",
+    "use_bias_correction_kl",
+    "importance_sampling_level",
+}
+
+
+@dataclass(frozen=True)
+class Passes:
+    """What a step's training passes do, decided once from its plan."""
+
+    temperature: float  # the policy and the reference read the rollouts at the sampler's temperature
+    rollouts: bool  # the step has RL prompts: entropy, KL and the sampler gap are measured on them
+    reference: bool  # a reference pass over the step's sampled rows
+    iterations: int  # updates on these rows; above 1, ratios against the first one's log-probs (pi_old)
+
+
+def passes(plan: Plan, config: TrainConfig) -> Passes:
+    """The passes a step of ``plan`` needs."""
+    g, rollouts = config.grpo, bool(plan.prompts)
+    return Passes(
+        temperature=g.temperature if rollouts else 1.0,
+        rollouts=rollouts,
+        reference=bool(plan.rollouts),
+        iterations=g.num_iterations if rollouts else 1,
+    )
+
+
+SFT_PASSES = Passes(temperature=1.0, rollouts=False, reference=False, iterations=1)
+
+
+@dataclass
+class Update:
+    """What one step's update did: the first update's loss and pre-clip gradient norm (the norm SASR reads),
+    whether every update was finite (if not, it was skipped), and the passes' statistics."""
+
+    loss: float
+    grad_norm: float
+    finite: bool
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def micro_batches(rows: Rows, accumulation: int) -> list[torch.Tensor]:
+    """The step's rows in ``accumulation`` micro-batches [b] (indices): demonstrations and RL prompts (each
+    with its whole group and own demonstrations) shared out evenly, in order; empty ones left out."""
+    if accumulation == 1:
+        return [torch.arange(len(rows), device=rows.kind.device)]
+    alone = rows.group < 0  # demonstrations of no prompt
+    order = torch.cumsum(alone.long(), 0) - 1  # [B]: index among them
+    n_alone, n_groups = int(alone.sum()), int(rows.group.max()) + 1 if (~alone).any() else 0
+    chunk = torch.where(
+        alone,
+        order * accumulation // max(n_alone, 1),
+        rows.group.clamp(min=0) * accumulation // max(n_groups, 1),
+    )  # [B] in 0..accumulation-1
+    return [ix for i in range(accumulation) if len(ix := (chunk == i).nonzero().squeeze(1))]
+
+
+def loss_mask(rows: Rows, mask_truncated: bool) -> torch.Tensor:
+    """[B, T]: the tokens that carry loss (with mask_truncated_completions, none of a cut rollout's)."""
+    if not mask_truncated:
+        return rows.completion_mask
+    return rows.completion_mask * (~rows.cut())[:, None].to(rows.completion_mask.dtype)
+
+
+class Learner:
+    """Takes a step's update on ``model`` with ``optimizer`` and ``lr_scheduler``."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model,
+        optimizer,
+        lr_scheduler,
+        reference: ReferencePolicy,
+        accelerator: Accelerator,
+        sharded: bool,
+    ) -> None:
+        self.config, self.model, self.optimizer, self.lr_scheduler = config, model, optimizer, lr_scheduler
+        self.reference, self.accelerator, self.sharded = reference, accelerator, sharded
+
+    def update(self, plan: Plan, rows: Rows, parts: list[Part]) -> Update:
+        """Backward over the step's micro-batches, then one optimizer update; ``grpo.num_iterations`` updates on
+        a step with rollouts, the ratio taken against the policy that sampled them (pi_old, the first
+        iteration's log-probs). Statistics: timings add up over updates, the rest average (``sasr.metrics``)."""
+        how = passes(plan, self.config)
+        micro, norms = self.pieces(rows, parts)
+        cache: list[dict[str, torch.Tensor]] = [{} for _ in micro]  # per micro-batch: reference, pi_old
+        first: Update | None = None
+        finite_all, stats = True, {}
+        for _ in range(how.iterations):
+            loss, piece = self.backward(how, rows, parts, micro, norms, cache)
+            grad_norm, finite = self.optimizer_step(loss, plan.step)
+            finite_all &= finite
+            first = first or Update(loss, grad_norm, finite)
+            metrics.combine(stats, piece, how.iterations, "iterations")
+        self.lr_scheduler.step()
+        if how.iterations > 1:
+            stats["num_iterations"] = how.iterations
+        return Update(first.loss, first.grad_norm, finite_all, stats)
+
+    def probe(self, rows: Rows) -> float | None:
+        """The SFT gradient norm of ``rows`` (demonstrations, as an SFT step computes them), the weights left as
+        they are; None if it is not finite."""
+        parts = [Part("sft", "nll", torch.ones_like(rows.correct))]
+        micro, norms = self.pieces(rows, parts)
+        self.backward(SFT_PASSES, rows, parts, micro, norms, [{} for _ in micro])
+        norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), math.inf))
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm if math.isfinite(norm) else None
+
+    def optimizer_step(self, loss: float, step: int) -> tuple[float, bool]:
+        """Clip and update from the gradients ``backward`` accumulated. Returns the pre-clip global gradient norm
+        (read after the DDP all-reduce: the number SASR's p_t is computed from) and whether loss and norm were
+        finite; if not, the update is skipped."""
+        c, acc = self.config, self.accelerator
+        max_norm = c.optim.max_grad_norm if c.optim.max_grad_norm is not None else math.inf
+        grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
+        # Every rank skips or takes the update together (a rank's own loss may be non-finite alone).
+        finite = not any_rank(acc, not (math.isfinite(grad_norm) and math.isfinite(loss)))
+        if finite:
+            self.optimizer.step()
+        else:
+            log.warning("step %d: non-finite loss or gradient norm; update skipped", step)
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, finite
+
+    def pieces(self, rows: Rows, parts: list[Part]) -> tuple[list[torch.Tensor], dict[str, Norm]]:
+        """The step's micro-batches, and the whole-step divisors of each part's loss when the step is computed
+        in pieces (several micro-batches or processes; none when it is one piece)."""
+        micro = micro_batches(rows, self.config.gradient_accumulation_steps)
+        in_pieces = len(micro) > 1 or self.accelerator.num_processes > 1
+        return micro, self.norms(rows, parts) if in_pieces else {}
+
+    def norms(self, rows: Rows, parts: list[Part]) -> dict[str, Norm]:
+        """Each part's row count on this process and completion-token count over every process (one all-reduce),
+        the divisors of its loss when its rows are computed in micro-batches or on several processes."""
+        acc, mask = self.accelerator, loss_mask(rows, self.config.grpo.mask_truncated_completions)
+        local = torch.tensor(
+            [float((mask[p.rows]).sum()) for p in parts], device=acc.device, dtype=torch.float64
+        )
+        total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
+        return {
+            p.name: Norm(int(p.rows.sum()), float(t) / acc.num_processes)
+            for p, t in zip(parts, total.tolist())
+        }
+
+    def backward(
+        self,
+        how: Passes,
+        rows: Rows,
+        parts: list[Part],
+        micro: list[torch.Tensor],
+        norms: dict[str, Norm],
+        cache: list[dict],
+    ) -> tuple[float, dict[str, float]]:
+        """Forward and backward over each micro-batch, the gradients all-reduced once, at the last. Returns the
+        step's loss and statistics (the loss parts and timings add up; other numbers average)."""
+        loss, stats = 0.0, {}
+        for m, idx in enumerate(micro):
+            last = m == len(micro) - 1
+            with contextlib.nullcontext() if last else self.no_sync():
+                part_loss, piece = self.loss(how, rows, parts, idx, norms, cache[m])
+                self.accelerator.backward(part_loss)
+            loss += part_loss.item()
+            metrics.combine(stats, piece, len(micro), "micro")
+        return loss, stats
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Within this block backward accumulates gradients without reducing them across processes."""
+        return fsdp.no_sync(self.model) if self.sharded else self.accelerator.no_sync(self.model)
+
+    def loss(
+        self,
+        how: Passes,
+        rows: Rows,
+        parts: list[Part],
+        idx: torch.Tensor,
+        norms: dict[str, Norm],
+        cache: dict,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Sum of the weighted part losses over the micro-batch ``idx`` of the step's rows, from one reference
+        pass (over its rollouts, once: cached) and one policy pass (over every row)."""
+        g, device = self.config.grpo, self.accelerator.device
+        full = len(idx) == len(rows)
+        sub = rows if full else rows.select(idx)
+        T = sub.completion_ids.size(1)
+        on = sub.kind == ROLLOUT
+        stats: dict[str, float] = {}
+        on_rows = on.nonzero().squeeze(1)
+        if how.reference and len(on_rows) and "ref" not in cache:
+            # The reference pass comes first: it may swap weights in place, which must not touch a live graph.
+            with metrics.timer(stats, "reference_seconds", device):
+                ref_rows = sub if len(on_rows) == len(sub) else sub.select(on_rows)
+                with self.accelerator.autocast():
+                    cache["ref"] = self.reference.logprobs(
+                        ref_rows.input_ids, ref_rows.attention_mask, T, how.temperature
+                    )  # [b, T] rollouts
+        ref = cache.get("ref")
+        t_policy = metrics.now(device)
+        # The G rows of a prompt share one pass over it (completion_logprobs finds them).
+        logps, entropy = completion_logprobs(
+            self.model, sub.input_ids, sub.attention_mask, T, how.temperature, with_entropy=how.rollouts
+        )  # [b, T]
+        if how.iterations > 1 and "old" not in cache:
+            cache["old"] = logps.detach()  # pi_old: the weights that sampled the rollouts
+        ref_logps = None  # [b, T]: the reference on rollout rows; elsewhere the policy itself (KL 0)
+        if ref is not None:
+            ref_logps = ref if len(on_rows) == len(sub) else logps.detach().index_copy(0, on_rows, ref)
+        if how.rollouts:
+            stats["policy_forward_seconds"] = metrics.now(device) - t_policy
+            mask = sub.completion_mask * on[:, None].to(sub.completion_mask.dtype)
+            stats["entropy"] = masked_mean(entropy, mask).item()
+            if (
+                ref_logps is not None
+            ):  # k3 KL to the reference over every rollout, whichever part trains on it
+                delta = ref_logps - logps.detach()
+                stats["kl"] = masked_mean(torch.exp(delta) - delta - 1, mask).item()
+            if sub.sampler_logprobs is not None:  # how far the sampler's numbers are from the learner's
+                gap = (logps.detach() - sub.sampler_logprobs).abs()
+                stats["sampler_logprob_gap"] = masked_mean(gap, mask).item()
+        total = None
+        grpo_settings = g.model_dump(include=PG_SETTINGS)
+        carries = loss_mask(sub, g.mask_truncated_completions)
+        old = cache.get("old")
+        for part in parts:
+            rows_in = part.rows if full else part.rows[idx]
+            pidx = rows_in.nonzero().squeeze(1)  # [b]
+            x = PartInputs(
+                logps[pidx],
+                carries[pidx],
+                None if entropy is None else entropy[pidx],
+                None if ref_logps is None else ref_logps[pidx],
+                sub.advantages[pidx].nan_to_num(0.0),  # a row no reward function scored: no advantage
+                sub.kind[pidx] == OFFPOLICY,
+                sub.correct[pidx],
+                old_logps=None if old is None else old[pidx],
+                norm=norms.get(part.name),
+            )
+            options = {**grpo_settings, **part.options} if part.loss == "pg" else part.options
+            out = PART_LOSSES[part.loss](x, **options)
+            term = out.loss if part.weight == 1.0 else part.weight * out.loss
+            total = term if total is None else total + term
+            stats.update(out.stats)
+            if len(parts) > 1:
+                stats[f"loss/{part.name}"] = out.loss.item()
+                stats[f"weight/{part.name}"] = part.weight
+        return total, stats
