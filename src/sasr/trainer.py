@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import math
 import os
 import resource
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +26,6 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import (
     DistributedDataParallelKwargs,
     ProjectConfiguration,
-    broadcast_object_list,
     gather_object,
     set_seed,
 )
@@ -40,7 +35,7 @@ from transformers import get_scheduler
 from sasr import checkpoint, fsdp, models, trackers
 from sasr.batch import DEMO, KIND_NAMES, Plan, Rows
 from sasr.collect import Collector, demonstration_source
-from sasr.config import TrainConfig, to_yaml
+from sasr.config import TrainConfig
 from sasr.errors import SasrError
 from sasr.eval.evaluate import GREEDY, evaluate, settings, summarise
 from sasr.learner import Learner
@@ -50,6 +45,7 @@ from sasr.process import any_rank, on_stop_signals
 from sasr.reference import ReferencePolicy
 from sasr.rewards import Rewards
 from sasr.rollout import stop_token_ids
+from sasr.run_dir import COMPLETIONS, EVAL_COMPLETIONS, METRICS, RunDir, resolve, strict
 from sasr.tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -74,27 +70,6 @@ class TrainingStopped(Exception):
     def __init__(self, step: int, signal_name: str, run_dir: Path) -> None:
         super().__init__(f"stopped by {signal_name} after step {step}; checkpoint saved")
         self.step, self.signal_name, self.run_dir = step, signal_name, run_dir
-
-
-def resolve_run_dir(config: TrainConfig, overwrite: bool, resume: bool, acc: Accelerator) -> Path:
-    """The run directory (identical on every rank), refused if it exists unless overwrite or resume."""
-    name = config.output_dir or f"runs/{config.method}-{config.task.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    name = broadcast_object_list([name])[0] if acc.num_processes > 1 else name  # one timestamp for all ranks
-    path = Path(name)
-    if path.exists() and not path.is_dir():
-        raise SasrError(f"output '{path}' is a file, not a directory; choose another --output")
-    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
-    try:  # a real write, removed at once: permissions alone do not say (root, read-only or virtual file systems)
-        os.rmdir(tempfile.mkdtemp(prefix=".sasr-write-check-", dir=parent))
-    except OSError as exc:
-        raise SasrError(
-            f"cannot write the run directory '{path}' in '{parent}' ({exc.strerror}); choose another --output"
-        ) from None
-    if not resume and path.exists() and any(path.iterdir()) and not overwrite:
-        raise SasrError(
-            f"output directory '{path}' already exists; pass --overwrite or choose another --output"
-        )
-    return path
 
 
 def apply_lora(model, config: TrainConfig):
@@ -160,7 +135,8 @@ class Trainer:
             raise SasrError(
                 "push_to_hub needs the network, but HF_HUB_OFFLINE is set; unset it or drop push_to_hub"
             )
-        self.run_dir = resolve_run_dir(c, overwrite, resume, acc)
+        self.run_dir = resolve(c, overwrite, resume, acc)
+        self.files = RunDir(self.run_dir, acc.is_main_process)
         resume_from = checkpoint.latest(self.run_dir) if resume else None
         self.task = get_task(c.task.name, **c.task.options())
         self.train_examples = self.task.examples("train", c.task.train_size, seed=c.seed)
@@ -230,20 +206,11 @@ class Trainer:
             self.load_state_dict(weights, state, resume_from)
         self.stop_signal: str | None = None
         if acc.is_main_process:
-            if not resume:
-                if self.run_dir.exists():
-                    shutil.rmtree(self.run_dir)
-                self.run_dir.mkdir(parents=True)
-                (self.run_dir / "config.yaml").write_text(
-                    to_yaml(c.model_copy(update={"output_dir": str(self.run_dir)}))
-                )
-            else:  # forget the lines of steps after the checkpoint: they are redone identically
-                for lines in ("metrics.jsonl", "completions.jsonl", "eval_completions.jsonl"):
-                    _truncate_metrics(self.run_dir / lines, self.start_step)
-                (self.run_dir / "config.yaml").write_text(to_yaml(c))
+            if resume:
+                self.files.reopen(c, self.start_step)
+            else:
+                self.files.create(c)
             self._write_status("running", step=self.start_step)
-            if c.logging_ranks:
-                (self.run_dir / "ranks").mkdir(exist_ok=True)
             trackers.start(acc, c.report_to, self.run_dir, c.model_dump(mode="json"), self.start_step)
         acc.wait_for_everyone()
 
@@ -390,7 +357,7 @@ class Trainer:
             if c.save_final:
                 self.save_final(result, whole)
             if c.push_to_hub:
-                self.push_to_hub()
+                self.files.push_to_hub(c.hub_model_id)
             self._write_summary(result)
             trackers.finish(acc)
         acc.wait_for_everyone()
@@ -443,11 +410,10 @@ class Trainer:
         if acc.num_processes > 1:
             records = gather_object(records)
         if c.log_completions and acc.is_main_process:  # the evaluation's greedy answers, as samples
-            with open(self.run_dir / "eval_completions.jsonl", "a") as f:
-                f.writelines(
-                    json.dumps({"eval": desc, "step": step, **{k: r[k] for k in EVAL_SAMPLE_KEYS}}) + "\n"
-                    for r in records
-                )
+            self.files.append(
+                EVAL_COMPLETIONS,
+                ({"eval": desc, "step": step, **{k: r[k] for k in EVAL_SAMPLE_KEYS}} for r in records),
+            )
         return summarise(records)
 
     def _record(self, plan: Plan, loss: float, grad_norm: float, stats: dict, seconds: float) -> dict:
@@ -501,14 +467,11 @@ class Trainer:
                 "state_mb": fsdp.held_bytes(self.model, self.optimizer) / 2**20,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
-            with open(self.run_dir / "ranks" / f"rank{self.accelerator.process_index}.jsonl", "a") as f:
-                f.write(json.dumps(line) + "\n")
+            self.files.append_rank(self.accelerator.process_index, line)
         if not self.accelerator.is_main_process:
             return
-        # Strict JSON: a non-finite number (a skipped step) is written as null.
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(clean, allow_nan=False) + "\n")
+        clean = strict(record)  # a non-finite number (a skipped step) is written as null
+        self.files.append(METRICS, [clean])
         trackers.log(self.accelerator, clean)
 
     def log_completions(self, step: int, rows: Rows, parts, extra: dict[str, list] | None = None) -> None:
@@ -544,8 +507,7 @@ class Trainer:
         if not acc.is_main_process:
             return
         if c.log_completions:
-            with open(self.run_dir / "completions.jsonl", "a") as f:
-                f.writelines(json.dumps(sample) + "\n" for sample in samples)
+            self.files.append(COMPLETIONS, samples)
             trackers.log_samples(acc, step, samples)
         for sample in samples[: c.num_completions_to_print]:
             tqdm.write(
@@ -569,34 +531,11 @@ class Trainer:
         return whole
 
     def save_final(self, result: RunResult, model: torch.nn.Module) -> None:
-        """DIR/final: a plain transformers folder (LoRA merged); DIR/adapter: the LoRA adapter alone; each with
-        its model card (README.md). ``model``: ``whole_model()``'s."""
-        final = self.run_dir / "final"
+        """DIR/final and, with LoRA, DIR/adapter, each with its model card. ``model``: ``whole_model()``'s."""
         card = functools.partial(
             model_card, self.config, result.counts, result.eval_before, result.eval_after
         )
-        if self.config.lora.enabled:
-            model.save_pretrained(self.run_dir / "adapter")
-            self.tokenizer.save_pretrained(self.run_dir / "adapter")
-            (self.run_dir / "adapter" / "README.md").write_text(
-                card(adapter=True)
-            )  # in place of peft's template
-            model = model.merge_and_unload()
-        model.config.use_cache = True
-        model.save_pretrained(final)
-        self.tokenizer.save_pretrained(final)
-        (final / "README.md").write_text(card())
-
-    def push_to_hub(self) -> None:
-        """Upload final/ (model, tokenizer, model card) to ``hub_model_id`` with huggingface_hub."""
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        repo = api.create_repo(self.config.hub_model_id or self.run_dir.name, exist_ok=True).repo_id
-        api.upload_folder(
-            repo_id=repo, folder_path=self.run_dir / "final", commit_message="sasr: final model"
-        )
-        log.warning("pushed %s to https://huggingface.co/%s", self.run_dir / "final", repo)
+        self.files.save_model(model, self.tokenizer, card, self.config.lora.enabled)
 
     def _write_status(self, status: str, **extra: Any) -> None:
         if not self.accelerator.is_main_process:
@@ -608,9 +547,7 @@ class Trainer:
             "device": acc.device.type,
             "threads": torch.get_num_threads(),
         }
-        (self.run_dir / "run.json").write_text(
-            json.dumps({"status": status, **extra, "segments": self.segments(), "distributed": how}, indent=2)
-        )
+        self.files.write_status(status, **extra, segments=self.segments(), distributed=how)
 
     def _write_summary(self, r: RunResult) -> None:
         summary = {
@@ -624,15 +561,6 @@ class Trainer:
             "seconds": r.seconds,
         }
         self._write_status("finished", **summary)
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep the metrics lines of steps up to ``last_step`` (a resumed run rewrites the later ones)."""
-    if path.exists():
-        lines = [
-            line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step
-        ]
-        path.write_text("".join(line + "\n" for line in lines))
 
 
 def train(

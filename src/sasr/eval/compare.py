@@ -35,6 +35,7 @@ from sasr.eval.report import markdown_table, plot_compare
 from sasr.eval.stats import paired_bootstrap
 from sasr.methods import METHODS
 from sasr.process import on_stop_signals
+from sasr.run_dir import finished, read_lines, read_status
 from sasr.tasks import get_task
 from sasr.trainer import Trainer
 
@@ -74,11 +75,6 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
-
-
-def _finished(run_dir: Path) -> bool:
-    status = run_dir / "run.json"
-    return status.exists() and json.loads(status.read_text()).get("status") == "finished"
 
 
 def _resumable(run_dir: Path, config: TrainConfig) -> bool:
@@ -282,7 +278,7 @@ def _trained(config: TrainConfig, output: Path, progress: bool, commit: str) -> 
     """Train the run (or continue it) unless it finished, evaluate its final model, write its summary."""
     run_dir = Path(config.output_dir)
     tree = config.model_dump(mode="json")
-    if _finished(run_dir):
+    if finished(run_dir):
         diff = _differences(build_config(run_dir / "config.yaml").model_dump(mode="json"), tree)
         if diff:
             raise SasrError(
@@ -297,8 +293,7 @@ def _trained(config: TrainConfig, output: Path, progress: bool, commit: str) -> 
         Trainer(config, overwrite=not resume, progress=progress, resume=resume).train()
     started = time.perf_counter()
     evals = evaluate_model(str(run_dir / "final"), config, config.seed, progress)
-    status = json.loads((run_dir / "run.json").read_text())
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    status, metrics = read_status(run_dir), read_lines(run_dir)
     summary = {"commit": commit, "config": tree, "run": status, "metrics": metrics, "eval": evals}
     summary["eval_seconds"] = time.perf_counter() - started
     return _write_summary(output / "summaries" / f"{run_dir.name}.json", summary)
@@ -335,7 +330,7 @@ def compare(
         pending = {
             f"{m}-s{s}": configs[m, s]
             for (m, s), summary in found.items()
-            if summary is None and not _finished(output / "runs" / f"{m}-s{s}")
+            if summary is None and not finished(output / "runs" / f"{m}-s{s}")
         }
         if jobs > 1 and pending:
             _train_in_parallel(pending, output, jobs, progress)

@@ -8,10 +8,11 @@ Plain HTML and CSS (no script, nothing fetched): it opens from the file system, 
 from __future__ import annotations
 
 import html
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from sasr.run_dir import COMPLETIONS, EVAL_COMPLETIONS, read_lines, read_status
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 72em; color: #222; }
@@ -25,14 +26,11 @@ details summary { cursor: pointer; color: #555; }
 """
 
 
-def _grouped(path: Path, key: str) -> dict[Any, list[dict[str, Any]]]:
-    """The JSON lines of ``path`` grouped by their ``key``, in order (empty if there is no file)."""
+def _grouped(run_dir: Path, name: str, key: str) -> dict[Any, list[dict[str, Any]]]:
+    """The JSON lines of the run's ``name`` grouped by their ``key``, in order (empty if there is no file)."""
     groups: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                groups[row[key]].append(row)
+    for row in read_lines(run_dir, name):
+        groups[row[key]].append(row)
     return groups
 
 
@@ -67,7 +65,7 @@ def write_html(run_dir: Path, per_step: int = 4) -> Path:
     """Write DIR/report/index.html (beside training.png, which ``plot_run`` draws) and return its path.
     ``per_step``: samples shown of each step, the best and the worst rewarded first."""
     run_dir = Path(run_dir)
-    status = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    status = read_status(run_dir)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>sasr run {html.escape(run_dir.name)}</title><style>{STYLE}</style></head><body>",
@@ -83,7 +81,7 @@ def write_html(run_dir: Path, per_step: int = 4) -> Path:
                 _table([(k, f"{v:.3f}" if isinstance(v, float) else v) for k, v in status[when].items()])
             )
     parts.append('<h2>Training curves</h2><img src="training.png" alt="training curves">')
-    steps = _grouped(run_dir / "completions.jsonl", "step")
+    steps = _grouped(run_dir, COMPLETIONS, "step")
     parts.append("<h2>What the model wrote</h2>")
     if not steps:
         parts.append("<p>No samples: train with <code>log_completions=true</code> to keep them.</p>")
@@ -99,7 +97,7 @@ def write_html(run_dir: Path, per_step: int = 4) -> Path:
             f"{sum(rewards) / len(rewards):.3f}; {len(shown)} shown (best and worst rewarded)</p>"
         )
         parts += [_sample(s) for s in shown]
-    evals = _grouped(run_dir / "eval_completions.jsonl", "eval")
+    evals = _grouped(run_dir, EVAL_COMPLETIONS, "eval")
     if evals:
         parts.append("<h2>Held-out answers (greedy)</h2>")
     for desc, answers in evals.items():

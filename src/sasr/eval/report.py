@@ -16,15 +16,10 @@ from typing import Any
 from matplotlib.figure import Figure  # figures drawn straight to files: no pyplot, no display backend
 from matplotlib.patches import Patch
 
+from sasr.run_dir import read_lines, read_status
+
 PHASE_COLOURS = {"sft": "#4C72B0", "grpo": "#DD8452", "mixed": "#55A868"}
 Series = dict[str, list[tuple[float, float]]]
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def series(rows: Sequence[dict], key: str, fn=None) -> list[tuple[float, float]]:
@@ -98,7 +93,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
     p_t and drift, CHORD's mu, HPT's routed fraction...), KL, held-out accuracy; every panel carries the phase
     strip. Returns {figure: series}."""
     run_dir = Path(run_dir)
-    rows = read_metrics(run_dir)
+    rows = read_lines(run_dir)
     method = run_method(run_dir)
     out_dir = Path(out_dir or run_dir / "report")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +222,7 @@ def write_run_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     plot_run(run_dir)
     write_html(run_dir)
-    status = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    status = read_status(run_dir)
     lines = [f"# Run {run_dir.name}", "", f"status: {status.get('status', 'unknown')}", ""]
     for key in ("method", "task", "model", "steps", "sft_steps", "grpo_steps", "seconds"):
         if key in status:
