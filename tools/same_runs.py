@@ -61,6 +61,11 @@ def level_reward(prompts, completions, log_extra, log_metric, **kw):
     log_extra("length_seen", [len(c) for c in completions])
     log_metric("mean_length_reward", sum(values) / len(values))
     return values
+
+
+def half_scored(completions, **kw):
+    """Scores every other completion; the rest get no reward (NaN in the samples, no advantage)."""
+    return [None if i % 2 else min(len(c), 40) / 40 for i, c in enumerate(completions)]
 '''
 
 
@@ -101,6 +106,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
         "one",
         ["--method", "luffy", "--reward", "same_runs_rewards:level_reward", "--reward", "task"],
     ),
+    "grpo-unscored": ("one", ["--method", "grpo", "--reward", "same_runs_rewards:half_scored"]),
     "chord-demos-task": (
         "one",
         ["--method", "chord", *_sets("demos.task=arithmetic", "demos.train_size=32")],
@@ -196,7 +202,8 @@ def train(tree: Path, label: str, case: str, out: Path, baseline_runs: Path | No
 def jsonl(path: Path, drop: set[str] = frozenset()) -> list[dict]:
     if not path.exists():
         return []
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x]
+    # NaN, Infinity kept as their text: equal files compare equal (nan != nan), and NaN is not null
+    rows = [json.loads(x, parse_constant=str) for x in path.read_text().splitlines() if x]
     return [{k: v for k, v in r.items() if k not in drop and not k.endswith("_seconds")} for r in rows]
 
 
@@ -208,7 +215,7 @@ def tensors(obj, prefix: str = "") -> dict[str, object]:
             prefix: (
                 str(t.dtype),
                 tuple(t.shape),
-                t.view(torch.uint8).numpy().tobytes() if t.numel() else b"",
+                t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"",
             )
         }
     if isinstance(obj, dict):
