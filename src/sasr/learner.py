@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
+from transformers import get_scheduler
 
 from sasr import fsdp, metrics
 from sasr.batch import OFFPOLICY, ROLLOUT, Part, Plan, Rows
@@ -92,6 +93,24 @@ def loss_mask(rows: Rows, mask_truncated: bool) -> torch.Tensor:
     if not mask_truncated:
         return rows.completion_mask
     return rows.completion_mask * (~rows.cut())[:, None].to(rows.completion_mask.dtype)
+
+
+def make_optimizer(model, config: TrainConfig):
+    """AdamW over the trainable parameters and its learning-rate schedule over ``config.steps``."""
+    o = config.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    # torch's fused kernel: one pass per tensor, the same update up to float rounding (docs/performance.md).
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=o.learning_rate,
+        betas=(o.adam_beta1, o.adam_beta2),
+        weight_decay=o.weight_decay,
+        fused=True,
+    )
+    scheduler = get_scheduler(
+        o.lr_scheduler_type, optimizer, num_warmup_steps=o.lr_warmup_steps, num_training_steps=config.steps
+    )
+    return optimizer, scheduler
 
 
 class Learner:

@@ -12,12 +12,18 @@ function's ``log_metric`` may not take a registered name (``rewards.Rewards`` re
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from sasr.batch import Plan
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,51 @@ def timer(stats: dict[str, float], name: str, device: torch.device) -> Iterator[
     start = now(device)
     yield
     stats[name] = now(device) - start
+
+
+def record(
+    acc: Accelerator, plan: Plan, loss: float, grad_norm: float, lr: float, stats: dict, seconds: float
+) -> dict[str, Any]:
+    """A step's metrics line: its plan's keys, the loss, and ``stats`` combined over ranks."""
+    # Mean of each statistic over ranks. The plan, and so sasr's own keys, is the same on every rank; a
+    # reward function's log_metric may name a number on some ranks only: the mean over those that have it.
+    keys = sorted(stats)
+    if acc.num_processes > 1:
+        keys = sorted({k for ks in gather_object([keys]) for k in ks})
+    values = torch.tensor(
+        [loss, *(stats.get(k, math.nan) for k in keys)], device=acc.device, dtype=torch.float64
+    )
+    if acc.num_processes > 1:
+        have = (~values.isnan()).double()
+        totals = acc.reduce(torch.cat([values.nan_to_num(0.0) * have, have]), reduction="sum")
+        n = len(values)
+        values = (totals[:n] / totals[n:]).tolist()  # NaN where no rank has the key
+    else:
+        values = values.tolist()
+    tokens = values[1 + keys.index("tokens")] * acc.num_processes  # the one metric summed over ranks
+    return {
+        "step": plan.step,
+        "phase": plan.phase,
+        "loss": values[0],
+        "grad_norm": grad_norm,
+        "lr": lr,
+        **{k: v for k, v in zip(keys, values[1:]) if k != "tokens"},
+        **plan.info,
+        "tokens": round(tokens),
+        "tokens_per_second": tokens / seconds,
+        "step_seconds": seconds,
+    }
+
+
+def postfix(line: dict[str, Any]) -> dict[str, str]:
+    """What the progress bar shows of a step's line."""
+    out = {"phase": line["phase"], "loss": f"{line['loss']:.3f}"}
+    if "p_t" in line:
+        out["p_t"] = f"{line['p_t']:.2f}"
+    if "reward_mean" in line:
+        out["reward"] = f"{line['reward_mean']:.2f}"
+        out["acc"] = f"{line['accuracy']:.2f}"
+    return out
 
 
 def table() -> str:

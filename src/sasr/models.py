@@ -9,16 +9,19 @@ Aliases:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
 
+from sasr import fsdp
 from sasr.errors import SasrError
 
 log = logging.getLogger(__name__)
@@ -206,3 +209,48 @@ def enable_activation_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_lora(model, lora):
+    """``model`` with peft LoRA adapters of the run's ``lora`` settings on ``lora.target_modules``."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+@contextlib.contextmanager
+def decoding(model) -> Iterator:
+    """The unwrapped ``model`` as the rollout engine decodes with it: its weights whole (gathered under FSDP)
+    and, under ``bf16``, called without the autocast accelerate wraps its forward in (the decode runs with the
+    weights as they are)."""
+    wrapped = model.__dict__.get("forward") if "_original_forward" in model.__dict__ else None
+    if wrapped is not None:
+        model.forward = model._original_forward
+    try:
+        with fsdp.gathered(model):
+            yield model
+    finally:
+        if wrapped is not None:
+            model.forward = wrapped
+
+
+def whole_model(model, config, sharded: bool, main: bool):
+    """The trained ``model`` (unwrapped) with its whole weights: itself, or under FSDP a copy built on the main
+    process from the gathered weights (None on the others; a collective). ``config``: the run's TrainConfig."""
+    if not sharded:
+        return model
+    weights = fsdp.full_state_dict(model)
+    if not main:
+        return None
+    whole = load_model(config.model.name, config.model.dtype)
+    if config.lora.enabled:
+        whole = apply_lora(whole, config.lora)
+    whole.load_state_dict(weights)
+    return whole

@@ -20,6 +20,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
+from sasr.batch import DEMO, KIND_NAMES, Part, Rows
 from sasr.config import TrainConfig, to_yaml
 from sasr.errors import SasrError
 
@@ -119,6 +120,36 @@ class RunDir:
         repo = api.create_repo(repo_id or self.path.name, exist_ok=True).repo_id
         api.upload_folder(repo_id=repo, folder_path=self.path / "final", commit_message="sasr: final model")
         log.warning("pushed %s to https://huggingface.co/%s", self.path / "final", repo)
+
+
+def completion_samples(
+    step: int, rank: int, rows: Rows, parts: list[Part], extra: dict[str, list], tokenizer
+) -> list[dict[str, Any]]:
+    """A step's group rows as ``completions.jsonl`` lines (TRL's log_completions). ``extra``: the columns
+    reward functions added with log_extra, one value per group row."""
+    grouped = (rows.kind != DEMO).nonzero().squeeze(1).tolist()
+    cut = rows.cut()
+    columns = {k: v for k, v in extra.items() if len(v) == len(grouped)}
+    return [
+        {
+            "step": step,
+            "rank": rank,
+            "group": int(rows.group[i]),
+            "kind": KIND_NAMES[int(rows.kind[i])],
+            "parts": [p.name for p in parts if p.rows[i]],
+            "prompt": tokenizer.decode(
+                rows.prompt_ids[i][rows.prompt_mask[i].bool()], skip_special_tokens=True
+            ),
+            "completion": rows.texts[i],
+            "reward": float(rows.rewards[i]),
+            "advantage": float(rows.advantages[i]),
+            "correct": bool(rows.correct[i]),
+            "formatted": bool(rows.formatted[i]),
+            "truncated": bool(cut[i]),
+            **{k: v[j] for k, v in columns.items()},
+        }
+        for j, i in enumerate(grouped)
+    ]
 
 
 def strict(line: dict[str, Any]) -> dict[str, Any]:
