@@ -28,7 +28,7 @@ from accelerate.utils import set_seed
 from sasr import models
 from sasr.checkpoint import is_run_dir
 from sasr.config import build_config
-from sasr.eval.evaluate import evaluate, settings, summarise
+from sasr.evaluate import evaluate, settings, summarise
 from sasr.process import keep_freed_memory
 from sasr.rollout.engine import RolloutEngine
 from sasr.tasks import get_task

@@ -17,9 +17,9 @@ import torch
 from sasr.checkpoint import complete_checkpoints
 from sasr.cli import main
 from sasr.config import TrainConfig
-from sasr.eval.compare import most_at_once, run_config, wall_seconds
-from sasr.eval.evaluate import distinct_n, majority_correct, mean_edit_distance, pass_at_k, summarise
-from sasr.eval.report import plot_compare
+from sasr.evaluate import distinct_n, majority_correct, mean_edit_distance, pass_at_k, summarise
+from sasr.experiments.compare import most_at_once, run_config, wall_seconds
+from sasr.experiments.report import plot_compare
 
 
 @pytest.mark.parametrize(
@@ -286,7 +286,7 @@ def test_eval_refuses_an_unknown_split_in_one_sentence(compared, capsys):
 
 
 def test_two_stage_baseline_gets_the_mean_of_sasrs_sft_steps_over_seeds():
-    from sasr.eval.compare import _sft_budget
+    from sasr.experiments.compare import _sft_budget
 
     summaries = {("sasr", s): {"run": {"sft_steps": n}} for s, n in [(1, 3), (2, 6), (3, 6)]}
     assert _sft_budget("sft-then-grpo", summaries, [1, 2, 3]) == 5
@@ -498,7 +498,7 @@ def test_compare_gives_the_two_stage_baseline_sasrs_sft_steps(tmp_path):
     """Equal SFT budget: sft-then-grpo switches after as many SFT steps as SASR took with the same seed."""
     import yaml
 
-    from sasr.eval.compare import _waves
+    from sasr.experiments.compare import _waves
 
     assert _waves(["sft-then-grpo", "grpo", "sasr"]) == [["grpo", "sasr"], ["sft-then-grpo"]]
     assert _waves(["sft-then-grpo", "grpo"]) == [["sft-then-grpo", "grpo"], []]
@@ -531,7 +531,7 @@ def test_compare_gives_the_two_stage_baseline_sasrs_sft_steps(tmp_path):
 
 
 def test_paired_bootstrap_on_cases_computed_by_hand():
-    from sasr.eval.stats import paired_bootstrap
+    from sasr.experiments.stats import paired_bootstrap
 
     # One seed, differences [0, 1]: a resample's mean is 0, 1/2 or 1 with probabilities 1/4, 1/2, 1/4, so
     # the 2.5% and 97.5% points are 0 and 1.

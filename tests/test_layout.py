@@ -8,8 +8,9 @@ from pathlib import Path
 SRC = Path(__file__).parent.parent / "src"
 
 
-def module_imports() -> dict[str, set[str]]:
-    """{module: the sasr modules it imports at module level} (imports inside functions run later)."""
+def module_imports(everywhere: bool = False) -> dict[str, set[str]]:
+    """{module: the sasr modules it imports at module level} (imports inside functions run later); with
+    ``everywhere``, inside functions too."""
     modules = {}
     for path in (SRC / "sasr").rglob("*.py"):
         name = ".".join(path.relative_to(SRC).with_suffix("").parts).removesuffix(".__init__")
@@ -17,7 +18,8 @@ def module_imports() -> dict[str, set[str]]:
     graph = {}
     for name, path in modules.items():
         found = set()
-        for node in ast.parse(path.read_text()).body:  # top level only
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree) if everywhere else tree.body:
             if isinstance(node, ast.Import):
                 found |= {a.name for a in node.names if a.name in modules}
             elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sasr"):
@@ -53,7 +55,7 @@ def test_no_import_cycles():
         "sasr.methods",
         "sasr.losses",
         "sasr.rollout.engine",
-        "sasr.eval.compare",
+        "sasr.experiments.compare",
     } <= graph.keys()
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the check can fail
@@ -63,7 +65,27 @@ def test_the_algorithm_loads_no_decoder():
     """Importing the loss module, the methods or the config loads nothing of the rollout engine."""
     code = (
         "import sys, sasr.losses, sasr.config, sasr.methods, sasr.logprobs, sasr.checkpoint; "
-        "print(sorted(m for m in sys.modules if m.startswith(('sasr.rollout', 'sasr.eval', 'sasr.trainer'))))"
+        "print(sorted(m for m in sys.modules if m.startswith(('sasr.rollout', 'sasr.experiments', 'sasr.evaluate', 'sasr.trainer'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def importers(graph: dict[str, set[str]], target: str) -> set[str]:
+    return {m for m, deps in graph.items() if any(d == target or d.startswith(target + ".") for d in deps)}
+
+
+def test_imports_point_one_way_loop_over_stages_over_evaluation():
+    """Only the experiment tools (and the CLI, and ``sasr.train``) import the trainer or the experiment tools;
+    the evaluation and the stages of a step import nothing above them."""
+    graph = module_imports(everywhere=True)
+    top = {"sasr", "sasr.cli"}
+    experiments = {m for m in graph if m.startswith("sasr.experiments")}
+    assert importers(graph, "sasr.trainer") <= top | experiments
+    assert importers(graph, "sasr.experiments") <= top | experiments
+    above = {"sasr.trainer", "sasr.cli", "sasr.experiments", "sasr.collect", "sasr.learner", "sasr.run_dir"}
+    for leaf in ("sasr.evaluate", "sasr.rewards", "sasr.metrics"):
+        assert not {d for d in graph[leaf] if any(d == a or d.startswith(a + ".") for a in above)}, leaf
+    for stage in ("sasr.collect", "sasr.learner", "sasr.run_dir", "sasr.metrics"):
+        assert importers({stage: graph[stage]}, "sasr.trainer") == set(), stage
+    assert importers({"a": {"sasr.trainer"}}, "sasr.trainer") == {"a"}  # the check can fail

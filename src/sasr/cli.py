@@ -145,7 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from sasr.checkpoint import is_run_dir
     from sasr.config import build_config, load_yaml
-    from sasr.eval.compare import evaluate_model
+    from sasr.experiments.compare import evaluate_model
 
     run = Path(args.model)
     is_run = is_run_dir(run)
@@ -211,7 +211,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from sasr.config import METHODS, build_config
     from sasr.errors import unknown
-    from sasr.eval.compare import compare
+    from sasr.experiments.compare import compare
     from sasr.trainer import TrainingStopped
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -262,7 +262,7 @@ def _report_parser(sub) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from sasr.eval.report import write_run_report
+    from sasr.experiments.report import write_run_report
 
     run = Path(args.run_dir)
     if not (run / "metrics.jsonl").is_file():

@@ -31,7 +31,7 @@ from sasr import checkpoint, fsdp, metrics, models, trackers
 from sasr.collect import Collector, demonstration_source
 from sasr.config import TrainConfig
 from sasr.errors import SasrError
-from sasr.eval.evaluate import GREEDY, evaluate, settings, summarise
+from sasr.evaluate import GREEDY, evaluate, settings, summarise
 from sasr.learner import Learner, make_optimizer
 from sasr.methods import get_method
 from sasr.model_card import model_card

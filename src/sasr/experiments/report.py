@@ -217,7 +217,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def write_run_report(run_dir: Path) -> Path:
     """DIR/report/: training.png, plots.json, report.md (the run's summary and a link to the figure) and
     index.html (the same with samples of what the model wrote, for a browser)."""
-    from sasr.eval.html_report import write_html
+    from sasr.experiments.html_report import write_html
 
     run_dir = Path(run_dir)
     plot_run(run_dir)

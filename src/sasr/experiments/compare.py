@@ -30,9 +30,9 @@ from tqdm.auto import tqdm
 from sasr import checkpoint, models
 from sasr.config import BOOKKEEPING_KEYS, TrainConfig, build_config, dotted, to_yaml
 from sasr.errors import SasrError
-from sasr.eval.evaluate import evaluate, settings, summarise
-from sasr.eval.report import markdown_table, plot_compare
-from sasr.eval.stats import paired_bootstrap
+from sasr.evaluate import evaluate, settings, summarise
+from sasr.experiments.report import markdown_table, plot_compare
+from sasr.experiments.stats import paired_bootstrap
 from sasr.methods import METHODS
 from sasr.process import on_stop_signals
 from sasr.run_dir import finished, read_lines, read_status
@@ -402,7 +402,7 @@ def assemble(
     e = base.eval
     timed = [x["run"] for x in summaries.values() if "eval_seconds" in x and x["run"]]
     return {
-        "command": command or "(Python API) sasr.eval.compare.compare",
+        "command": command or "(Python API) sasr.experiments.compare.compare",
         "task": base.task.name,
         "model": base.model.name,
         "steps": base.steps,
