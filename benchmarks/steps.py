@@ -61,6 +61,7 @@ def sasr_config(a, method: str, out: str) -> dict:
 
 
 def run_sasr(a, kind: str) -> tuple[list[float], list[dict[str, float]]]:
+    """Times ``Trainer.step``, the whole optimizer step as ``sasr train`` takes it."""
     from sasr.config import validate
     from sasr.trainer import Trainer
 
@@ -68,14 +69,15 @@ def run_sasr(a, kind: str) -> tuple[list[float], list[dict[str, float]]]:
         trainer = Trainer(validate(sasr_config(a, "grpo" if kind == "grpo" else "sft", out)), progress=False)
         times, pieces = [], []
         for step in range(1, a.warmup + a.steps + 1):
+            _sync(a)
             t0 = time.perf_counter()
-            loss, stats = trainer.grpo_step(step) if kind == "grpo" else trainer.sft_step(step)
-            t1 = time.perf_counter()
-            trainer.optimizer_step(loss, step)
+            line = trainer.step(step)
             _sync(a)
             times.append(time.perf_counter() - t0)
-            pieces.append({k: v for k, v in stats.items() if k.endswith("_seconds")})
-            pieces[-1]["backward_and_optimizer_seconds"] = time.perf_counter() - t1
+            timed = {k: v for k, v in line.items() if k.endswith("_seconds") and k != "step_seconds"}
+            # what the step's line does not time itself: backward, the optimizer, scoring, the rows' layout
+            timed["rest_seconds"] = times[-1] - sum(timed.values())
+            pieces.append(timed)
     return times[a.warmup :], pieces[a.warmup :]
 
 
@@ -274,7 +276,7 @@ def worker(a) -> None:
         return
     side, kind = a.worker.split("-")
     times, pieces = run_sasr(a, kind) if side == "sasr" else (run_trl(a, kind), [])
-    # sasr's step piece by piece (medians): rollout, reference and policy forward, backward + optimizer
+    # sasr's step piece by piece (medians): rollout, reference and policy forward, the rest (backward, optimizer)
     breakdown = {k: statistics.median(p[k] for p in pieces) for k in (pieces[0] if pieces else {})}
     result = {
         "times": times,
