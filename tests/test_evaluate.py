@@ -13,6 +13,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
+from helpers import read_metrics
 
 from sasr.checkpoint import complete_checkpoints
 from sasr.cli import main
@@ -327,10 +328,8 @@ def test_compare_jobs_trains_in_parallel_processes_with_the_same_results(compare
         assert (par / "runs" / f"{m}-s1.log").is_file()  # each run was its own `sasr train` process
         how = json.loads((par / "runs" / f"{m}-s1" / "run.json").read_text())["distributed"]
         assert how["threads"] == threads  # its share of the cores
-        ours = [json.loads(x) for x in (par / "runs" / f"{m}-s1" / "metrics.jsonl").read_text().splitlines()]
-        serial = [
-            json.loads(x) for x in (out / "runs" / f"{m}-s1" / "metrics.jsonl").read_text().splitlines()
-        ]
+        ours = read_metrics(par / "runs" / f"{m}-s1")
+        serial = read_metrics(out / "runs" / f"{m}-s1")
         assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in serial], rel=1e-5)
     a = json.loads((par / "results.json").read_text())["methods"]["sasr"]["per_seed"][0]["test"]
     b = json.loads((out / "results.json").read_text())["methods"]["sasr"]["per_seed"][0]["test"]
@@ -457,7 +456,7 @@ def test_compare_jobs_passes_sigterm_to_its_runs_and_continues_them(tmp_path):
     for n in names:
         stops = [int(x) for x in pattern.findall((out / "runs" / f"{n}.log").read_text())]
         assert len(stops) == 2 and stops[0] == first[n][0] < stops[1]
-        metrics = [json.loads(x) for x in (out / "runs" / n / "metrics.jsonl").read_text().splitlines()]
+        metrics = read_metrics(out / "runs" / n)
         assert [r["step"] for r in metrics] == list(range(1, stops[1] + 1))
 
 
@@ -490,7 +489,7 @@ def test_compare_in_one_process_stops_in_one_sentence_and_continues(tmp_path):
     run = out / "runs" / "sft-s1"
     # continued, not started over (which would have wiped the run directory and its first checkpoint)
     assert [p.name for p in complete_checkpoints(run)] == [f"step-{first:06d}", f"step-{second:06d}"]
-    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(run)
     assert first < second and [r["step"] for r in metrics] == list(range(1, second + 1))
 
 

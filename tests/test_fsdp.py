@@ -6,30 +6,20 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import ENV, accelerate_launch, assert_same_run, launched, read_metrics, two_gloo_ranks
 from safetensors.torch import load_file
-from test_losses import two_gloo_ranks
-from test_reliability import ACCELERATE_CONFIGS, ARGS, ENV, assert_same_run, metrics, wait_for
+from test_reliability import ARGS, wait_for
 from transformers import AutoModelForCausalLM
 
 from sasr import models
 from sasr.cli import main
+from sasr.run_dir import read_lines
 
 ROOT = Path(__file__).resolve().parents[1]
-FSDP = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--config_file",
-    str(ACCELERATE_CONFIGS / "fsdp_cpu.yaml"),
-    "-m",
-    "sasr",
-    "train",
-]
 # One SFT/GRPO method with LoRA, one hybrid with full fine-tuning (its reference a snapshot of the shards).
 CASES = {
     "sasr-lora": ["--method", "sasr"],
@@ -39,7 +29,7 @@ RUN = ["--steps", "12", "--warmup-steps", "3", "--save-every", "3", "--set", "lo
 
 
 def launch(*argv: str, **popen) -> subprocess.Popen:
-    return subprocess.Popen([*FSDP, *argv], env=ENV, cwd=ROOT, **popen)
+    return accelerate_launch("fsdp_cpu", *argv, **popen)
 
 
 def unsharded_mb(full_fine_tuning: bool) -> float:
@@ -61,9 +51,7 @@ def straight(request, tmp_path_factory):
 
 def test_ranks_plan_alike_and_each_holds_half(straight):
     case, run = straight
-    ranks = [
-        [json.loads(x) for x in (run / "ranks" / f"rank{i}.jsonl").read_text().splitlines()] for i in (0, 1)
-    ]
+    ranks = [read_lines(run / "ranks", f"rank{i}.jsonl") for i in (0, 1)]
     assert [x["phase"] for x in ranks[0]] == [x["phase"] for x in ranks[1]]
     assert len(ranks[0]) == 12 and {x["phase"] for x in ranks[0]} == (
         {"sft", "grpo"} if case == "sasr-lora" else {"mixed"}
@@ -185,9 +173,7 @@ def test_every_other_method_trains_sharded(method, tmp_path):
     )
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    r0, r1 = (
-        [json.loads(x) for x in (run / "ranks" / f"rank{i}.jsonl").read_text().splitlines()] for i in (0, 1)
-    )
+    r0, r1 = (read_lines(run / "ranks", f"rank{i}.jsonl") for i in (0, 1))
     assert len(r0) == 4 and [x["phase"] for x in r0] == [x["phase"] for x in r1]
     assert [x["grad_norm"] for x in r0] == [x["grad_norm"] for x in r1]
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
@@ -198,12 +184,12 @@ def test_sharded_steps_compute_what_data_parallel_steps_do(straight, tmp_path):
     all-reduce add the ranks' gradients in different orders)."""
     case, run = straight
     ddp = tmp_path / "ddp"
-    cmd = [*FSDP[:4], str(ACCELERATE_CONFIGS / "ddp_cpu.yaml"), *FSDP[5:]]
+    cmd = launched("ddp_cpu")
     proc = subprocess.run(
         [*cmd, *ARGS, *CASES[case], *RUN, "--output", str(ddp)], env=ENV, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    sharded, plain = metrics(run), metrics(ddp)
+    sharded, plain = read_metrics(run, timings=False), read_metrics(ddp, timings=False)
     assert [r["phase"] for r in sharded] == [r["phase"] for r in plain]
     for a, b in zip(sharded, plain):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)

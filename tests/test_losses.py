@@ -1,9 +1,8 @@
 """The GRPO loss against TRL 1.16's GRPOTrainer on identical log-probs, advantages and masks."""
 
-import time
-
 import pytest
 import torch
+from helpers import two_gloo_ranks
 
 from sasr.logprobs import completion_logprobs, selective_log_softmax
 from sasr.losses import group_advantages, grpo_loss, sft_loss
@@ -425,27 +424,6 @@ def test_an_fsdp_model_makes_one_forward_call_per_pass(tmp_path):
 
 
 RANK_LENGTHS = ([16, 2, 15, 3], [16, 16, 15, 14])  # two length groups on rank 0, one on rank 1
-
-
-def two_gloo_ranks(target, tmp_path, timeout: float = 180.0) -> list[dict]:
-    """Run ``target(rank, init, out)`` in two spawned processes that meet over gloo; fail if they deadlock or
-    either fails. Returns what each rank saved to ``out/rank{rank}.pt``."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [ctx.Process(target=target, args=(r, init, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout  # about 10 s when it works
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    hung = [p.pid for p in procs if p.is_alive()]
-    for p in procs:
-        p.kill() if p.is_alive() else None
-    assert not hung, "the two ranks deadlocked"
-    assert [p.exitcode for p in procs] == [0, 0]
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
 def _ddp_rank(rank: int, init: str, out: str) -> None:

@@ -1,7 +1,6 @@
 """Exact resume after SIGKILL, graceful stop, guards, several processes, and bad resume input."""
 
 import json
-import os
 import resource
 import shutil
 import signal
@@ -11,12 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+from helpers import ACCELERATE_CONFIGS, ENV, assert_same_run, launched, read_metrics
 
 from sasr.checkpoint import complete_checkpoints, latest
 from sasr.cli import main
+from sasr.run_dir import read_lines
 
-TIMING = {"tokens_per_second"}  # and every "*_seconds"
 ARGS = [
     "--model",
     "tiny",
@@ -36,40 +35,10 @@ ARGS = [
     "--set",
     "grpo.reference=warmup",
 ]
-# `sasr train` in two gloo processes on the CPU, launched with the README's config.
-ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
-TWO_PROCESSES = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--config_file",
-    str(ACCELERATE_CONFIGS / "ddp_cpu.yaml"),
-    "-m",
-    "sasr",
-    "train",
-]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def cli(*argv, **popen):
     return subprocess.Popen([sys.executable, "-m", "sasr", "train", *argv], env=ENV, **popen)
-
-
-def metrics(run: Path) -> list[dict]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING and not k.endswith("_seconds")} for r in rows]
-
-
-def weights(run: Path) -> dict:
-    return load_file(run / "final" / "model.safetensors")
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    assert metrics(a) == metrics(b)
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert (wa[k] == wb[k]).all(), f"{k} differs"  # bit-identical
 
 
 def wait_for(predicate, proc, timeout=120.0):
@@ -260,7 +229,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, capsys):
     )
     assert code == 2
     assert "3 non-finite losses or gradient norms in a row (last at step 4)" in capsys.readouterr().err
-    rows = metrics(run)
+    rows = read_metrics(run, timings=False)
     assert [r.get("skipped", False) for r in rows] == [False, True, True, True]
     assert rows[1]["loss"] is None  # strict JSON: null, not NaN
     assert json.loads((run / "run.json").read_text())["status"] == "failed"
@@ -293,7 +262,7 @@ def test_two_processes_take_the_same_branches(tmp_path):
     run = tmp_path / "run"
     ranks = run / "ranks"
     cmd = [
-        *TWO_PROCESSES,
+        *launched("ddp_cpu"),
         *ARGS,
         "--steps",
         "10",
@@ -313,13 +282,13 @@ def test_two_processes_take_the_same_branches(tmp_path):
         (run / "tensorboard" / "sasr").glob("events.out.tfevents.*")
     )  # a tracker, closed with ranks alive
     assert proc.returncode == 0, proc.stderr[-2000:]
-    r0 = [json.loads(x) for x in (ranks / "rank0.jsonl").read_text().splitlines()]
-    r1 = [json.loads(x) for x in (ranks / "rank1.jsonl").read_text().splitlines()]
+    r0 = read_lines(ranks, "rank0.jsonl")
+    r1 = read_lines(ranks, "rank1.jsonl")
     assert len(r0) == 10 and [x["phase"] for x in r0] == [x["phase"] for x in r1]
     assert {x["phase"] for x in r0} == {"sft", "grpo"}
     # Each rank saw different data, yet both read the same (all-reduced, global) gradient norm.
     assert [x["grad_norm"] for x in r0] == [x["grad_norm"] for x in r1]
-    assert len(metrics(run)) == 10  # only rank 0 wrote the run directory
+    assert len(read_metrics(run, timings=False)) == 10  # only rank 0 wrote the run directory
     assert proc.stdout.count("finished in") == 1
     how = json.loads((run / "run.json").read_text())["distributed"]
     assert how.pop("threads") >= 1
@@ -332,7 +301,7 @@ def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path, method):
     step's statistics would fail) and read the same global gradient norm; stopped and resumed, the run ends
     as it would have."""
     launch = [
-        *TWO_PROCESSES,
+        *launched("ddp_cpu"),
         *ARGS,
         "--method",
         method,
@@ -362,7 +331,7 @@ def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path, method):
         timeout=600,
     )
     assert straight.returncode == 0, straight.stderr[-2000:]
-    r0, r1 = ([json.loads(x) for x in (ranks / f"rank{i}.jsonl").read_text().splitlines()] for i in (0, 1))
+    r0, r1 = (read_lines(ranks, f"rank{i}.jsonl") for i in (0, 1))
     assert [x["phase"] for x in r0] == [x["phase"] for x in r1] == ["mixed"] * 4
     assert [x["grad_norm"] for x in r0] == [x["grad_norm"] for x in r1]
     # Resumed from the checkpoint of step 2 (as after a SIGKILL there): the same steps 3-4 and weights.
@@ -370,7 +339,7 @@ def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path, method):
     shutil.copytree(tmp_path / "a", resumed)
     shutil.rmtree(resumed / "final")
     cmd = [
-        *TWO_PROCESSES,
+        *launched("ddp_cpu"),
         "--resume",
         str(resumed),
         "--quiet",
@@ -379,7 +348,7 @@ def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path, method):
     assert again.returncode == 0, again.stderr[-2000:]
     assert_same_run(tmp_path / "a", resumed)
     # The samples of both ranks, every field; after the resume the same ones again.
-    samples = [json.loads(x) for x in (tmp_path / "a" / "completions.jsonl").read_text().splitlines()]
+    samples = read_lines(tmp_path / "a", "completions.jsonl")
     assert len(samples) == 4 * 2 * 2 * 3 and {s["rank"] for s in samples} == {
         0,
         1,

@@ -7,6 +7,7 @@ from decimal import Decimal
 
 import pytest
 from datafiles import write_gsm8k, write_math, write_user_jsonl
+from helpers import read_metrics, reward_module
 
 from sasr.errors import SasrError
 from sasr.tasks import get_task
@@ -222,9 +223,7 @@ def text(prompts, completions, **kw):
 
 @pytest.fixture
 def reward_file(tmp_path):
-    p = tmp_path / "myrewards.py"
-    p.write_text(REWARDS)
-    return p
+    return reward_module(tmp_path, REWARDS)
 
 
 def test_reward_functions(tmp_path, reward_file):
@@ -299,14 +298,14 @@ def test_train_on_tasks(capsys, tmp_path, files, task):
     code, cap = _train(capsys, tmp_path, "--task", task, "--method", "sft-then-grpo", *extra)
     assert code == 0, cap.err
     assert f"task '{task}'" in cap.out and "1 SFT, 2 GRPO" in cap.out
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "run")
     assert [r["phase"] for r in rows] == ["sft", "grpo", "grpo"]
 
 
 def test_reward_that_raises_stops_training(capsys, tmp_path, reward_file):
     f = write_user_jsonl(tmp_path / "d.jsonl", 60)
-    (tmp_path / "always.py").write_text(
-        "def boom(prompts, completions, **kw):\n    raise KeyError('label')\n"
+    always = reward_module(
+        tmp_path, "def boom(prompts, completions, **kw):\n    raise KeyError('label')\n", "always"
     )
     code, cap = _train(
         capsys,
@@ -314,14 +313,14 @@ def test_reward_that_raises_stops_training(capsys, tmp_path, reward_file):
         "--task",
         f"jsonl:{f}",
         "--reward",
-        f"{tmp_path / 'always.py'}:boom",
+        f"{always}:boom",
         "--method",
         "grpo",
         "--set",
         "eval.before=false",
     )
     assert code == 2
-    assert f"reward function {tmp_path / 'always.py'}:boom raised KeyError: 'label' on example 0" in cap.err
+    assert f"reward function {always}:boom raised KeyError: 'label' on example 0" in cap.err
     assert cap.err.count("\n") == 1
     status = json.loads((tmp_path / "run" / "run.json").read_text())
     assert status["status"] == "running"  # never mistaken for a finished run

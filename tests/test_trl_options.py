@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import textwrap
 
 import pytest
 import torch
+from helpers import read_metrics, reward_module, two_gloo_ranks
 
 from sasr.cli import main
 from sasr.errors import SasrError
 from sasr.rewards import RewardCall, Rewards
+from sasr.run_dir import read_lines
 from sasr.tasks import get_task
 
 # --- data and reward functions ----------------------------------------------------------------------------
@@ -106,9 +106,7 @@ REWARDS = textwrap.dedent(
 
 @pytest.fixture
 def reward_file(tmp_path):
-    path = tmp_path / "myrewards.py"
-    path.write_text(REWARDS)
-    return path
+    return reward_module(tmp_path, REWARDS)
 
 
 def _call(task, examples, texts):
@@ -280,7 +278,7 @@ def _train(tmp_path, name, *argv):
     out = tmp_path / name
     code = main([*TRAIN_ARGS, "--output", str(out), *argv])
     assert code == 0
-    return out, [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, read_metrics(out)
 
 
 def test_a_chat_task_trains_with_trl_reward_functions_logged_each(tmp_path, chat_file, reward_file):
@@ -315,7 +313,7 @@ def test_a_chat_task_trains_with_trl_reward_functions_logged_each(tmp_path, chat
         assert r["reward_mean"] == pytest.approx(
             r["rewards/think_format_reward/mean"] + r["rewards/level_reward/mean"]
         )
-    samples = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
+    samples = read_lines(out, "completions.jsonl")
     assert samples and all("level_seen" in s for s in samples)  # log_extra's column
     for s in samples:  # each function's own value beside the weighted sum
         assert s["reward"] == pytest.approx(s["rewards/think_format_reward"] + s["rewards/level_reward"])
@@ -447,7 +445,7 @@ def test_bf16_autocast_trains_float32_weights(tmp_path):
     bf16 = tmp_path / "bf16"
     argv = [*TRAIN_ARGS, "--output", str(bf16), *common, "--set", "bf16=true"]
     subprocess.run([sys.executable, "-m", "sasr", *argv], check=True, capture_output=True)
-    b = [json.loads(x) for x in (bf16 / "metrics.jsonl").read_text().splitlines()]
+    b = read_metrics(bf16)
     assert all(w.dtype == torch.float32 for w in load_file(bf16 / "final" / "model.safetensors").values())
     assert a[0]["loss"] != b[0]["loss"] and b[0]["loss"] == pytest.approx(
         a[0]["loss"], rel=0.02
@@ -573,21 +571,15 @@ def test_dynamic_sampling_lets_no_equal_group_through_while_prompts_remain(tmp_p
 # --- 5. the loss normalised over every process -------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_gradients(rank: int, world: int, port: int, out: str) -> None:
+def _rank_gradients(rank: int, init: str, out: str) -> None:
     """One gloo process: its half of the rows, the part's Norm from the all-reduced token count, backward, then
     DDP's mean of the gradients (an all-reduce and a division), as the trainer does."""
     import torch.distributed as dist
 
     from sasr.losses import Norm, PartInputs
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    world = 2
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     logps, mask, adv = _batch()
     half = slice(rank * 4, rank * 4 + 4)
     grads = {}
@@ -634,11 +626,9 @@ def _batch():
 
 
 def test_dapo_and_sft_token_means_over_two_gloo_processes_equal_one_process(tmp_path):
-    import torch.multiprocessing as mp
-
     from sasr.losses import PartInputs
 
-    mp.spawn(_rank_gradients, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    ranks = two_gloo_ranks(_rank_gradients, tmp_path)
     logps, mask, adv = _batch()
     no = torch.zeros(8, dtype=torch.bool)
     for name in ("dapo", "nll"):
@@ -646,7 +636,7 @@ def test_dapo_and_sft_token_means_over_two_gloo_processes_equal_one_process(tmp_
         inputs = PartInputs(x, mask, None, None, adv, no, no)  # one process, the whole batch, no Norm
         _part_loss(name, inputs).backward()
         for rank in (0, 1):
-            torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt")[name], x.grad)
+            torch.testing.assert_close(ranks[rank][name], x.grad)
         # A per-process token mean (what DDP gave before) is a different number: the test can tell them apart.
         per_process = torch.zeros_like(x.grad)
         for half in (slice(0, 4), slice(4, 8)):
@@ -655,10 +645,12 @@ def test_dapo_and_sft_token_means_over_two_gloo_processes_equal_one_process(tmp_
 
 
 def test_the_reward_contract_is_refused_a_non_number(chat_file, tmp_path):
-    (tmp_path / "bad.py").write_text("def text(completions, **kw):\n    return ['yes'] * len(completions)\n")
+    bad = reward_module(
+        tmp_path, "def text(completions, **kw):\n    return ['yes'] * len(completions)\n", "bad"
+    )
     task = get_task(f"jsonl:{chat_file}")
     ex = task.examples("train", 2)
-    rewards = Rewards(task, [f"{tmp_path / 'bad.py'}:text"])
+    rewards = Rewards(task, [f"{bad}:text"])
     with pytest.raises(SasrError, match="returned 'yes', not a finite number or None, for completion 0"):
         rewards.score(task.score_batch(["a", "b"], ex), _call(task, ex, ["a", "b"]), ex)
 

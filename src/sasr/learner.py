@@ -7,6 +7,7 @@ An update out.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -113,6 +114,19 @@ def make_optimizer(model, config: TrainConfig):
     return optimizer, scheduler
 
 
+def part_norms(
+    parts: list[Part], mask: torch.Tensor, num_processes: int = 1, all_reduce=None
+) -> dict[str, Norm]:
+    """Each part's row count on this process and loss-token count per process over every process (``mask``
+    [B, T]: the loss mask; ``all_reduce`` sums a tensor over processes): the divisors of its loss when its rows
+    are computed in micro-batches or on several processes."""
+    local = torch.tensor(
+        [float((mask[p.rows]).sum()) for p in parts], device=mask.device, dtype=torch.float64
+    )
+    total = all_reduce(local) if num_processes > 1 else local
+    return {p.name: Norm(int(p.rows.sum()), float(t) / num_processes) for p, t in zip(parts, total.tolist())}
+
+
 class Learner:
     """Takes a step's update on ``model`` with ``optimizer`` and ``lr_scheduler``."""
 
@@ -183,17 +197,9 @@ class Learner:
         return micro, self.norms(rows, parts) if in_pieces else {}
 
     def norms(self, rows: Rows, parts: list[Part]) -> dict[str, Norm]:
-        """Each part's row count on this process and completion-token count over every process (one all-reduce),
-        the divisors of its loss when its rows are computed in micro-batches or on several processes."""
-        acc, mask = self.accelerator, loss_mask(rows, self.config.grpo.mask_truncated_completions)
-        local = torch.tensor(
-            [float((mask[p.rows]).sum()) for p in parts], device=acc.device, dtype=torch.float64
-        )
-        total = acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local
-        return {
-            p.name: Norm(int(p.rows.sum()), float(t) / acc.num_processes)
-            for p, t in zip(parts, total.tolist())
-        }
+        acc = self.accelerator
+        mask = loss_mask(rows, self.config.grpo.mask_truncated_completions)
+        return part_norms(parts, mask, acc.num_processes, functools.partial(acc.reduce, reduction="sum"))
 
     def backward(
         self,

@@ -1,0 +1,94 @@
+"""The collector on its own: a step's rows built from a real task, tokenizer and `tiny` model, without an
+optimizer or a trainer."""
+
+import pytest
+import torch
+from accelerate import PartialState
+from helpers import tiny_config
+
+from sasr import models
+from sasr.batch import DEMO, OFFPOLICY, ROLLOUT, Plan
+from sasr.collect import Collector, demonstration_source, rollout_stats
+from sasr.config import validate
+from sasr.methods import get_method
+from sasr.rewards import Rewards
+from sasr.rollout import stop_token_ids
+from sasr.tasks import get_task
+
+
+def collector(tmp_path, **top) -> tuple[Collector, object]:
+    """The collector and the method a run of ``top`` would use, built from only what they need."""
+    c = validate(tiny_config(tmp_path / "run", **top))
+    task = get_task(c.task.name, **c.task.options())
+    examples = task.examples("train", c.task.train_size, seed=c.seed)
+    tokenizer, model = models.load_tokenizer("tiny"), models.load_model("tiny")
+    method = get_method(c.method, **c.method_kwargs())
+    demos = demonstration_source(c, task, examples, method)
+    col = Collector(
+        c,
+        task,
+        examples,
+        demos,
+        tokenizer,
+        Rewards(task, c.reward_funcs, c.reward_weights),
+        stop_token_ids(model, tokenizer),
+        PartialState(cpu=True),
+        lambda: models.decoding(model),
+    )
+    return col, method
+
+
+def test_a_luffy_step_lays_each_demonstration_inside_its_group(tmp_path):
+    """Per prompt, its rollouts then its demonstration, one prompt shared by the group, the demonstration's
+    tokens those of the task's target; advantages over the whole group (mean-centred, not std-scaled)."""
+    grpo = {"num_generations": 4, "max_completion_length": 96}  # room for the whole demonstration
+    col, luffy = collector(tmp_path, method="luffy", grpo=grpo)
+    plan = luffy.plan(1)
+    got = col.collect(1, plan)
+    rows = got.rows
+    assert rows.kind.tolist() == [ROLLOUT] * 3 + [OFFPOLICY] + [ROLLOUT] * 3 + [OFFPOLICY]
+    assert rows.group.tolist() == [0] * 4 + [1] * 4
+    assert rows.sampler_logprobs is not None and rows.truncated is not None  # built whole, with the rollouts
+    for g in (0, 1):
+        group = rows.prompt_ids[4 * g : 4 * g + 4]
+        assert (group == group[0]).all()  # one prompt: the policy pass computes it once
+        demo = rows.completion_ids[4 * g + 3][rows.completion_mask[4 * g + 3].bool()].tolist()
+        assert col.tokenizer.decode(demo, skip_special_tokens=True) == rows.texts[4 * g + 3]
+        assert rows.correct[4 * g + 3]  # the judge accepts the demonstration
+        adv = rows.advantages[4 * g : 4 * g + 4]
+        assert adv.sum().item() == pytest.approx(0.0, abs=1e-6)
+        assert adv[3].item() == pytest.approx(
+            rows.rewards[4 * g + 3].item() - rows.rewards[4 * g : 4 * g + 4].mean().item()
+        )
+    assert got.stats["accuracy"] == 0.0  # rollout statistics leave the demonstrations out
+    assert got.stats["tokens"] == rows.completion_mask.sum().item()
+    assert got.extra == {}  # the judge alone adds no columns (reward functions' log_extra would)
+
+
+def test_an_hpt_step_adds_each_prompts_own_demonstration_after_the_groups(tmp_path):
+    col, _ = collector(tmp_path, method="hpt")
+    plan = Plan(1, "mixed", prompts=2, rollouts=4, prompt_demos=True)
+    rows = col.collect(1, plan).rows
+    assert rows.kind.tolist() == [ROLLOUT] * 8 + [DEMO] * 2
+    assert rows.group.tolist() == [0] * 4 + [1] * 4 + [0, 1]
+    assert rows.rewards[8:].tolist() == [0.0, 0.0]  # demonstrations are not scored
+
+
+def test_sft_rows_come_from_the_demonstration_source_and_the_probe_draws_apart(tmp_path):
+    col, _ = collector(tmp_path, method="sft", sft={"batch_size": 3})
+    rows = col.collect(1, Plan(1, "sft", demos=3)).rows
+    assert rows.kind.tolist() == [DEMO] * 3 and rows.group.tolist() == [-1] * 3
+    assert rows.sampler_logprobs is None and not rows.cut().any()
+    probe = col.probe_rows(1)
+    assert len(probe) == 3 and probe.texts != rows.texts  # the same step, another draw
+
+
+def test_rollout_stats_read_only_the_rollouts():
+    from sasr.data import rows_of_kind
+
+    ids, mask = torch.ones(3, 4, dtype=torch.long), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    rows = rows_of_kind(ids[:, :1], mask[:, :1], ids, mask, ["a", "b", "c"], ROLLOUT, [0, 0, 0])
+    rows.kind[2] = OFFPOLICY
+    stats = rollout_stats(rows, torch.tensor([False]))
+    assert stats["completion_length"] == 3.0 and stats["completion_length_max"] == 4
+    assert stats["zero_spread_fraction"] == 1.0 and stats["clipped_ratio"] == 0.0
