@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import textwrap
 
 import pytest
@@ -97,9 +98,6 @@ REWARDS = textwrap.dedent(
     async def client_reward(completions, **kw):
         return await asyncio.gather(*(CLIENT.score(c[0]["content"]) for c in completions))
 
-    def shadows(completions, log_metric, **kw):
-        log_metric("accuracy", 1.0)
-        return [0.0] * len(completions)
     """
 )
 
@@ -208,10 +206,17 @@ def test_reward_values_as_trl_takes_them_and_one_event_loop_for_async_clients(ch
     for _ in range(3):  # a client bound to its first loop keeps working: the loop lives on
         values, _ = rewards.score(task.score_batch(texts, ex), _call(task, ex, texts), ex)
         assert values == [1.0] * 4
-    with pytest.raises(SasrError, match="log_metric named 'accuracy', one of sasr's own metrics"):
-        Rewards(task, [f"{reward_file}:shadows"]).score(
-            task.score_batch(texts, ex), _call(task, ex, texts), ex
-        )
+
+
+@pytest.mark.parametrize("name", ["accuracy", "rollout_seconds", "mu", "g_last", "loss/sft", "eval_accuracy"])
+def test_a_reward_function_may_not_log_a_metric_sasr_writes(chat_file, tmp_path, name):
+    """Every name of sasr.metrics is refused, so no log_metric silently replaces a timer or a method's number."""
+    source = f"def f(completions, log_metric, **kw):\n    log_metric({name!r}, 1.0)\n    return [0.0] * len(completions)\n"
+    path = reward_module(tmp_path, source, "shadow_" + re.sub(r"\W", "_", name))
+    task = get_task(f"jsonl:{chat_file}")
+    ex, texts = task.examples("train", 2), ["a", "b"]
+    with pytest.raises(SasrError, match=f"log_metric named '{re.escape(name)}', one of sasr's own metrics"):
+        Rewards(task, [f"{path}:f"]).score(task.score_batch(texts, ex), _call(task, ex, texts), ex)
 
 
 def test_advantages_leave_out_rows_no_function_scored():

@@ -41,40 +41,10 @@ from pathlib import Path
 from typing import Any
 
 from sasr.errors import SasrError
+from sasr.metrics import metric
 from sasr.tasks import Example, Score, Task
 
 TASK = "task"  # the reward_funcs entry that names the task's own judge
-# Metric names sasr writes itself, which a reward function's log_metric may not take.
-RESERVED = {
-    "step",
-    "phase",
-    "loss",
-    "grad_norm",
-    "lr",
-    "tokens",
-    "tokens_per_second",
-    "step_seconds",
-    "reward_mean",
-    "reward_std",
-    "accuracy",
-    "format_rate",
-    "completion_length",
-    "completion_length_max",
-    "clipped_ratio",
-    "zero_spread_fraction",
-    "kl",
-    "entropy",
-    "clip_fraction",
-    "sampler_logprob_gap",
-    "overlong_penalty",
-    "dynamic_sampling_batches",
-    "num_iterations",
-    "p_t",
-    "alpha",
-    "g_last",
-    "g_warmup",
-    "skipped",
-}
 
 
 def failure(name: str, examples: Sequence[Example], call_one: Callable[[int], Any], batch_exc: Exception):
@@ -253,7 +223,7 @@ class Rewards:
             var = sum((v - mean) ** 2 for v in kept) / (len(kept) - 1) if len(kept) > 1 else 0.0
             stats[f"rewards/{name}/mean"], stats[f"rewards/{name}/std"] = mean, math.sqrt(var)
         for name, values in call.metrics.items():
-            if name in RESERVED or name.startswith(("rewards/", "loss/", "weight/", "eval_")):
+            if metric(name) is not None:  # a name sasr writes itself (a step's, a family's or a method's)
                 raise SasrError(
                     f"a reward function's log_metric named '{name}', one of sasr's own metrics; choose another name"
                 )
