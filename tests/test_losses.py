@@ -464,3 +464,20 @@ def test_ranks_with_different_numbers_of_length_groups_train_together(tmp_path):
     for r in ranks:
         for n, g in expected.items():
             torch.testing.assert_close(r["grads"][n], g, rtol=1e-4, atol=1e-5)
+
+
+def test_a_registered_centre_is_used_with_and_without_unscored_rows(monkeypatch):
+    """group_advantages reads the centre from ADVANTAGE_CENTRES on both paths: a new entry (here each
+    group's best reward) needs no other change, also when some rows were not scored (NaN)."""
+    from sasr.losses import ADVANTAGE_CENTRES, Centre
+
+    best = Centre(
+        lambda g: g.max(dim=1, keepdim=True).values, lambda g: g.nan_to_num(-1e9).amax(1, keepdim=True)
+    )
+    monkeypatch.setitem(ADVANTAGE_CENTRES, "best", best)
+    scored = torch.tensor([1.0, 2.0, 4.0, 0.0, 0.0, 3.0])
+    adv, _ = group_advantages(scored, 3, "best", "none")
+    assert adv.tolist() == [-3.0, -2.0, 0.0, -3.0, -3.0, 0.0]
+    unscored = torch.tensor([1.0, float("nan"), 4.0, 0.0, 0.0, 3.0])
+    adv, _ = group_advantages(unscored, 3, "best", "none")
+    assert adv.tolist() == [-3.0, 0.0, 0.0, -3.0, -3.0, 0.0]  # the unscored row: no advantage

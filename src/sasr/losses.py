@@ -42,18 +42,25 @@ def sft_loss(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 ADVANTAGE_EPS = 1e-4  # as TRL
 
 
-def _group_centre_mean(grouped: torch.Tensor) -> torch.Tensor:
-    return grouped.mean(dim=1, keepdim=True)
+@dataclass(frozen=True)
+class Centre:
+    """What a group's rewards are centred on, [prompts, G] -> [prompts, 1]: over every reward, and over the
+    scored ones only (NaN: a row no reward function scored)."""
+
+    of: Callable[[torch.Tensor], torch.Tensor]
+    of_scored: Callable[[torch.Tensor], torch.Tensor]
 
 
-def _group_centre_median(grouped: torch.Tensor) -> torch.Tensor:
+ADVANTAGE_CENTRES: dict[str, Centre] = {
+    "mean": Centre(
+        lambda grouped: grouped.mean(dim=1, keepdim=True),
+        lambda grouped: torch.nanmean(grouped, dim=1, keepdim=True),
+    ),
     # Our reading of the paper's split of each group at the median into G+ and G-.
-    return grouped.median(dim=1, keepdim=True).values
-
-
-ADVANTAGE_CENTRES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "mean": _group_centre_mean,
-    "median": _group_centre_median,
+    "median": Centre(
+        lambda grouped: grouped.median(dim=1, keepdim=True).values,
+        lambda grouped: torch.nanmedian(grouped, dim=1, keepdim=True).values,
+    ),
 }
 
 
@@ -82,7 +89,7 @@ def group_advantages(
     grouped = rewards.view(-1, num_generations)  # [prompts, G]
     std = grouped.std(dim=1, keepdim=True)  # [prompts, 1]
     zero_spread = torch.isclose(std, torch.zeros_like(std)).squeeze(1)
-    adv = grouped - ADVANTAGE_CENTRES[centre](grouped)
+    adv = grouped - ADVANTAGE_CENTRES[centre].of(grouped)
     divisor = REWARD_SCALES[scale](std, rewards)
     if divisor is not None:
         adv = adv / (divisor + ADVANTAGE_EPS)
@@ -101,8 +108,7 @@ def _group_advantages_nan(rewards: torch.Tensor, num_generations: int, centre: s
     grouped = rewards.view(-1, num_generations)  # [prompts, G], NaN where unscored
     std = _nanstd(grouped)  # [prompts, 1]
     zero_spread = torch.isclose(std, torch.zeros_like(std)).squeeze(1)
-    middle = torch.nanmedian(grouped, dim=1, keepdim=True).values if centre == "median" else None
-    adv = grouped - (middle if middle is not None else torch.nanmean(grouped, dim=1, keepdim=True))
+    adv = grouped - ADVANTAGE_CENTRES[centre].of_scored(grouped)
     divisor = REWARD_SCALES[scale](std, rewards[~rewards.isnan()])  # the registry, over the scored rows
     if divisor is not None:
         adv = adv / (divisor + ADVANTAGE_EPS)
