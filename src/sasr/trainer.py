@@ -17,7 +17,7 @@ import functools
 import os
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +48,13 @@ EVAL_SAMPLE_KEYS = ("question", "completion", "reward", "correct", "formatted", 
 
 @dataclass
 class RunResult:
+    """What ``sasr.train`` returns; the run's steps are in ``output_dir``'s metrics.jsonl."""
+
     output_dir: Path
     counts: dict[str, int]
     eval_before: dict[str, float] | None
     eval_after: dict[str, float] | None
     seconds: float
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 class TrainingStopped(Exception):
@@ -218,7 +219,6 @@ class Trainer:
         self.started, self.started_at = time.perf_counter(), time.time()
         if self.start_step == 0 and c.eval.before and c.task.test_size:
             self.eval_before = self.evaluate("eval before", step=0)
-        history: list[dict[str, Any]] = []
         after: dict[str, float] | None = None
         nonfinite = 0
         steps = range(self.start_step + 1, c.steps + 1)
@@ -240,7 +240,6 @@ class Trainer:
                     else:
                         held_out = self.evaluate(f"eval step {step}", step=step)
                     line.update({f"eval_{k}": v for k, v in held_out.items() if k != "n" and k in GREEDY})
-                history.append(line)
                 self._log(line)
                 bar.set_postfix(metrics.postfix(line), refresh=False)
 
@@ -262,7 +261,7 @@ class Trainer:
         if after is None and c.eval.after and c.task.test_size:
             after = self.evaluate("eval after", c.eval.samples, c.steps)
         seconds, self.finished_at = self.elapsed(), time.time()
-        result = RunResult(self.run_dir, dict(self.method.counts), self.eval_before, after, seconds, history)
+        result = RunResult(self.run_dir, dict(self.method.counts), self.eval_before, after, seconds)
         unwrapped = acc.unwrap_model(self.model)
         whole = models.whole_model(unwrapped, c, self.sharded, acc.is_main_process) if c.save_final else None
         if acc.is_main_process:
