@@ -32,12 +32,17 @@ def test_an_unregistered_name_is_not_sasrs():
 
 
 def test_pieces_combine_by_each_metrics_rule():
-    total: dict[str, float] = {}
-    for piece in ({"loss/sft": 1.0, "entropy": 2.0, "reference_seconds": 0.5, "mine": 4.0},) * 2:
-        metrics.combine(total, piece, 2, "micro")
+    pieces = [{"loss/sft": 1.0, "entropy": 2.0, "reference_seconds": 0.5, "mine": 4.0}] * 2
+    total = metrics.combine(pieces, "micro")
     assert total == {"loss/sft": 2.0, "entropy": 2.0, "reference_seconds": 1.0, "mine": 4.0}
-    over_updates: dict[str, float] = {}
-    for _ in range(2):
-        metrics.combine(over_updates, total, 2, "iterations")
     # a part's loss is summed over micro-batches but averaged over updates; time adds up over both
+    over_updates = metrics.combine([total, total], "iterations")
     assert over_updates == {"loss/sft": 2.0, "entropy": 2.0, "reference_seconds": 2.0, "mine": 4.0}
+
+
+def test_a_piece_without_a_value_counts_for_nothing():
+    """A micro-batch without rollouts has no entropy, and a part with no rows in it no loss: the step's
+    numbers average over the pieces that have one, not over zeros."""
+    pieces = [{"entropy": 3.0, "clip_fraction": 0.5}, {"loss/sft": 1.5}, {"entropy": 1.0}]
+    assert metrics.combine(pieces, "micro") == {"entropy": 2.0, "clip_fraction": 0.5, "loss/sft": 1.5}
+    assert metrics.combine([], "micro") == {}

@@ -33,7 +33,11 @@ def test_every_method_runs_and_writes_a_loadable_final(run_tiny, method):
     for r in rows:
         assert r.keys() >= REQUIRED and r["phase"] in ("sft", "grpo", "mixed")
         assert [k for k in r if metrics.metric(k) is None] == [], "a key sasr writes is not in sasr.metrics"
-        assert (r.keys() >= GRPO_KEYS) == (r["phase"] != "sft")
+        # HPT trains no rollout with the clipped objective when every prompt is routed to SFT: no clip_fraction
+        expected = GRPO_KEYS - ({"clip_fraction"} if r.get("sft_fraction") == 1.0 else set())
+        assert (r.keys() >= expected) == (r["phase"] != "sft")
+        if method == "hpt":  # a part with no rows has no value: loss/rl only where a prompt went to RL
+            assert ("loss/rl" in r) == (r["sft_fraction"] < 1.0)
         assert (r.keys() >= SASR_KEYS) == (method == "sasr" and r["step"] > 2)
         if r["phase"] != "sft":
             assert 1 <= r["completion_length"] <= r["completion_length_max"] <= 12  # max_completion_length

@@ -151,13 +151,14 @@ class Learner:
         micro, norms = self.pieces(rows, parts)
         cache: list[dict[str, torch.Tensor]] = [{} for _ in micro]  # per micro-batch: reference, pi_old
         first: Update | None = None
-        finite_all, stats = True, {}
+        finite_all, pieces = True, []
         for _ in range(how.iterations):
             loss, piece = self.backward(how, rows, parts, micro, norms, cache)
             grad_norm, finite = self.optimizer_step(loss, plan.step)
             finite_all &= finite
             first = first or Update(loss, grad_norm, finite)
-            metrics.combine(stats, piece, how.iterations, "iterations")
+            pieces.append(piece)
+        stats = metrics.combine(pieces, "iterations")
         self.lr_scheduler.step()
         if how.iterations > 1:
             stats["num_iterations"] = how.iterations
@@ -212,15 +213,15 @@ class Learner:
     ) -> tuple[float, dict[str, float]]:
         """Forward and backward over each micro-batch, the gradients all-reduced once, at the last. Returns the
         step's loss and statistics (the loss parts and timings add up; other numbers average)."""
-        loss, stats = 0.0, {}
+        loss, pieces = 0.0, []
         for m, idx in enumerate(micro):
             last = m == len(micro) - 1
             with contextlib.nullcontext() if last else self.no_sync():
                 part_loss, piece = self.loss(how, rows, parts, idx, norms, cache[m])
                 self.accelerator.backward(part_loss)
             loss += part_loss.item()
-            metrics.combine(stats, piece, len(micro), "micro")
-        return loss, stats
+            pieces.append(piece)
+        return loss, metrics.combine(pieces, "micro")
 
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Within this block backward accumulates gradients without reducing them across processes."""
@@ -265,11 +266,11 @@ class Learner:
             ref_logps = ref if len(on_rows) == len(sub) else logps.detach().index_copy(0, on_rows, ref)
         if how.rollouts:
             stats["policy_forward_seconds"] = metrics.now(device) - t_policy
+        if how.rollouts and len(on_rows):  # statistics of the rollouts: none in a micro-batch without any
             mask = sub.completion_mask * on[:, None].to(sub.completion_mask.dtype)
             stats["entropy"] = masked_mean(entropy, mask).item()
-            if (
-                ref_logps is not None
-            ):  # k3 KL to the reference over every rollout, whichever part trains on it
+            # k3 KL to the reference over every rollout, whichever part trains on it
+            if ref_logps is not None:
                 delta = ref_logps - logps.detach()
                 stats["kl"] = masked_mean(torch.exp(delta) - delta - 1, mask).item()
             if sub.sampler_logprobs is not None:  # how far the sampler's numbers are from the learner's
@@ -297,8 +298,10 @@ class Learner:
             out = PART_LOSSES[part.loss](x, **options)
             term = out.loss if part.weight == 1.0 else part.weight * out.loss
             total = term if total is None else total + term
-            stats.update(out.stats)
+            if len(pidx):  # a part with no rows here has no value here, not 0 (sasr.metrics.combine)
+                stats.update(out.stats)
+                if len(parts) > 1:
+                    stats[f"loss/{part.name}"] = out.loss.item()
             if len(parts) > 1:
-                stats[f"loss/{part.name}"] = out.loss.item()
                 stats[f"weight/{part.name}"] = part.weight
         return total, stats

@@ -291,7 +291,7 @@ def nll_part(x: PartInputs, *, phi: bool = False, entropy_coef: float | None = N
     if entropy_coef is not None:
         w_row = entropy_coef * torch.exp(-row_entropy(x))  # [b]
         weight = weight * w_row[:, None]
-        stats["srft_sft_weight"] = w_row.mean().item() if w_row.numel() else 0.0
+        stats["srft_sft_weight"] = w_row.mean().item()  # the loop leaves a part with no rows out
     if x.norm is not None:  # a token mean over the whole step, every process's tokens (see Norm)
         return PartLoss(-(x.logps * weight * x.mask).sum() / max(x.norm.tokens, 1.0), stats)
     return PartLoss(-masked_mean(x.logps * weight, x.mask), stats)
@@ -343,7 +343,8 @@ def pg_part(
         w_row = torch.where(x.correct, rollout_coef * torch.exp(h), torch.full_like(h, -1.0))
         per_token = -w_row[:, None] * x.logps
         positive = x.correct & ~x.offpolicy
-        stats["srft_rl_weight"] = w_row[positive].mean().item() if positive.any() else 0.0
+        if positive.any():  # no correct rollout: no weight to report (not 0)
+            stats["srft_rl_weight"] = w_row[positive].mean().item()
         stats["clip_fraction"] = 0.0  # no ratio is clipped in this term
     if shaping_gamma is not None:
         p = x.logps.exp()
@@ -354,8 +355,9 @@ def pg_part(
             pd = p.detach()
             # d f(p) / d log p: what an off-policy token weighs where an on-policy one weighs 1
             shaped = pd * shaping_gamma / (pd + shaping_gamma) ** 2
-            stats["offpolicy_shaped_weight"] = masked_mean(shaped, off_mask).item()
-            stats["offpolicy_prob"] = masked_mean(pd, off_mask).item()
+            if off.any():  # statistics of the off-policy tokens: none without such rows
+                stats["offpolicy_shaped_weight"] = masked_mean(shaped, off_mask).item()
+                stats["offpolicy_prob"] = masked_mean(pd, off_mask).item()
     if x.logps.size(0) == 0:  # no rows on this rank (HPT routed every prompt to SFT): a zero with a graph
         loss = x.logps.sum()
     else:

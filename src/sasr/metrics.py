@@ -107,13 +107,21 @@ def metric(name: str) -> Metric | None:
     return METRICS[family] if family else None
 
 
-def combine(total: dict[str, float], piece: dict[str, float], pieces: int, over: str) -> None:
-    """Add one of ``pieces`` pieces of a step (``over``: "micro" or "iterations") into ``total``, in place:
-    summed metrics add up, the others average. A name sasr does not register averages."""
-    for name, value in piece.items():
-        known = metric(name)
-        add = known is not None and getattr(known, over) == "sum"
-        total[name] = total.get(name, 0.0) + (value if add else value / pieces)
+def combine(pieces: list[dict[str, float]], over: str) -> dict[str, float]:
+    """A step's statistics from those of its pieces (``over``: "micro" for micro-batches, "iterations" for
+    updates): summed metrics add up, the others average over the pieces that have a value. A piece without a
+    value (a part with no rows in it) counts for nothing, not as 0. A name sasr does not register averages."""
+    have: dict[str, int] = {}
+    for piece in pieces:
+        for name in piece:
+            have[name] = have.get(name, 0) + 1
+    total: dict[str, float] = {}
+    for piece in pieces:
+        for name, value in piece.items():
+            known = metric(name)
+            add = known is not None and getattr(known, over) == "sum"
+            total[name] = total.get(name, 0.0) + (value if add else value / have[name])
+    return total
 
 
 def now(device: torch.device) -> float:
