@@ -192,3 +192,15 @@ def load(
         state["reference"] = load_file(reference, device=device) if reference.exists() else None
     _set_rng_state(torch.load(path / f"rng_state_{acc.process_index}.pt", weights_only=False))
     return int(trainer_state["step"]), weights, state
+
+
+def load_weights(model, weights: dict[str, torch.Tensor], lora: bool, source: Path) -> None:
+    """Put a checkpoint's trainable weights (``load``'s) into the unwrapped ``model``; refuse weights it lacks."""
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        unexpected = set_peft_model_state_dict(model, weights).unexpected_keys
+    else:  # strict=False: save_pretrained leaves out tied weights (lm_head = embeddings)
+        unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
+    if unexpected:
+        raise SasrError(f"checkpoint {source} does not fit this model (unexpected weights: {unexpected[:3]})")

@@ -181,7 +181,10 @@ class Trainer:
             self.load_state_dict(weights, state, resume_from)
         self.stop_signal: str | None = None
         if acc.is_main_process:
-            self.files.reopen(c, self.start_step) if resume else self.files.create(c)
+            if resume:
+                self.files.reopen(c, self.start_step)
+            else:
+                self.files.create(c)
             self._write_status("running", step=self.start_step)
             trackers.start(acc, c.report_to, self.run_dir, c.model_dump(mode="json"), self.start_step)
         acc.wait_for_everyone()
@@ -302,25 +305,15 @@ class Trainer:
 
     def load_state_dict(self, weights: dict[str, torch.Tensor], state: dict[str, Any], source: Path) -> None:
         """Put back the trainable weights and what ``state_dict`` returned (read by ``checkpoint.load``)."""
-        from peft import set_peft_model_state_dict
-
         model = self.accelerator.unwrap_model(self.model)
-        unexpected = []
         if self.sharded:  # read into the shards this run holds, of the same shapes
             if state["trainer"].get("reference") and self.reference.snapshot_ is None:
                 self.reference.snapshot()  # a template the checkpoint's reference is read into
             template = self.state_dict()["sharded"]
             fsdp.load(state["sharded"], template)
             fsdp.load_training_state(model, self.optimizer.optimizer, template)
-        elif self.config.lora.enabled:
-            unexpected = set_peft_model_state_dict(model, weights).unexpected_keys
-        else:  # strict=False: save_pretrained leaves out tied weights (lm_head = embeddings)
-            unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
-        if unexpected:
-            raise SasrError(
-                f"checkpoint {source} does not fit this model (unexpected weights: {unexpected[:3]})"
-            )
-        if not self.sharded:
+        else:
+            checkpoint.load_weights(model, weights, self.config.lora.enabled, source)
             self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["scheduler"])
         if state.get("reference") is not None:
@@ -358,20 +351,14 @@ class Trainer:
         averaged; with ``log_completions`` its greedy answers go to DIR/eval_completions.jsonl."""
         acc, c = self.accelerator, self.config
         shard = self.test_examples[acc.process_index :: acc.num_processes]
+        how = {**settings(c, samples), "cuda_graphs": self.cuda_graphs, "keep_text": c.log_completions}
         with self.decoder() as model:
             records = evaluate(
-                model,
-                self.tokenizer,
-                self.task,
-                shard,
-                progress=self.progress,
-                desc=desc,
-                keep_text=c.log_completions,
-                **{**settings(c, samples), "cuda_graphs": self.cuda_graphs},
+                model, self.tokenizer, self.task, shard, progress=self.progress, desc=desc, **how
             )
         if acc.num_processes > 1:
             records = gather_object(records)
-        if c.log_completions and acc.is_main_process:  # the evaluation's greedy answers, as samples
+        if c.log_completions:  # the evaluation's greedy answers, as samples
             lines = ({"eval": desc, "step": step, **{k: r[k] for k in EVAL_SAMPLE_KEYS}} for r in records)
             self.files.append(EVAL_COMPLETIONS, lines)
         return summarise(records)
