@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import two_gloo_ranks
 
+from sasr.errors import SasrError
 from sasr.logprobs import completion_logprobs, selective_log_softmax
 from sasr.losses import group_advantages, grpo_loss, sft_loss
 
@@ -481,3 +482,24 @@ def test_a_registered_centre_is_used_with_and_without_unscored_rows(monkeypatch)
     unscored = torch.tensor([1.0, float("nan"), 4.0, 0.0, 0.0, 3.0])
     adv, _ = group_advantages(unscored, 3, "best", "none")
     assert adv.tolist() == [-3.0, 0.0, 0.0, -3.0, -3.0, 0.0]  # the unscored row: no advantage
+
+
+def test_dft_weights_each_demonstration_token_by_its_own_probability():
+    """DFT (TRL's loss_type="dft"): -sum sg(p) log p / tokens; the gradient of each token's log-prob is
+    -sg(p) / tokens, so confident tokens weigh more and the weight itself is not trained."""
+    from sasr.losses import PartInputs, nll_part
+
+    logps = torch.tensor([[-0.5, -1.0, -3.0], [-2.0, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    no = torch.zeros(2, dtype=torch.bool)
+    x = PartInputs(logps, mask, None, None, torch.zeros(2), no, no)
+    out = nll_part(x, loss_type="dft")
+    p = torch.tensor([[0.5, 1.0, 3.0], [2.0, 0.0, 0.0]]).neg().exp()
+    want = (p * torch.tensor([[0.5, 1.0, 3.0], [2.0, 0.0, 0.0]]) * mask).sum() / 4
+    torch.testing.assert_close(out.loss, want)
+    out.loss.backward()
+    torch.testing.assert_close(logps.grad, -p * mask / 4)
+    plain = nll_part(PartInputs(logps.detach(), mask, None, None, torch.zeros(2), no, no))
+    assert plain.loss.item() == pytest.approx((0.5 + 1.0 + 3.0 + 2.0) / 4)  # nll, the default, unchanged
+    with pytest.raises(SasrError, match="unknown sft.loss 'dtf'.*valid: dft, nll"):
+        nll_part(x, loss_type="dtf")

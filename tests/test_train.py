@@ -314,3 +314,18 @@ def test_report_page_shows_the_curves_and_what_the_model_wrote(run_tiny, capsys)
     samples = read_lines(result.output_dir, "completions.jsonl")
     best = max((s for s in samples if s["step"] == 1), key=lambda s: s["reward"])
     assert escape(best["completion"]) in page.read_text()
+
+
+def test_dft_reaches_every_demonstration_part(run_tiny):
+    """sft.loss=dft weights each demonstration token by its own p < 1: the same first step's loss is below
+    plain NLL's, for SFT steps and for CHORD's SFT part alike."""
+    for method, key in (("sft", "loss"), ("chord", "loss/sft")):
+        _, nll = run_tiny(f"{method}-nll", method=method, steps=1, eval={"before": False, "after": False})
+        _, dft = run_tiny(
+            f"{method}-dft",
+            method=method,
+            steps=1,
+            eval={"before": False, "after": False},
+            sft={"loss": "dft"},
+        )
+        assert 0 < dft[0][key] < nll[0][key], method

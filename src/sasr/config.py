@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sasr.errors import SasrError, nearest
-from sasr.losses import ADVANTAGE_CENTRES, LOSS_AGGREGATIONS, REWARD_SCALES, names
+from sasr.losses import ADVANTAGE_CENTRES, LOSS_AGGREGATIONS, REWARD_SCALES, SFT_LOSSES, names
 from sasr.methods import METHODS
 
 
@@ -68,6 +68,9 @@ class OptimSection(Section):
 class SFTSection(Section):
     batch_size: int = F(8, "demonstrations per micro-batch per process", ge=1)
     max_length: int = F(512, "prompt + target tokens; longer ones lose the left of the prompt", ge=8)
+    loss: names(SFT_LOSSES) = F(
+        "nll", "the demonstration tokens' loss (TRL's loss_type): nll, or dft (each token's NLL x its own p)"
+    )
 
 
 class GRPOSection(Section):

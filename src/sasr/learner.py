@@ -294,7 +294,12 @@ class Learner:
                 old_logps=None if old is None else old[pidx],
                 norm=norms.get(part.name),
             )
-            options = {**grpo_settings, **part.options} if part.loss == "pg" else part.options
+            if part.loss == "pg":
+                options = {**grpo_settings, **part.options}
+            elif part.loss == "nll":
+                options = {"loss_type": self.config.sft.loss, **part.options}
+            else:
+                options = part.options
             out = PART_LOSSES[part.loss](x, **options)
             term = out.loss if part.weight == 1.0 else part.weight * out.loss
             total = term if total is None else total + term

@@ -274,15 +274,29 @@ def row_entropy(x: PartInputs) -> torch.Tensor:
     return (x.entropy * x.mask).sum(1) / x.mask.sum(1).clamp(min=1)
 
 
-def nll_part(x: PartInputs, *, phi: bool = False, entropy_coef: float | None = None) -> PartLoss:
-    """SFT: token-mean negative log-likelihood of the part's rows.
+# The demonstration tokens' losses (``sft.loss``): each token's NLL times a stop-gradient weight of its
+# log-probability, [b, T] -> [b, T]; None: weight 1.
+SFT_LOSSES: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
+    "nll": None,
+    "dft": lambda logps: logps.detach().exp(),  # DFT (arXiv 2508.05629): -sg(p) log p, TRL's loss_type="dft"
+}
+
+
+def nll_part(
+    x: PartInputs, *, loss_type: str = "nll", phi: bool = False, entropy_coef: float | None = None
+) -> PartLoss:
+    """SFT: token-mean negative log-likelihood of the part's rows, each token weighted as ``loss_type`` says
+    (``SFT_LOSSES``).
 
     ``phi``: each token weighted by the stop-gradient p (1 - p) (CHORD-phi). ``entropy_coef``: each row weighted
     by the stop-gradient entropy_coef * exp(-H_row), H_row its mean token entropy (SRFT).
     """
-    if not phi and entropy_coef is None and x.norm is None:
+    if loss_type not in SFT_LOSSES:
+        raise unknown("sft.loss", loss_type, SFT_LOSSES)
+    token_weight = SFT_LOSSES[loss_type]
+    if token_weight is None and not phi and entropy_coef is None and x.norm is None:
         return PartLoss(sft_loss(x.logps, x.mask), {})
-    weight = torch.ones_like(x.logps)
+    weight = torch.ones_like(x.logps) if token_weight is None else token_weight(x.logps)
     stats = {}
     if phi:
         p = x.logps.detach().exp()
