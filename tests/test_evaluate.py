@@ -145,6 +145,11 @@ def test_compare_writes_every_file(compared):
     grpo = results["methods"]["grpo"]["budget"]
     assert grpo["grpo_steps"] == [6.0, 0.0] and grpo["sft_steps"][0] == 0 and grpo["tokens"][0] > 0
     assert results["methods"]["untrained"]["budget"]["tokens"] == [0.0, 0.0]
+    # FLOPs beside steps and tokens: each seed's the sum of its steps' flops
+    per_seed = [json.loads((out / "summaries" / f"grpo-s{s}.json").read_text())["metrics"] for s in (1, 2)]
+    flops = [sum(r["flops"] for r in lines) for lines in per_seed]
+    assert grpo["flops"][0] == pytest.approx(sum(flops) / 2) and grpo["flops"][0] > 0
+    assert results["methods"]["untrained"]["budget"]["flops"] == [0.0, 0.0]
     paired = results["paired"]["splits"]
     assert set(paired) == {"test", "ood"} and set(paired["test"]) == {"untrained", "grpo"}
     assert {"mean", "low", "high", "clear_of_zero"} == paired["ood"]["grpo"].keys()
@@ -154,6 +159,7 @@ def test_compare_writes_every_file(compared):
         assert len(summary["eval"]["ood"]["records"]) == 4
     md = (out / "results.md").read_text()
     assert "| sasr |" in md and "| grpo |" in md and "| untrained |" in md and "sasr compare" in md
+    assert "| tokens | FLOPs | wall s |" in md and f"| {grpo['flops'][0]:.3g} |" in md
     assert "## Split `ood`: longer expressions" in md and "## SASR against each method, paired" in md
     assert "% of those runs' time)" in md and "that timed their" not in md  # evaluation's share of the time
     assert (

@@ -329,3 +329,26 @@ def test_dft_reaches_every_demonstration_part(run_tiny):
             sft={"loss": "dft"},
         )
         assert 0 < dft[0][key] < nll[0][key], method
+
+
+def test_flops_equal_the_formula_on_the_logged_token_counts(run_tiny):
+    """6 N per trained token (num_iterations passes, and SASR's probe) + 2 N per generated token, N the tiny
+    model's parameters; flops_total their running sum."""
+    from sasr import models
+
+    n = sum(p.numel() for p in models.load_model("tiny").parameters())
+    quiet = {"before": False, "after": False}
+    _, grpo = run_tiny("grpo", method="grpo", steps=2, grpo={"num_iterations": 2}, eval=quiet)
+    _, probed = run_tiny("sasr", method="sasr", steps=4, warmup_steps=2, sasr={"probe_every": 1}, eval=quiet)
+    for rows in (grpo, probed):
+        total = 0.0
+        for r in rows:
+            assert r["flops"] == 6 * n * r["trained_tokens"] + 2 * n * r.get("generated_tokens", 0)
+            total += r["flops"]
+            assert r["flops_total"] == total
+    for r in grpo:  # two updates on the step's rows; every rollout's tokens sampled once
+        assert r["trained_tokens"] == 2 * r["tokens"]
+        assert r["generated_tokens"] == round(r["completion_length"] * 2 * 4)  # 2 prompts x G = 4
+    probe = [r for r in probed if "probe_grad_norm" in r]
+    assert probe and all(r["trained_tokens"] > r["tokens"] for r in probe)  # the probe's tokens count too
+    assert all(r["trained_tokens"] == r["tokens"] for r in probed if r["phase"] == "sft")

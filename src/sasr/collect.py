@@ -148,9 +148,9 @@ class Collector:
         while sum(int(b.spread.sum()) for b in batches) < n and len(batches) < g.max_num_gen_batches:
             more = self.pick(step, n, f"grpo-more{len(batches)}")  # new prompts, reproducibly drawn
             batches.append(self.sample_groups(model, more, plan, step))
-        # the reward functions' numbers over every sampled batch; rollout time in all
+        # the reward functions' numbers over every sampled batch; rollout time and tokens in all
         stats = {
-            k: sum(b.stats[k] for b in batches) / (1 if k == "rollout_seconds" else len(batches))
+            k: sum(b.stats[k] for b in batches) / (1 if metrics.batches_add(k) else len(batches))
             for k in first.stats
             if all(k in b.stats for b in batches)
         }
@@ -220,6 +220,7 @@ class Collector:
                     )
                 )
             rows = cat_rows(pieces, self.tokenizer.pad_token_id)
+        stats["generated_tokens"] = rows.completion_mask.sum().item()
         if k:  # the prompt's demonstration k times after its rollouts, with the same prompt tokens: one group
             targets = [self.task.target(ex) for ex in examples]
             ids, mask = encode_targets(self.tokenizer, targets, g.max_completion_length, device)  # [n, t]

@@ -159,6 +159,7 @@ class Learner:
             first = first or Update(loss, grad_norm, finite)
             pieces.append(piece)
         stats = metrics.combine(pieces, "iterations")
+        stats["trained_tokens"] = rows.completion_mask.sum().item() * how.iterations
         self.lr_scheduler.step()
         if how.iterations > 1:
             stats["num_iterations"] = how.iterations

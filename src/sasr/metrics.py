@@ -33,13 +33,14 @@ class Metric:
     micro: str = "mean"  # over a step's micro-batches: "sum" or "mean"
     iterations: str = "mean"  # over a step's num_iterations updates: "sum" or "mean"
     ranks: str = "mean"  # over processes: "mean" (of the ranks that have it) or "sum"
+    batches: str = "mean"  # over dynamic sampling's batches of prompts: "sum" or "mean"
 
 
 def _m(name: str, meaning: str, **how: str) -> Metric:
     return Metric(name, meaning, **how)
 
 
-_TIME = {"micro": "sum", "iterations": "sum"}
+_TIME = {"micro": "sum", "iterations": "sum", "batches": "sum"}
 
 METRICS: dict[str, Metric] = {
     m.name: m
@@ -50,7 +51,20 @@ METRICS: dict[str, Metric] = {
         _m("loss", "the step's loss (the first update's, with num_iterations)"),
         _m("grad_norm", "the global gradient norm before clipping (the first update's)"),
         _m("lr", "the learning rate the step used"),
-        _m("tokens", "completion tokens trained on, every process", ranks="sum"),
+        _m("tokens", "completion tokens of the step's rows, every process", ranks="sum"),
+        _m(
+            "trained_tokens",
+            "completion tokens through a training pass: tokens x updates, + the probe's",
+            ranks="sum",
+        ),
+        _m(
+            "generated_tokens",
+            "tokens sampled for the step, every process and batch",
+            ranks="sum",
+            batches="sum",
+        ),
+        _m("flops", "the step's compute: 6 N per trained token + 2 N per generated token (N: parameters)"),
+        _m("flops_total", "flops summed over the run's steps so far"),
         _m("tokens_per_second", "tokens / step_seconds"),
         _m("step_seconds", "wall seconds of the step, evaluation and saving left out"),
         _m("skipped", "true when the update was skipped: a non-finite loss or gradient norm"),
@@ -73,7 +87,7 @@ METRICS: dict[str, Metric] = {
         _m("policy_forward_seconds", "seconds of the policy's forward passes", **_TIME),
         _m("kl", "k3 estimate of KL(policy || reference) over the rollouts"),
         _m("entropy", "mean token entropy of the policy on the rollouts"),
-        _m("sampler_logprob_gap", "mean |learner - sampler| log-probability on rollout tokens"),
+        _m("sampler_logprob_gap", "mean absolute gap of learner and sampler log-probabilities on rollouts"),
         _m("clip_fraction", "share of rollout tokens whose ratio was clipped"),
         _m("chord_phi", "CHORD-phi: mean token weight p(1 - p) on demonstrations"),
         _m("srft_sft_weight", "SRFT: mean weight of the demonstration term"),
@@ -96,6 +110,8 @@ METRICS: dict[str, Metric] = {
     ]
 }
 
+_MEAN = Metric("", "")  # how a name sasr does not register combines
+
 FAMILIES = tuple(name for name in METRICS if name.endswith(("/", "_")))
 
 
@@ -105,6 +121,11 @@ def metric(name: str) -> Metric | None:
         return METRICS[name]
     family = next((f for f in FAMILIES if name.startswith(f)), None)
     return METRICS[family] if family else None
+
+
+def batches_add(name: str) -> bool:
+    """Whether ``name`` adds up over dynamic sampling's batches of prompts (time, tokens) or averages."""
+    return (metric(name) or _MEAN).batches == "sum"
 
 
 def combine(pieces: list[dict[str, float]], over: str) -> dict[str, float]:
@@ -158,19 +179,29 @@ def record(
         values = (totals[:n] / totals[n:]).tolist()  # NaN where no rank has the key
     else:
         values = values.tolist()
-    tokens = values[1 + keys.index("tokens")] * acc.num_processes  # the one metric summed over ranks
+    summed = {
+        k: v * acc.num_processes for k, v in zip(keys, values[1:]) if (metric(k) or _MEAN).ranks == "sum"
+    }
+    tokens = summed.pop("tokens")
     return {
         "step": plan.step,
         "phase": plan.phase,
         "loss": values[0],
         "grad_norm": grad_norm,
         "lr": lr,
-        **{k: v for k, v in zip(keys, values[1:]) if k != "tokens"},
+        **{k: v for k, v in zip(keys, values[1:]) if k != "tokens" and k not in summed},
         **plan.info,
+        **{k: round(v) for k, v in summed.items()},
         "tokens": round(tokens),
         "tokens_per_second": tokens / seconds,
         "step_seconds": seconds,
     }
+
+
+def flops(parameters: int, trained_tokens: float, generated_tokens: float) -> float:
+    """A step's compute as the 2026 re-evaluation of mixed-policy methods counts it (arXiv 2604.23747): a
+    forward and backward pass costs 6 N per token, sampling 2 N per token."""
+    return 6.0 * parameters * trained_tokens + 2.0 * parameters * generated_tokens
 
 
 def postfix(line: dict[str, Any]) -> dict[str, str]:

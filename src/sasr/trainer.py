@@ -98,17 +98,18 @@ def _accelerator(c: TrainConfig, sharded: bool) -> Accelerator:
 
 
 def _model(c: TrainConfig, tokenizer, acc: Accelerator, sharded: bool):
-    """The policy as it trains (activation checkpointing, LoRA, FSDP shards as set), and the tokens that end
-    its completions (EOS, end-of-turn)."""
+    """The policy as it trains (activation checkpointing, LoRA, FSDP shards as set), the tokens that end its
+    completions (EOS, end-of-turn) and the base model's parameter count."""
     model = models.load_model(c.model.name, c.model.dtype)
     stop_ids = stop_token_ids(model, tokenizer)
+    parameters = sum(p.numel() for p in model.parameters())  # N of the FLOPs count, before any adapter
     if c.model.gradient_checkpointing:
         models.enable_activation_checkpointing(model)
     if c.lora.enabled:
         model = models.apply_lora(model, c.lora)
     if sharded:  # in place, before the optimizer and the reference snapshot take its parameters
         model = fsdp.shard(model, acc)
-    return model, stop_ids
+    return model, stop_ids, parameters
 
 
 class Trainer:
@@ -144,7 +145,7 @@ class Trainer:
         rewards = Rewards(task, c.reward_funcs, c.reward_weights)
         demos = demonstration_source(c, task, train_examples, self.method)
         self.tokenizer = models.load_tokenizer(c.model.name)
-        model, stop_ids = _model(c, self.tokenizer, acc, self.sharded)
+        model, stop_ids, self.parameters = _model(c, self.tokenizer, acc, self.sharded)
         self.collector = Collector(
             c,
             task,
@@ -175,7 +176,7 @@ class Trainer:
         self.segments_before: list[list[float]] = []  # their [start, end] Unix times
         self.started, self.started_at = time.perf_counter(), time.time()
         self.finished_at: float | None = None  # when training (with its last evaluation) ended
-        self.start_step = 0
+        self.start_step, self.flops_total = 0, 0.0
         if resume_from:
             self.start_step, weights, state = checkpoint.load(resume_from, acc, self.sharded)
             self.load_state_dict(weights, state, resume_from)
@@ -203,14 +204,22 @@ class Trainer:
                 step, completion_samples(step, rank, got.rows, parts, got.extra, self.tokenizer)
             )
         update = self.learner.update(plan, got.rows, parts)  # 4. update (num_iterations times)
-        probe = self.learner.probe(self.collector.probe_rows(step)) if plan.probe else None
+        probe_rows = self.collector.probe_rows(step) if plan.probe else None
+        probe = self.learner.probe(probe_rows) if probe_rows is not None else None
         self.method.observe(plan, update.grad_norm if update.finite else None, probe)  # 5. observe
         if step == self.method.reference_step and c.grpo.reference == "warmup":
             self.reference.snapshot()
         stats = {**got.stats, **route, **update.stats}
+        if probe_rows is not None:  # the probe's forward and backward pass is compute too
+            stats["trained_tokens"] += probe_rows.completion_mask.sum().item()
         lr = self.lr_scheduler.get_last_lr()[0]
         seconds = time.perf_counter() - t0
         line = metrics.record(self.accelerator, plan, update.loss, update.grad_norm, lr, stats, seconds)  # 6.
+        line["flops"] = metrics.flops(
+            self.parameters, line["trained_tokens"], line.get("generated_tokens", 0)
+        )
+        self.flops_total += line["flops"]
+        line["flops_total"] = self.flops_total
         if probe is not None:
             line["probe_grad_norm"] = probe
         if not update.finite:
@@ -290,6 +299,7 @@ class Trainer:
             "seconds": self.elapsed(),
             "segments": self.segments(),
             "reference": reference is not None,
+            "flops_total": self.flops_total,
         }
         if self.sharded:
             sharded = fsdp.training_state(self.model, self.optimizer.optimizer)
@@ -322,6 +332,7 @@ class Trainer:
         self.eval_before = state["trainer"]["eval_before"]
         self.seconds_before = state["trainer"].get("seconds", 0.0)
         self.segments_before = state["trainer"].get("segments", [])
+        self.flops_total = state["trainer"].get("flops_total", 0.0)  # 0: a checkpoint from before FLOPs
 
     def elapsed(self) -> float:
         """Wall seconds of the whole run so far, the segments before a resume included."""

@@ -40,7 +40,7 @@ from sasr.tasks import get_task
 from sasr.trainer import Trainer
 
 METRICS = ("accuracy", "pass@{k}", "maj@{k}", "distinct_2", "edit_distance", "distinct_answers")
-BUDGET = ("sft_steps", "grpo_steps", "mixed_steps", "tokens", "seconds")
+BUDGET = ("sft_steps", "grpo_steps", "mixed_steps", "tokens", "flops", "seconds")
 BASELINE = "sasr"  # the method compared with every other one, pairwise
 # What an evaluation of the untrained model depends on (its summary is reused while these stay the same).
 EVAL_KEYS = ("seed", "model", "task", "eval", "grpo.max_prompt_length")
@@ -348,15 +348,27 @@ def compare(
 # --- the table ---------------------------------------------------------------------------------------------
 
 
-def _budget(summary: dict) -> dict[str, float]:
-    """Steps of each kind, completion tokens trained on, wall seconds."""
-    run = summary["run"] or {}
-    tokens = sum(r.get("tokens", r["tokens_per_second"] * r["step_seconds"]) for r in summary["metrics"])
+def _budget(summary: dict) -> dict[str, float | None]:
+    """Steps of each kind, completion tokens trained on, FLOPs (None for a run from before sasr counted
+    them), wall seconds."""
+    run, lines = summary["run"] or {}, summary["metrics"]
+    tokens = sum(r.get("tokens", r["tokens_per_second"] * r["step_seconds"]) for r in lines)
+    flops = sum(r["flops"] for r in lines) if all("flops" in r for r in lines) else None
     return {
-        **{k: float(run.get(k, 0)) for k in BUDGET if k not in ("tokens", "seconds")},
+        **{k: float(run.get(k, 0)) for k in BUDGET if k not in ("tokens", "flops", "seconds")},
         "tokens": float(tokens),
+        "flops": flops,
         "seconds": float(run.get("seconds", 0.0)),
     }
+
+
+def _mean_std_known(values: list[float | None]) -> tuple[float, float] | tuple[None, None]:
+    """_mean_std, or (None, None) if any value is unknown."""
+    return (None, None) if any(v is None for v in values) else _mean_std(values)
+
+
+def _flops(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
 
 
 def assemble(
@@ -374,7 +386,7 @@ def assemble(
         runs = [summaries[m, s] for s in seeds]
         budgets = [_budget(r) for r in runs]
         out_methods[m] = {
-            "budget": {b: _mean_std([x[b] for x in budgets]) for b in BUDGET},
+            "budget": {b: _mean_std_known([x[b] for x in budgets]) for b in BUDGET},
             "splits": {
                 split: {
                     name: _mean_std([r["eval"][split]["summary"][name] for r in runs])
@@ -485,13 +497,15 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
         "",
         "## Budget",
         "",
-        "Tokens: completion tokens in the training passes (demonstrations and rollouts), summed over steps.",
+        "Tokens: completion tokens in the training passes (demonstrations and rollouts), summed over steps. "
+        "FLOPs: 6 N per token through a training pass and 2 N per sampled token, N the model's parameters "
+        "(arXiv 2604.23747's count; - for runs from before sasr counted them).",
         "",
         markdown_table(
-            ["method", "SFT steps", "GRPO steps", "mixed steps", "tokens", "wall s"],
+            ["method", "SFT steps", "GRPO steps", "mixed steps", "tokens", "FLOPs", "wall s"],
             [
                 [m, *(f"{r['budget'][b][0]:.1f}" for b in BUDGET[:3]), f"{r['budget']['tokens'][0]:,.0f}"]
-                + [f"{r['budget']['seconds'][0]:.0f}"]
+                + [_flops(r["budget"]["flops"][0]), f"{r['budget']['seconds'][0]:.0f}"]
                 for m, r in methods.items()
             ],
         ),
