@@ -1,6 +1,8 @@
 """The collector on its own: a step's rows built from a real task, tokenizer and `tiny` model, without an
 optimizer or a trainer."""
 
+import dataclasses
+
 import pytest
 import torch
 from accelerate import PartialState
@@ -78,7 +80,7 @@ def test_sft_rows_come_from_the_demonstration_source_and_the_probe_draws_apart(t
     col, _ = collector(tmp_path, method="sft", sft={"batch_size": 3})
     rows = col.collect(1, Plan(1, "sft", demos=3)).rows
     assert rows.kind.tolist() == [DEMO] * 3 and rows.group.tolist() == [-1] * 3
-    assert rows.sampler_logprobs is None and not rows.cut().any()
+    assert rows.sampler_logprobs is None and rows.truncated is None  # demonstrations: nothing sampled or cut
     probe = col.probe_rows(1)
     assert len(probe) == 3 and probe.texts != rows.texts  # the same step, another draw
 
@@ -87,8 +89,11 @@ def test_rollout_stats_read_only_the_rollouts():
     from sasr.data import rows_of_kind
 
     ids, mask = torch.ones(3, 4, dtype=torch.long), torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
-    rows = rows_of_kind(ids[:, :1], mask[:, :1], ids, mask, ["a", "b", "c"], ROLLOUT, [0, 0, 0])
-    rows.kind[2] = OFFPOLICY
+    cut = torch.tensor([False, True, True])  # the off-policy row's cut does not count
+    rows = rows_of_kind(
+        ids[:, :1], mask[:, :1], ids, mask, ["a", "b", "c"], ROLLOUT, [0, 0, 0], truncated=cut
+    )
+    rows = dataclasses.replace(rows, kind=torch.tensor([ROLLOUT, ROLLOUT, OFFPOLICY]))
     stats = rollout_stats(rows, torch.tensor([False]))
     assert stats["completion_length"] == 3.0 and stats["completion_length_max"] == 4
-    assert stats["zero_spread_fraction"] == 1.0 and stats["clipped_ratio"] == 0.0
+    assert stats["zero_spread_fraction"] == 1.0 and stats["clipped_ratio"] == 0.5

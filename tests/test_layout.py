@@ -86,6 +86,4 @@ def test_imports_point_one_way_loop_over_stages_over_evaluation():
     above = {"sasr.trainer", "sasr.cli", "sasr.experiments", "sasr.collect", "sasr.learner", "sasr.run_dir"}
     for leaf in ("sasr.evaluate", "sasr.rewards", "sasr.metrics"):
         assert not {d for d in graph[leaf] if any(d == a or d.startswith(a + ".") for a in above)}, leaf
-    for stage in ("sasr.collect", "sasr.learner", "sasr.run_dir", "sasr.metrics"):
-        assert importers({stage: graph[stage]}, "sasr.trainer") == set(), stage
     assert importers({"a": {"sasr.trainer"}}, "sasr.trainer") == {"a"}  # the check can fail

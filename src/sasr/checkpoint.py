@@ -1,7 +1,8 @@
 """Checkpoints that resume exactly: written atomically, the newest complete one found, the last K kept.
 
-This module only reads and writes; what a run's state is, and how it is put back, is the trainer's
-(``Trainer.state_dict``, ``Trainer.load_state_dict``).
+What a run's state is, and how it is put back, is the trainer's (``Trainer.state_dict``,
+``Trainer.load_state_dict``); this module writes and reads it, and puts a checkpoint's trainable weights back
+into a model (``load_weights``).
 
 A checkpoint ``DIR/checkpoints/step-000012/`` holds
 - ``model/``: ``save_pretrained`` of the trainable part (the LoRA adapter, or the whole model);

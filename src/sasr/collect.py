@@ -1,6 +1,6 @@
 """A step's rows, as its plan asks: demonstrations from their source, then each RL prompt's group (rollouts
 sampled in chunks, its off-policy demonstrations), scored, penalised, dynamically sampled, with advantages,
-then the RL prompts' own demonstrations. Rows in; no gradient here.
+then the RL prompts' own demonstrations. A plan in, rows out; no gradient here.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ class Groups:
     extra: dict[str, list]
 
 
-def demonstration_source(config: TrainConfig, task: Task, examples: list[Example], method: Method):
+def demonstration_source(
+    config: TrainConfig, task: Task, examples: list[Example], method: Method
+) -> tuple[Task, list[Example]]:
     """The demonstration source: the RL task's own examples, or ``demos.task`` (another task or file)."""
     c = config
     if c.demos.task is not None:
@@ -92,13 +94,13 @@ class Collector:
         self.tokenizer, self.rewards, self.stop_ids = tokenizer, rewards, stop_ids
         self.accelerator, self.decoder, self.cuda_graphs = accelerator, decoder, cuda_graphs
 
-    def pick(self, step: int, per_rank: int, kind: str, pool: list[Example] | None = None) -> list[Example]:
+    def draw(self, step: int, per_rank: int, kind: str, pool: list[Example] | None = None) -> list[Example]:
         """This rank's ``per_rank`` examples of the step, drawn for ``kind`` (a pure function of the step)."""
         acc, pool = self.accelerator, self.examples if pool is None else pool
         idx = pick(len(pool), per_rank, step, self.config.seed, kind, acc.process_index, acc.num_processes)
         return [pool[i] for i in idx]
 
-    def demonstrations(self, examples, task: Task, group: list[int] | None = None) -> Rows:
+    def demonstrations(self, examples: list[Example], task: Task, group: list[int] | None = None) -> Rows:
         """DEMO rows of ``examples``; ``group``: each row's RL prompt, if any."""
         c = self.config
         return demonstration_rows(
@@ -114,14 +116,14 @@ class Collector:
     def probe_rows(self, step: int) -> Rows:
         """A step's worth of demonstrations for SASR's probe: the SFT steps' batch, drawn apart from it."""
         n = self.config.sft.batch_size * self.config.gradient_accumulation_steps
-        return self.demonstrations(self.pick(step, n, "probe", self.demo_examples), self.demo_task)
+        return self.demonstrations(self.draw(step, n, "probe", self.demo_examples), self.demo_task)
 
     def collect(self, step: int, plan: Plan) -> Collected:
         """The step's rows: demonstrations, then each RL prompt's group (rollouts, then its demonstrations
         in the group), then the RL prompts' own demonstrations."""
         pieces, stats, extra = [], {}, {}
         if plan.demos:
-            examples = self.pick(step, plan.demos, "sft", self.demo_examples)
+            examples = self.draw(step, plan.demos, "sft", self.demo_examples)
             pieces.append(self.demonstrations(examples, self.demo_task))
         if plan.prompts:
             with self.decoder() as model:  # one gathering of the weights for every rollout of the step
@@ -140,13 +142,13 @@ class Collector:
         equal (no advantage: nothing to learn) are dropped and further prompts sampled in their place, up to
         ``grpo.max_num_gen_batches`` batches of prompts; if those run out, equal groups fill the batch."""
         g, n = self.config.grpo, plan.prompts
-        first = self.sample_groups(model, self.pick(step, n, "grpo"), plan, step)
+        first = self.sample_groups(model, self.draw(step, n, "grpo"), plan, step)
         if not g.dynamic_sampling:
             first.stats.update(rollout_stats(first.rows, first.spread))
             return first
         batches = [first]
         while sum(int(b.spread.sum()) for b in batches) < n and len(batches) < g.max_num_gen_batches:
-            more = self.pick(step, n, f"grpo-more{len(batches)}")  # new prompts, reproducibly drawn
+            more = self.draw(step, n, f"grpo-more{len(batches)}")  # new prompts, reproducibly drawn
             batches.append(self.sample_groups(model, more, plan, step))
         # the reward functions' numbers over every sampled batch; rollout time and tokens in all
         stats = {
@@ -279,8 +281,9 @@ def rollout_stats(rows: Rows, spread: torch.Tensor) -> dict[str, float]:
         "accuracy": rows.correct[on].sum().item() / int(on.sum()),
         "format_rate": rows.formatted[on].sum().item() / int(on.sum()),
         "completion_length": lengths.float().mean().item(),
+        # the longest: each training pass computes rows up to their length group's longest
         "completion_length_max": lengths.max().item(),
-        "clipped_ratio": rows.cut()[on].float().mean().item(),
+        "clipped_ratio": rows.cut()[on].float().mean().item(),  # cut at the limit (TRL's name)
         "zero_spread_fraction": (~spread).float().mean().item(),
     }
     return stats

@@ -1,7 +1,7 @@
-"""One optimizer update from a step's rows and the method's parts: the rows in micro-batches, each part's
-whole-step divisors, one reference pass and one policy pass per micro-batch, the weighted part losses,
-backward (gradients reduced across processes once, at the last micro-batch), clip, finite check, step.
-An update out.
+"""A step's update from its rows and the method's parts: the rows in micro-batches, each part's whole-step
+divisors, one reference pass and one policy pass per micro-batch, the weighted part losses, backward
+(gradients reduced across processes once, at the last micro-batch), clip, finite check, optimizer step; on a
+step with rollouts ``grpo.num_iterations`` such updates. Rows and parts in, an ``Update`` out.
 """
 
 from __future__ import annotations

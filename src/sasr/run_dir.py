@@ -53,7 +53,8 @@ def resolve(config: TrainConfig, overwrite: bool, resume: bool, acc: Accelerator
 
 
 class RunDir:
-    """The files of one run. Every write happens on the main process only, except each rank's own line."""
+    """The files of one run. Its writes happen on the main process only (each rank's own line aside);
+    ``save_model`` and ``push_to_hub`` are called there (the whole model exists only there under FSDP)."""
 
     def __init__(self, path: Path, main: bool = True) -> None:
         self.path, self.main = Path(path), main

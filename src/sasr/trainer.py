@@ -97,7 +97,9 @@ def _accelerator(c: TrainConfig, sharded: bool) -> Accelerator:
         ) from None
 
 
-def _model(c: TrainConfig, tokenizer, acc: Accelerator, sharded: bool):
+def _model(
+    c: TrainConfig, tokenizer, acc: Accelerator, sharded: bool
+) -> tuple[torch.nn.Module, list[int], int]:
     """The policy as it trains (activation checkpointing, LoRA, FSDP shards as set), the tokens that end its
     completions (EOS, end-of-turn) and the base model's parameter count."""
     model = models.load_model(c.model.name, c.model.dtype)
@@ -193,7 +195,8 @@ class Trainer:
     # --- one step, and the loop ---------------------------------------------------------------------------
 
     def step(self, step: int) -> dict[str, Any]:
-        """One optimizer step; returns its metrics line (held-out evaluation is ``train``'s)."""
+        """One step of training (one optimizer update, or num_iterations on rollouts); returns its metrics
+        line (held-out evaluation is ``train``'s)."""
         c, t0 = self.config, time.perf_counter()
         plan = self.method.plan(step)  # 1. plan: which rows the step needs
         got = self.collector.collect(step, plan)  # 2. collect: demonstrations, scored rollouts [B rows]
