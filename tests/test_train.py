@@ -1,6 +1,7 @@
 """End-to-end runs on the `tiny` model: every method, the SASR rule read back from real metrics."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -352,3 +353,25 @@ def test_flops_equal_the_formula_on_the_logged_token_counts(run_tiny):
     probe = [r for r in probed if "probe_grad_norm" in r]
     assert probe and all(r["trained_tokens"] > r["tokens"] for r in probe)  # the probe's tokens count too
     assert all(r["trained_tokens"] == r["tokens"] for r in probed if r["phase"] == "sft")
+
+
+def test_unscored_rollouts_stay_nan_in_the_samples_and_the_report_reads_them(run_tiny, tmp_path):
+    """A row no reward function scored keeps reward NaN in completions.jsonl (only metrics.jsonl is strict
+    JSON), and `sasr report` still draws its page."""
+    from helpers import reward_module
+
+    from sasr.cli import main
+    from sasr.run_dir import read_lines
+
+    fn = reward_module(
+        tmp_path, "def half(completions, **kw):\n    return [None, 1.0] * (len(completions) // 2)\n"
+    )
+    result, _ = run_tiny(
+        "unscored", method="grpo", steps=1, log_completions=True, reward_funcs=[f"{fn}:half"]
+    )
+    rewards = [s["reward"] for s in read_lines(result.output_dir, "completions.jsonl")]
+    assert (
+        rewards and all(math.isnan(r) for r in rewards[::2]) and rewards[1::2] == [1.0] * (len(rewards) // 2)
+    )
+    assert main(["report", str(result.output_dir)]) == 0
+    assert (result.output_dir / "report" / "index.html").is_file()
