@@ -62,7 +62,7 @@ def trl_trainer(tmp_path_factory):
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 @pytest.mark.parametrize("beta, bias_correction", [(0.04, False), (0.04, True), (0.0, False)])
 def test_grpo_loss_matches_trl(trl_trainer, loss_type, beta, bias_correction, level):
     logps, old, ref, adv, mask = _inputs()
@@ -503,3 +503,27 @@ def test_dft_weights_each_demonstration_token_by_its_own_probability():
     assert plain.loss.item() == pytest.approx((0.5 + 1.0 + 3.0 + 2.0) / 4)  # nll, the default, unchanged
     with pytest.raises(SasrError, match="unknown sft.loss 'dtf'.*valid: dft, nll"):
         nll_part(x, loss_type="dtf")
+
+
+def test_bnpo_in_micro_batches_is_the_mean_of_their_own_token_means():
+    """TRL's bnpo divides each micro-batch's token sum by its own token count and by the number of
+    micro-batches: a mean of means, unlike dapo's one token mean over the whole step."""
+    from sasr.losses import Norm, PartInputs, pg_part
+
+    logps, _, _, adv, mask = _inputs(5)
+    options = dict(
+        beta=0.0, epsilon=0.2, epsilon_high=None, max_completion_length=T, use_bias_correction_kl=False
+    )
+    no = torch.zeros(B, dtype=torch.bool)
+    halves = (slice(0, B // 2), slice(B // 2, B))
+    norm = Norm(rows=B, tokens=float(mask.sum()), micro_batches=2)
+
+    def loss(loss_type: str, rows: slice, piece: Norm | None) -> torch.Tensor:
+        x = PartInputs(logps[rows], mask[rows], None, None, adv[rows], no[rows], no[rows], norm=piece)
+        return pg_part(x, loss_type=loss_type, **options).loss
+
+    bnpo = sum(loss("bnpo", h, norm) for h in halves)
+    assert bnpo.item() == pytest.approx(sum(loss("bnpo", h, None).item() for h in halves) / 2, rel=1e-6)
+    dapo = sum(loss("dapo", h, norm) for h in halves)
+    assert dapo.item() == pytest.approx(loss("dapo", slice(0, B), None).item(), rel=1e-6)
+    assert mask[halves[0]].sum() != mask[halves[1]].sum() and bnpo.item() != pytest.approx(dapo.item())

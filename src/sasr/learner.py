@@ -115,7 +115,7 @@ def make_optimizer(model, config: TrainConfig):
 
 
 def part_norms(
-    parts: list[Part], mask: torch.Tensor, num_processes: int = 1, all_reduce=None
+    parts: list[Part], mask: torch.Tensor, num_processes: int = 1, all_reduce=None, micro_batches: int = 1
 ) -> dict[str, Norm]:
     """Each part's row count on this process and loss-token count per process over every process (``mask``
     [B, T]: the loss mask; ``all_reduce`` sums a tensor over processes): the divisors of its loss when its rows
@@ -124,7 +124,10 @@ def part_norms(
         [float((mask[p.rows]).sum()) for p in parts], device=mask.device, dtype=torch.float64
     )
     total = all_reduce(local) if num_processes > 1 else local
-    return {p.name: Norm(int(p.rows.sum()), float(t) / num_processes) for p, t in zip(parts, total.tolist())}
+    return {
+        p.name: Norm(int(p.rows.sum()), float(t) / num_processes, micro_batches)
+        for p, t in zip(parts, total.tolist())
+    }
 
 
 class Learner:
@@ -196,12 +199,13 @@ class Learner:
         in pieces (several micro-batches or processes; none when it is one piece)."""
         micro = micro_batches(rows, self.config.gradient_accumulation_steps)
         in_pieces = len(micro) > 1 or self.accelerator.num_processes > 1
-        return micro, self.norms(rows, parts) if in_pieces else {}
+        return micro, self.norms(rows, parts, len(micro)) if in_pieces else {}
 
-    def norms(self, rows: Rows, parts: list[Part]) -> dict[str, Norm]:
+    def norms(self, rows: Rows, parts: list[Part], micro: int) -> dict[str, Norm]:
         acc = self.accelerator
         mask = loss_mask(rows, self.config.grpo.mask_truncated_completions)
-        return part_norms(parts, mask, acc.num_processes, functools.partial(acc.reduce, reduction="sum"))
+        reduce = functools.partial(acc.reduce, reduction="sum")
+        return part_norms(parts, mask, acc.num_processes, reduce, micro)
 
     def backward(
         self,

@@ -127,6 +127,7 @@ class Norm:
 
     rows: int
     tokens: float
+    micro_batches: int = 1  # the optimizer step's micro-batches (TRL's bnpo averages their own means)
 
 
 def _agg_grpo(loss: torch.Tensor, mask: torch.Tensor, max_completion_length: int, norm: Norm | None = None):
@@ -148,8 +149,16 @@ def _agg_dapo(loss: torch.Tensor, mask: torch.Tensor, max_completion_length: int
     return masked_mean(loss, mask) if norm is None else (loss * mask).sum() / max(norm.tokens, 1.0)
 
 
+def _agg_bnpo(loss: torch.Tensor, mask: torch.Tensor, max_completion_length: int, norm: Norm | None = None):
+    """Mean over the micro-batch's own tokens, then over micro-batches and processes (TRL's bnpo: a mean of
+    means, so a micro-batch's tokens weigh by how few they are)."""
+    mean = masked_mean(loss, mask)
+    return mean if norm is None else mean / norm.micro_batches
+
+
 LOSS_AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "grpo": _agg_grpo,
+    "bnpo": _agg_bnpo,
     "dr_grpo": _agg_dr_grpo,
     "dapo": _agg_dapo,
 }
