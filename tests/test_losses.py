@@ -527,3 +527,26 @@ def test_bnpo_in_micro_batches_is_the_mean_of_their_own_token_means():
     dapo = sum(loss("dapo", h, norm) for h in halves)
     assert dapo.item() == pytest.approx(loss("dapo", slice(0, B), None).item(), rel=1e-6)
     assert mask[halves[0]].sum() != mask[halves[1]].sum() and bnpo.item() != pytest.approx(dapo.item())
+
+
+def test_token_sum_is_the_peers_loss_remove_token_mean():
+    """The official LUFFY and HPT scripts (verl, loss_remove_token_mean=True) divide the RL term's token sum by
+    the padded completion length only: it grows with the rows, where dr_grpo divides by them too."""
+    from sasr.losses import Norm, PartInputs, pg_part
+
+    logps, _, _, adv, mask = _inputs(6)
+    options = dict(
+        beta=0.0, epsilon=0.2, epsilon_high=None, max_completion_length=T, use_bias_correction_kl=False
+    )
+    no = torch.zeros(B, dtype=torch.bool)
+
+    def loss(loss_type: str, rows: slice = slice(0, B), norm: Norm | None = None) -> torch.Tensor:
+        x = PartInputs(logps[rows], mask[rows], None, None, adv[rows], no[rows], no[rows], norm=norm)
+        return pg_part(x, loss_type=loss_type, **options).loss
+
+    on_policy = -adv[:, None] * mask  # rho = 1: each token's surrogate is -A
+    assert loss("token_sum").item() == pytest.approx(on_policy.sum().item() / T, rel=1e-6)
+    assert loss("token_sum").item() == pytest.approx(B * loss("dr_grpo").item(), rel=1e-6)
+    norm = Norm(rows=B, tokens=float(mask.sum()), micro_batches=2)  # in two micro-batches: the same sum
+    halves = loss("token_sum", slice(0, B // 2), norm) + loss("token_sum", slice(B // 2, B), norm)
+    assert halves.item() == pytest.approx(loss("token_sum").item(), rel=1e-6)

@@ -156,11 +156,21 @@ def _agg_bnpo(loss: torch.Tensor, mask: torch.Tensor, max_completion_length: int
     return mean if norm is None else mean / norm.micro_batches
 
 
+def _agg_token_sum(
+    loss: torch.Tensor, mask: torch.Tensor, max_completion_length: int, norm: Norm | None = None
+):
+    """Sum over every token of the rows / max completion length, not divided by the rows: the official
+    LUFFY and HPT scripts' ``loss_remove_token_mean=True`` (verl). Summed over micro-batches, averaged over
+    processes, as their gradient accumulation and data parallelism do."""
+    return (loss * mask).sum() / max_completion_length
+
+
 LOSS_AGGREGATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "grpo": _agg_grpo,
     "bnpo": _agg_bnpo,
     "dr_grpo": _agg_dr_grpo,
     "dapo": _agg_dapo,
+    "token_sum": _agg_token_sum,
 }
 
 
