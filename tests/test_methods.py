@@ -78,7 +78,7 @@ def test_static_methods():
 def test_unknown_method():
     with pytest.raises(
         SasrError,
-        match="unknown method 'sarsa'.*valid: chord, grpo, hpt, interleave, luffy, sasr, sft, sft-then-grpo, srft",
+        match="unknown method 'sarsa'.*valid: chord, grpo, hpt, interleave, luffy, relift, sasr, sft, sft-then-grpo, srft",
     ):
         get_method("sarsa", steps=1)
 
@@ -357,3 +357,44 @@ def test_offpolicy_rows_with_a_kl_term_stay_finite():
     out = pg_part(x, **{**PG, "beta": 0.1}, shaping_gamma=0.1)
     out.loss.backward()
     assert math.isfinite(out.loss.item()) and torch.isfinite(logps.grad).all()
+
+
+def test_relift_buffers_failed_prompts_and_trains_sft_on_them_when_full():
+    """ReLIFT over a few steps: prompts whose rollouts all failed join the buffer (every process's, in
+    order); once it holds buffer_size, the next step is SFT on exactly those, at its own rate and clip, and
+    the buffer empties; RL steps centre advantages without scaling them and clip at 0.2 / 0.28."""
+    relift = get_method(
+        "relift",
+        steps=10,
+        prompts_per_step=2,
+        group_size=4,
+        buffer_size=3,
+        sft_learning_rate=1e-6,
+        sft_max_grad_norm=0.5,
+    )
+    plan = relift.plan(1)
+    assert (plan.phase, plan.scale_rewards, plan.info["relift_buffer"]) == ("grpo", "none", 0.0)
+    parts, stats = relift.parts(plan, rows_for(plan, seed=1))
+    assert [(p.name, p.loss, p.options) for p in parts] == [
+        ("grpo", "pg", {"beta": 0.0, "epsilon_high": 0.28, "loss_type": "dapo"})
+    ]
+    assert 0.0 <= stats["relift_failed"] <= 1.0
+    relift.outcomes(plan, [(5, 0), (7, 2), (9, 0), (3, 1)])  # two processes' groups: 5 and 9 failed
+    relift.observe(plan, 1.0)
+    second = relift.plan(2)
+    assert relift.buffer == [5, 9] and second.phase == "grpo"
+    relift.outcomes(second, [(1, 4), (2, 0)])
+    relift.observe(second, 1.0)
+    sft = relift.plan(3)
+    assert (sft.phase, sft.demo_pool, sft.lr, sft.max_grad_norm) == ("sft", (5, 9, 2), 1e-6, 0.5)
+    assert sft.info == {"relift_buffer": 3.0} and sft.prompts == 0
+    parts, _ = relift.parts(sft, rows_for(Plan(3, "sft", demos=3), seed=3))
+    assert [(p.name, p.loss, p.rows.tolist()) for p in parts] == [("sft", "nll", [True] * 3)]
+    relift.observe(sft, 1.0)
+    fourth = relift.plan(4)
+    assert relift.buffer == [] and fourth.phase == "grpo" and relift.counts["sft"] == 1
+    relift.outcomes(fourth, [(8, 0)])
+    state = json.loads(json.dumps(relift.state_dict()))
+    again = get_method("relift", steps=10, prompts_per_step=2, group_size=4, buffer_size=3)
+    again.load_state_dict(state)
+    assert again.buffer == [8] and again.counts == relift.counts

@@ -370,3 +370,36 @@ def test_sigkill_then_resume_is_bit_identical_for_the_mixed_methods(tmp_path, me
     assert not (run / "final").exists()
     assert main(["train", "--resume", str(run), "--quiet"]) == 0
     assert_same_run(straight, run)
+
+
+def test_relift_gathers_both_processes_failures_into_one_buffer_and_resumes(tmp_path):
+    """Two gloo ranks: every step's failed prompts of both ranks join one buffer, the same on each (4 after a
+    step: 2 ranks x 2 prompts, all failing on `tiny`), so both take the SFT step on it together; resumed from
+    the checkpoint before an SFT step, the run ends as it would have."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    launch = [*launched("ddp_cpu"), *ARGS, "--method", "relift", "--steps", "4", "--save-every", "1"]
+    settings = ["relift.buffer_size=3", "grpo.num_generations=3", "eval.before=false", "logging_ranks=true"]
+    straight = subprocess.run(
+        [*launch, *(x for s in settings for x in ("--set", s)), "--output", str(a)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    r0, r1 = (read_lines(a / "ranks", f"rank{i}.jsonl") for i in (0, 1))
+    assert [x["phase"] for x in r0] == [x["phase"] for x in r1] == ["grpo", "sft", "grpo", "sft"]
+    assert [r["relift_buffer"] for r in read_metrics(a)] == [0, 4, 0, 4]
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "final")
+    for later in complete_checkpoints(b)[1:]:  # keep step 1's: the buffer holds 4, the next step is SFT
+        shutil.rmtree(later)
+    again = subprocess.run(
+        [*launched("ddp_cpu"), "--resume", str(b), "--quiet"],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert_same_run(a, b)

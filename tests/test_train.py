@@ -375,3 +375,37 @@ def test_unscored_rollouts_stay_nan_in_the_samples_and_the_report_reads_them(run
     )
     assert main(["report", str(result.output_dir)]) == 0
     assert (result.output_dir / "report" / "index.html").is_file()
+
+
+def test_relift_takes_its_sft_step_on_the_buffer_and_resumes_across_it(tmp_path):
+    """On `tiny` every rollout fails, so each RL step puts its 2 prompts in the buffer: with buffer_size 3,
+    step 3 is SFT on the 4 buffered prompts' demonstrations at the SFT rate, then RL again; a run resumed from
+    step 2 (buffer in the checkpoint) ends identical."""
+    import shutil
+
+    from helpers import assert_same_run, read_metrics, tiny_config
+
+    import sasr
+    from sasr.checkpoint import complete_checkpoints
+
+    top = {
+        "method": "relift",
+        "steps": 5,
+        "save_every": 2,
+        "relift": {"buffer_size": 3, "sft_learning_rate": 1e-6},
+        "eval": {"before": False, "after": False},
+    }
+    a, b = tmp_path / "a", tmp_path / "b"
+    sasr.train(tiny_config(a, **top), progress=False)
+    lines = read_metrics(a)
+    assert [r["phase"] for r in lines] == ["grpo", "grpo", "sft", "grpo", "grpo"]
+    assert [r["relift_buffer"] for r in lines] == [0, 2, 4, 0, 2]
+    assert all(r["relift_failed"] == 1.0 for r in lines if r["phase"] == "grpo")
+    assert lines[2]["lr"] == 1e-6 and lines[2]["tokens"] > 0
+    shutil.copytree(a, b)
+    shutil.rmtree(b / "final")
+    steps = [p.name for p in complete_checkpoints(b)]
+    assert steps == ["step-000002", "step-000004"]
+    shutil.rmtree(b / "checkpoints" / steps[-1])  # resume from step 2: the buffer, then the SFT step
+    sasr.train(tiny_config(b, **top), progress=False, resume=True)
+    assert_same_run(a, b)

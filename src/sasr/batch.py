@@ -167,4 +167,9 @@ class Plan:
     prompt_demos: bool = False  # also one DEMO row per RL prompt: its own demonstration (HPT)
     scale_rewards: str | None = None  # overrides grpo.scale_rewards for this step's advantages
     probe: bool = False  # after the update, measure the SFT gradient norm on demonstrations (no update)
+    # DEMO rows of these RL examples (indices into the task's training examples), shared out over the
+    # processes, in place of ``demos`` drawn from the demonstration source (ReLIFT's buffer)
+    demo_pool: tuple[int, ...] = ()
+    lr: float | None = None  # this step's learning rate, in place of the schedule's
+    max_grad_norm: float | None = None  # this step's gradient clip, in place of optim.max_grad_norm
     info: dict[str, float] = field(default_factory=dict)  # what the plan was computed from (p_t, mu, ...)

@@ -35,6 +35,7 @@ class Collected:
     rows: Rows
     stats: dict[str, float]  # rollout statistics, the reward functions' numbers, ``tokens``
     extra: dict[str, list]  # the reward functions' log_extra columns, one value per group row
+    prompts: list[int] = dataclasses.field(default_factory=list)  # each group's RL example (its index)
 
 
 @dataclass
@@ -93,6 +94,7 @@ class Collector:
         self.demo_task, self.demo_examples = demos
         self.tokenizer, self.rewards, self.stop_ids = tokenizer, rewards, stop_ids
         self.accelerator, self.decoder, self.cuda_graphs = accelerator, decoder, cuda_graphs
+        self.index = {id(ex): i for i, ex in enumerate(examples)}  # an RL example's index, for outcomes
 
     def draw(self, step: int, per_rank: int, kind: str, pool: list[Example] | None = None) -> list[Example]:
         """This rank's ``per_rank`` examples of the step, drawn for ``kind`` (a pure function of the step)."""
@@ -121,21 +123,32 @@ class Collector:
     def collect(self, step: int, plan: Plan) -> Collected:
         """The step's rows: demonstrations, then each RL prompt's group (rollouts, then its demonstrations
         in the group), then the RL prompts' own demonstrations."""
-        pieces, stats, extra = [], {}, {}
+        pieces, stats, extra, prompts = [], {}, {}, []
         if plan.demos:
             examples = self.draw(step, plan.demos, "sft", self.demo_examples)
             pieces.append(self.demonstrations(examples, self.demo_task))
+        if plan.demo_pool:
+            pieces.append(
+                self.demonstrations([self.examples[i] for i in self.share(plan.demo_pool)], self.task)
+            )
         if plan.prompts:
             with self.decoder() as model:  # one gathering of the weights for every rollout of the step
                 groups = self.groups(model, step, plan)
             pieces.append(groups.rows)
             stats, extra = groups.stats, groups.extra
+            prompts = [self.index[id(ex)] for ex in groups.examples]
             if plan.prompt_demos:
                 n = len(groups.examples)
                 pieces.append(self.demonstrations(groups.examples, self.task, list(range(n))))
         rows = cat_rows(pieces, self.tokenizer.pad_token_id)
         stats["tokens"] = rows.completion_mask.sum().item()
-        return Collected(rows, stats, extra)
+        return Collected(rows, stats, extra, prompts)
+
+    def share(self, pool: tuple[int, ...]) -> list[int]:
+        """This process's share of ``pool``, every process at least one (a short pool is repeated)."""
+        acc = self.accelerator
+        n = max(len(pool), acc.num_processes)
+        return [pool[i % len(pool)] for i in range(acc.process_index, n, acc.num_processes)]
 
     def groups(self, model, step: int, plan: Plan) -> Groups:
         """The step's RL prompts and their groups. With ``grpo.dynamic_sampling``, groups whose rewards are all
@@ -267,6 +280,14 @@ class Collector:
             formatted=torch.tensor([s.formatted for s in scores], dtype=torch.bool, device=device),
         )
         return Groups(examples, rows, ~zero_spread, {**stats, **reward_stats}, call.extra)
+
+
+def outcomes(rows: Rows, prompts: list[int]) -> list[tuple[int, int]]:
+    """(RL example index, rollouts the judge calls correct) for each group of the step's rows."""
+    on = rows.kind == ROLLOUT
+    solved = torch.zeros(len(prompts), dtype=torch.long, device=rows.kind.device)
+    solved.index_add_(0, rows.group[on], rows.correct[on].long())
+    return list(zip(prompts, solved.tolist()))
 
 
 def rollout_stats(rows: Rows, spread: torch.Tensor) -> dict[str, float]:

@@ -155,9 +155,12 @@ class Learner:
         cache: list[dict[str, torch.Tensor]] = [{} for _ in micro]  # per micro-batch: reference, pi_old
         first: Update | None = None
         finite_all, pieces = True, []
+        if plan.lr is not None:  # this step's own rate; the schedule's step below sets the next one
+            for group in self.optimizer.param_groups:
+                group["lr"] = plan.lr
         for _ in range(how.iterations):
             loss, piece = self.backward(how, rows, parts, micro, norms, cache)
-            grad_norm, finite = self.optimizer_step(loss, plan.step)
+            grad_norm, finite = self.optimizer_step(loss, plan.step, plan.max_grad_norm)
             finite_all &= finite
             first = first or Update(loss, grad_norm, finite)
             pieces.append(piece)
@@ -178,12 +181,15 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         return norm if math.isfinite(norm) else None
 
-    def optimizer_step(self, loss: float, step: int) -> tuple[float, bool]:
-        """Clip and update from the gradients ``backward`` accumulated. Returns the pre-clip global gradient norm
-        (read after the DDP all-reduce: the number SASR's p_t is computed from) and whether loss and norm were
-        finite; if not, the update is skipped."""
+    def optimizer_step(
+        self, loss: float, step: int, max_grad_norm: float | None = None
+    ) -> tuple[float, bool]:
+        """Clip (at ``max_grad_norm``, else optim.max_grad_norm) and update from the gradients ``backward``
+        accumulated. Returns the pre-clip global gradient norm (read after the DDP all-reduce: the number SASR's
+        p_t is computed from) and whether loss and norm were finite; if not, the update is skipped."""
         c, acc = self.config, self.accelerator
-        max_norm = c.optim.max_grad_norm if c.optim.max_grad_norm is not None else math.inf
+        max_norm = max_grad_norm if max_grad_norm is not None else c.optim.max_grad_norm
+        max_norm = max_norm if max_norm is not None else math.inf
         grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), max_norm))
         # Every rank skips or takes the update together (a rank's own loss may be non-finite alone).
         finite = not any_rank(acc, not (math.isfinite(grad_norm) and math.isfinite(loss)))

@@ -12,6 +12,7 @@ them under the method's name (``sasr.gamma``, ``chord.variant``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from typing import Any, ClassVar, Literal
@@ -53,6 +54,8 @@ class Method:
     # True: the parts depend on which groups were solved (the groups with equal rewards matter to it), so
     # grpo.dynamic_sampling, which drops those groups, would change the method.
     routes_by_outcome: ClassVar[bool] = False
+    # True: ``outcomes`` is called after each step with rollouts (a collective: every process's groups).
+    observes_outcomes: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -128,6 +131,10 @@ class Method:
         """After the step: its pre-clip gradient norm (None when not finite: the update was skipped), and the
         probe's SFT gradient norm when the plan asked for one."""
         self.counts[plan.phase] += 1
+
+    def outcomes(self, plan: Plan, solved: list[tuple[int, int]]) -> None:
+        """With ``observes_outcomes``: (RL example index, correct rollouts) of every group of the step, every
+        process's, in the same order on every process."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"counts": dict(self.counts), "rng": self.rng.getstate()}
@@ -494,8 +501,79 @@ class SRFT(DemosInGroups):
         ], {}
 
 
+class ReLIFTOptions(Options):
+    buffer_size: int = Field(64, ge=1, description="failed prompts that make the next step SFT on them (M)")
+    sft_learning_rate: float | None = Field(
+        None, gt=0, description="the SFT steps' learning rate (their script: 1e-6); null: the schedule's"
+    )
+    sft_max_grad_norm: float | None = Field(
+        None, gt=0, description="the SFT steps' gradient clip (their script: 0.5); null: optim.max_grad_norm"
+    )
+    beta: float = Field(0.0, ge=0, description="KL weight of the RL steps (ReLIFT: none)")
+    epsilon_high: float = Field(0.28, gt=0, description="the RL steps' clip range above 1 (DAPO's)")
+    loss_type: names(LOSS_AGGREGATIONS) = Field("dapo", description="the RL steps' aggregation")
+
+
+class ReLIFT(Method):
+    """ReLIFT: RL steps (advantage centred, not scaled); every prompt whose G rollouts all fail joins a buffer
+    with its demonstration; once the buffer holds ``buffer_size``, the next step is SFT on the whole buffer,
+    which then empties. The buffer is the same on every process (their failures are gathered)."""
+
+    name = "relift"
+    Options = ReLIFTOptions
+    pairs_demos = True
+    routes_by_outcome = True
+    observes_outcomes = True
+    dynamics = ("relift_buffer",)
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.buffer: list[int] = []  # RL example indices, in the order they failed
+
+    def plan(self, step: int) -> Plan:
+        o, info = self.opts, {"relift_buffer": float(len(self.buffer))}
+        if len(self.buffer) >= o.buffer_size:
+            pool = tuple(self.buffer)
+            return Plan(
+                step,
+                "sft",
+                demo_pool=pool,
+                lr=o.sft_learning_rate,
+                max_grad_norm=o.sft_max_grad_norm,
+                info=info,
+            )
+        plan = self.grpo_plan(step, **info)
+        return dataclasses.replace(plan, scale_rewards="none")
+
+    def parts(self, plan: Plan, rows: Rows) -> tuple[list[Part], dict[str, float]]:
+        if plan.demo_pool:
+            return [Part("sft", "nll", rows.kind == DEMO)], {}
+        o, rollout = self.opts, rows.kind == ROLLOUT
+        solved = torch.zeros(plan.prompts, device=rows.kind.device)
+        solved.index_add_(0, rows.group[rollout], rows.correct[rollout].float())
+        options = {"beta": o.beta, "epsilon_high": o.epsilon_high, "loss_type": o.loss_type}
+        return [Part("grpo", "pg", rollout, 1.0, options)], {
+            "relift_failed": (solved == 0).float().mean().item()
+        }
+
+    def outcomes(self, plan: Plan, solved: list[tuple[int, int]]) -> None:
+        self.buffer += [example for example, correct in solved if correct == 0]
+
+    def observe(self, plan: Plan, grad_norm: float | None, probe: float | None = None) -> None:
+        super().observe(plan, grad_norm, probe)
+        if plan.demo_pool:  # the SFT step on the buffer was taken: it empties
+            self.buffer = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "buffer": list(self.buffer)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.buffer = list(state["buffer"])
+
+
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (SASR, SFTOnly, GRPOOnly, SFTThenGRPO, Interleave, Chord, HPT, Luffy, SRFT)
+    m.name: m for m in (SASR, SFTOnly, GRPOOnly, SFTThenGRPO, Interleave, Chord, HPT, Luffy, SRFT, ReLIFT)
 }
 
 

@@ -122,6 +122,8 @@ METRICS: dict[str, Metric] = {
         _m("mu", "CHORD: the weight of the demonstration part"),
         _m("offpolicy_share", "LUFFY: the share of each group that is off-policy demonstrations"),
         _m("sft_fraction", "HPT: the share of prompts routed to SFT", ROLLOUTS),
+        _m("relift_buffer", "ReLIFT: failed prompts in the buffer when the step was planned"),
+        _m("relift_failed", "ReLIFT: the share of the step's prompts whose rollouts all failed", ROLLOUTS),
         # families
         _m("loss/", "loss/PART: a part's loss, on steps of several parts", "sum/mean/-/mean"),
         _m("weight/", "weight/PART: a part's weight, on steps of several parts", PASS),

@@ -28,7 +28,7 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 from sasr import checkpoint, fsdp, metrics, models, trackers
-from sasr.collect import Collector, demonstration_source
+from sasr.collect import Collector, demonstration_source, outcomes
 from sasr.config import TrainConfig
 from sasr.errors import SasrError
 from sasr.evaluate import GREEDY, evaluate, settings, summarise
@@ -209,13 +209,18 @@ class Trainer:
         update = self.learner.update(plan, got.rows, parts)  # 4. update (num_iterations times)
         probe_rows = self.collector.probe_rows(step) if plan.probe else None
         probe = self.learner.probe(probe_rows) if probe_rows is not None else None
+        if self.method.observes_outcomes and plan.prompts:  # every process's groups: (example, solved)
+            solved = outcomes(got.rows, got.prompts)
+            self.method.outcomes(
+                plan, gather_object(solved) if self.accelerator.num_processes > 1 else solved
+            )
         self.method.observe(plan, update.grad_norm if update.finite else None, probe)  # 5. observe
         if step == self.method.reference_step and c.grpo.reference == "warmup":
             self.reference.snapshot()
         stats = {**got.stats, **route, **update.stats}
         if probe_rows is not None:  # the probe's forward and backward pass is compute too
             stats["trained_tokens"] += probe_rows.completion_mask.sum().item()
-        lr = self.lr_scheduler.get_last_lr()[0]
+        lr = plan.lr if plan.lr is not None else self.lr_scheduler.get_last_lr()[0]
         seconds = time.perf_counter() - t0
         line = metrics.record(self.accelerator, plan, update.loss, update.grad_norm, lr, stats, seconds)  # 6.
         line["flops"] = metrics.flops(
