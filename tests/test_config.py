@@ -129,3 +129,29 @@ def test_the_comparison_recipes_evaluate_256_questions_per_split():
     assert len(recipes) >= 3
     for recipe in recipes:
         assert build_config(recipe).task.test_size >= 256, recipe.name
+
+
+def test_the_2026_two_stage_presets_are_the_papers_recipe_scaled():
+    """configs/presets/sft-then-rl-2026*.yaml: 3 epochs of SFT on a cosine with 10% warm-up to 0.1 x peak,
+    then 500 (or 50) RL steps at a constant rate 50 (or 10) times lower, clip 0.2 / 0.28, no KL, no std."""
+    from pathlib import Path
+
+    from sasr.config import build_config
+
+    presets = Path(__file__).parents[1] / "configs" / "presets"
+    long, short = (build_config(presets / f"sft-then-rl-2026{s}.yaml") for s in ("", "-short"))
+    for c in (long, short):
+        o = c.method_options("sft-then-grpo")
+        assert c.method == "sft-then-grpo" and o["switch_step"] * c.sft.batch_size == 3 * c.task.train_size
+        assert (o["sft_warmup_ratio"], o["sft_lr_floor"], o["sft_weight_decay"]) == (0.1, 0.1, 0.01)
+        assert (c.grpo.epsilon, c.grpo.epsilon_high, c.grpo.beta, c.grpo.scale_rewards) == (
+            0.2,
+            0.28,
+            0.0,
+            "none",
+        )
+        assert c.grpo.loss_type == "dapo" and c.grpo.num_generations == 8
+    assert (long.steps - 750, short.steps - 750) == (500, 50)
+    lo, so = long.method_options("sft-then-grpo"), short.method_options("sft-then-grpo")
+    assert lo["sft_learning_rate"] / lo["rl_learning_rate"] == pytest.approx(50)
+    assert so["rl_learning_rate"] / lo["rl_learning_rate"] == pytest.approx(5)

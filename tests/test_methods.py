@@ -398,3 +398,34 @@ def test_relift_buffers_failed_prompts_and_trains_sft_on_them_when_full():
     again = get_method("relift", steps=10, prompts_per_step=2, group_size=4, buffer_size=3)
     again.load_state_dict(state)
     assert again.buffer == [8] and again.counts == relift.counts
+
+
+def test_sft_then_grpo_gives_each_stage_its_own_optimiser_settings():
+    """The SFT stage: a linear warm-up over its first sft_warmup_ratio, then a cosine from the peak to
+    sft_lr_floor x peak at the switch; the RL stage: a constant rate; each its own weight decay and clip."""
+    two = get_method(
+        "sft-then-grpo",
+        steps=14,
+        switch_step=10,
+        sft_learning_rate=1e-3,
+        sft_warmup_ratio=0.2,
+        sft_lr_floor=0.1,
+        sft_weight_decay=0.01,
+        sft_max_grad_norm=2.0,
+        rl_learning_rate=1e-5,
+        rl_max_grad_norm=0.5,
+    )
+    plans = [two.plan(s) for s in range(1, 15)]
+    assert [p.phase for p in plans] == ["sft"] * 10 + ["grpo"] * 4
+    lrs = [p.lr for p in plans]
+    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)  # warm-up over ceil(0.2 x 10) = 2
+    halfway = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))  # step 6: 4 of the 8 cosine steps
+    assert lrs[5] == pytest.approx(halfway) and lrs[9] == pytest.approx(1e-4)  # the floor at the switch
+    assert all(a > b for a, b in zip(lrs[1:9], lrs[2:10]))
+    assert lrs[10:] == [1e-5] * 4
+    assert {(p.weight_decay, p.max_grad_norm) for p in plans[:10]} == {(0.01, 2.0)}
+    assert {(p.weight_decay, p.max_grad_norm) for p in plans[10:]} == {(None, 0.5)}
+    plain = get_method("sft-then-grpo", steps=4, switch_step=2)  # no stage settings: the run's own
+    assert {(p.lr, p.weight_decay, p.max_grad_norm) for p in map(plain.plan, range(1, 5))} == {
+        (None, None, None)
+    }

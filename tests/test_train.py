@@ -409,3 +409,13 @@ def test_relift_takes_its_sft_step_on_the_buffer_and_resumes_across_it(tmp_path)
     shutil.rmtree(b / "checkpoints" / steps[-1])  # resume from step 2: the buffer, then the SFT step
     sasr.train(tiny_config(b, **top), progress=False, resume=True)
     assert_same_run(a, b)
+
+
+def test_the_two_stage_baseline_trains_each_stage_at_its_own_rate(run_tiny):
+    """Each step's line gives the rate it trained at: the SFT stage's cosine (1 of 2 steps: half the peak,
+    then the floor 0 at the switch), then the RL stage's constant."""
+    stages = {"switch_step": 2, "sft_learning_rate": 1e-3, "rl_learning_rate": 1e-5, "sft_weight_decay": 0.1}
+    quiet = {"before": False, "after": False}
+    _, lines = run_tiny("two", method="sft-then-grpo", steps=3, eval=quiet, **{"sft-then-grpo": stages})
+    assert [r["phase"] for r in lines] == ["sft", "sft", "grpo"]
+    assert [r["lr"] for r in lines] == [pytest.approx(5e-4), pytest.approx(0.0, abs=1e-15), 1e-5]

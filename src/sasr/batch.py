@@ -172,4 +172,5 @@ class Plan:
     demo_pool: tuple[int, ...] = ()
     lr: float | None = None  # this step's learning rate, in place of the schedule's
     max_grad_norm: float | None = None  # this step's gradient clip, in place of optim.max_grad_norm
+    weight_decay: float | None = None  # this step's weight decay, in place of optim.weight_decay
     info: dict[str, float] = field(default_factory=dict)  # what the plan was computed from (p_t, mu, ...)

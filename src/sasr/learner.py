@@ -155,9 +155,12 @@ class Learner:
         cache: list[dict[str, torch.Tensor]] = [{} for _ in micro]  # per micro-batch: reference, pi_old
         first: Update | None = None
         finite_all, pieces = True, []
-        if plan.lr is not None:  # this step's own rate; the schedule's step below sets the next one
-            for group in self.optimizer.param_groups:
+        for group in self.optimizer.param_groups:
+            if plan.lr is not None:  # this step's own rate; the schedule's step below sets the next one
                 group["lr"] = plan.lr
+            group["weight_decay"] = (
+                self.config.optim.weight_decay if plan.weight_decay is None else plan.weight_decay
+            )
         for _ in range(how.iterations):
             loss, piece = self.backward(how, rows, parts, micro, norms, cache)
             grad_norm, finite = self.optimizer_step(loss, plan.step, plan.max_grad_norm)

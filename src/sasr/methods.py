@@ -181,10 +181,32 @@ class GRPOOnly(Method):
 
 class SFTThenGRPOOptions(Options):
     switch_step: int | None = Field(None, ge=0, description="SFT steps before GRPO (null: warmup_steps)")
+    sft_learning_rate: float | None = Field(
+        None,
+        gt=0,
+        description="the SFT stage's peak rate, on its own cosine schedule; null: the run's schedule",
+    )
+    sft_warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the SFT stage warming its rate up")
+    sft_lr_floor: float = Field(0.0, ge=0, le=1, description="the SFT stage's final rate / its peak")
+    sft_weight_decay: float | None = Field(
+        None, ge=0, description="the SFT stage's; null: optim.weight_decay"
+    )
+    sft_max_grad_norm: float | None = Field(
+        None, gt=0, description="the SFT stage's; null: optim.max_grad_norm"
+    )
+    rl_learning_rate: float | None = Field(
+        None, gt=0, description="the RL stage's constant rate; null: the run's schedule"
+    )
+    rl_weight_decay: float | None = Field(None, ge=0, description="the RL stage's; null: optim.weight_decay")
+    rl_max_grad_norm: float | None = Field(
+        None, gt=0, description="the RL stage's; null: optim.max_grad_norm"
+    )
 
 
 class SFTThenGRPO(Method):
-    """The static two-stage hybrid: ``switch_step`` SFT steps (default warmup_steps), then GRPO."""
+    """The static two-stage hybrid: ``switch_step`` SFT steps (default warmup_steps), then GRPO; each stage may
+    have its own optimiser settings (a peak rate with warm-up and a cosine to a floor for SFT, a constant rate
+    for RL, weight decay, clip), as a fair two-stage baseline needs (arXiv 2604.23747)."""
 
     name = "sft-then-grpo"
     Options = SFTThenGRPOOptions
@@ -209,7 +231,28 @@ class SFTThenGRPO(Method):
         pass  # any switch works: 0 is plain GRPO, steps or more plain SFT
 
     def plan(self, step: int) -> Plan:
-        return self.sft_plan(step) if step <= self.switch else self.grpo_plan(step)
+        o = self.opts
+        if step <= self.switch:
+            lr = None if o.sft_learning_rate is None else self.sft_rate(step)
+            settings = {"lr": lr, "weight_decay": o.sft_weight_decay, "max_grad_norm": o.sft_max_grad_norm}
+            return dataclasses.replace(self.sft_plan(step), **settings)
+        settings = {
+            "lr": o.rl_learning_rate,
+            "weight_decay": o.rl_weight_decay,
+            "max_grad_norm": o.rl_max_grad_norm,
+        }
+        return dataclasses.replace(self.grpo_plan(step), **settings)
+
+    def sft_rate(self, step: int) -> float:
+        """The SFT stage's rate at ``step`` (1-based): linear warm-up over ``sft_warmup_ratio`` of the stage,
+        then a cosine from the peak down to ``sft_lr_floor`` x peak at its last step."""
+        o, n = self.opts, self.switch
+        warm = math.ceil(o.sft_warmup_ratio * n)
+        if step <= warm:
+            return o.sft_learning_rate * step / warm
+        done = (step - warm) / max(n - warm, 1)  # 1 at the stage's last step
+        cosine = 0.5 * (1 + math.cos(math.pi * done))
+        return o.sft_learning_rate * (o.sft_lr_floor + (1 - o.sft_lr_floor) * cosine)
 
 
 class InterleaveOptions(Options):
