@@ -419,3 +419,11 @@ def test_the_two_stage_baseline_trains_each_stage_at_its_own_rate(run_tiny):
     _, lines = run_tiny("two", method="sft-then-grpo", steps=3, eval=quiet, **{"sft-then-grpo": stages})
     assert [r["phase"] for r in lines] == ["sft", "sft", "grpo"]
     assert [r["lr"] for r in lines] == [pytest.approx(5e-4), pytest.approx(0.0, abs=1e-15), 1e-5]
+
+
+def test_each_line_gives_the_rate_its_step_trained_at(run_tiny):
+    """A linear schedule from 1e-3 over 4 steps: the steps train at 1e-3, 7.5e-4, 5e-4, 2.5e-4."""
+    quiet = {"before": False, "after": False}
+    optim = {"learning_rate": 1e-3, "lr_scheduler_type": "linear"}
+    _, lines = run_tiny("lr", method="sft", steps=4, optim=optim, eval=quiet)
+    assert [r["lr"] for r in lines] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])

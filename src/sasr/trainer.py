@@ -206,6 +206,7 @@ class Trainer:
             self.log_completions(
                 step, completion_samples(step, rank, got.rows, parts, got.extra, self.tokenizer)
             )
+        lr = plan.lr if plan.lr is not None else self.lr_scheduler.get_last_lr()[0]  # the rate this step takes
         update = self.learner.update(plan, got.rows, parts)  # 4. update (num_iterations times)
         probe_rows = self.collector.probe_rows(step) if plan.probe else None
         probe = self.learner.probe(probe_rows) if probe_rows is not None else None
@@ -220,7 +221,6 @@ class Trainer:
         stats = {**got.stats, **route, **update.stats}
         if probe_rows is not None:  # the probe's forward and backward pass is compute too
             stats["trained_tokens"] += probe_rows.completion_mask.sum().item()
-        lr = plan.lr if plan.lr is not None else self.lr_scheduler.get_last_lr()[0]
         seconds = time.perf_counter() - t0
         line = metrics.record(self.accelerator, plan, update.loss, update.grad_norm, lr, stats, seconds)  # 6.
         line["flops"] = metrics.flops(
