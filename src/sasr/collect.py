@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from transformers import TrainerState
 
 from sasr import metrics
@@ -282,12 +283,14 @@ class Collector:
         return Groups(examples, rows, ~zero_spread, {**stats, **reward_stats}, call.extra)
 
 
-def outcomes(rows: Rows, prompts: list[int]) -> list[tuple[int, int]]:
-    """(RL example index, rollouts the judge calls correct) for each group of the step's rows."""
+def outcomes(rows: Rows, prompts: list[int], accelerator: Accelerator) -> list[tuple[int, int]]:
+    """(RL example index, rollouts the judge calls correct) for each group of the step's rows, every
+    process's in rank order (a collective with several processes)."""
     on = rows.kind == ROLLOUT
     solved = torch.zeros(len(prompts), dtype=torch.long, device=rows.kind.device)
     solved.index_add_(0, rows.group[on], rows.correct[on].long())
-    return list(zip(prompts, solved.tolist()))
+    mine = list(zip(prompts, solved.tolist()))
+    return gather_object(mine) if accelerator.num_processes > 1 else mine
 
 
 def rollout_stats(rows: Rows, spread: torch.Tensor) -> dict[str, float]:

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
+from tqdm.auto import tqdm
 
+from sasr import trackers
 from sasr.batch import DEMO, KIND_NAMES, Part, Rows
 from sasr.config import TrainConfig, to_yaml
 from sasr.errors import SasrError
@@ -97,6 +99,22 @@ class RunDir:
         with open(self.path / "ranks" / f"rank{rank}.jsonl", "a") as f:
             f.write(json.dumps(line) + "\n")
 
+    def log_samples(
+        self, acc: Accelerator, step: int, samples: list[dict[str, Any]], keep: bool, show: int
+    ) -> None:
+        """The step's samples, every process's gathered on the main one: with ``keep`` (log_completions) appended
+        to completions.jsonl and sent to the trackers; the first ``show`` printed."""
+        if acc.num_processes > 1:
+            samples = gather_object(samples)
+        if not self.main:
+            return
+        if keep:
+            self.append(COMPLETIONS, samples)
+            trackers.log_samples(acc, step, samples)
+        for s in samples[:show]:
+            head = f"step {step} [{s['kind']}, reward {s['reward']:.2f}, advantage {s['advantage']:+.2f}]"
+            tqdm.write(f"{head} {s['completion'][:300]!r}")
+
     def save_model(self, model, tokenizer, card, lora: bool) -> None:
         """``final/``: a plain transformers folder (LoRA merged); with LoRA also ``adapter/``, the adapter alone;
         each with its model card (``card(adapter=...)`` -> README.md text)."""
@@ -151,6 +169,14 @@ def completion_samples(
         }
         for j, i in enumerate(grouped)
     ]
+
+
+def check_hub() -> None:
+    """push_to_hub needs the network: refuse it before anything is written when the hub is offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise SasrError(
+            "push_to_hub needs the network, but HF_HUB_OFFLINE is set; unset it or drop push_to_hub"
+        )
 
 
 def strict(line: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,6 @@ checkpoints and stops on a signal; the run directory's files are ``sasr.run_dir`
 from __future__ import annotations
 
 import functools
-import os
 import resource
 import time
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from sasr.process import any_rank, on_stop_signals
 from sasr.reference import ReferencePolicy
 from sasr.rewards import Rewards
 from sasr.rollout import stop_token_ids
-from sasr.run_dir import COMPLETIONS, EVAL_COMPLETIONS, METRICS, RunDir, completion_samples, resolve, strict
+from sasr.run_dir import EVAL_COMPLETIONS, METRICS, RunDir, check_hub, completion_samples, resolve, strict
 from sasr.tasks import get_task
 
 # What an evaluation sample keeps (eval_completions.jsonl, with log_completions).
@@ -131,10 +130,8 @@ class Trainer:
             fsdp.plugin(acc)  # a config sasr cannot run is refused here
         # CUDA graphs replay against the weights' addresses, which FSDP frees and allocates anew at each gathering.
         self.cuda_graphs = c.grpo.cuda_graphs and not self.sharded
-        if c.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-            raise SasrError(
-                "push_to_hub needs the network, but HF_HUB_OFFLINE is set; unset it or drop push_to_hub"
-            )
+        if c.push_to_hub:
+            check_hub()
         self.run_dir = resolve(c, overwrite, resume, acc)
         self.files = RunDir(self.run_dir, acc.is_main_process)
         resume_from = checkpoint.latest(self.run_dir) if resume else None
@@ -202,19 +199,19 @@ class Trainer:
         got = self.collector.collect(step, plan)  # 2. collect: demonstrations, scored rollouts [B rows]
         parts, route = self.method.parts(plan, got.rows)  # 3. parts: weighted losses over those rows
         if plan.prompts and (c.log_completions or c.num_completions_to_print):
-            rank = self.accelerator.process_index
-            self.log_completions(
-                step, completion_samples(step, rank, got.rows, parts, got.extra, self.tokenizer)
+            samples = completion_samples(
+                step, self.accelerator.process_index, got.rows, parts, got.extra, self.tokenizer
             )
-        lr = plan.lr if plan.lr is not None else self.lr_scheduler.get_last_lr()[0]  # the rate this step takes
+            self.files.log_samples(
+                self.accelerator, step, samples, c.log_completions, c.num_completions_to_print
+            )
+        # the rate this step trains at, read before the update steps the schedule
+        lr = self.lr_scheduler.get_last_lr()[0] if plan.lr is None else plan.lr
         update = self.learner.update(plan, got.rows, parts)  # 4. update (num_iterations times)
         probe_rows = self.collector.probe_rows(step) if plan.probe else None
         probe = self.learner.probe(probe_rows) if probe_rows is not None else None
         if self.method.observes_outcomes and plan.prompts:  # every process's groups: (example, solved)
-            solved = outcomes(got.rows, got.prompts)
-            self.method.outcomes(
-                plan, gather_object(solved) if self.accelerator.num_processes > 1 else solved
-            )
+            self.method.outcomes(plan, outcomes(got.rows, got.prompts, self.accelerator))
         self.method.observe(plan, update.grad_norm if update.finite else None, probe)  # 5. observe
         if step == self.method.reference_step and c.grpo.reference == "warmup":
             self.reference.snapshot()
@@ -223,11 +220,9 @@ class Trainer:
             stats["trained_tokens"] += probe_rows.completion_mask.sum().item()
         seconds = time.perf_counter() - t0
         line = metrics.record(self.accelerator, plan, update.loss, update.grad_norm, lr, stats, seconds)  # 6.
-        line["flops"] = metrics.flops(
-            self.parameters, line["trained_tokens"], line.get("generated_tokens", 0)
-        )
-        self.flops_total += line["flops"]
-        line["flops_total"] = self.flops_total
+        flops = metrics.flops(self.parameters, line["trained_tokens"], line.get("generated_tokens", 0))
+        self.flops_total += flops
+        line["flops"], line["flops_total"] = flops, self.flops_total
         if probe is not None:
             line["probe_grad_norm"] = probe
         if not update.finite:
@@ -391,21 +386,6 @@ class Trainer:
             clean = strict(line)  # a non-finite number (a skipped step) is written as null
             self.files.append(METRICS, [clean])
             trackers.log(self.accelerator, clean)
-
-    def log_completions(self, step: int, samples: list[dict[str, Any]]) -> None:
-        """The step's samples, every rank's gathered on the main process: appended to DIR/completions.jsonl
-        with log_completions, and the first ``num_completions_to_print`` printed."""
-        c, acc = self.config, self.accelerator
-        if acc.num_processes > 1:
-            samples = gather_object(samples)
-        if not acc.is_main_process:
-            return
-        if c.log_completions:
-            self.files.append(COMPLETIONS, samples)
-            trackers.log_samples(acc, step, samples)
-        for s in samples[: c.num_completions_to_print]:
-            head = f"step {step} [{s['kind']}, reward {s['reward']:.2f}, advantage {s['advantage']:+.2f}]"
-            tqdm.write(f"{head} {s['completion'][:300]!r}")
 
     def _write_status(self, status: str, **extra: Any) -> None:
         how = distributed(self.accelerator, self.sharded)
