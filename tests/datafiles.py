@@ -70,3 +70,50 @@ def write_user_jsonl(path: Path, n: int = 2500, fields=("question", "solution", 
         for ex in arithmetic_rows(n):
             f.write(json.dumps({q: ex.question, s: ex.cot, a: ex.answer, "source": "arith"}) + "\n")
     return path
+
+
+def write_verl_gsm8k(path: Path, n: int = 64, target: bool = True) -> Path:
+    """A parquet file as verl's examples/data_preprocess/gsm8k.py writes one: data_source, prompt (chat
+    messages), ability, reward_model {style, ground_truth}, extra_info; and LUFFY's ``target`` column."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    instruction = 'Let\'s think step by step and output the final answer after "####".'
+    rows = []
+    for i, ex in enumerate(arithmetic_rows(n)):
+        row = {
+            "data_source": "openai/gsm8k",
+            "prompt": [{"role": "user", "content": f"{ex.question} {instruction}"}],
+            "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": ex.answer},
+            "extra_info": {"split": "train", "index": i, "question": ex.question},
+        }
+        if target:
+            row["target"] = [{"role": "assistant", "content": f"{ex.cot}\n#### {ex.answer}"}]
+        rows.append(row)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+VERL_SCORE = '''
+import re
+
+
+def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
+    """verl's gsm8k scorer's shape: the number after '####' against the ground truth."""
+    found = re.search(r"#### *(-?[0-9]+)", solution_str)
+    pred = found.group(1) if found else ""
+    return {"score": 1.0 if pred == ground_truth else 0.0, "has_answer": float(bool(found)), "pred": pred}
+
+
+def plain_score(data_source, solution_str, ground_truth, extra_info=None):
+    return 1.0 if ground_truth in solution_str else 0.0
+
+
+def no_score(data_source, solution_str, ground_truth, extra_info=None):
+    return {"acc": 1.0}
+
+
+def neither(text):
+    return 1.0
+'''

@@ -23,6 +23,10 @@ not supported: wrap one in a function. The
 reward is the weighted sum of the functions (``reward_weights``, default all 1). The entry ``task`` is the
 task's own judge; with no ``reward_funcs`` the judge alone is the reward. Whether a rollout is correct (its
 accuracy, and what HPT's gate and SRFT's rollout term read) is always the judge's verdict.
+
+A function with verl's contract instead, ``compute_score(data_source, solution_str, ground_truth,
+extra_info=None)`` returning a float or a dict with ``score``, is called as verl calls it, once per completion
+(``trl_from_verl``); a function with neither contract is refused when the run starts.
 """
 
 from __future__ import annotations
@@ -87,11 +91,85 @@ def load_function(spec: str) -> Callable:
     return func
 
 
+VERL_ARGUMENTS = ("data_source", "solution_str", "ground_truth")
+
+
+def trl_contract(fn: Callable) -> bool:
+    """Whether ``fn`` can be called as TRL calls a reward function: it takes ``completions`` or **kwargs."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True  # a callable whose signature Python cannot read: let the call say
+    return any(p.kind is p.VAR_KEYWORD or p.name == "completions" for p in params)
+
+
+def verl_contract(fn: Callable) -> bool:
+    """Whether ``fn`` is a verl reward function: compute_score(data_source, solution_str, ground_truth,
+    extra_info=None, **kwargs)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(name in params for name in VERL_ARGUMENTS)
+
+
+def verl_score(fn: Callable, data_source: Any, text: str, truth: Any, extra_info: Any) -> tuple[float, dict]:
+    """One completion scored as verl calls ``fn``: a float, or a dict whose 'score' is the reward and whose
+    other keys are logged. Returns (score, the other keys)."""
+    out = fn(data_source=data_source, solution_str=text, ground_truth=truth, extra_info=extra_info)
+    if isinstance(out, dict):
+        if "score" not in out:
+            name = function_name(fn)
+            raise SasrError(
+                f"verl reward function {name} returned a dict without 'score' (keys: {sorted(out)})"
+            )
+        extra = {k: v for k, v in out.items() if k != "score"}
+        return float(out["score"]), extra
+    return float(out), {}
+
+
+def trl_from_verl(fn: Callable) -> Callable:
+    """A verl reward function behind TRL's contract: called once per completion as verl calls it (the row's
+    ``data_source``, ``ground_truth`` and ``extra_info`` columns; a task without them gives its name and
+    the gold ``answer``); a dict's numeric keys go to ``log_metric``, the others to ``log_extra``."""
+
+    @functools.wraps(fn)
+    def reward(completions, log_metric, log_extra, answer=None, **columns) -> list[float]:
+        n = len(completions)
+        sources = columns.get("data_source") or [None] * n
+        truths = columns.get("ground_truth") or answer or [None] * n
+        infos = columns.get("extra_info") or [None] * n
+        values, extras = [], defaultdict(list)
+        for c, source, truth, info in zip(completions, sources, truths, infos):
+            value, extra = verl_score(fn, source, c[0]["content"], truth, info)
+            values.append(value)
+            for key, v in extra.items():
+                extras[key].append(v)
+        for key, vs in extras.items():
+            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vs)
+            if numbers and len(vs) == n:
+                log_metric(key, sum(vs) / n)
+            elif len(vs) == n:
+                log_extra(key, vs)
+        return values
+
+    return reward
+
+
 def build_function(entry: str | dict[str, Any]) -> Callable:
     """A reward_funcs entry: 'module:function', or {function: 'module:factory', kwargs: {...}}, which calls
-    the factory with kwargs (TRL's get_soft_overlong_punishment(max_completion_len=..., ...) and the like)."""
+    the factory with kwargs (TRL's get_soft_overlong_punishment(max_completion_len=..., ...) and the like).
+    A function with verl's contract (``verl_contract``) is called as verl calls it."""
     if isinstance(entry, str):
-        return load_function(entry)
+        fn = load_function(entry)
+        if verl_contract(fn):
+            return trl_from_verl(fn)
+        if not trl_contract(fn):
+            raise SasrError(
+                f"reward function '{entry}' takes neither TRL's arguments (completions, ..., **kwargs) nor "
+                "verl's (data_source, solution_str, ground_truth, extra_info=None)"
+            )
+        return fn
     factory = load_function(entry["function"])
     try:
         return factory(**entry.get("kwargs", {}))

@@ -11,16 +11,19 @@ from sasr.tasks.generated import GSMSymbolic, KnightsKnaves
 from sasr.tasks.gsm8k import GSM8K
 from sasr.tasks.jsonl import JsonlTask
 from sasr.tasks.math import Math
+from sasr.tasks.verl import VerlTask
 
 TASKS: dict[str, type[Task]] = {
-    cls.name: cls for cls in (Arithmetic, GSM8K, Math, KnightsKnaves, GSMSymbolic, JsonlTask)
+    cls.name: cls for cls in (Arithmetic, GSM8K, Math, KnightsKnaves, GSMSymbolic, JsonlTask, VerlTask)
 }
 
 
 def get_task(name: str, **options: Any) -> Task:
-    """A task by registry name, with its options checked. ``jsonl:PATH`` is the jsonl task on PATH."""
-    if name.startswith("jsonl:"):
-        return JsonlTask(**{**options, "path": name.removeprefix("jsonl:")})
+    """A task by registry name, with its options checked. ``jsonl:PATH`` (``verl:PATH``) is the jsonl (verl)
+    task on PATH."""
+    for cls in (JsonlTask, VerlTask):
+        if name.startswith(f"{cls.name}:"):
+            return cls(**{**options, "path": name.removeprefix(f"{cls.name}:")})
     if name not in TASKS:
         raise unknown("task", name, TASKS)
     return TASKS[name](**options)
