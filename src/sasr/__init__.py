@@ -7,11 +7,19 @@ from sasr.errors import SasrError
 from sasr.tasks import get_task
 
 
-def train(config, overwrite: bool = False, progress: bool = True, resume: bool = False):
-    """Train with a TrainConfig, a nested dict or a YAML path; returns a RunResult. See sasr.trainer."""
+def train(
+    config,
+    overwrite: bool = False,
+    progress: bool = True,
+    resume: bool = False,
+    train_dataset=None,
+    eval_dataset=None,
+):
+    """Train with a TrainConfig, a nested dict or a YAML path (and optionally ``datasets.Dataset`` objects as
+    the data); returns a RunResult. See sasr.trainer."""
     from sasr.trainer import train as _train
 
-    return _train(config, overwrite=overwrite, progress=progress, resume=resume)
+    return _train(config, overwrite, progress, resume, train_dataset, eval_dataset)
 
 
 __all__ = ["SasrError", "TrainConfig", "build_config", "get_task", "train"]

@@ -433,13 +433,26 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     resume: bool = False,
+    train_dataset=None,
+    eval_dataset=None,
 ) -> RunResult:
     """Python API: ``sasr.train(config)`` with a TrainConfig, a nested dict, or a YAML path.
-    ``resume=True`` continues ``config.output_dir`` from its newest checkpoint."""
+    ``resume=True`` continues ``config.output_dir`` from its newest checkpoint. ``train_dataset`` and
+    ``eval_dataset`` (``datasets.Dataset``, rows in any format the ``jsonl`` task reads: TRL's among them) are
+    the task's data in place of ``task.name``'s."""
     from sasr.config import build_config, validate
+    from sasr.tasks.records import dataset_file
 
     if isinstance(config, (str, Path)):
         config = build_config(file=config)
     elif isinstance(config, dict):
         config = validate(config)
+    if train_dataset is not None:
+        folder = models.cache_dir() / "datasets"
+        task = {"name": f"jsonl:{dataset_file(train_dataset, folder)}"}
+        if eval_dataset is not None:
+            task["test_path"] = str(dataset_file(eval_dataset, folder))
+        config = validate({**config.model_dump(mode="json"), "task": {**config.task.model_dump(), **task}})
+    elif eval_dataset is not None:
+        raise SasrError("eval_dataset needs a train_dataset beside it")
     return Trainer(config, overwrite=overwrite, progress=progress, resume=resume).train()

@@ -1,9 +1,12 @@
 """`jsonl:PATH`: the user's own data, with a built-in judge or the user's reward function.
 
 Fields default to ``question``, ``solution`` (chain of thought) and ``answer`` and can be renamed. Rows may
-instead be conversations: a ``messages`` field of system/user/assistant turns, as TRL's conversational
-datasets hold them; the turns before the last assistant turn are the prompt, that turn is the demonstration,
-and the answer comes from the ``answer`` field or else from the demonstration's final answer. The
+instead be in TRL's dataset formats: conversations in a ``messages`` field (the turns before the last
+assistant turn are the prompt, that turn is the demonstration), or TRL's prompt-only and prompt-completion
+rows, standard or conversational: a ``prompt`` (text, or chat messages used as they are) and optionally a
+``completion`` (text, or the assistant's turn), which is the demonstration. The answer comes from the
+``answer`` field, else ``solution`` (the gold answer, as TRL's math datasets name it), else the
+demonstration's final answer. The
 judge is built in (``exact``, ``numeric``, ``math``, on the extracted final answer); reward functions
 (``reward_funcs``, ``sasr.rewards``) receive every field of the rows as a column.
 """
@@ -29,6 +32,8 @@ class JsonlTask(FileTask):
         "test_path": None,
         "question_field": "question",
         "messages_field": "messages",  # conversational rows: [{"role": ..., "content": ...}, ...]
+        "prompt_field": "prompt",  # TRL's prompt-only / prompt-completion rows
+        "completion_field": "completion",
         "solution_field": "solution",
         "answer_field": "answer",
         "judge": "numeric",  # exact | numeric | math: correctness, and the reward unless reward_funcs say
@@ -54,7 +59,9 @@ class JsonlTask(FileTask):
         return ()  # checked row by row in to_example: flat rows and conversations need different fields
 
     def split_key(self, row: dict) -> str:
-        """The question, or a conversation's turns before its last assistant turn."""
+        """The question, or a conversation's turns before its last assistant turn, or TRL's prompt."""
+        if row.get(self.opts["prompt_field"]) is not None:
+            return json.dumps(row[self.opts["prompt_field"]], sort_keys=True)
         turns = row.get(self.opts["messages_field"])
         if isinstance(turns, list):
             prompt = (
@@ -70,6 +77,8 @@ class JsonlTask(FileTask):
         columns = {k: v for k, v in row.items() if k != "_line"}
         if row.get(o["messages_field"]) is not None:
             return self._conversation(row, columns)
+        if row.get(o["prompt_field"]) is not None:
+            return self._prompt_completion(row, columns)
         for name in (o["question_field"], o["answer_field"]):  # no chain of thought: RL prompts only
             if row.get(name) is None:
                 raise SasrError(f"{o['path']}:{row.get('_line', '?')} has no field '{name}'")
@@ -106,6 +115,32 @@ class JsonlTask(FileTask):
         question = next(t["content"] for t in reversed(prompt) if t["role"] == "user")
         return Example(question, demonstration, str(answer).strip(), {"row": columns, "messages": prompt})
 
+    def _prompt_completion(self, row: dict, columns: dict) -> Example:
+        """TRL's prompt-only or prompt-completion row, standard (text) or conversational (messages)."""
+        o = self.opts
+        where = f"{o['path']}:{row.get('_line', '?')}"
+        prompt = row[o["prompt_field"]]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        elif not _turns(prompt) or not any(t["role"] == "user" for t in prompt):
+            raise SasrError(f"{where}: '{o['prompt_field']}' must be text or chat messages with a user turn")
+        completion = row.get(o["completion_field"])
+        if isinstance(completion, list):
+            if not _turns(completion) or completion[-1]["role"] != "assistant":
+                raise SasrError(f"{where}: '{o['completion_field']}' must be the assistant's turn")
+            completion = completion[-1]["content"]
+        elif completion is not None and not isinstance(completion, str):
+            raise SasrError(f"{where}: '{o['completion_field']}' must be text or the assistant's turn")
+        demonstration = (completion or "").strip()
+        answer = next((row[f] for f in (o["answer_field"], "solution") if row.get(f) is not None), None)
+        answer = extract_answer(demonstration) if answer is None else answer
+        if answer is None:
+            raise SasrError(
+                f"{where} has no field '{o['answer_field']}' or 'solution', and no completion with a final answer"
+            )
+        question = next(t["content"] for t in reversed(prompt) if t["role"] == "user")
+        return Example(question, demonstration, str(answer).strip(), {"row": columns, "messages": prompt})
+
     def messages(self, example: Example) -> list[dict[str, str]]:
         """A conversation's own turns; else the system prompt and the question."""
         return example.metadata.get("messages") or super().messages(example)
@@ -127,3 +162,15 @@ class JsonlTask(FileTask):
         got = extract_answer(completion)
         correct = self.judge(got, example.answer)
         return Score(1.0 if correct else 0.0, correct, got is not None)
+
+
+def _turns(value: Any) -> bool:
+    """A non-empty list of {role, content} chat messages."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(
+            isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)
+            for t in value
+        )
+    )

@@ -129,3 +129,20 @@ def take(items: list, n: int | None, seed: int) -> list:
     items = list(items)
     random.Random(seed).shuffle(items)
     return items if n is None else items[:n]
+
+
+def dataset_file(dataset: Any, folder: Path) -> Path:
+    """A ``datasets.Dataset`` as a JSONL file in ``folder``, named by the dataset's fingerprint, so that a run
+    on it can read it back (and resume) like a file of the user's."""
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    if not hasattr(dataset, "to_json") or fingerprint is None:
+        raise SasrError(
+            f"train_dataset and eval_dataset must be datasets.Dataset objects, not {type(dataset).__name__}"
+        )
+    path = folder / f"{fingerprint}.jsonl"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        dataset.to_json(partial, lines=True, force_ascii=False)
+        partial.replace(path)
+    return path

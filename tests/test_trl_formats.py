@@ -1,0 +1,99 @@
+"""TRL's dataset formats as they are: prompt-only and prompt-completion rows, standard and conversational,
+from a file or a datasets.Dataset passed from Python."""
+
+import json
+
+import pytest
+from datafiles import arithmetic_rows
+from helpers import read_metrics, tiny_config
+
+import sasr
+from sasr.cli import main
+from sasr.run_dir import read_lines
+
+ARGS = [
+    "--model",
+    "tiny",
+    "--quiet",
+    "--set",
+    "grpo.num_generations=2",
+    "--set",
+    "grpo.max_completion_length=8",
+]
+ARGS += ["--set", "eval.max_new_tokens=8", "--set", "task.test_size=2", "--set", "sft.batch_size=2"]
+
+
+def trl_rows(kind: str, n: int = 40) -> list[dict]:
+    """Rows as TRL's docs define each format; prompt-only rows carry the gold answer as `solution`."""
+    rows = []
+    for ex in arithmetic_rows(n):
+        demo = f"{ex.cot}\nAnswer: {ex.answer}"
+        turn = [{"role": "user", "content": ex.question}]
+        rows.append(
+            {
+                "standard prompt-only": {"prompt": ex.question, "solution": ex.answer},
+                "conversational prompt-only": {"prompt": turn, "solution": ex.answer},
+                "standard prompt-completion": {"prompt": ex.question, "completion": demo},
+                "conversational prompt-completion": {
+                    "prompt": turn,
+                    "completion": [{"role": "assistant", "content": demo}],
+                },
+            }[kind]
+        )
+    return rows
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "standard prompt-only",
+        "conversational prompt-only",
+        "standard prompt-completion",
+        "conversational prompt-completion",
+    ],
+)
+def test_each_trl_format_trains(tmp_path, capsys, kind):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in trl_rows(kind)))
+    demos = "completion" in kind  # the completion is the demonstration: SFT steps, then GRPO
+    method = ["--method", "sft-then-grpo", "--warmup-steps", "1"] if demos else ["--method", "grpo"]
+    out = tmp_path / "run"
+    assert (
+        main(["train", *ARGS, "--task", f"jsonl:{data}", *method, "--steps", "2", "--output", str(out)]) == 0
+    )
+    phases = [r["phase"] for r in read_metrics(out)]
+    assert phases == (["sft", "grpo"] if demos else ["grpo", "grpo"]), capsys.readouterr().err
+
+
+def test_the_completion_must_be_the_assistants_turn(tmp_path, capsys):
+    rows = trl_rows("conversational prompt-completion")
+    rows[0]["completion"] = [{"role": "user", "content": "again"}]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    code = main(["train", *ARGS, "--task", f"jsonl:{data}", "--method", "sft", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert (
+        code == 2
+        and "'completion' must be the assistant's turn" in err
+        and len(err.strip().splitlines()) == 1
+    )
+    assert not out.exists()
+
+
+def test_a_dataset_from_python_trains(tmp_path):
+    from datasets import Dataset
+
+    rows = trl_rows("conversational prompt-completion")
+    train, test = Dataset.from_list(rows[:32]), Dataset.from_list(rows[32:])
+    config = tiny_config(
+        tmp_path / "run", method="sft-then-grpo", steps=2, warmup_steps=1, log_completions=True
+    )
+    result = sasr.train(config, progress=False, train_dataset=train, eval_dataset=test)
+    assert [r["phase"] for r in read_metrics(result.output_dir)] == ["sft", "grpo"]
+    asked = {s["question"] for s in read_lines(result.output_dir, "eval_completions.jsonl")}
+    assert len(asked) == 4 and asked <= {r["prompt"][0]["content"] for r in rows[32:]}  # the eval_dataset's
+    saved = (result.output_dir / "config.yaml").read_text()
+    assert "jsonl:" in saved and "test_path:" in saved  # a resume reads the same files back
+    with pytest.raises(sasr.SasrError, match="must be datasets.Dataset objects, not list"):
+        sasr.train(config, train_dataset=rows)
