@@ -6,6 +6,7 @@ from datafiles import VERL_SCORE, write_verl_gsm8k
 from helpers import read_metrics, reward_module
 
 from sasr.cli import main
+from sasr.errors import SasrError
 from sasr.run_dir import read_lines
 from sasr.tasks import get_task
 
@@ -131,3 +132,46 @@ def test_bad_verl_input_is_one_sentence_and_exit_code_2(tmp_path, capsys, case, 
     err = capsys.readouterr().err
     assert code == 2 and sentence in err and len(err.strip().splitlines()) == 1, err
     assert not (out / "metrics.jsonl").exists()
+
+
+def test_a_reward_model_gives_each_completion_its_score(tmp_path):
+    """TRL lets a sequence-classification model be a reward function: each prompt + completion, rendered with
+    the model's chat template, gets the model's logit; sasr takes its folder in reward_funcs the same way."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
+
+    from sasr import models
+    from sasr.rewards import RewardCall, Rewards, score_all
+
+    tok = AutoTokenizer.from_pretrained(models.resolve("tiny"))
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        rm = AutoModelForSequenceClassification.from_config(config).eval()
+    folder = tmp_path / "tiny-rm"
+    rm.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    task = get_task("arithmetic")
+    exs = task.examples("train", 3)
+    texts = ["4", "a longer completion here", "Answer: 7"]
+    call = RewardCall([task.messages(e) for e in exs], texts, [[1]] * 3)
+    values, stats = Rewards(task, [str(folder)]).score(score_all(task, texts, exs), call, exs)
+    for ex, text, value in zip(exs, texts, values):
+        chat = tok.apply_chat_template(
+            [*task.messages(ex), {"role": "assistant", "content": text}], tokenize=False
+        )
+        with torch.no_grad():
+            want = rm(**tok(chat, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
+        assert value == pytest.approx(want, abs=1e-5)
+    assert len(set(values)) == 3 and "rewards/tiny-rm/mean" in stats
+    with pytest.raises(SasrError, match="is neither module:function nor a sequence-classification model"):
+        Rewards(task, [str(tmp_path / "not-a-model")])

@@ -191,7 +191,9 @@ class TrainConfig(Section):
     )
     hub_model_id: str | None = F(None, "the Hub repository, owner/name (default: the run directory's name)")
     reward_funcs: list[str | dict[str, Any]] = F(
-        [], "reward functions with TRL's contract (module:function; 'task': the judge); []: the judge alone"
+        [],
+        "reward functions: module:function (TRL's or verl's contract), a reward model's id or folder, 'task' "
+        "(the judge); []: the judge alone",
     )
     reward_weights: list[float] | None = F(None, "a weight per reward function (TRL's name); null: all 1")
     gradient_accumulation_steps: int = F(

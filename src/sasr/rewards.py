@@ -18,9 +18,8 @@ A reward function is called exactly as TRL 1.16's ``GRPOTrainer`` calls one::
 A function may return None (or NaN) for a row: the row is left out of that function's mean, and a row every
 function left out gets no reward and no advantage (as TRL). Numbers may be bools, numpy or torch scalars, as
 TRL's ``torch.tensor`` takes them. A function may be ``async``: those run concurrently on one event loop that
-lives as long as the process (so an async client made once keeps working). Reward models (``nn.Module``) are
-not supported: wrap one in a function. The
-reward is the weighted sum of the functions (``reward_weights``, default all 1). The entry ``task`` is the
+lives as long as the process (so an async client made once keeps working). An entry that names a model (a
+hub id or a folder, no ``:``) is a reward model, as TRL takes one (``RewardModel``). The reward is the weighted sum of the functions (``reward_weights``, default all 1). The entry ``task`` is the
 task's own judge; with no ``reward_funcs`` the judge alone is the reward. Whether a rollout is correct (its
 accuracy, and what HPT's gate and SRFT's rollout term read) is always the judge's verdict.
 
@@ -156,10 +155,56 @@ def trl_from_verl(fn: Callable) -> Callable:
     return reward
 
 
+class RewardModel:
+    """A sequence-classification model as a reward function, as TRL takes one: each prompt + completion
+    rendered with the model's own chat template and tokenizer, scored in batches on this process's device;
+    the reward is the model's single logit."""
+
+    batch_size = 32
+
+    def __init__(self, spec: str) -> None:
+        import torch
+        from accelerate import PartialState
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(spec)
+            model = AutoModelForSequenceClassification.from_pretrained(spec, num_labels=1)
+        except (OSError, ValueError) as exc:
+            raise SasrError(
+                f"reward '{spec}' is neither module:function nor a sequence-classification model "
+                f"({str(exc).splitlines()[0]})"
+            ) from None
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.model = model.to(PartialState().device).eval()
+        self.torch = torch
+        self.__name__ = str(spec).rstrip("/").split("/")[-1]  # TRL names a reward model by its last path part
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        texts = [
+            self.tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)
+        ]
+        scores: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(
+                texts[start : start + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            ).to(self.model.device)
+            with self.torch.no_grad():
+                scores += self.model(**batch).logits[:, 0].float().tolist()
+        return scores
+
+
 def build_function(entry: str | dict[str, Any]) -> Callable:
     """A reward_funcs entry: 'module:function', or {function: 'module:factory', kwargs: {...}}, which calls
     the factory with kwargs (TRL's get_soft_overlong_punishment(max_completion_len=..., ...) and the like).
     A function with verl's contract (``verl_contract``) is called as verl calls it."""
+    if isinstance(entry, str) and (":" not in entry or Path(entry).is_dir()):
+        return RewardModel(entry)  # a model id or folder: a reward model, as TRL allows
     if isinstance(entry, str):
         fn = load_function(entry)
         if verl_contract(fn):
