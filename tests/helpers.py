@@ -42,6 +42,17 @@ TINY = {
 }
 
 
+# The same small runs on the command line: `sasr train *TINY_ARGS ...` (2 rollouts of 8 tokens, 2 questions).
+TINY_ARGS = [
+    "--model",
+    "tiny",
+    "--quiet",
+    *("--set", "grpo.num_generations=2", "--set", "grpo.max_completion_length=8"),
+    *("--set", "eval.max_new_tokens=8", "--set", "task.test_size=2", "--set", "sft.batch_size=2"),
+    *("--set", "report_to=none"),
+]
+
+
 def tiny_config(output_dir, **top) -> dict:
     """The TINY config with top-level keys and whole sections replaced (sections are merged one level)."""
     cfg = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}

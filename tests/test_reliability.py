@@ -10,31 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ACCELERATE_CONFIGS, ENV, assert_same_run, launched, read_metrics
+from helpers import ACCELERATE_CONFIGS, ENV, TINY_ARGS, assert_same_run, launched, read_metrics
 
 from sasr.checkpoint import complete_checkpoints, latest
 from sasr.cli import main
 from sasr.run_dir import read_lines
 
-ARGS = [
-    "--model",
-    "tiny",
-    "--quiet",
-    "--set",
-    "grpo.num_generations=2",
-    "--set",
-    "grpo.max_completion_length=8",
-    "--set",
-    "eval.max_new_tokens=8",
-    "--set",
-    "task.test_size=2",
-    "--set",
-    "sft.batch_size=2",
-    "--set",
-    "report_to=none",
-    "--set",
-    "grpo.reference=warmup",
-]
+ARGS = [*TINY_ARGS, "--set", "grpo.reference=warmup"]
 
 
 def cli(*argv, **popen):

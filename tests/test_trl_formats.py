@@ -5,22 +5,13 @@ import json
 
 import pytest
 from datafiles import arithmetic_rows
-from helpers import read_metrics, tiny_config
+from helpers import TINY_ARGS, read_metrics, tiny_config
 
 import sasr
 from sasr.cli import main
 from sasr.run_dir import read_lines
 
-ARGS = [
-    "--model",
-    "tiny",
-    "--quiet",
-    "--set",
-    "grpo.num_generations=2",
-    "--set",
-    "grpo.max_completion_length=8",
-]
-ARGS += ["--set", "eval.max_new_tokens=8", "--set", "task.test_size=2", "--set", "sft.batch_size=2"]
+ARGS = TINY_ARGS
 
 
 def trl_rows(kind: str, n: int = 40) -> list[dict]:

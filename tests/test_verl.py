@@ -3,22 +3,14 @@ compute_score function train GRPO and a hybrid; bad input gets one sentence and 
 
 import pytest
 from datafiles import VERL_SCORE, write_verl_gsm8k
-from helpers import read_metrics, reward_module
+from helpers import TINY_ARGS, read_metrics, reward_module
 
 from sasr.cli import main
 from sasr.errors import SasrError
 from sasr.run_dir import read_lines
 from sasr.tasks import get_task
 
-ARGS = ["--model", "tiny", "--steps", "2", "--quiet", "--set", "grpo.num_generations=2"]
-ARGS += [
-    "--set",
-    "grpo.max_completion_length=8",
-    "--set",
-    "eval.max_new_tokens=8",
-    "--set",
-    "task.test_size=2",
-]
+ARGS = [*TINY_ARGS, "--steps", "2"]
 
 
 @pytest.fixture
