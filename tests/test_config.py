@@ -155,3 +155,12 @@ def test_the_2026_two_stage_presets_are_the_papers_recipe_scaled():
     lo, so = long.method_options("sft-then-grpo"), short.method_options("sft-then-grpo")
     assert lo["sft_learning_rate"] / lo["rl_learning_rate"] == pytest.approx(50)
     assert so["rl_learning_rate"] / lo["rl_learning_rate"] == pytest.approx(5)
+
+
+def test_report_to_takes_the_trackers_sasr_trackers_registers():
+    from sasr.config import validate
+    from sasr.trackers import TRACKERS
+
+    assert validate({"report_to": list(TRACKERS)}).report_to == list(TRACKERS)
+    with pytest.raises(Exception, match="unknown tracker 'wandbb' \\(did you mean 'wandb'\\?\\)"):
+        validate({"report_to": "wandbb"})

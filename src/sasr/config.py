@@ -174,8 +174,8 @@ class TrainConfig(Section):
     save_final: bool = F(True, "write final/ (and adapter/ with LoRA)")
     save_every: int = F(0, "checkpoint every N steps (0: only when stopped by a signal)", ge=0)
     save_total_limit: int = F(2, "keep the newest K checkpoints", ge=1)
-    report_to: list[Literal["tensorboard", "trackio", "wandb", "mlflow", "all", "none"]] = F(
-        ["tensorboard"], "experiment trackers (accelerate's), offline by default; [none] for none"
+    report_to: list[str] = F(
+        ["tensorboard"], "experiment trackers (accelerate's: sasr.trackers), offline by default; [none] for none"
     )
     logging_ranks: bool = F(
         False,
@@ -213,6 +213,17 @@ class TrainConfig(Section):
     @classmethod
     def _one_or_many(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value  # report_to: wandb, as TRL takes it
+
+    @field_validator("report_to")
+    @classmethod
+    def _known_trackers(cls, value: list[str]) -> list[str]:
+        from sasr.trackers import TRACKERS  # the registry of trackers (it imports this module)
+
+        valid = (*TRACKERS, "all", "none")
+        for name in value:
+            if name not in valid:
+                raise ValueError(f"unknown tracker '{name}'{nearest(name, valid)}; valid: {', '.join(valid)}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
