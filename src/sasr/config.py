@@ -175,7 +175,8 @@ class TrainConfig(Section):
     save_every: int = F(0, "checkpoint every N steps (0: only when stopped by a signal)", ge=0)
     save_total_limit: int = F(2, "keep the newest K checkpoints", ge=1)
     report_to: list[str] = F(
-        ["tensorboard"], "experiment trackers (accelerate's: sasr.trackers), offline by default; [none] for none"
+        ["tensorboard"],
+        "experiment trackers (accelerate's: sasr.trackers), offline by default; [none] for none",
     )
     logging_ranks: bool = F(
         False,

@@ -60,7 +60,7 @@ class JsonlTask(FileTask):
 
     def split_key(self, row: dict) -> str:
         """The question, or a conversation's turns before its last assistant turn, or TRL's prompt."""
-        if row.get(self.opts["prompt_field"]) is not None:
+        if self._trl_prompt(row):
             return json.dumps(row[self.opts["prompt_field"]], sort_keys=True)
         turns = row.get(self.opts["messages_field"])
         if isinstance(turns, list):
@@ -77,7 +77,7 @@ class JsonlTask(FileTask):
         columns = {k: v for k, v in row.items() if k != "_line"}
         if row.get(o["messages_field"]) is not None:
             return self._conversation(row, columns)
-        if row.get(o["prompt_field"]) is not None:
+        if self._trl_prompt(row):
             return self._prompt_completion(row, columns)
         for name in (o["question_field"], o["answer_field"]):  # no chain of thought: RL prompts only
             if row.get(name) is None:
@@ -114,6 +114,11 @@ class JsonlTask(FileTask):
             )
         question = next(t["content"] for t in reversed(prompt) if t["role"] == "user")
         return Example(question, demonstration, str(answer).strip(), {"row": columns, "messages": prompt})
+
+    def _trl_prompt(self, row: dict) -> bool:
+        """A TRL prompt row: it has the prompt field, and that field is not the one named as the question."""
+        o = self.opts
+        return o["prompt_field"] != o["question_field"] and row.get(o["prompt_field"]) is not None
 
     def _prompt_completion(self, row: dict, columns: dict) -> Example:
         """TRL's prompt-only or prompt-completion row, standard (text) or conversational (messages)."""
