@@ -31,6 +31,7 @@ def test_a_verl_row_keeps_its_prompt_ground_truth_and_columns(verl_files):
     assert task.target(ex).endswith(f"#### {ex.answer}") and task.has_demonstration(ex)
     right, wrong = task.score(f"so #### {ex.answer}", ex), task.score("#### 0.5", ex)
     assert (right.reward, right.correct, wrong.reward, wrong.correct) == (1.0, True, 0.0, False)  # > 0.5
+    assert right.formatted and not task.score("no final answer", ex).formatted
 
 
 def test_grpo_and_a_hybrid_train_on_verl_data_with_a_verl_reward(verl_files, tmp_path, capsys):

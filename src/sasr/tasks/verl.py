@@ -123,7 +123,8 @@ class VerlTask(FileTask):
             example.metadata["ground_truth"],
             row.get("extra_info"),
         )
-        return Score(value, value > self.opts["threshold"], True)
+        # a verl scorer says nothing of format: the final answer in one of the shapes sasr extracts
+        return Score(value, value > self.opts["threshold"], extract_answer(completion) is not None)
 
 
 def _is_turn(turn: Any) -> bool:
