@@ -163,7 +163,6 @@ class RewardModel:
     batch_size = 32
 
     def __init__(self, spec: str) -> None:
-        import torch
         from accelerate import PartialState
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -179,10 +178,11 @@ class RewardModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = model.to(PartialState().device).eval()
-        self.torch = torch
         self.__name__ = str(spec).rstrip("/").split("/")[-1]  # TRL names a reward model by its last path part
 
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        import torch
+
         texts = [
             self.tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)
         ]
@@ -194,7 +194,7 @@ class RewardModel:
                 padding=True,
                 add_special_tokens=False,
             ).to(self.model.device)
-            with self.torch.no_grad():
+            with torch.no_grad():
                 scores += self.model(**batch).logits[:, 0].float().tolist()
         return scores
 
