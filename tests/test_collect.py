@@ -10,8 +10,9 @@ from helpers import tiny_config
 
 from sasr import models
 from sasr.batch import DEMO, OFFPOLICY, ROLLOUT, Plan
-from sasr.collect import Collector, demonstration_source, rollout_stats
+from sasr.collect import Collector, demonstration_source, rollout_stats, training_examples
 from sasr.config import validate
+from sasr.errors import SasrError
 from sasr.methods import get_method
 from sasr.rewards import Rewards
 from sasr.rollout import stop_token_ids
@@ -97,3 +98,83 @@ def test_rollout_stats_read_only_the_rollouts():
     stats = rollout_stats(rows, torch.tensor([False]))
     assert stats["completion_length"] == 3.0 and stats["completion_length_max"] == 4
     assert stats["zero_spread_fraction"] == 1.0 and stats["clipped_ratio"] == 0.5
+
+
+def test_scarce_demonstrations_are_the_same_few_for_every_method_and_seed(tmp_path):
+    """demos.size=N: exactly N distinct demonstrations, the same for every method and seed, each one an RL
+    prompt of every run; the RL prompts stay task.train_size, distinct."""
+
+    seen = []
+    for method in ("sft", "sasr", "chord", "luffy", "hpt", "relift"):
+        for seed in (1, 2):
+            c = validate(tiny_config(tmp_path / "run", method=method, seed=seed, demos={"size": 5}))
+            task = get_task(c.task.name, **c.task.options())
+            examples = training_examples(c, task)
+            _, demos = demonstration_source(c, task, examples, get_method(c.method, **c.method_kwargs()))
+            questions = [ex.question for ex in examples]
+            assert len(examples) == c.task.train_size == len(set(questions))
+            assert len(demos) == len({ex.question for ex in demos}) == 5
+            assert all(any(ex is d for ex in examples) for d in demos)  # the RL prompts' own examples
+            seen.append([ex.question for ex in demos])
+    assert all(s == seen[0] for s in seen)
+    # the seeds still draw different RL prompts besides them
+    c1, c2 = (validate(tiny_config(tmp_path / "r", seed=s, demos={"size": 5})) for s in (1, 2))
+    task = get_task("arithmetic")
+    assert training_examples(c1, task)[5:] != training_examples(c2, task)[5:]
+    with pytest.raises(SasrError, match="demos.size is 100, but task 'arithmetic' has only 64"):
+        training_examples(validate(tiny_config(tmp_path / "r", demos={"size": 100})), task)
+
+
+def scarce_collector(tmp_path, method: str, **top) -> tuple[Collector, object, list]:
+    """A collector of a run with one demonstration (demos.size=1) and its step drawing ``[paired, alone]``."""
+
+    c = validate(tiny_config(tmp_path / "run", method=method, demos={"size": 1}, **top))
+    task = get_task(c.task.name, **c.task.options())
+    examples = training_examples(c, task)
+    tokenizer, model = models.load_tokenizer("tiny"), models.load_model("tiny")
+    m = get_method(c.method, **c.method_kwargs())
+    col = Collector(
+        c,
+        task,
+        examples,
+        demonstration_source(c, task, examples, m),
+        tokenizer,
+        Rewards(task, c.reward_funcs, c.reward_weights),
+        stop_token_ids(model, tokenizer),
+        PartialState(cpu=True),
+        lambda: models.decoding(model),
+    )
+    assert col.paired == {0}
+    col.draw = lambda step, n, kind, pool=None: [examples[0], examples[7]][:n]
+    return col, m, examples
+
+
+def test_a_luffy_prompt_without_a_demonstration_samples_its_whole_group(tmp_path):
+    """With scarce demonstrations a group keeps num_generations rows: the paired prompt's rollouts then its
+    demonstration, the other prompt's rollouts only; advantages within each group; the logged share of
+    demonstrations is what the groups held."""
+    col, luffy, _ = scarce_collector(tmp_path, "luffy")
+    plan = luffy.plan(1)
+    rows = col.collect(1, plan).rows
+    assert rows.kind.tolist() == [ROLLOUT] * 3 + [OFFPOLICY] + [ROLLOUT] * 4
+    assert rows.group.tolist() == [0] * 4 + [1] * 4
+    for g in (0, 1):
+        assert (rows.prompt_ids[4 * g : 4 * g + 4] == rows.prompt_ids[4 * g]).all()
+        assert rows.advantages[4 * g : 4 * g + 4].sum().item() == pytest.approx(0.0, abs=1e-6)
+    assert rows.sampler_logprobs[rows.kind == ROLLOUT].ne(0).any()
+    _, route = luffy.parts(plan, rows)
+    assert route["offpolicy_share"] == 1 / 8
+
+
+def test_an_hpt_prompt_without_a_demonstration_is_never_routed_to_sft(tmp_path):
+    """HPT gets a DEMO row only for the prompt that has one; the other stays RL however badly it is solved."""
+    col, hpt, _ = scarce_collector(tmp_path, "hpt")
+    plan = hpt.plan(1)
+    rows = col.collect(1, plan).rows
+    assert rows.kind.tolist() == [ROLLOUT] * 8 + [DEMO] and rows.group.tolist()[-1] == 0
+    rows = dataclasses.replace(rows, correct=torch.zeros_like(rows.correct))  # both groups unsolved
+    parts, route = hpt.parts(plan, rows)
+    sft, rl = parts
+    assert sft.rows.tolist() == [False] * 8 + [True]  # the paired prompt: SFT on its demonstration
+    assert rl.rows.tolist() == [False] * 4 + [True] * 4 + [False]  # the other: RL on its rollouts
+    assert route["sft_fraction"] == 0.5

@@ -58,7 +58,7 @@ def test_bad_task_name_and_option():
         SasrError, match="task 'arithmetic' has no option 'max_term' \\(did you mean 'max_terms'"
     ):
         get_task("arithmetic", max_term=3)
-    with pytest.raises(SasrError, match="has no split .validation.; its splits: train, test, ood"):
+    with pytest.raises(SasrError, match="has no split .validation.; its splits: train, test, ood, near"):
         get_task("arithmetic").examples("validation", 1)
 
 
@@ -79,7 +79,27 @@ def test_arithmetic_ood_split_is_longer_larger_disjoint_and_deterministic():
     assert max(max(_terms(e.question)) for e in train) <= 20 < max(max(_terms(e.question)) for e in ood) <= 40
     for ex in ood[:20]:  # still exact: the chain of thought evaluates to the answer
         assert eval(ex.question.removeprefix("Compute ").rstrip(".")) == int(ex.answer)
-    assert task.held_out_splits == ("test", "ood")
+    assert task.held_out_splits == ("test", "ood", "near")
+
+
+def test_arithmetic_near_split_shifts_only_the_operands_and_is_disjoint_and_deterministic():
+    """near: the training number of numbers (2 to 4), each question holding at least one number above the
+    training range (21..30 by default), so none is a training or test question."""
+    task = get_task("arithmetic")
+    train, test = task.examples("train", 2000, seed=0), task.examples("test", 200, seed=0)
+    near = task.examples("near", 256, seed=0)
+    assert len(near) == 256 and near == task.examples("near", 256, seed=0)
+    assert near != task.examples("near", 256, seed=1)
+    assert not {e.question for e in near} & {e.question for e in train + test}
+    assert {len(_terms(e.question)) for e in near} == {len(_terms(e.question)) for e in train} == {2, 3, 4}
+    assert all(20 < max(_terms(e.question)) <= 30 for e in near)
+    assert min(min(_terms(e.question)) for e in near) == 1  # the rest from training's range too
+    for ex in near[:50]:
+        assert eval(ex.question.removeprefix("Compute ").rstrip(".")) == int(ex.answer)
+    wider = get_task("arithmetic", near_value_scale=2).examples("near", 50)
+    assert max(max(_terms(e.question)) for e in wider) > 30
+    with pytest.raises(SasrError, match="near_value_scale .1.0. leaves no operand above max_value .20."):
+        get_task("arithmetic", near_value_scale=1.0).examples("near", 5)
 
 
 def test_knights_knaves_ood_split_has_more_people():

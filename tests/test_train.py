@@ -411,6 +411,20 @@ def test_relift_takes_its_sft_step_on_the_buffer_and_resumes_across_it(tmp_path)
     assert_same_run(a, b)
 
 
+def test_with_scarce_demonstrations_relift_buffers_only_prompts_it_can_teach(run_tiny):
+    """demos.size=2 of 8 RL prompts: every rollout of `tiny` fails, but only the two demonstrated prompts
+    (indices 0 and 1: the scarce ones come first) join ReLIFT's buffer, as the step's draws say."""
+    from sasr.data import pick
+
+    top = {"method": "relift", "steps": 6, "task": {"train_size": 8}, "demos": {"size": 2}}
+    _, lines = run_tiny("relift-scarce", **top, eval={"before": False, "after": False})
+    drawn = [pick(8, 2, step, 0, "grpo", 0, 1) for step in range(1, 7)]
+    taught = [sum(i < 2 for i in idx) for idx in drawn]
+    assert [r["relift_buffer"] for r in lines] == [sum(taught[:i]) for i in range(6)]
+    assert all(r["relift_failed"] == 1.0 for r in lines)  # every prompt failed; few could be taught
+    assert sum(taught) > 0 and sum(taught) < 12
+
+
 def test_the_two_stage_baseline_trains_each_stage_at_its_own_rate(run_tiny):
     """Each step's line gives the rate it trained at: the SFT stage's cosine (1 of 2 steps: half the peak,
     then the floor 0 at the switch), then the RL stage's constant."""

@@ -53,7 +53,7 @@ TINY = [
     "--set",
     "log_completions=true",
 ]
-METHODS = ["sft", "grpo", "sft-then-grpo", "interleave", "sasr", "chord", "hpt", "luffy", "srft"]
+METHODS = ["sft", "grpo", "sft-then-grpo", "interleave", "sasr", "chord", "hpt", "luffy", "srft", "relift"]
 REWARD_MODULE = '''
 def level_reward(prompts, completions, log_extra, log_metric, **kw):
     """Rewards a completion by its length; logs a column and a metric, as TRL lets a reward function."""
@@ -112,6 +112,8 @@ CASES: dict[str, tuple[str, list[str]]] = {
         ["--method", "chord", *_sets("demos.task=arithmetic", "demos.train_size=32")],
     ),
     "hpt-ddp": ("ddp", ["--method", "hpt"]),
+    "luffy-ddp": ("ddp", ["--method", "luffy"]),
+    "relift-buffer-ddp": ("ddp", ["--method", "relift", *_sets("relift.buffer_size=3")]),
     "sasr-ddp": ("ddp", ["--method", "sasr"]),
     "sasr-fsdp": ("fsdp", ["--method", "sasr", *_sets("lora.enabled=false")]),
     "resume": ("one", ["--method", "sasr", "--save-every", "3", *_sets("save_total_limit=3")]),

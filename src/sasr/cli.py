@@ -130,7 +130,8 @@ def _eval_parser(sub) -> None:
         "--samples", type=int, default=0, help="K samples per question for pass@K, maj@K, diversity"
     )
     p.add_argument(
-        "--split", help="comma list of splits (default: every held-out split of the task: test, and ood)"
+        "--split",
+        help="comma list of splits (default: every held-out split of the task: test, and its shifted ones)",
     )
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default 1.0)")
     p.add_argument("--seed", type=int, default=None)

@@ -50,10 +50,38 @@ class Groups:
     extra: dict[str, list]
 
 
+SCARCE_SEED = 0  # demos.size's demonstrations are drawn with this seed, whatever the run's
+
+
+def _scarce(task: Task, n_total: int, size: int) -> list[Example]:
+    """``demos.size``: the first ``size`` training examples with a demonstration, drawn at SCARCE_SEED."""
+    have = [ex for ex in task.examples("train", n_total, seed=SCARCE_SEED) if task.has_demonstration(ex)]
+    if len(have) < size:
+        raise SasrError(
+            f"demos.size is {size}, but task '{task.name}' has only {len(have)} training examples with a "
+            "demonstration; lower demos.size"
+        )
+    return have[:size]
+
+
+def training_examples(config: TrainConfig, task: Task) -> list[Example]:
+    """The RL prompts: ``task.train_size`` training examples of the run's seed. With ``demos.size`` and no
+    ``demos.task``, the scarce demonstrations come first and the seed's draw (without them) fills the rest,
+    so every run holds the same demonstrated prompts."""
+    c = config
+    examples = task.examples("train", c.task.train_size, seed=c.seed)
+    if c.demos.size is None or c.demos.task is not None:
+        return examples
+    scarce = _scarce(task, c.task.train_size, c.demos.size)
+    known = {ex.question for ex in scarce}
+    return scarce + [ex for ex in examples if ex.question not in known][: len(examples) - len(scarce)]
+
+
 def demonstration_source(
     config: TrainConfig, task: Task, examples: list[Example], method: Method
 ) -> tuple[Task, list[Example]]:
-    """The demonstration source: the RL task's own examples, or ``demos.task`` (another task or file)."""
+    """The demonstrations SFT parts draw from: the RL task's examples that hold one (the first
+    ``demos.size`` of them where set: ``training_examples`` put the scarce ones first), or ``demos.task``'s."""
     c = config
     if c.demos.task is not None:
         if method.pairs_demos:
@@ -63,16 +91,18 @@ def demonstration_source(
                 f"demonstrations from demos.task; drop demos.task (methods that pair them: {paired})"
             )
         task = get_task(c.demos.task, **c.demos.options())
+        if c.demos.size is not None:
+            return task, _scarce(task, c.demos.train_size, c.demos.size)
         examples = task.examples("train", c.demos.train_size, seed=c.seed)
     if not examples:
         raise SasrError(f"demonstration task '{task.name}' produced no examples")
-    missing = next((ex for ex in examples if not task.has_demonstration(ex)), None)
-    if method.uses_demos and missing is not None:
+    have = [ex for ex in examples if task.has_demonstration(ex)][: c.demos.size]
+    if method.uses_demos and not have:
         raise SasrError(
-            f"method '{c.method}' trains on demonstrations, but task '{task.name}' has an example without "
-            f"one ({missing.question[:60]!r}); add a chain of thought or give demos.task"
+            f"method '{c.method}' trains on demonstrations, but no example of task '{task.name}' has one; "
+            "name the field that holds them (task.demo_field) or give demos.task"
         )
-    return task, examples
+    return task, have
 
 
 class Collector:
@@ -96,6 +126,8 @@ class Collector:
         self.tokenizer, self.rewards, self.stop_ids = tokenizer, rewards, stop_ids
         self.accelerator, self.decoder, self.cuda_graphs = accelerator, decoder, cuda_graphs
         self.index = {id(ex): i for i, ex in enumerate(examples)}  # an RL example's index, for outcomes
+        # the RL examples with a demonstration to pair (a method that pairs them has no demos.task)
+        self.paired = {self.index[id(ex)] for ex in self.demo_examples if id(ex) in self.index}
 
     def draw(self, step: int, per_rank: int, kind: str, pool: list[Example] | None = None) -> list[Example]:
         """This rank's ``per_rank`` examples of the step, drawn for ``kind`` (a pure function of the step)."""
@@ -138,9 +170,10 @@ class Collector:
             pieces.append(groups.rows)
             stats, extra = groups.stats, groups.extra
             prompts = [self.index[id(ex)] for ex in groups.examples]
-            if plan.prompt_demos:
-                n = len(groups.examples)
-                pieces.append(self.demonstrations(groups.examples, self.task, list(range(n))))
+            if plan.prompt_demos:  # a prompt without a demonstration is an RL prompt only
+                have = [g for g, i in enumerate(prompts) if i in self.paired]
+                if have:
+                    pieces.append(self.demonstrations([groups.examples[g] for g in have], self.task, have))
         rows = cat_rows(pieces, self.tokenizer.pad_token_id)
         stats["tokens"] = rows.completion_mask.sum().item()
         return Collected(rows, stats, extra, prompts)
@@ -190,68 +223,82 @@ class Collector:
         # the reward functions' extra columns are per sampled batch, not per chosen group: left out
         return Groups(examples, rows, spread, stats, {})
 
+    def sample(self, model, prompts: list[str], groups: list[int], num: int) -> Rows:
+        """``num`` completions of each prompt sampled from ``model``, in chunks of
+        ``grpo.generation_batch_size`` rows; a row's ``group`` is its prompt's entry in ``groups``."""
+        g = self.config.grpo
+        per_call = len(prompts) if not g.generation_batch_size else max(1, g.generation_batch_size // num)
+        stops = torch.tensor(self.stop_ids, device=self.accelerator.device)
+        pieces = []
+        for start in range(0, len(prompts), per_call):
+            chunk = prompts[start : start + per_call]
+            roll = generate(
+                model,
+                self.tokenizer,
+                chunk,
+                num_generations=num,
+                max_new_tokens=g.max_completion_length,
+                max_prompt_length=g.max_prompt_length,
+                temperature=g.temperature,
+                top_p=g.top_p,
+                backend=g.generation_backend,
+                cuda_graphs=self.cuda_graphs,
+                compile=g.torch_compile,
+                **g.generation_kwargs,
+            )  # [chunk x num] rows
+            ended = (torch.isin(roll.completion_ids, stops) & roll.completion_mask.bool()).any(1)
+            cut = ~ended & (roll.completion_mask.sum(1) >= g.max_completion_length)  # [chunk x num]
+            pieces.append(
+                rows_of_kind(
+                    roll.prompt_ids,
+                    roll.prompt_mask,
+                    roll.completion_ids,
+                    roll.completion_mask,
+                    roll.texts,
+                    ROLLOUT,
+                    [groups[start + i] for i in range(len(chunk)) for _ in range(num)],
+                    sampler_logprobs=roll.logprobs,
+                    truncated=cut,
+                )
+            )
+        return cat_rows(pieces, self.tokenizer.pad_token_id)
+
     def sample_groups(self, model, examples: list[Example], plan: Plan, step: int) -> Groups:
         """Each prompt's group: ``plan.rollouts`` completions sampled from ``model`` (``decoder()``'s), then
-        ``plan.offpolicy`` copies of its demonstration; all scored, advantages computed over the whole group."""
+        ``plan.offpolicy`` copies of its demonstration (a prompt without one gets as many more rollouts
+        instead); all scored, advantages computed over the whole group."""
         c, g = self.config, self.config.grpo
         device = self.accelerator.device
         prompts = render_prompts(self.tokenizer, self.task, examples, c.model.chat_template_kwargs)
         n, r, k = len(examples), plan.rollouts, plan.offpolicy
-        per_call = (
-            n if not g.generation_batch_size else max(1, g.generation_batch_size // r)
-        )  # prompts a call
-        stops = torch.tensor(self.stop_ids, device=device)
         stats: dict[str, float] = {}
         with metrics.timer(stats, "rollout_seconds", device):
-            pieces = []
-            for start in range(0, n, per_call):  # the step's rollouts, generated in chunks
-                chunk = prompts[start : start + per_call]
-                roll = generate(
-                    model,
-                    self.tokenizer,
-                    chunk,
-                    num_generations=r,
-                    max_new_tokens=g.max_completion_length,
-                    max_prompt_length=g.max_prompt_length,
-                    temperature=g.temperature,
-                    top_p=g.top_p,
-                    backend=g.generation_backend,
-                    cuda_graphs=self.cuda_graphs,
-                    compile=g.torch_compile,
-                    **g.generation_kwargs,
-                )  # [chunk x r] rows
-                ended = (torch.isin(roll.completion_ids, stops) & roll.completion_mask.bool()).any(1)
-                cut = ~ended & (roll.completion_mask.sum(1) >= g.max_completion_length)  # [chunk x r]
-                pieces.append(
-                    rows_of_kind(
-                        roll.prompt_ids,
-                        roll.prompt_mask,
-                        roll.completion_ids,
-                        roll.completion_mask,
-                        roll.texts,
-                        ROLLOUT,
-                        [start + i for i in range(len(chunk)) for _ in range(r)],
-                        sampler_logprobs=roll.logprobs,
-                        truncated=cut,
-                    )
-                )
-            rows = cat_rows(pieces, self.tokenizer.pad_token_id)
+            rows = self.sample(model, prompts, list(range(n)), r)  # [n x r]
+            paired = [i for i, ex in enumerate(examples) if self.index[id(ex)] in self.paired]
+            alone = [i for i in range(n) if i not in paired] if k else []
+            if alone:  # the demonstrations' places in their groups, sampled
+                more = self.sample(model, [prompts[i] for i in alone], alone, k)
+                rows = cat_rows([rows, more], self.tokenizer.pad_token_id)
         stats["generated_tokens"] = rows.completion_mask.sum().item()
-        if k:  # the prompt's demonstration k times after its rollouts, with the same prompt tokens: one group
-            targets = [self.task.target(ex) for ex in examples]
-            ids, mask = encode_targets(self.tokenizer, targets, g.max_completion_length, device)  # [n, t]
+        if (
+            k and paired
+        ):  # the prompt's demonstration k times after its rollouts, same prompt tokens: one group
+            targets = [self.task.target(examples[i]) for i in paired]
+            ids, mask = encode_targets(self.tokenizer, targets, g.max_completion_length, device)  # [p, t]
             texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)  # judged as trained: maybe cut
+            first = torch.tensor(paired, device=device) * r  # each paired prompt's first rollout row
             demos = rows_of_kind(
                 *(
                     x.repeat_interleave(k, 0)
-                    for x in (rows.prompt_ids[::r], rows.prompt_mask[::r], ids, mask)
+                    for x in (rows.prompt_ids[first], rows.prompt_mask[first], ids, mask)
                 ),
                 [t for t in texts for _ in range(k)],
                 OFFPOLICY,
-                [i for i in range(n) for _ in range(k)],
+                [i for i in paired for _ in range(k)],
             )
-            merged = cat_rows([rows, demos], self.tokenizer.pad_token_id)
-            rows = merged.select(torch.argsort(merged.group * 2 + (merged.kind == OFFPOLICY), stable=True))
+            rows = cat_rows([rows, demos], self.tokenizer.pad_token_id)
+        if alone or (k and paired):  # each group's rows together: its rollouts, then its demonstrations
+            rows = rows.select(torch.argsort(rows.group * 2 + (rows.kind == OFFPOLICY), stable=True))
         grouped = [ex for ex in examples for _ in range(r + k)]
         scores = score_all(self.task, rows.texts, grouped)
         lengths = rows.completion_mask.sum(1)  # [B]

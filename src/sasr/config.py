@@ -48,7 +48,7 @@ class TaskSection(Section):
     model_config = ConfigDict(extra="allow", validate_assignment=True)  # extra keys are the task's options
     name: str = F("arithmetic", "the task: its data and judge (sasr tasks); its options are task.OPTION")
     train_size: int = F(2000, "examples generated or loaded for training", ge=1)
-    test_size: int = F(32, "held-out examples per split (test, and ood where the task has one)", ge=0)
+    test_size: int = F(32, "held-out examples per split (test, and each shifted split the task has)", ge=0)
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -142,6 +142,12 @@ class DemosSection(Section):
     model_config = ConfigDict(extra="allow", validate_assignment=True)  # extra keys are the task's options
     task: str | None = F(None, "where demonstrations come from (a task or jsonl:FILE); null: the RL task")
     train_size: int = F(2000, "demonstrations loaded from demos.task", ge=1)
+    size: int | None = F(
+        None,
+        "only N distinct demonstrations (the first N with one, drawn at seed 0: the same for every method "
+        "and seed); RL prompts keep task.train_size and those without one are RL prompts only; null: all",
+        ge=1,
+    )
 
     def options(self) -> dict[str, Any]:
         return dict(self.model_extra or {})

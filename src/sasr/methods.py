@@ -457,7 +457,9 @@ class HPT(Method):
         n_groups = plan.prompts
         solved = torch.zeros(n_groups, device=rows.kind.device)
         solved.index_add_(0, rows.group[rollout], rows.correct[rollout].float())
-        to_sft = solved / plan.rollouts <= o.gate  # [prompts]: the prompts routed to SFT
+        taught = torch.zeros(n_groups, dtype=torch.bool, device=rows.kind.device)
+        taught[rows.group[demo]] = True  # [prompts]: with a demonstration (one without is RL only)
+        to_sft = (solved / plan.rollouts <= o.gate) & taught  # [prompts]: the prompts routed to SFT
         # DEMO rows of the RL prompts carry their prompt's group number too (sasr.collect.Collector.collect).
         row_to_sft = to_sft[rows.group.clamp(min=0)]
         return [
@@ -496,8 +498,12 @@ class DemosInGroups(Method):
             rollouts=self.group_size - k,
             offpolicy=k,
             scale_rewards=self.opts.scale_rewards,
-            info={"offpolicy_share": k / self.group_size},
         )
+
+    def offpolicy_share(self, rows: Rows) -> dict[str, float]:
+        """The share of the groups' rows that are demonstrations (below k / G where prompts lack one)."""
+        demos, group_rows = int((rows.kind == OFFPOLICY).sum()), int(rows.of_kind(ROLLOUT, OFFPOLICY).sum())
+        return {"offpolicy_share": demos / group_rows}
 
 
 class Luffy(DemosInGroups):
@@ -510,7 +516,7 @@ class Luffy(DemosInGroups):
     def parts(self, plan: Plan, rows: Rows) -> tuple[list[Part], dict[str, float]]:
         o = self.opts
         options = {"beta": o.beta, "loss_type": o.loss_type, "shaping_gamma": o.shaping_gamma}
-        return [Part("rl", "pg", rows.of_kind(ROLLOUT, OFFPOLICY), 1.0, options)], {}
+        return [Part("rl", "pg", rows.of_kind(ROLLOUT, OFFPOLICY), 1.0, options)], self.offpolicy_share(rows)
 
 
 class SRFTOptions(DrGRPOOptions):
@@ -541,7 +547,7 @@ class SRFT(DemosInGroups):
         return [
             Part("sft", "nll", rows.kind == OFFPOLICY, 1.0, {"entropy_coef": o.sft_coef}),
             Part("rl", "pg", rows.of_kind(ROLLOUT, OFFPOLICY), 1.0, rl),
-        ], {}
+        ], self.offpolicy_share(rows)
 
 
 class ReLIFTOptions(Options):

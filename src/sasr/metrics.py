@@ -120,7 +120,11 @@ METRICS: dict[str, Metric] = {
         _m("g_last", "SASR: the gradient norm p_t was computed from"),
         _m("g_warmup", "SASR: the gradient norm of the last warm-up step"),
         _m("mu", "CHORD: the weight of the demonstration part"),
-        _m("offpolicy_share", "LUFFY: the share of each group that is off-policy demonstrations"),
+        _m(
+            "offpolicy_share",
+            "LUFFY, SRFT: the share of the groups' rows that are off-policy demonstrations",
+            ROLLOUTS,
+        ),
         _m("sft_fraction", "HPT: the share of prompts routed to SFT", ROLLOUTS),
         _m("relift_buffer", "ReLIFT: failed prompts in the buffer when the step was planned"),
         _m("relift_failed", "ReLIFT: the share of the step's prompts whose rollouts all failed", ROLLOUTS),

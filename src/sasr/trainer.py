@@ -27,7 +27,7 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 from sasr import checkpoint, fsdp, metrics, models, trackers
-from sasr.collect import Collector, demonstration_source, outcomes
+from sasr.collect import Collector, demonstration_source, outcomes, training_examples
 from sasr.config import TrainConfig
 from sasr.errors import SasrError
 from sasr.evaluate import GREEDY, evaluate, settings, summarise
@@ -136,7 +136,7 @@ class Trainer:
         self.files = RunDir(self.run_dir, acc.is_main_process)
         resume_from = checkpoint.latest(self.run_dir) if resume else None
         self.task = task = get_task(c.task.name, **c.task.options())
-        train_examples = task.examples("train", c.task.train_size, seed=c.seed)
+        train_examples = training_examples(c, task)
         self.test_examples = task.examples("test", c.task.test_size, seed=c.seed)
         if not train_examples:
             raise SasrError(f"task '{c.task.name}' produced no training examples")
@@ -211,7 +211,9 @@ class Trainer:
         probe_rows = self.collector.probe_rows(step) if plan.probe else None
         probe = self.learner.probe(probe_rows) if probe_rows is not None else None
         if self.method.observes_outcomes and plan.prompts:  # every process's groups: (example, solved)
-            self.method.outcomes(plan, outcomes(got.rows, got.prompts, self.accelerator))
+            solved = outcomes(got.rows, got.prompts, self.accelerator)
+            # only a prompt with a demonstration can be taught one
+            self.method.outcomes(plan, [o for o in solved if o[0] in self.collector.paired])
         self.method.observe(plan, update.grad_norm if update.finite else None, probe)  # 5. observe
         if step == self.method.reference_step and c.grpo.reference == "warmup":
             self.reference.snapshot()

@@ -425,7 +425,7 @@ def assemble(
         "splits": {
             split: {
                 "n": summaries["untrained", seeds[0]]["eval"][split]["summary"]["n"],
-                "shift": task.ood_shift if split == "ood" else "",
+                "shift": task.shifts.get(split, ""),
             }
             for split in splits
         },

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import re
 
+from sasr.errors import SasrError
 from sasr.tasks.base import Example, Score, Task, extract_answer, split_of
 
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -28,9 +29,14 @@ class Arithmetic(Task):
         "format_reward": 0.1,  # reward for a well-formed but wrong answer
         "ood_extra_terms": 1,  # the ood split: max_terms+1 .. max_terms+ood_extra_terms numbers
         "ood_value_scale": 2,  # ... drawn from 1..max_value*ood_value_scale
+        "near_value_scale": 1.5,  # the near split: training's numbers per expression, operands up to
+        # max_value*near_value_scale, at least one above max_value
     }
-    splits = ("train", "test", "ood")
-    ood_shift = "longer expressions (more numbers than any training question) with larger numbers"
+    splits = ("train", "test", "ood", "near")
+    shifts = {
+        "ood": "longer expressions (more numbers than any training question) with larger numbers",
+        "near": "as many numbers as training questions, at least one of them larger than any in training",
+    }
     system_prompt = "Solve the problem step by step, one operation per line. End with 'Answer: <integer>'."
 
     def _ood_opts(self) -> dict:
@@ -41,6 +47,16 @@ class Arithmetic(Task):
             "max_terms": o["max_terms"] + max(1, o["ood_extra_terms"]),
             "max_value": o["max_value"] * o["ood_value_scale"],
         }
+
+    def _near_opts(self) -> dict:
+        o = self.opts
+        top = int(o["max_value"] * o["near_value_scale"])
+        if top <= o["max_value"]:
+            raise SasrError(
+                f"task 'arithmetic' option near_value_scale ({o['near_value_scale']}) leaves no operand above "
+                f"max_value ({o['max_value']}); raise it"
+            )
+        return {**o, "max_value": top}
 
     def _generate(self, rng: random.Random, o: dict) -> Example:
         n = rng.randint(o["min_terms"], o["max_terms"])
@@ -74,15 +90,17 @@ class Arithmetic(Task):
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         self.check_split(split)
         rng = random.Random(f"arithmetic/{split}/{seed}")
-        opts = self._ood_opts() if split == "ood" else self.opts
+        opts = {"ood": self._ood_opts(), "near": self._near_opts()}.get(split, self.opts)
         out: list[Example] = []
         seen: set[str] = set()
         for _ in range(200 * n + 1000):
             if len(out) == n:
                 break
             ex = self._generate(rng, opts)
-            # ood questions are longer than any training one: no hash split needed
-            if ex.question not in seen and (split == "ood" or split_of(ex.question) == split):
+            # ood questions are longer than any training one, near ones hold a larger number: no hash split
+            if split == "near" and max(map(int, re.findall(r"\d+", ex.question))) <= self.opts["max_value"]:
+                continue
+            if ex.question not in seen and (split in ("ood", "near") or split_of(ex.question) == split):
                 seen.add(ex.question)
                 out.append(ex)
         return out

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from sasr.errors import SasrError, nearest
 
-SPLITS = ("train", "test")  # every task has these; a task with a shifted test set adds "ood"
+SPLITS = ("train", "test")  # every task has these; a task with shifted test sets adds them ("ood", ...)
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class Task:
     options: ClassVar[dict[str, Any]] = {}
     system_prompt: ClassVar[str] = ""
     splits: ClassVar[tuple[str, ...]] = SPLITS
-    ood_shift: ClassVar[str] = ""  # how the "ood" split differs from training, for reports
+    shifts: ClassVar[dict[str, str]] = {}  # how each shifted split ("ood", ...) differs from training
 
     def __init__(self, **options: Any) -> None:
         for key in options:

@@ -165,7 +165,7 @@ class KnightsKnaves(Task):
         "ood_n_people": 0,  # people per puzzle of the ood split; 0: n_people + 1
     }
     splits = ("train", "test", "ood")
-    ood_shift = "puzzles with more people than any training puzzle"
+    shifts = {"ood": "puzzles with more people than any training puzzle"}
     system_prompt = (
         "Reason inside <think> </think>, then give the answer inside <answer> </answer> as "
         "'NAME is a ROLE' for every person, separated by commas."
