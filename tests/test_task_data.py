@@ -175,7 +175,7 @@ def test_empty_and_missing_files(tmp_path):
 
 
 def test_hub_offline_says_what_to_do():
-    with pytest.raises(SasrError, match="cannot load dataset 'openai/gsm8k'.*task.path=FILE"):
+    with pytest.raises(SasrError, match="cannot load dataset .openai/gsm8k.*--set task.path=FILE"):
         get_task("gsm8k").examples("train", 5)
 
 

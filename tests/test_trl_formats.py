@@ -88,3 +88,57 @@ def test_a_dataset_from_python_trains(tmp_path):
     assert "jsonl:" in saved and "test_path:" in saved  # a resume reads the same files back
     with pytest.raises(sasr.SasrError, match="must be datasets.Dataset objects, not list"):
         sasr.train(config, train_dataset=rows)
+
+
+def test_language_modelling_rows_train_sft_as_plain_text(tmp_path, capsys):
+    """TRL's language-modelling rows ({"text": ...}): SFT on the whole text after a start-of-text token, no
+    chat template and no held-out judge; as demos.task they are the SFT steps of a method with RL steps; a
+    method that samples rollouts refuses them as its RL prompts in one sentence."""
+    from sasr import models
+    from sasr.data import demonstration_rows
+    from sasr.tasks import get_task
+
+    rows = [{"text": f"{ex.question}\n{ex.cot}\nAnswer: {ex.answer}"} for ex in arithmetic_rows(40)]
+    data = tmp_path / "lm.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task, tokenizer = get_task(f"jsonl:{data}"), models.load_tokenizer("tiny")
+    examples = task.examples("train", 3)
+    demo = demonstration_rows(tokenizer, task, examples, 256, "cpu")
+    start = tokenizer.bos_token_id if tokenizer.bos_token else tokenizer.eos_token_id
+    assert start is not None and demo.prompt_ids.tolist() == [[start]] * 3
+    got = tokenizer.decode(demo.completion_ids[0][demo.completion_mask[0].bool()], skip_special_tokens=True)
+    assert got == examples[0].cot and examples[0].cot in {r["text"] for r in rows}
+
+    out = tmp_path / "sft"
+    assert (
+        main(
+            [
+                "train",
+                *ARGS,
+                "--task",
+                f"jsonl:{data}",
+                "--method",
+                "sft",
+                "--steps",
+                "2",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    run = json.loads((out / "run.json").read_text())
+    assert [r["phase"] for r in read_metrics(out)] == ["sft", "sft"] and run["eval_after"] is None
+
+    out = tmp_path / "sasr"
+    argv = ["train", *ARGS, "--method", "sft-then-grpo", "--warmup-steps", "1", "--steps", "2"]
+    assert main([*argv, "--set", f"demos.task=jsonl:{data}", "--output", str(out)]) == 0
+    assert [r["phase"] for r in read_metrics(out)] == ["sft", "grpo"]
+
+    capsys.readouterr()
+    out = tmp_path / "grpo"
+    code = main(["train", *ARGS, "--task", f"jsonl:{data}", "--method", "grpo", "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "method 'grpo' samples rollouts, but task 'jsonl' holds language-modelling rows" in err
+    assert not out.exists()

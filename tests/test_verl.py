@@ -168,3 +168,59 @@ def test_a_reward_model_gives_each_completion_its_score(tmp_path):
     assert len(set(values)) == 3 and "rewards/tiny-rm/mean" in stats
     with pytest.raises(SasrError, match="is neither module:function nor a sequence-classification model"):
         Rewards(task, [str(tmp_path / "not-a-model")])
+
+
+def test_a_verl_hub_id_is_read_through_datasets_and_offline_says_what_to_do(tmp_path, capsys):
+    """verl:ORG/NAME is a hub dataset (its train and test splits); offline, one sentence names the way out."""
+    out = tmp_path / "run"
+    code = main(
+        ["train", *ARGS, "--task", "verl:someone/verl-gsm8k", "--method", "grpo", "--output", str(out)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot load dataset 'someone/verl-gsm8k' split 'train' from the hub" in err
+    assert "--task verl:FILE" in err and not out.exists()
+
+
+def test_verls_custom_reward_function_keys_name_the_scorer(verl_files, tmp_path, capsys):
+    """custom_reward_function.path and .name (verl's keys, name defaulting to compute_score): a verl task's
+    judge, else one more reward function; both naming different scorers is refused in one sentence."""
+    import yaml
+
+    from sasr.config import build_config
+
+    data, score = verl_files
+    recipe = tmp_path / "verl.yaml"
+    recipe.write_text(
+        yaml.safe_dump({"task": {"name": f"verl:{data}"}, "custom_reward_function": {"path": str(score)}})
+    )
+    c = build_config(recipe)
+    assert c.task.options()["compute_score"] == f"{score}:compute_score" and c.reward_funcs == []
+    out = tmp_path / "run"
+    assert main(["train", *ARGS, "--config", str(recipe), "--method", "grpo", "--output", str(out)]) == 0
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in read_metrics(out))
+    assert (
+        "compute_score"
+        in get_task(f"verl:{data}", **build_config(out / "config.yaml").task.options()).reward_name
+    )
+    other = build_config(
+        None, {"custom_reward_function.path": str(score), "custom_reward_function.name": "plain_score"}
+    )
+    assert other.reward_funcs == [f"{score}:plain_score"]  # the built-in task keeps its judge
+    capsys.readouterr()
+    code = main(
+        [
+            "train",
+            *ARGS,
+            "--config",
+            str(recipe),
+            "--set",
+            f"task.compute_score={score}:plain_score",
+            "--method",
+            "grpo",
+            "--output",
+            str(tmp_path / "x"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "custom_reward_function names" in err and "keep one of them" in err, err

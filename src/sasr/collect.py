@@ -77,6 +77,16 @@ def training_examples(config: TrainConfig, task: Task) -> list[Example]:
     return scarce + [ex for ex in examples if ex.question not in known][: len(examples) - len(scarce)]
 
 
+def check_prompts(config: TrainConfig, task: Task, examples: list[Example], method: Method) -> None:
+    """A method that samples rollouts needs prompts with an answer to judge, which plain text rows lack."""
+    if method.uses_reference and any(task.is_text(ex) for ex in examples):
+        raise SasrError(
+            f"method '{config.method}' samples rollouts, but task '{task.name}' holds language-modelling rows "
+            "(text alone: no prompt, no answer to judge); train on them with --method sft, or as another "
+            "method's demonstrations with demos.task"
+        )
+
+
 def demonstration_source(
     config: TrainConfig, task: Task, examples: list[Example], method: Method
 ) -> tuple[Task, list[Example]]:

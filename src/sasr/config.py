@@ -153,6 +153,17 @@ class DemosSection(Section):
         return dict(self.model_extra or {})
 
 
+class CustomRewardSection(Section):
+    path: str | None = F(
+        None, "verl's custom_reward_function.path: the file (or module) of a verl-contract scorer; null: none"
+    )
+    name: str = F("compute_score", "verl's custom_reward_function.name: the function in that file")
+
+    def spec(self) -> str | None:
+        """``PATH:NAME``, as reward_funcs and task.compute_score name a function; None when unset."""
+        return f"{self.path}:{self.name}" if self.path else None
+
+
 class EvalSection(Section):
     before: bool = F(True, "evaluate the loaded model on the held-out split before training")
     after: bool = F(True, "evaluate the trained model after training")
@@ -203,6 +214,10 @@ class TrainConfig(Section):
         "(the judge); []: the judge alone",
     )
     reward_weights: list[float] | None = F(None, "a weight per reward function (TRL's name); null: all 1")
+    custom_reward_function: CustomRewardSection = F(
+        CustomRewardSection(),
+        "verl's keys: a verl task's compute_score (its judge), else one more of reward_funcs",
+    )
     gradient_accumulation_steps: int = F(
         1, "micro-batches per optimizer step: the step's batches are this many times larger", ge=1
     )
@@ -262,6 +277,17 @@ class TrainConfig(Section):
             )
         if self.push_to_hub and not self.save_final:
             raise ValueError("push_to_hub uploads final/, so it needs save_final: true")
+        if spec := self.custom_reward_function.spec():  # verl's keys, read as verl reads them
+            options = self.task.options()
+            if self.task.name.startswith("verl:"):
+                if options.get("compute_score") not in (None, spec):
+                    raise ValueError(
+                        f"custom_reward_function names {spec} but task.compute_score names "
+                        f"{options['compute_score']}; keep one of them"
+                    )
+                self.task.model_extra["compute_score"] = spec
+            elif spec not in self.reward_funcs:
+                self.reward_funcs.append(spec)
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(
                 f"reward_weights has {len(self.reward_weights)} weights for {len(self.reward_funcs)} reward_funcs; "

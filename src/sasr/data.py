@@ -30,9 +30,12 @@ def render_prompts(
     tokenizer, task: Task, examples: Sequence[Example], template_kwargs: dict[str, Any] | None = None
 ) -> list[str]:
     """Each example's chat messages (``task.messages``) as a prompt string ending with the assistant turn's
-    header, by the tokenizer's chat template; ``template_kwargs`` go to the template (e.g. enable_thinking)."""
+    header, by the tokenizer's chat template; ``template_kwargs`` go to the template (e.g. enable_thinking).
+    A language-modelling row's prompt is the start-of-text token alone (BOS, else EOS): all its text trains."""
     return [
-        tokenizer.apply_chat_template(
+        (tokenizer.bos_token or tokenizer.eos_token)
+        if task.is_text(ex)
+        else tokenizer.apply_chat_template(
             task.messages(ex), tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
         )
         for ex in examples

@@ -27,7 +27,13 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 from sasr import checkpoint, fsdp, metrics, models, trackers
-from sasr.collect import Collector, demonstration_source, outcomes, training_examples
+from sasr.collect import (
+    Collector,
+    check_prompts,
+    demonstration_source,
+    outcomes,
+    training_examples,
+)
 from sasr.config import TrainConfig
 from sasr.errors import SasrError
 from sasr.evaluate import GREEDY, evaluate, settings, summarise
@@ -138,10 +144,13 @@ class Trainer:
         self.task = task = get_task(c.task.name, **c.task.options())
         train_examples = training_examples(c, task)
         self.test_examples = task.examples("test", c.task.test_size, seed=c.seed)
+        if any(task.is_text(ex) for ex in self.test_examples):
+            self.test_examples = []  # plain text has no answer to judge: no held-out evaluation
         if not train_examples:
             raise SasrError(f"task '{c.task.name}' produced no training examples")
         self.method = get_method(c.method, **c.method_kwargs())
         rewards = Rewards(task, c.reward_funcs, c.reward_weights)
+        check_prompts(c, task, train_examples, self.method)
         demos = demonstration_source(c, task, train_examples, self.method)
         self.tokenizer = models.load_tokenizer(c.model.name)
         model, stop_ids, self.parameters = _model(c, self.tokenizer, acc, self.sharded)
@@ -234,7 +243,7 @@ class Trainer:
     def train(self) -> RunResult:
         c, acc = self.config, self.accelerator
         self.started, self.started_at = time.perf_counter(), time.time()
-        if self.start_step == 0 and c.eval.before and c.task.test_size:
+        if self.start_step == 0 and c.eval.before and self.test_examples:
             self.eval_before = self.evaluate("eval before", step=0)
         after: dict[str, float] | None = None
         nonfinite = 0
@@ -251,7 +260,7 @@ class Trainer:
             for step in bar:
                 line = self.step(step)
                 nonfinite = nonfinite + 1 if line.get("skipped") else 0
-                if c.eval.every and step % c.eval.every == 0 and c.task.test_size:
+                if c.eval.every and step % c.eval.every == 0 and self.test_examples:
                     if step == c.steps and c.eval.after:  # the final evaluation's greedy part is this one
                         held_out = after = self.evaluate("eval after", c.eval.samples, step)
                     else:
@@ -275,7 +284,7 @@ class Trainer:
                     raise TrainingStopped(step, stop, self.run_dir)
         bar.close()
 
-        if after is None and c.eval.after and c.task.test_size:
+        if after is None and c.eval.after and self.test_examples:
             after = self.evaluate("eval after", c.eval.samples, c.steps)
         seconds, self.finished_at = self.elapsed(), time.time()
         result = RunResult(self.run_dir, dict(self.method.counts), self.eval_before, after, seconds)

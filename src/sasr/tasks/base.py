@@ -90,6 +90,11 @@ class Task:
         msgs = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return msgs + [{"role": "user", "content": example.question}]
 
+    def is_text(self, example: Example) -> bool:
+        """Whether the example is a language-modelling row (TRL's ``text``): a demonstration only, trained as
+        plain text after a start-of-text token, with no prompt, no answer and no judge."""
+        return False
+
     def has_demonstration(self, example: Example) -> bool:
         """Whether ``target(example)`` is a demonstration to train on (a file of RL prompts may hold none)."""
         return True

@@ -6,7 +6,8 @@ assistant turn are the prompt, that turn is the demonstration), or TRL's prompt-
 rows, standard or conversational: a ``prompt`` (text, or chat messages used as they are) and optionally a
 ``completion`` (text, or the assistant's turn), which is the demonstration. The answer comes from the
 ``answer`` field, else ``solution`` (the gold answer, as TRL's math datasets name it), else the
-demonstration's final answer. The
+demonstration's final answer. TRL's language-modelling rows (a ``text`` field alone) are demonstrations
+only, trained as plain text: SFT, or any method's SFT part through ``demos.task``. The
 judge is built in (``exact``, ``numeric``, ``math``, on the extracted final answer); reward functions
 (``reward_funcs``, ``sasr.rewards``) receive every field of the rows as a column.
 """
@@ -34,6 +35,7 @@ class JsonlTask(FileTask):
         "messages_field": "messages",  # conversational rows: [{"role": ..., "content": ...}, ...]
         "prompt_field": "prompt",  # TRL's prompt-only / prompt-completion rows
         "completion_field": "completion",
+        "text_field": "text",  # TRL's language-modelling rows: plain text, SFT only
         "solution_field": "solution",
         "answer_field": "answer",
         "judge": "numeric",  # exact | numeric | math: correctness, and the reward unless reward_funcs say
@@ -70,6 +72,8 @@ class JsonlTask(FileTask):
                 else turns
             )
             return json.dumps(prompt, sort_keys=True)
+        if self._text_row(row):
+            return str(row[self.opts["text_field"]])
         return str(row.get(self.opts["question_field"], ""))
 
     def to_example(self, row: dict) -> Example:
@@ -79,6 +83,13 @@ class JsonlTask(FileTask):
             return self._conversation(row, columns)
         if self._trl_prompt(row):
             return self._prompt_completion(row, columns)
+        if self._text_row(row):
+            text = row[o["text_field"]]
+            if not isinstance(text, str) or not text.strip():
+                raise SasrError(
+                    f"{o['path']}:{row.get('_line', '?')}: '{o['text_field']}' must be non-empty text"
+                )
+            return Example(text, text, "", {"row": columns, "text": True})
         for name in (o["question_field"], o["answer_field"]):  # no chain of thought: RL prompts only
             if row.get(name) is None:
                 raise SasrError(f"{o['path']}:{row.get('_line', '?')} has no field '{name}'")
@@ -120,6 +131,11 @@ class JsonlTask(FileTask):
         o = self.opts
         return o["prompt_field"] != o["question_field"] and row.get(o["prompt_field"]) is not None
 
+    def _text_row(self, row: dict) -> bool:
+        """TRL's language-modelling row: the text field and no question field."""
+        o = self.opts
+        return row.get(o["text_field"]) is not None and row.get(o["question_field"]) is None
+
     def _prompt_completion(self, row: dict, columns: dict) -> Example:
         """TRL's prompt-only or prompt-completion row, standard (text) or conversational (messages)."""
         o = self.opts
@@ -150,12 +166,15 @@ class JsonlTask(FileTask):
         """A conversation's own turns; else the system prompt and the question."""
         return example.metadata.get("messages") or super().messages(example)
 
+    def is_text(self, example: Example) -> bool:
+        return bool(example.metadata.get("text"))
+
     def has_demonstration(self, example: Example) -> bool:
         return bool(example.cot)
 
     def target(self, example: Example) -> str:
         """A conversation's last assistant turn as it is; else the chain of thought and 'Answer: ...'."""
-        if "messages" in example.metadata:
+        if "messages" in example.metadata or self.is_text(example):
             return example.cot
         return f"{example.cot}\nAnswer: {example.answer}"
 

@@ -85,7 +85,8 @@ def _read_hub(name: str, config: str | None, split: str) -> list[dict[str, Any]]
     except Exception as exc:  # datasets raises many types; offline it is a ConnectionError or similar
         raise SasrError(
             f"cannot load dataset '{name}' split '{split}' from the hub ({type(exc).__name__}); "
-            "pass a local JSONL/Parquet file with --set task.path=FILE"
+            "name a local JSONL/Parquet file in its place (--task verl:FILE or jsonl:FILE; a built-in task: "
+            "--set task.path=FILE)"
         ) from None
     return [{**r, "_line": i + 1} for i, r in enumerate(ds)]
 
