@@ -501,7 +501,7 @@ def test_dft_weights_each_demonstration_token_by_its_own_probability():
     torch.testing.assert_close(logps.grad, -p * mask / 4)
     plain = nll_part(PartInputs(logps.detach(), mask, None, None, torch.zeros(2), no, no))
     assert plain.loss.item() == pytest.approx((0.5 + 1.0 + 3.0 + 2.0) / 4)  # nll, the default, unchanged
-    with pytest.raises(SasrError, match="unknown sft.loss 'dtf'.*valid: dft, nll"):
+    with pytest.raises(SasrError, match="unknown sft.loss .dtf.*valid: asft, dft, nll"):
         nll_part(x, loss_type="dtf")
 
 
@@ -550,3 +550,67 @@ def test_token_sum_is_the_peers_loss_remove_token_mean():
     norm = Norm(rows=B, tokens=float(mask.sum()), micro_batches=2)  # in two micro-batches: the same sum
     halves = loss("token_sum", slice(0, B // 2), norm) + loss("token_sum", slice(B // 2, B), norm)
     assert halves.item() == pytest.approx(loss("token_sum").item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_cross_term_to_a_target_distribution_equals_a_full_log_softmax_in_value_and_gradient(temperature):
+    """The fused pass's cross term sum_v q_v log p_v (ASFT's KL to pi_ref, less q's own entropy), in chunks,
+    beside the selected log-probs: equal to the plain [B, T, V] computation, value and gradient together."""
+    from sasr.logprobs import _selective
+
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(4, 5, 300)).requires_grad_(True)
+    ids = torch.randint(0, 300, (4, 5))
+    q = torch.softmax(torch.randn(4, 5, 300), -1)
+    q[1] = 0  # a row that wants no anchor
+    logps, _, cross = _selective(logits, ids, temperature, False, 3, q)
+    full = torch.log_softmax(logits / temperature, -1)
+    torch.testing.assert_close(cross, (q * full).sum(-1))
+    torch.testing.assert_close(logps, full.gather(-1, ids[..., None]).squeeze(-1))
+    a, b = torch.randn(4, 5), torch.randn(4, 5)
+    (ours,) = torch.autograd.grad((a * logps + b * cross).sum(), logits)
+    (plain,) = torch.autograd.grad(
+        (a * full.gather(-1, ids[..., None]).squeeze(-1) + b * (q * full).sum(-1)).sum(), logits
+    )
+    torch.testing.assert_close(ours, plain)
+
+
+def test_asft_is_dft_plus_beta_times_the_kl_to_the_reference_as_llama_factory_computes_it():
+    """sft.loss=asft on a real model: DFT's loss plus asft_beta x KL(pi_ref || pi_theta) over the whole
+    vocabulary, token mean over the demonstration tokens (LLaMA-Factory's _asft_cross_entropy: F.kl_div of
+    log pi_theta against pi_ref, summed over the vocabulary); equal in value and in every weight's gradient."""
+    import torch.nn.functional as F
+
+    from sasr import models
+    from sasr.logprobs import anchored_logprobs, completion_distributions
+    from sasr.losses import PartInputs, nll_part
+
+    torch.manual_seed(0)
+    policy, reference = models.load_model("tiny"), models.load_model("tiny")
+    with torch.no_grad():
+        for w in reference.parameters():
+            w.add_(0.05 * torch.randn_like(w))  # a reference the policy has moved away from
+    ids = torch.randint(3, 1000, (3, 12))
+    attn = torch.ones_like(ids)
+    attn[2, -3:] = 0  # a shorter demonstration
+    T = 5
+    q, negentropy = completion_distributions(reference, ids, attn, T)
+    logps, _, cross = anchored_logprobs(policy, ids, attn, T, anchor=q)
+    mask = attn[:, -T:].float()
+    no = torch.zeros(3, dtype=torch.bool)
+    x = PartInputs(logps, mask, None, None, torch.zeros(3), no, no, anchor_kl=negentropy - cross)
+    out = nll_part(x, loss_type="asft", asft_beta=0.1)
+    ours = torch.autograd.grad(out.loss, list(policy.parameters()))
+
+    logits = policy(input_ids=ids, attention_mask=attn).logits[:, -T - 1 : -1].float()  # [B, T, V]
+    ref_logits = reference(input_ids=ids, attention_mask=attn).logits[:, -T - 1 : -1].float().detach()
+    log_p = logits.log_softmax(-1)
+    token = log_p.gather(-1, ids[:, -T:, None]).squeeze(-1)
+    dft = -(token.detach().exp() * token * mask).sum() / mask.sum()
+    kl = F.kl_div(log_p, ref_logits.softmax(-1), reduction="none").sum(-1)  # [B, T]
+    want = dft + 0.1 * (kl * mask).sum() / mask.sum()
+    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=1e-6)
+    assert out.stats["asft_kl"] == pytest.approx(((kl * mask).sum() / mask.sum()).item(), rel=1e-4)
+    for g, w in zip(ours, torch.autograd.grad(want, list(policy.parameters()))):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    assert out.stats["asft_kl"] > 0

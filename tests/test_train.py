@@ -332,6 +332,23 @@ def test_dft_reaches_every_demonstration_part(run_tiny):
         assert 0 < dft[0][key] < nll[0][key], method
 
 
+def test_asft_anchors_every_demonstration_part_to_the_reference(run_tiny):
+    """sft.loss=asft: at step 1 the policy is still the reference (LoRA's B starts at 0: KL 0, the loss is
+    DFT's), then it is above 0; with full fine-tuning the reference is a copy; CHORD's SFT part takes it too."""
+    off = {"before": False, "after": False}
+    _, dft = run_tiny("sft-dft", method="sft", steps=1, eval=off, sft={"loss": "dft"})
+    _, asft = run_tiny("sft-asft", method="sft", steps=3, eval=off, sft={"loss": "asft", "asft_beta": 0.5})
+    assert asft[0]["asft_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert asft[0]["loss"] == pytest.approx(dft[0]["loss"], abs=1e-6)  # KL 0 up to rounding
+    assert asft[1]["asft_kl"] > 1e-8 and asft[2]["asft_kl"] > 1e-8  # the policy has moved off pi_ref
+    _, full = run_tiny(
+        "sft-asft-full", method="sft", steps=2, eval=off, sft={"loss": "asft"}, lora={"enabled": False}
+    )
+    assert full[0]["asft_kl"] == pytest.approx(0.0, abs=1e-6) and full[1]["asft_kl"] > 1e-8
+    _, chord = run_tiny("chord-asft", method="chord", steps=2, eval=off, sft={"loss": "asft"})
+    assert all("asft_kl" in r and "loss/sft" in r for r in chord)
+
+
 def test_flops_equal_the_formula_on_the_logged_token_counts(run_tiny):
     """6 N per trained token (num_iterations passes, and SASR's probe) + 2 N per generated token, N the tiny
     model's parameters; flops_total their running sum."""

@@ -69,8 +69,11 @@ class SFTSection(Section):
     batch_size: int = F(8, "demonstrations per micro-batch per process", ge=1)
     max_length: int = F(512, "prompt + target tokens; longer ones lose the left of the prompt", ge=8)
     loss: names(SFT_LOSSES) = F(
-        "nll", "the demonstration tokens' loss (TRL's loss_type): nll, or dft (each token's NLL x its own p)"
+        "nll",
+        "the demonstration tokens' loss (TRL's loss_type): nll; dft (each token's NLL x its own p); asft (dft + "
+        "asft_beta x KL(pi_ref || pi) over the whole vocabulary)",
     )
+    asft_beta: float = F(0.1, "asft: the weight of the KL to the reference on demonstration tokens", ge=0)
 
 
 class GRPOSection(Section):

@@ -19,8 +19,8 @@ from transformers import get_scheduler
 from sasr import fsdp, metrics
 from sasr.batch import OFFPOLICY, ROLLOUT, Part, Plan, Rows
 from sasr.config import TrainConfig
-from sasr.logprobs import completion_logprobs
-from sasr.losses import PART_LOSSES, Norm, PartInputs, masked_mean
+from sasr.logprobs import anchored_logprobs
+from sasr.losses import ANCHORED_SFT_LOSSES, PART_LOSSES, Norm, PartInputs, masked_mean
 from sasr.process import any_rank
 from sasr.reference import ReferencePolicy
 
@@ -237,6 +237,30 @@ class Learner:
             pieces.append(piece)
         return loss, metrics.combine(pieces, "micro")
 
+    def anchor(
+        self, sub: Rows, parts: list[Part], idx: torch.Tensor, full: bool, temperature: float
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """ASFT's anchor for the micro-batch ``sub``: pi_ref's whole distribution q [b, T, V] at the completion
+        positions of the rows an SFT part trains, and sum q log q [b, T]; zero on the other rows, (None, None)
+        when no row is an SFT part's."""
+        demo = torch.zeros(len(sub), dtype=torch.bool, device=sub.kind.device)
+        for part in parts:
+            if part.loss == "nll":
+                demo |= part.rows if full else part.rows[idx]
+        if not demo.any():
+            return None, None
+        on = demo.nonzero().squeeze(1)
+        rows = sub if len(on) == len(sub) else sub.select(on)
+        T = sub.completion_ids.size(1)
+        with self.accelerator.autocast():
+            q_on, negentropy_on = self.reference.distributions(
+                rows.input_ids, rows.attention_mask, T, temperature
+            )
+        if len(on) == len(sub):
+            return q_on, negentropy_on
+        q = q_on.new_zeros(len(sub), *q_on.shape[1:]).index_copy_(0, on, q_on)
+        return q, negentropy_on.new_zeros(len(sub), T).index_copy_(0, on, negentropy_on)
+
     def no_sync(self) -> contextlib.AbstractContextManager:
         """Within this block backward accumulates gradients without reducing them across processes."""
         return fsdp.no_sync(self.model) if self.sharded else self.accelerator.no_sync(self.model)
@@ -267,12 +291,22 @@ class Learner:
                     cache["ref"] = self.reference.logprobs(
                         ref_rows.input_ids, ref_rows.attention_mask, T, how.temperature
                     )  # [b, T] rollouts
-        ref = cache.get("ref")
+        if self.config.sft.loss in ANCHORED_SFT_LOSSES and "anchor" not in cache:
+            with metrics.timer(stats, "reference_seconds", device):
+                cache["anchor"] = self.anchor(sub, parts, idx, full, how.temperature)
+        ref, (anchor, anchor_negentropy) = cache.get("ref"), cache.get("anchor", (None, None))
         t_policy = metrics.now(device)
-        # The G rows of a prompt share one pass over it (completion_logprobs finds them).
-        logps, entropy = completion_logprobs(
-            self.model, sub.input_ids, sub.attention_mask, T, how.temperature, with_entropy=how.rollouts
+        # The G rows of a prompt share one pass over it (anchored_logprobs finds them).
+        logps, entropy, cross = anchored_logprobs(
+            self.model,
+            sub.input_ids,
+            sub.attention_mask,
+            T,
+            how.temperature,
+            with_entropy=how.rollouts,
+            anchor=anchor,
         )  # [b, T]
+        anchor_kl = None if cross is None else anchor_negentropy - cross  # [b, T] KL(pi_ref || pi)
         if how.iterations > 1 and "old" not in cache:
             cache["old"] = logps.detach()  # pi_old: the weights that sampled the rollouts
         ref_logps = None  # [b, T]: the reference on rollout rows; elsewhere the policy itself (KL 0)
@@ -307,11 +341,13 @@ class Learner:
                 sub.correct[pidx],
                 old_logps=None if old is None else old[pidx],
                 norm=norms.get(part.name),
+                anchor_kl=None if anchor_kl is None else anchor_kl[pidx],
             )
             if part.loss == "pg":
                 options = {**grpo_settings, **part.options}
             elif part.loss == "nll":
-                options = {"loss_type": self.config.sft.loss, **part.options}
+                options = {"loss_type": self.config.sft.loss, "asft_beta": self.config.sft.asft_beta}
+                options.update(part.options)
             else:
                 options = part.options
             out = PART_LOSSES[part.loss](x, **options)

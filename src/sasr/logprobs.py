@@ -42,19 +42,21 @@ def _workspace(logits: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
-    """log softmax(z / T)[ids] and, with no gradient, the entropy of softmax(z / T), chunk by chunk of tokens.
+    """log softmax(z / T)[ids] and, with no gradient, the entropy of softmax(z / T), chunk by chunk of tokens;
+    given ``soft`` (target distributions q [N, V]), also the cross term sum_v q_v log softmax(z / T)_v.
 
     It saves only the logits (alive anyway) and one log-sum-exp per token, and its backward writes
-    g * (onehot(ids) - softmax(z / T)) / T straight into the gradient: no float32 copy of the logits and no
-    [N, V] log-softmax is ever kept, and nothing is computed twice.
+    g * (onehot(ids) - softmax(z / T)) / T (plus g_cross * (q - softmax(z / T) sum_v q_v) / T) straight into
+    the gradient: no float32 copy of the logits and no [N, V] log-softmax is ever kept.
     """
 
     @staticmethod
-    def forward(ctx, logits, ids, temperature: float, chunk: int, with_entropy: bool):
-        # logits [N, V], ids [N] -> logps [N], entropy [N] (or [0])
-        logps, lses, entropies = [], [], []
+    def forward(ctx, logits, ids, temperature: float, chunk: int, with_entropy: bool, soft):
+        # logits [N, V], ids [N], soft [N, V] or None -> logps [N], entropy [N] (or [0]), cross [N] (or [0])
+        logps, lses, entropies, crosses = [], [], [], []
         scaled_buf, exp_buf = _workspace(logits, chunk), _workspace(logits, chunk)  # [chunk, V] each
-        for lg, ix in zip(logits.split(chunk), ids.split(chunk)):
+        softs = soft.split(chunk) if soft is not None else [None] * len(ids.split(chunk))
+        for lg, ix, q in zip(logits.split(chunk), ids.split(chunk), softs):
             s = _scaled(lg, temperature, scaled_buf)  # [n, V] float32
             top = s.amax(-1, keepdim=True)  # [n, 1]
             e = torch.sub(s, top, out=exp_buf[: s.size(0)]).exp_()  # [n, V] exp(s - max)
@@ -64,28 +66,40 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
             lses.append(lse)
             if with_entropy:  # H = lse - sum_v p_v s_v with p = e / total; bmm: no [n, V] product
                 entropies.append(lse - (e[:, None, :] @ s[:, :, None]).view(-1) / total)
-        ctx.save_for_backward(logits, ids, torch.cat(lses))
+            if q is not None:  # sum_v q_v (s_v - lse)
+                crosses.append((q[:, None, :] @ s[:, :, None]).view(-1) - lse * q.sum(-1))
+        ctx.save_for_backward(logits, ids, torch.cat(lses), soft if soft is not None else logits.new_empty(0))
         ctx.temperature, ctx.chunk = temperature, chunk
         entropy = torch.cat(entropies) if with_entropy else logits.new_empty(0, dtype=torch.float32)
+        cross = torch.cat(crosses) if soft is not None else logits.new_empty(0, dtype=torch.float32)
         ctx.mark_non_differentiable(entropy)
-        return torch.cat(logps), entropy
+        return torch.cat(logps), entropy, cross
 
     @staticmethod
-    def backward(ctx, grad_logps, _):
-        logits, ids, lse = ctx.saved_tensors
+    def backward(ctx, grad_logps, _, grad_cross):
+        logits, ids, lse, soft = ctx.saved_tensors
         temperature = ctx.temperature
         grad = torch.empty_like(logits)  # [N, V]
         scaled_buf = _workspace(logits, ctx.chunk)
         exp_buf = None if grad.dtype == torch.float32 else _workspace(logits, ctx.chunk)
-        for lg, ix, ls, g, out in zip(*(t.split(ctx.chunk) for t in (logits, ids, lse, grad_logps, grad))):
+        with_soft = soft.numel() > 0 and grad_cross is not None
+        softs = soft.split(ctx.chunk) if with_soft else [None] * len(ids.split(ctx.chunk))
+        crosses = grad_cross.split(ctx.chunk) if with_soft else softs
+        for lg, ix, ls, g, out, q, gq in zip(
+            *(t.split(ctx.chunk) for t in (logits, ids, lse, grad_logps, grad)), softs, crosses
+        ):
             p = out if exp_buf is None else exp_buf[: out.size(0)]
             torch.sub(_scaled(lg, temperature, scaled_buf), ls[:, None], out=p).exp_()  # softmax(s) [n, V]
-            p.mul_(-g[:, None]).scatter_add_(-1, ix[:, None], g[:, None])  # g (onehot - softmax)
+            if q is None:
+                p.mul_(-g[:, None]).scatter_add_(-1, ix[:, None], g[:, None])  # g (onehot - softmax)
+            else:  # g (onehot - softmax) + gq (q - softmax sum q)
+                p.mul_(-(g + gq * q.sum(-1))[:, None]).scatter_add_(-1, ix[:, None], g[:, None])
+                p.add_(q * gq[:, None])
             if temperature != 1.0:
                 p.div_(temperature)
             if p is not out:
                 out.copy_(p)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def selective_log_softmax(
@@ -97,12 +111,23 @@ def selective_log_softmax(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log softmax(logits / temperature)[ids], and the entropy of each distribution if asked (a metric: no
     gradient). logits [B, T, V], ids [B, T] -> [B, T], [B, T] or None. ``chunk``: tokens at a time."""
+    logps, entropy, _ = _selective(logits, ids, temperature, with_entropy, chunk, None)
+    return logps, entropy
+
+
+def _selective(logits, ids, temperature, with_entropy, chunk, soft):
+    """selective_log_softmax, and with ``soft`` [B, T, V] the cross term [B, T] (else None)."""
     B, T, V = logits.shape
     chunk = chunk or max(1, CHUNK_ELEMENTS // V)
-    logps, entropy = _SelectiveLogSoftmax.apply(
-        logits.reshape(B * T, V), ids.reshape(B * T), temperature, chunk, with_entropy
+    flat = None if soft is None else soft.reshape(B * T, V)
+    logps, entropy, cross = _SelectiveLogSoftmax.apply(
+        logits.reshape(B * T, V), ids.reshape(B * T), temperature, chunk, with_entropy, flat
     )
-    return logps.view(B, T), (entropy.view(B, T) if with_entropy else None)
+    return (
+        logps.view(B, T),
+        entropy.view(B, T) if with_entropy else None,
+        cross.view(B, T) if soft is not None else None,
+    )
 
 
 # Rows are computed in at most this many groups of similar completion length; a further group must save at
@@ -241,18 +266,60 @@ def completion_logprobs(
     positions are computed (``logits_to_keep``), rows of similar length together up to their longest
     (``length_groups``), and consecutive rows with one prompt compute it once.
     """
+    logps, entropy, _ = anchored_logprobs(
+        model, input_ids, attention_mask, n_completion, temperature, with_entropy
+    )
+    return logps, entropy
+
+
+def anchored_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_completion: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    anchor: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``completion_logprobs`` in the same one pass, and given ``anchor`` (distributions q [B, T, V], zero rows
+    where none is wanted) the differentiable cross term sum_v q_v log pi(v) of each token [B, T] (else None)."""
     T = n_completion
     P = input_ids.size(1) - T
     collective = forwards_are_collective(model)  # then one forward call, on every rank
     groups = length_groups(attention_mask[:, P:].sum(1), 1 if collective else MAX_GROUPS)
     with fused_lora(getattr(model, "module", model)):  # the peft model inside a DDP wrapper
         logits = _completion_logits(model, input_ids, attention_mask, T, groups, not collective)
-    logps, entropies = [], []
+    logps, entropies, crosses = [], [], []
     for (rows, t), parts in zip(groups, logits):  # parts: [b, t_i, V], sum t_i = t
-        targets = input_ids[rows, P : P + t].split([p.size(1) for p in parts], dim=1)
-        out = [selective_log_softmax(p, y, temperature, with_entropy) for p, y in zip(parts, targets)]
-        logps.append(torch.nn.functional.pad(torch.cat([lp for lp, _ in out], dim=1), (0, T - t)))  # [b, T]
-        if with_entropy:
-            entropies.append(torch.nn.functional.pad(torch.cat([e for _, e in out], dim=1), (0, T - t)))
+        widths = [p.size(1) for p in parts]
+        targets = input_ids[rows, P : P + t].split(widths, dim=1)
+        softs = anchor[rows, :t].split(widths, dim=1) if anchor is not None else [None] * len(parts)
+        out = [_selective(p, y, temperature, with_entropy, 0, q) for p, y, q in zip(parts, targets, softs)]
+        for i, into in ((0, logps), (1, entropies), (2, crosses)):
+            if out[0][i] is not None:
+                into.append(torch.nn.functional.pad(torch.cat([o[i] for o in out], dim=1), (0, T - t)))
     back = torch.cat([rows for rows, _ in groups]).argsort()  # [B]: group order -> row order
-    return torch.cat(logps)[back], (torch.cat(entropies)[back] if with_entropy else None)
+    return (
+        torch.cat(logps)[back],
+        torch.cat(entropies)[back] if with_entropy else None,
+        torch.cat(crosses)[back] if anchor is not None else None,
+    )
+
+
+@torch.no_grad()
+def completion_distributions(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_completion: int,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's whole next-token distribution at each completion position: probs [B, T, V] (float32) and
+    sum_v q_v log q_v [B, T] (minus the entropy), one plain pass, no gradient."""
+    T = n_completion
+    rows = torch.arange(input_ids.size(0), device=input_ids.device)
+    with fused_lora(getattr(model, "module", model)):
+        (parts,) = _completion_logits(model, input_ids, attention_mask, T, [(rows, T)], False)
+    logq = torch.cat(parts, dim=1).float().div(temperature).log_softmax(-1)  # [B, T, V]
+    q = logq.exp()
+    return q, (q * logq).sum(-1)

@@ -278,6 +278,7 @@ class PartInputs:
     correct: torch.Tensor  # [b] bool
     old_logps: torch.Tensor | None = None  # [b, T] pi_old, the policy that sampled; None: logps.detach()
     norm: Norm | None = None  # the step's counts when these rows are one piece of it
+    anchor_kl: torch.Tensor | None = None  # [b, T] KL(pi_ref || pi) per token, differentiable (sft.loss=asft)
 
 
 @dataclass
@@ -298,14 +299,21 @@ def row_entropy(x: PartInputs) -> torch.Tensor:
 SFT_LOSSES: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
     "nll": None,
     "dft": lambda logps: logps.detach().exp(),  # DFT (arXiv 2508.05629): -sg(p) log p, TRL's loss_type="dft"
+    "asft": lambda logps: logps.detach().exp(),  # ASFT (arXiv 2509.23753): DFT's weights, plus an anchor KL
 }
+ANCHORED_SFT_LOSSES = ("asft",)  # these add asft_beta x KL(pi_ref || pi) on the demonstration tokens
 
 
 def nll_part(
-    x: PartInputs, *, loss_type: str = "nll", phi: bool = False, entropy_coef: float | None = None
+    x: PartInputs,
+    *,
+    loss_type: str = "nll",
+    phi: bool = False,
+    entropy_coef: float | None = None,
+    asft_beta: float = 0.1,
 ) -> PartLoss:
     """SFT: token-mean negative log-likelihood of the part's rows, each token weighted as ``loss_type`` says
-    (``SFT_LOSSES``).
+    (``SFT_LOSSES``); an anchored loss (ASFT) adds ``asft_beta`` x the token mean of ``x.anchor_kl``.
 
     ``phi``: each token weighted by the stop-gradient p (1 - p) (CHORD-phi). ``entropy_coef``: each row weighted
     by the stop-gradient entropy_coef * exp(-H_row), H_row its mean token entropy (SRFT).
@@ -325,9 +333,15 @@ def nll_part(
         w_row = entropy_coef * torch.exp(-row_entropy(x))  # [b]
         weight = weight * w_row[:, None]
         stats["srft_sft_weight"] = w_row.mean().item()  # the loop leaves a part with no rows out
+    per_token = -x.logps * weight  # [b, T]
+    if loss_type in ANCHORED_SFT_LOSSES:
+        if x.anchor_kl is None:
+            raise ValueError(f"sft.loss={loss_type} needs the reference's distributions (anchor_kl)")
+        per_token = per_token + asft_beta * x.anchor_kl
+        stats["asft_kl"] = masked_mean(x.anchor_kl.detach(), x.mask).item()
     if x.norm is not None:  # a token mean over the whole step, every process's tokens (see Norm)
-        return PartLoss(-(x.logps * weight * x.mask).sum() / max(x.norm.tokens, 1.0), stats)
-    return PartLoss(-masked_mean(x.logps * weight, x.mask), stats)
+        return PartLoss((per_token * x.mask).sum() / max(x.norm.tokens, 1.0), stats)
+    return PartLoss(masked_mean(per_token, x.mask), stats)
 
 
 def pg_part(

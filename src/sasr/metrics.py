@@ -110,6 +110,7 @@ METRICS: dict[str, Metric] = {
         ),
         _m("clip_fraction", "share of rollout tokens whose ratio was clipped", PASS),
         _m("chord_phi", "CHORD-phi: mean token weight p(1 - p) on demonstrations", PASS),
+        _m("asft_kl", "sft.loss=asft: KL(pi_ref || pi) per demonstration token, whole vocabulary", PASS),
         _m("srft_sft_weight", "SRFT: mean weight of the demonstration term", PASS),
         _m("srft_rl_weight", "SRFT: mean weight of the correct rollouts' term", PASS),
         _m("offpolicy_shaped_weight", "LUFFY: mean shaped weight of off-policy tokens", PASS),

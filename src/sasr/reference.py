@@ -13,7 +13,7 @@ import contextlib
 import torch
 
 from sasr import fsdp
-from sasr.logprobs import completion_logprobs
+from sasr.logprobs import completion_distributions, completion_logprobs
 
 
 class ReferencePolicy:
@@ -52,6 +52,14 @@ class ReferencePolicy:
             yield
         finally:
             self._swap()
+
+    @torch.no_grad()
+    def distributions(
+        self, input_ids, attention_mask, n_completion: int, temperature: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """pi_ref's whole distribution at each completion position [B, T, V] and its sum q log q [B, T]."""
+        with self.active():
+            return completion_distributions(self.model, input_ids, attention_mask, n_completion, temperature)
 
     @torch.no_grad()
     def logprobs(self, input_ids, attention_mask, n_completion: int, temperature: float) -> torch.Tensor:

@@ -38,6 +38,7 @@ from sasr.config import TrainConfig
 from sasr.errors import SasrError
 from sasr.evaluate import GREEDY, evaluate, settings, summarise
 from sasr.learner import Learner, make_optimizer
+from sasr.losses import ANCHORED_SFT_LOSSES
 from sasr.methods import get_method
 from sasr.model_card import model_card
 from sasr.process import any_rank, on_stop_signals
@@ -167,7 +168,8 @@ class Trainer:
             self.cuda_graphs,
         )
         self.reference = ReferencePolicy(model, use_lora=c.lora.enabled)
-        if not c.lora.enabled and self.method.uses_reference:  # full fine-tuning: pi_ref is a copy
+        anchored = c.sft.loss in ANCHORED_SFT_LOSSES  # ASFT's KL on demonstrations reads pi_ref too
+        if not c.lora.enabled and (self.method.uses_reference or anchored):  # full fine-tuning: a copy
             self.reference.snapshot()
         optimizer, self.lr_scheduler = make_optimizer(model, c)
         # The scheduler is not passed to accelerate.prepare: its wrapper steps it once per process.
