@@ -138,8 +138,10 @@ def test_compare_writes_every_file(compared):
     assert len(sasr["per_seed"]) == 2 and set(sasr["splits"]) == {
         "test",
         "ood",
-    }  # arithmetic has an ood split
-    for split in ("test", "ood"):
+        "near",
+    }  # arithmetic's shifts
+    assert results["splits"]["near"]["shift"].startswith("as many numbers as training questions")
+    for split in ("test", "ood", "near"):
         assert {"accuracy", "pass@3", "maj@3", "distinct_2", "edit_distance"} <= sasr["splits"][split].keys()
         assert sasr["per_seed"][0][split]["n"] == 4
     grpo = results["methods"]["grpo"]["budget"]
@@ -151,7 +153,7 @@ def test_compare_writes_every_file(compared):
     assert grpo["flops"][0] == pytest.approx(sum(flops) / 2) and grpo["flops"][0] > 0
     assert results["methods"]["untrained"]["budget"]["flops"] == [0.0, 0.0]
     paired = results["paired"]["splits"]
-    assert set(paired) == {"test", "ood"} and set(paired["test"]) == {"untrained", "grpo"}
+    assert set(paired) == {"test", "ood", "near"} and set(paired["test"]) == {"untrained", "grpo"}
     assert {"mean", "low", "high", "clear_of_zero"} == paired["ood"]["grpo"].keys()
     for name in ("untrained-s1", "sasr-s2", "grpo-s1"):
         summary = json.loads((out / "summaries" / f"{name}.json").read_text())
@@ -231,7 +233,7 @@ def test_eval_run_dir_equals_hub_style_folder(compared, tmp_path, capsys):
     assert main(["eval", "--model", str(run), *common, "--output", str(tmp_path / "a.json")]) == 0
     assert main(["eval", "--model", str(copy), *common, "--output", str(tmp_path / "b.json")]) == 0
     a, b = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
-    assert a == b and set(a) == {"test", "ood"} and a["ood"]["n"] == 4 and "pass@2" in a["test"]
+    assert a == b and set(a) == {"test", "ood", "near"} and a["ood"]["n"] == 4 and "pass@2" in a["test"]
     assert "accuracy" in capsys.readouterr().out
 
 
@@ -288,7 +290,7 @@ def test_eval_refuses_an_unknown_split_in_one_sentence(compared, capsys):
     argv = ["eval", "--model", str(out / "runs" / "sasr-s1"), "--split", "test,validation", "--quiet"]
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == (
-        "sasr: error: task 'arithmetic' has no split 'validation'; its splits: train, test, ood"
+        "sasr: error: task 'arithmetic' has no split 'validation'; its splits: train, test, ood, near"
     )
 
 
@@ -561,3 +563,27 @@ def test_paired_bootstrap_on_cases_computed_by_hand():
     assert paired_bootstrap(same, same) == {"mean": 0.0, "low": 0.0, "high": 0.0, "clear_of_zero": False}
     with pytest.raises(ValueError, match="same examples"):
         paired_bootstrap([[1, 0]], [[1]])
+
+
+COMMITTED = sorted(
+    p.parent.name for p in (Path(__file__).parents[1] / "docs" / "results").glob("*/summaries")
+)
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_the_committed_comparisons_reassemble_from_their_summaries(name, tmp_path):
+    """Every table in docs/results/ is what the current code assembles from its committed summaries alone,
+    by the command it records: nothing trained or evaluated again, the same results.json."""
+    import shlex
+
+    root = Path(__file__).parents[1]
+    committed = root / "docs" / "results" / name
+    results = json.loads((committed / "results.json").read_text())
+    shutil.copytree(committed / "summaries", tmp_path / "summaries")
+    argv = shlex.split(results["command"])[1:]  # after "sasr"
+    argv[argv.index("--output") + 1] = str(tmp_path)
+    argv[argv.index("--config") + 1] = str(root / argv[argv.index("--config") + 1])
+    assert main(argv) == 0
+    assert not (tmp_path / "runs").exists()
+    ours = json.loads((tmp_path / "results.json").read_text())
+    assert {**ours, "command": None} == {**results, "command": None}

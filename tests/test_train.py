@@ -349,6 +349,26 @@ def test_asft_anchors_every_demonstration_part_to_the_reference(run_tiny):
     assert all("asft_kl" in r and "loss/sft" in r for r in chord)
 
 
+def test_max_flops_stops_each_method_at_the_same_compute(run_tiny, tmp_path):
+    """max_flops: a run stops after the step whose flops_total reaches it, its final model evaluated and
+    saved and run.json saying where it stopped; SFT steps cost less than GRPO steps, so at one budget the SFT
+    run takes more of them."""
+    from sasr.run_dir import read_status
+
+    quiet = {"before": False, "after": True}
+    _, grpo = run_tiny("grpo-all", method="grpo", steps=4, eval={"before": False, "after": False})
+    budget = grpo[1]["flops_total"]  # what two GRPO steps cost
+    stopped = {}
+    for method in ("grpo", "sft"):
+        result, lines = run_tiny(f"{method}-budget", method=method, steps=40, max_flops=budget, eval=quiet)
+        assert lines[-1]["flops_total"] >= budget > lines[-2]["flops_total"]
+        status = read_status(result.output_dir)
+        assert status["status"] == "finished" and status["max_flops_step"] == len(lines) < 40
+        assert result.eval_after is not None and (result.output_dir / "final").is_dir()
+        stopped[method] = len(lines)
+    assert stopped["grpo"] == 2 and stopped["sft"] > 2
+
+
 def test_flops_equal_the_formula_on_the_logged_token_counts(run_tiny):
     """6 N per trained token (num_iterations passes, and SASR's probe) + 2 N per generated token, N the tiny
     model's parameters; flops_total their running sum."""

@@ -189,6 +189,12 @@ class TrainConfig(Section):
     method: str = F("sasr", "what each step trains on (docs/methods.md)")
     steps: int = F(40, "optimizer steps in all, warm-up included", ge=1)
     warmup_steps: int = F(8, "W: SFT steps before the adaptive phase (sasr, interleave, sft-then-grpo)", ge=0)
+    max_flops: float | None = F(
+        None,
+        "stop after the step that brings flops_total to this (methods matched on compute, not steps); steps "
+        "stays the schedules' length and the cap; null: run every step",
+        gt=0,
+    )
     seed: int = F(0, "seeds the data, the sampling and the methods' draws")
     output_dir: str | None = F(None, "the run directory (default runs/METHOD-TASK-TIME)")
     save_final: bool = F(True, "write final/ (and adapter/ with LoRA)")

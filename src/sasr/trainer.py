@@ -249,6 +249,7 @@ class Trainer:
             self.eval_before = self.evaluate("eval before", step=0)
         after: dict[str, float] | None = None
         nonfinite = 0
+        self.steps_done = c.steps  # fewer when max_flops stops the run first
         steps = range(self.start_step + 1, c.steps + 1)
         bar = tqdm(
             steps,
@@ -270,6 +271,9 @@ class Trainer:
                     line.update({f"eval_{k}": v for k, v in held_out.items() if k != "n" and k in GREEDY})
                 self._log(line)
                 bar.set_postfix(metrics.postfix(line), refresh=False)
+                if c.max_flops and self.flops_total >= c.max_flops:  # every rank: the same reduced counts
+                    self.steps_done = step
+                    break
 
                 if nonfinite >= c.optim.max_nonfinite_steps:  # guard, save, stop
                     self._write_status("failed", step=step)
@@ -287,7 +291,7 @@ class Trainer:
         bar.close()
 
         if after is None and c.eval.after and self.test_examples:
-            after = self.evaluate("eval after", c.eval.samples, c.steps)
+            after = self.evaluate("eval after", c.eval.samples, self.steps_done)
         seconds, self.finished_at = self.elapsed(), time.time()
         result = RunResult(self.run_dir, dict(self.method.counts), self.eval_before, after, seconds)
         unwrapped = acc.unwrap_model(self.model)
@@ -298,7 +302,8 @@ class Trainer:
                 self.files.save_model(whole, self.tokenizer, card, c.lora.enabled)
             if c.push_to_hub:
                 self.files.push_to_hub(c.hub_model_id)
-            self._write_status("finished", **summary(c, result))
+            early = {"max_flops_step": self.steps_done} if self.steps_done < c.steps else {}
+            self._write_status("finished", **summary(c, result), **early)
             trackers.finish(acc)
         acc.wait_for_everyone()
         return result

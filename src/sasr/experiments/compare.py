@@ -51,7 +51,10 @@ def _differences(saved: dict, wanted: dict, keys: tuple[str, ...] | None = None)
     or checkpoint frequency aside). An option newer than the saved configuration counts as equal while it
     holds its default (it changes nothing), so summaries of an earlier version of sasr stay usable."""
     a, b = dotted(saved), dotted(wanted)
-    defaults = dotted(TrainConfig().model_dump(mode="json"))
+    tree = TrainConfig().model_dump(mode="json")
+    for name, method in METHODS.items():  # every method's options ("grpo" and "sft" are sections too)
+        tree[name] = {**method.Options().model_dump(mode="json"), **tree.get(name, {})}
+    defaults = dotted(tree)
     names = sorted((a.keys() | b.keys()) - set(BOOKKEEPING_KEYS))
     if keys is not None:
         names = [n for n in names if any(n == k or n.startswith(k + ".") for k in keys)]
@@ -419,6 +422,7 @@ def assemble(
         "model": base.model.name,
         "steps": base.steps,
         "warmup_steps": base.warmup_steps,
+        "max_flops": base.max_flops,
         "seeds": seeds,
         "samples": k,
         "sample_size": e.sample_size,
@@ -488,7 +492,13 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
     lines = [
         f"# {results['task']}: {', '.join(m for m in methods if m != 'untrained')} on {results['model']}",
         "",
-        f"{results['steps']} optimizer steps ({results['warmup_steps']} warm-up where the method has one), "
+        (
+            f"Matched on compute: each run stopped once it had spent {results['max_flops']:.3g} FLOPs (at most "
+            f"{results['steps']} optimizer steps; "
+            if results.get("max_flops")
+            else f"{results['steps']} optimizer steps ("
+        )
+        + f"{results['warmup_steps']} warm-up where the method has one), "
         f"seeds {', '.join(map(str, results['seeds']))}; per split {splits[next(iter(splits))]['n']} held-out "
         "questions, greedy"
         + (f", and {k} samples of {n_sampled} at the evaluation temperature" if k else "")
