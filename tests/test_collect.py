@@ -178,3 +178,48 @@ def test_an_hpt_prompt_without_a_demonstration_is_never_routed_to_sft(tmp_path):
     assert sft.rows.tolist() == [False] * 8 + [True]  # the paired prompt: SFT on its demonstration
     assert rl.rows.tolist() == [False] * 4 + [True] * 4 + [False]  # the other: RL on its rollouts
     assert route["sft_fraction"] == 0.5
+
+
+def test_uft_hints_are_the_start_of_each_prompts_demonstration_on_a_schedule(tmp_path):
+    """UFT: p(t) a cosine from 0.95 to 0.05 over hint_steps, then 0; a prompt's hint is the first k of 5 equal
+    parts of its demonstration's tokens, k ~ Binomial(5, p(t)) drawn from (seed, step, prompt) alone; the
+    rollouts continue the prompt + hint (sampler log-probs for the sampled tokens only); one DEMO row per hinted
+    prompt carries exactly the hint's tokens (no EOS) for the NLL part; R3 draws k uniformly and trains no NLL."""
+    col, uft = collector(tmp_path, method="uft", steps=10, uft={"hint_steps": 5})
+    assert [round(uft.hint_p(t), 4) for t in (1, 3, 5, 6)] == [0.95, 0.5, 0.05, 0.0]
+    plan = uft.plan(1)
+    assert plan.hints.p == 0.95 and plan.hints.train and plan.phase == "mixed" and uft.plan(6).hints is None
+    ex = col.examples[3]
+    ids = col.tokenizer(col.task.target(ex), add_special_tokens=False)["input_ids"]
+    bounds = [round(j / 5 * len(ids)) for j in range(6)]
+    draws = [col.hint(step, ex, plan.hints) for step in range(1, 41)]
+    assert all(h == ids[: len(h)] and len(h) in bounds for h in draws)  # a prefix, cut at a part's end
+    assert col.hint(7, ex, plan.hints) == draws[6]  # a pure function of (seed, step, prompt)
+    assert 0.8 < sum(len(h) for h in draws) / (40 * len(ids)) <= 1.0  # about p = 0.95 of it
+    low = dataclasses.replace(plan.hints, p=0.05)
+    assert sum(len(col.hint(s, ex, low)) for s in range(1, 41)) / (40 * len(ids)) < 0.2
+
+    got = col.collect(1, plan)
+    rows, examples = got.rows, [col.examples[i] for i in got.prompts]
+    hints = [col.hint(1, e, plan.hints) for e in examples]
+    on = rows.kind == ROLLOUT
+    for g, hint in enumerate(hints):  # each rollout's prompt ends with its prompt's hint
+        prompt = rows.prompt_ids[on & (rows.group == g)][0]
+        assert prompt[prompt != col.tokenizer.pad_token_id].tolist()[-len(hint) :] == hint or not hint
+    demo = rows.kind == DEMO
+    assert demo.sum() == sum(1 for h in hints if h)
+    for row in demo.nonzero().squeeze(1).tolist():
+        target = rows.completion_ids[row][rows.completion_mask[row].bool()].tolist()
+        assert target == hints[rows.group[row]]  # the hint itself, no EOS
+    parts, _ = uft.parts(plan, rows)
+    assert [(p.name, p.loss, p.weight) for p in parts] == [("rl", "pg", 1.0), ("hint", "nll", 0.001)]
+    assert got.stats["uft_hint_share"] == pytest.approx(sum(len(h) for h in hints) / (2 * len(ids)), rel=0.5)
+
+    col, r3 = collector(tmp_path, method="uft", steps=10, uft={"variant": "r3"})
+    plan = r3.plan(1)
+    assert (
+        plan.hints.uniform and not plan.hints.train and plan.phase == "grpo" and "uft_hint_p" not in plan.info
+    )
+    assert not (col.collect(1, plan).rows.kind == DEMO).any()
+    lengths = {len(col.hint(s, col.examples[3], plan.hints)) for s in range(1, 60)}
+    assert lengths == set(bounds)  # every number of parts, none to all

@@ -277,7 +277,7 @@ def test_two_processes_take_the_same_branches(tmp_path):
     assert how == {"kind": "MULTI_CPU", "num_processes": 2, "device": "cpu"}  # a reader can tell how it ran
 
 
-@pytest.mark.parametrize("method", ["chord", "hpt", "luffy", "srft"])
+@pytest.mark.parametrize("method", ["chord", "hpt", "luffy", "srft", "uft"])
 def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path, method):
     """Two gloo ranks with different data take the same parts in every step (else the all-reduce of the
     step's statistics would fail) and read the same global gradient norm; stopped and resumed, the run ends
@@ -295,6 +295,7 @@ def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path, method):
         "2",
         "--set",
         "eval.before=false",
+        *(["--set", "uft.hint_steps=4"] if method == "uft" else []),  # hints (and their NLL) in every step
     ]
     ranks = tmp_path / "a" / "ranks"
     straight = subprocess.run(

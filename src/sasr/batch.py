@@ -150,6 +150,18 @@ class Part:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Hints:
+    """UFT's hints: each RL prompt is extended with the first k of ``chunks`` equal parts of its demonstration's
+    tokens, k ~ Binomial(chunks, p) (``uniform``: k uniform on 0..chunks, R3's); ``train``: one DEMO row per
+    hinted prompt carries the hint's tokens, for their NLL."""
+
+    p: float
+    chunks: int = 5
+    uniform: bool = False
+    train: bool = True
+
+
 @dataclass
 class Plan:
     """What a step needs, decided before anything is sampled; the same on every rank.
@@ -173,4 +185,5 @@ class Plan:
     lr: float | None = None  # this step's learning rate, in place of the schedule's
     max_grad_norm: float | None = None  # this step's gradient clip, in place of optim.max_grad_norm
     weight_decay: float | None = None  # this step's weight decay, in place of optim.weight_decay
+    hints: Hints | None = None  # UFT: the RL prompts carry a piece of their demonstration
     info: dict[str, float] = field(default_factory=dict)  # what the plan was computed from (p_t, mu, ...)

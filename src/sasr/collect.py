@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -18,9 +19,9 @@ from accelerate.utils import gather_object
 from transformers import TrainerState
 
 from sasr import metrics
-from sasr.batch import OFFPOLICY, ROLLOUT, Plan, Rows, cat_rows
+from sasr.batch import DEMO, OFFPOLICY, ROLLOUT, Hints, Plan, Rows, cat_rows
 from sasr.config import TrainConfig
-from sasr.data import demonstration_rows, encode_targets, pick, render_prompts, rows_of_kind
+from sasr.data import demonstration_rows, encode_prompts, encode_targets, pick, render_prompts, rows_of_kind
 from sasr.errors import SasrError
 from sasr.losses import group_advantages
 from sasr.methods import METHODS, Method
@@ -180,6 +181,12 @@ class Collector:
             pieces.append(groups.rows)
             stats, extra = groups.stats, groups.extra
             prompts = [self.index[id(ex)] for ex in groups.examples]
+            if plan.hints is not None:
+                stats["uft_hint_share"] = self.hint_share(step, groups.examples, plan.hints)
+            if plan.hints is not None and plan.hints.train:  # UFT: the hints' own tokens, for their NLL
+                hint_rows = self.hint_rows(step, groups.examples, plan.hints)
+                if hint_rows is not None:
+                    pieces.append(hint_rows)
             if plan.prompt_demos:  # a prompt without a demonstration is an RL prompt only
                 have = [g for g, i in enumerate(prompts) if i in self.paired]
                 if have:
@@ -187,6 +194,51 @@ class Collector:
         rows = cat_rows(pieces, self.tokenizer.pad_token_id)
         stats["tokens"] = rows.completion_mask.sum().item()
         return Collected(rows, stats, extra, prompts)
+
+    def hint(self, step: int, example: Example, hints: Hints) -> list[int]:
+        """The hint of ``example`` at ``step``: the first k of ``hints.chunks`` equal parts of its demonstration's
+        tokens (no EOS), k drawn from (seed, step, example) alone, so every process and a resumed run draw the
+        same; none for a prompt without a demonstration."""
+        index = self.index[id(example)]
+        if index not in self.paired:
+            return []
+        ids = self.tokenizer(self.task.target(example), add_special_tokens=False)["input_ids"]
+        chunks = min(hints.chunks, len(ids))
+        bounds = [round(j / chunks * len(ids)) for j in range(chunks + 1)] if chunks else [0]
+        rng = random.Random(f"{self.config.seed}/hint/{step}/{index}")
+        k = rng.randint(0, chunks) if hints.uniform else sum(rng.random() < hints.p for _ in range(chunks))
+        return ids[: bounds[k]]
+
+    def hint_share(self, step: int, examples: list[Example], hints: Hints) -> float:
+        """The mean share of their demonstration's tokens the step's prompts were shown."""
+        full = [
+            len(self.tokenizer(self.task.target(ex), add_special_tokens=False)["input_ids"])
+            for ex in examples
+        ]
+        return sum(len(self.hint(step, ex, hints)) / max(n, 1) for ex, n in zip(examples, full)) / len(
+            examples
+        )
+
+    def hint_rows(self, step: int, examples: list[Example], hints: Hints) -> Rows | None:
+        """One DEMO row per hinted prompt: its prompt, then its hint's tokens as the target (no EOS); its
+        ``group`` the prompt's. None when no prompt has a hint."""
+        c, device = self.config, self.accelerator.device
+        got = [(g, self.hint(step, ex, hints)) for g, ex in enumerate(examples)]
+        got = [(g, ids) for g, ids in got if ids]
+        if not got:
+            return None
+        prompts = render_prompts(
+            self.tokenizer, self.task, [examples[g] for g, _ in got], c.model.chat_template_kwargs
+        )
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, c.grpo.max_prompt_length, device)
+        width = max(len(ids) for _, ids in got)
+        ids = torch.full((len(got), width), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(got), width), dtype=torch.long, device=device)
+        for i, (_, hint) in enumerate(got):
+            ids[i, : len(hint)] = torch.tensor(hint, device=device)
+            mask[i, : len(hint)] = 1
+        texts = [self.tokenizer.decode(hint) for _, hint in got]
+        return rows_of_kind(prompt_ids, prompt_mask, ids, mask, texts, DEMO, [g for g, _ in got])
 
     def share(self, pool: tuple[int, ...]) -> list[int]:
         """This process's share of ``pool``, every process at least one (a short pool is repeated)."""
@@ -280,6 +332,10 @@ class Collector:
         c, g = self.config, self.config.grpo
         device = self.accelerator.device
         prompts = render_prompts(self.tokenizer, self.task, examples, c.model.chat_template_kwargs)
+        if plan.hints is not None:  # UFT: each prompt goes on with its hint; what is sampled follows it
+            prompts = [
+                p + self.tokenizer.decode(self.hint(step, ex, plan.hints)) for p, ex in zip(prompts, examples)
+            ]
         n, r, k = len(examples), plan.rollouts, plan.offpolicy
         stats: dict[str, float] = {}
         with metrics.timer(stats, "rollout_seconds", device):

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sasr.batch import DEMO, OFFPOLICY, ROLLOUT, Part, Plan, Rows
+from sasr.batch import DEMO, OFFPOLICY, ROLLOUT, Hints, Part, Plan, Rows
 from sasr.errors import SasrError, nearest, unknown
 from sasr.losses import LOSS_AGGREGATIONS, REWARD_SCALES, names
 
@@ -621,8 +621,64 @@ class ReLIFT(Method):
         self.buffer = list(state["buffer"])
 
 
+class UFTOptions(Options):
+    variant: Literal["uft", "r3"] = Field(
+        "uft", description="uft: hint lengths on a schedule and the hint's NLL; r3: uniform lengths, no NLL"
+    )
+    hint_steps: int | None = Field(
+        None, ge=1, description="steps with hints (their 300 of 500); null: 60% of the run's steps"
+    )
+    p_start: float = Field(0.95, ge=0, le=1, description="the chance of each hint part at step 1")
+    p_end: float = Field(0.05, ge=0, le=1, description="... at the last hinted step (a cosine between)")
+    hint_chunks: int = Field(5, ge=1, description="the demonstration is shown in up to this many equal parts")
+    sft_coef: float = Field(0.001, ge=0, description="weight of the hint tokens' NLL (uft)")
+    beta: float = Field(0.001, ge=0, description="KL weight of the RL part (their 0.001)")
+
+
+class UFT(Method):
+    """UFT (and R3): GRPO on prompts extended with the start of their own demonstration (a hint whose length
+    shrinks on a schedule to none), plus a small NLL on the hint's tokens; evaluation never shows a hint."""
+
+    name = "uft"
+    Options = UFTOptions
+    pairs_demos = True
+    repeatable_updates = False
+    dynamics = ("uft_hint_p", "uft_hint_share")
+
+    @property
+    def hint_steps(self) -> int:
+        return self.opts.hint_steps or max(1, round(0.6 * self.steps))
+
+    def hint_p(self, step: int) -> float:
+        """p(t): a cosine from p_start at step 1 to p_end at hint_steps, then 0."""
+        o, n = self.opts, self.hint_steps
+        if step > n:
+            return 0.0
+        t = (step - 1) / max(n - 1, 1)
+        return o.p_end + 0.5 * (o.p_start - o.p_end) * (1 + math.cos(math.pi * t))
+
+    def plan(self, step: int) -> Plan:
+        o = self.opts
+        hinted = step <= self.hint_steps
+        hints = (
+            Hints(self.hint_p(step), o.hint_chunks, o.variant == "r3", o.variant == "uft") if hinted else None
+        )
+        info = {"uft_hint_p": self.hint_p(step)} if o.variant == "uft" else {}
+        plan = self.grpo_plan(step, **info)
+        phase = "mixed" if hints is not None and hints.train else "grpo"  # the hint's NLL is an SFT part
+        return dataclasses.replace(plan, phase=phase, hints=hints)
+
+    def parts(self, plan: Plan, rows: Rows) -> tuple[list[Part], dict[str, float]]:
+        o = self.opts
+        parts = [Part("rl", "pg", rows.kind == ROLLOUT, 1.0, {"beta": o.beta})]
+        if plan.hints is not None and plan.hints.train:
+            parts.append(Part("hint", "nll", rows.kind == DEMO, o.sft_coef))
+        return parts, {}
+
+
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (SASR, SFTOnly, GRPOOnly, SFTThenGRPO, Interleave, Chord, HPT, Luffy, SRFT, ReLIFT)
+    m.name: m
+    for m in (SASR, SFTOnly, GRPOOnly, SFTThenGRPO, Interleave, Chord, HPT, Luffy, SRFT, ReLIFT, UFT)
 }
 
 

@@ -127,6 +127,8 @@ METRICS: dict[str, Metric] = {
             ROLLOUTS,
         ),
         _m("sft_fraction", "HPT: the share of prompts routed to SFT", ROLLOUTS),
+        _m("uft_hint_p", "UFT: the chance of each hint part at this step (a cosine to p_end, then 0)"),
+        _m("uft_hint_share", "UFT / R3: the mean share of its demonstration a prompt was shown", ROLLOUTS),
         _m("relift_buffer", "ReLIFT: failed prompts in the buffer when the step was planned"),
         _m("relift_failed", "ReLIFT: the share of the step's prompts whose rollouts all failed", ROLLOUTS),
         # families
