@@ -100,6 +100,7 @@ def test_arithmetic_near_split_shifts_only_the_operands_and_is_disjoint_and_dete
     assert max(max(_terms(e.question)) for e in wider) > 30
     with pytest.raises(SasrError, match="near_value_scale .1.0. leaves no operand above max_value .20."):
         get_task("arithmetic", near_value_scale=1.0).examples("near", 5)
+    assert len(get_task("arithmetic", near_value_scale=1.0).examples("train", 5)) == 5  # only near needs it
 
 
 def test_knights_knaves_ood_split_has_more_people():

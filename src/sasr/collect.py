@@ -181,11 +181,11 @@ class Collector:
             pieces.append(groups.rows)
             stats, extra = groups.stats, groups.extra
             prompts = [self.index[id(ex)] for ex in groups.examples]
-            if plan.hints is not None:
-                stats["uft_hint_share"] = self.hint_share(step, groups.examples, plan.hints)
-            if plan.hints is not None and plan.hints.train:  # UFT: the hints' own tokens, for their NLL
-                hint_rows = self.hint_rows(step, groups.examples, plan.hints)
-                if hint_rows is not None:
+            if plan.hints is not None:  # UFT: the hints the groups were sampled after, drawn once more
+                hints = [self.hint(step, ex, plan.hints) for ex in groups.examples]
+                stats["uft_hint_share"] = self.hint_share(groups.examples, hints)
+                hint_rows = self.hint_rows(groups.examples, hints) if plan.hints.train else None
+                if hint_rows is not None:  # the hints' own tokens, for their NLL
                     pieces.append(hint_rows)
             if plan.prompt_demos:  # a prompt without a demonstration is an RL prompt only
                 have = [g for g, i in enumerate(prompts) if i in self.paired]
@@ -209,22 +209,19 @@ class Collector:
         k = rng.randint(0, chunks) if hints.uniform else sum(rng.random() < hints.p for _ in range(chunks))
         return ids[: bounds[k]]
 
-    def hint_share(self, step: int, examples: list[Example], hints: Hints) -> float:
-        """The mean share of their demonstration's tokens the step's prompts were shown."""
+    def hint_share(self, examples: list[Example], hints: list[list[int]]) -> float:
+        """The mean share of their demonstration's tokens the prompts were shown (``hints``, one each)."""
         full = [
             len(self.tokenizer(self.task.target(ex), add_special_tokens=False)["input_ids"])
             for ex in examples
         ]
-        return sum(len(self.hint(step, ex, hints)) / max(n, 1) for ex, n in zip(examples, full)) / len(
-            examples
-        )
+        return sum(len(h) / max(n, 1) for h, n in zip(hints, full)) / len(examples)
 
-    def hint_rows(self, step: int, examples: list[Example], hints: Hints) -> Rows | None:
+    def hint_rows(self, examples: list[Example], hints: list[list[int]]) -> Rows | None:
         """One DEMO row per hinted prompt: its prompt, then its hint's tokens as the target (no EOS); its
         ``group`` the prompt's. None when no prompt has a hint."""
         c, device = self.config, self.accelerator.device
-        got = [(g, self.hint(step, ex, hints)) for g, ex in enumerate(examples)]
-        got = [(g, ids) for g, ids in got if ids]
+        got = [(g, ids) for g, ids in enumerate(hints) if ids]
         if not got:
             return None
         prompts = render_prompts(
@@ -346,9 +343,8 @@ class Collector:
                 more = self.sample(model, [prompts[i] for i in alone], alone, k)
                 rows = cat_rows([rows, more], self.tokenizer.pad_token_id)
         stats["generated_tokens"] = rows.completion_mask.sum().item()
-        if (
-            k and paired
-        ):  # the prompt's demonstration k times after its rollouts, same prompt tokens: one group
+        # each paired prompt's demonstration k times after its rollouts, with the same prompt tokens: one group
+        if k and paired:
             targets = [self.task.target(examples[i]) for i in paired]
             ids, mask = encode_targets(self.tokenizer, targets, g.max_completion_length, device)  # [p, t]
             texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)  # judged as trained: maybe cut

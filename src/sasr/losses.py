@@ -296,10 +296,14 @@ def row_entropy(x: PartInputs) -> torch.Tensor:
 
 # The demonstration tokens' losses (``sft.loss``): each token's NLL times a stop-gradient weight of its
 # log-probability, [b, T] -> [b, T]; None: weight 1.
+def _own_probability(logps: torch.Tensor) -> torch.Tensor:
+    return logps.detach().exp()
+
+
 SFT_LOSSES: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
     "nll": None,
-    "dft": lambda logps: logps.detach().exp(),  # DFT (arXiv 2508.05629): -sg(p) log p, TRL's loss_type="dft"
-    "asft": lambda logps: logps.detach().exp(),  # ASFT (arXiv 2509.23753): DFT's weights, plus an anchor KL
+    "dft": _own_probability,  # DFT (arXiv 2508.05629): -sg(p) log p, TRL's loss_type="dft"
+    "asft": _own_probability,  # ASFT (arXiv 2509.23753): DFT's weights, plus an anchor KL
 }
 ANCHORED_SFT_LOSSES = ("asft",)  # these add asft_beta x KL(pi_ref || pi) on the demonstration tokens
 

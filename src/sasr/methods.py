@@ -658,12 +658,10 @@ class UFT(Method):
         return o.p_end + 0.5 * (o.p_start - o.p_end) * (1 + math.cos(math.pi * t))
 
     def plan(self, step: int) -> Plan:
-        o = self.opts
+        o, p = self.opts, self.hint_p(step)
         hinted = step <= self.hint_steps
-        hints = (
-            Hints(self.hint_p(step), o.hint_chunks, o.variant == "r3", o.variant == "uft") if hinted else None
-        )
-        info = {"uft_hint_p": self.hint_p(step)} if o.variant == "uft" else {}
+        hints = Hints(p, o.hint_chunks, o.variant == "r3", o.variant == "uft") if hinted else None
+        info = {"uft_hint_p": p} if o.variant == "uft" else {}
         plan = self.grpo_plan(step, **info)
         phase = "mixed" if hints is not None and hints.train else "grpo"  # the hint's NLL is an SFT part
         return dataclasses.replace(plan, phase=phase, hints=hints)

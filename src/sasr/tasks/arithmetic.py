@@ -90,7 +90,7 @@ class Arithmetic(Task):
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         self.check_split(split)
         rng = random.Random(f"arithmetic/{split}/{seed}")
-        opts = {"ood": self._ood_opts(), "near": self._near_opts()}.get(split, self.opts)
+        opts = self._ood_opts() if split == "ood" else self._near_opts() if split == "near" else self.opts
         out: list[Example] = []
         seen: set[str] = set()
         for _ in range(200 * n + 1000):
