@@ -9,7 +9,7 @@ from accelerate import PartialState
 from helpers import tiny_config
 
 from sasr import models
-from sasr.batch import DEMO, OFFPOLICY, ROLLOUT, Plan
+from sasr.batch import DEMO, OFFPOLICY, PREFIXED, ROLLOUT, Plan
 from sasr.collect import Collector, demonstration_source, rollout_stats, training_examples
 from sasr.config import validate
 from sasr.errors import SasrError
@@ -223,3 +223,47 @@ def test_uft_hints_are_the_start_of_each_prompts_demonstration_on_a_schedule(tmp
     assert not (col.collect(1, plan).rows.kind == DEMO).any()
     lengths = {len(col.hint(s, col.examples[3], plan.hints)) for s in range(1, 60)}
     assert lengths == set(bounds)  # every number of parts, none to all
+
+
+def test_a_prefix_rft_group_continues_the_start_of_its_demonstration(tmp_path):
+    """Per prompt: its rollouts, then the row that starts with the first int(l x L) of its demonstration's L
+    tokens (exactly those tokens, marked by prefix_mask, with no sampler log-prob) and goes on with what the
+    policy sampled after them, within max_completion_length; judged on the whole; advantages within each
+    (prompt, prefix) subgroup; only the sampled tokens count as generated. A prompt without a demonstration
+    samples its whole group."""
+    grpo = {"num_generations": 4, "max_completion_length": 48}
+    col, m = collector(tmp_path, method="prefix-rft", grpo=grpo, steps=10)
+    plan = m.plan(1)
+    got = col.collect(1, plan)
+    rows = got.rows
+    assert rows.kind.tolist() == ([ROLLOUT] * 3 + [PREFIXED]) * 2
+    examples = [col.examples[i] for i in got.prompts]
+    for g, ex in enumerate(examples):
+        row = 4 * g + 3
+        assert (rows.prompt_ids[4 * g : 4 * g + 4] == rows.prompt_ids[4 * g]).all()  # one prompt per group
+        ids = col.tokenizer(col.task.target(ex), add_special_tokens=False)["input_ids"]
+        m_ = int(0.95 * len(ids))
+        completion = rows.completion_ids[row][rows.completion_mask[row].bool()].tolist()
+        assert completion[:m_] == ids[:m_] and rows.prefix_mask[row].sum() == m_
+        assert rows.prefix_mask[row, :m_].all() and not rows.prefix_mask[rows.kind == ROLLOUT].any()
+        assert len(completion) <= 48 and len(completion) > m_  # something sampled after the prefix
+        assert (rows.sampler_logprobs[row, :m_] == 0).all() and rows.sampler_logprobs[row, m_:][
+            rows.completion_mask[row, m_:].bool()
+        ].ne(0).all()
+        assert rows.texts[row] == col.tokenizer.decode(completion, skip_special_tokens=True)
+        on = rows.rewards[4 * g : 4 * g + 3]
+        assert rows.advantages[4 * g : 4 * g + 3].tolist() == pytest.approx(
+            (on - on.mean()).tolist(), abs=1e-6
+        )
+        assert rows.advantages[row] == rows.rewards[row]  # a subgroup of one: centred on 0
+        assert rows.prefix_advantages[row].item() == pytest.approx(
+            rows.rewards[row].item() - on.mean().item()
+        )
+    assert got.stats["generated_tokens"] == rows.sampled().sum().item() < rows.completion_mask.sum().item()
+    assert got.stats["accuracy"] == rows.correct[rows.kind == ROLLOUT].float().mean().item()
+
+    col, m, examples = scarce_collector(tmp_path, "prefix-rft")
+    rows = col.collect(1, m.plan(1)).rows
+    assert rows.kind.tolist() == [ROLLOUT] * 3 + [PREFIXED] + [ROLLOUT] * 4
+    _, stats = m.parts(m.plan(1), rows)
+    assert stats["prefix_share"] == 1 / 8

@@ -614,3 +614,85 @@ def test_asft_is_dft_plus_beta_times_the_kl_to_the_reference_as_llama_factory_co
     for g, w in zip(ours, torch.autograd.grad(want, list(policy.parameters()))):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
     assert out.stats["asft_kl"] > 0
+
+
+def test_prefix_rft_advantages_are_centred_within_each_prompt_and_prefix_subgroup():
+    """Prefix-RFT (their dr_grpo_prefix): a row's reward minus its (prompt, prefix) subgroup's mean, a subgroup
+    of one centred on 0; the prefix tokens' advantage is (that - the on-policy rows' mean) / rows per prefix."""
+    from sasr.losses import prefix_group_advantages
+
+    # one prompt, G = 4: three on-policy rows, one continuing the prefix
+    rewards, subgroup = torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([0, 0, 0, 1])
+    adv, pre, zero = prefix_group_advantages(rewards, subgroup, 4, 1)
+    assert adv.tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, 1.0])  # the lone prefixed row: 1 - 0
+    assert pre.tolist() == pytest.approx([0.0, 0.0, 0.0, 1 - 1 / 3])
+    assert zero.tolist() == [False]
+    # two prompts, G = 4: two on-policy rows and two continuations of the prefix each
+    rewards = torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    subgroup = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1])
+    adv, pre, zero = prefix_group_advantages(rewards, subgroup, 4, 2)
+    assert adv.tolist() == pytest.approx([-0.5, 0.5, 0.0, 0.0, 0, 0, 0, 0])
+    assert pre.tolist() == pytest.approx([0, 0, (0 - 0.5) / 2, (0 - 0.5) / 2, 0, 0, 0, 0])
+    assert zero.tolist() == [False, True]
+    # scale_rewards=group: each subgroup's unbiased std (a subgroup of one: 1); an unscored row: advantage 0
+    rewards = torch.tensor([0.0, 1.0, float("nan"), 1.0])
+    adv, pre, _ = prefix_group_advantages(rewards, torch.tensor([0, 0, 0, 1]), 4, 1, scale="group")
+    std = torch.tensor([0.0, 1.0]).std().item()
+    assert adv.tolist() == pytest.approx([-0.5 / std, 0.5 / std, 0.0, 1.0], rel=1e-3)
+    assert pre.tolist() == pytest.approx([0, 0, 0, 1.0 - 0.5], rel=1e-3)
+    with pytest.raises(SasrError, match="scale_rewards"):
+        prefix_group_advantages(rewards, subgroup[:4], 4, 1, scale="batch")
+
+
+def test_prefix_tokens_train_with_their_own_advantage_clip_and_entropy_mask():
+    """pg_part on a rollout row and a prefixed row: the sampled tokens take the row's advantage and the
+    rollouts' clip, the prefix tokens their own advantage and clip range, and of the prefix tokens only the
+    highest-entropy share rho keeps its advantage; equal in value and gradient to the formula by hand."""
+    from sasr.losses import PartInputs, pg_part
+
+    T = 5
+    logps = torch.tensor([[-1.0, -2.0, -0.5, -1.5, -0.2], [-0.3, -2.5, -1.0, -0.7, -1.2]], requires_grad=True)
+    old = logps.detach() + torch.tensor([[0.3, -0.4, 0.1, 0.0, 0.5], [0.5, -0.5, 0.25, -0.3, 0.4]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    prefix = torch.tensor([[0, 0, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    entropy = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0], [0.9, 0.1, 2.0, 0.5, 0.5]])
+    adv, prefix_adv = torch.tensor([-0.7, 1.0]), torch.tensor([0.0, -0.6])
+    no = torch.zeros(2, dtype=torch.bool)
+    x = PartInputs(
+        logps, mask, entropy, None, adv, no, no, old_logps=old, prefix=prefix, prefix_advantages=prefix_adv
+    )
+    out = pg_part(
+        x,
+        beta=0.0,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        loss_type="dr_grpo",
+        max_completion_length=T,
+        use_bias_correction_kl=False,
+        prefix_epsilon=0.1,
+        prefix_epsilon_high=0.1,
+        prefix_entropy_top=0.5,  # of the 3 prefix tokens int(3 x 0.5) = 1 is dropped: the lowest entropy
+    )
+    logps2 = logps.detach().clone().requires_grad_(True)
+    total = 0.0
+    for i in range(2):
+        for t in range(T):
+            if not mask[i, t]:
+                continue
+            ratio = torch.exp(logps2[i, t] - old[i, t])
+            if prefix[i, t]:
+                a, lo, hi = (0.0 if (i, t) == (1, 1) else prefix_adv[i].item()), 0.1, 0.1
+            else:
+                a, lo, hi = adv[i].item(), 0.2, 0.28
+            total = total - torch.min(ratio * a, torch.clamp(ratio, 1 - lo, 1 + hi) * a)
+    expected = total / (2 * T)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    (grad,) = torch.autograd.grad(out.loss, logps)
+    (want,) = torch.autograd.grad(expected, logps2)
+    assert torch.allclose(grad, want, atol=1e-7)
+    assert grad[1, 1] == 0  # the dropped prefix token trains nothing
+    assert out.stats["prefix_kept"] == pytest.approx(2 / 3)
+    # the kept prefix tokens' ratios exp(-0.5) and exp(-0.25), below 1 - 0.1 with a negative advantage: clipped
+    assert out.stats["prefix_clip_fraction"] == pytest.approx(2 / 3)
+    # of the 6 sampled tokens, exp(-0.3) < 1 - 0.2 with A < 0 and exp(0.3) > 1 + 0.28 with A > 0: clipped
+    assert out.stats["clip_fraction"] == pytest.approx(2 / 6)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from sasr.batch import DEMO, OFFPOLICY, ROLLOUT, Plan, Rows
+from sasr.batch import DEMO, OFFPOLICY, PREFIXED, ROLLOUT, Plan, Rows
 from sasr.errors import SasrError
 from sasr.losses import PartInputs, nll_part, pg_part
 from sasr.methods import METHODS, chord_mu, get_method
@@ -109,8 +109,8 @@ def rows_for(plan: Plan, seed: int, T: int = 3) -> Rows:
     g = torch.Generator().manual_seed(seed)
     kinds, groups = [DEMO] * plan.demos, [-1] * plan.demos
     for i in range(plan.prompts):
-        kinds += [ROLLOUT] * plan.rollouts + [OFFPOLICY] * plan.offpolicy
-        groups += [i] * (plan.rollouts + plan.offpolicy)
+        kinds += [ROLLOUT] * plan.rollouts + [OFFPOLICY] * plan.offpolicy + [PREFIXED] * plan.prefixed
+        groups += [i] * (plan.rollouts + plan.offpolicy + plan.prefixed)
     if plan.prompt_demos:
         kinds += [DEMO] * plan.prompts
         groups += list(range(plan.prompts))
@@ -429,3 +429,20 @@ def test_sft_then_grpo_gives_each_stage_its_own_optimiser_settings():
     assert {(p.lr, p.weight_decay, p.max_grad_norm) for p in map(plain.plan, range(1, 5))} == {
         (None, None, None)
     }
+
+
+def test_prefix_rft_plans_a_prefix_on_a_cosine_in_every_group():
+    """The prefix's share l(t) falls on a cosine from 0.95 (step 1) to 0.05 (prefix_steps) and stays there;
+    each group holds num_generations - n rollouts and n rows continuing the prefix; n must leave rollouts."""
+    m = get_method("prefix-rft", steps=20, group_size=8, prefix_steps=11)
+    assert [round(m.fraction(t), 4) for t in (1, 6, 11, 15)] == [0.95, 0.5, 0.05, 0.05]
+    plan = m.plan(6)
+    assert (plan.rollouts, plan.prefixed, plan.prefix_fraction, plan.phase) == (
+        7,
+        1,
+        plan.info["prefix_fraction"],
+        "mixed",
+    )
+    assert get_method("prefix-rft", steps=20).fraction(20) == pytest.approx(0.05)  # default: the whole run
+    with pytest.raises(SasrError, match="num_prefixed"):
+        get_method("prefix-rft", steps=20, group_size=4, num_prefixed=4)

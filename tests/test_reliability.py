@@ -277,7 +277,7 @@ def test_two_processes_take_the_same_branches(tmp_path):
     assert how == {"kind": "MULTI_CPU", "num_processes": 2, "device": "cpu"}  # a reader can tell how it ran
 
 
-@pytest.mark.parametrize("method", ["chord", "hpt", "luffy", "srft", "uft"])
+@pytest.mark.parametrize("method", ["chord", "hpt", "luffy", "srft", "uft", "prefix-rft"])
 def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path, method):
     """Two gloo ranks with different data take the same parts in every step (else the all-reduce of the
     step's statistics would fail) and read the same global gradient norm; stopped and resumed, the run ends
@@ -338,7 +338,12 @@ def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path, method):
     }  # steps x ranks x prompts x G
     assert {"prompt", "completion", "reward", "advantage", "truncated", "kind", "parts"} <= samples[0].keys()
     kinds = {s["kind"] for s in samples}
-    assert kinds == ({"rollout", "offpolicy"} if method in ("luffy", "srft") else {"rollout"})
+    others = {"luffy": {"offpolicy"}, "srft": {"offpolicy"}, "prefix-rft": {"prefixed"}}.get(method, set())
+    assert kinds == {"rollout", *others}
+    if method == "prefix-rft":  # what a prefixed row started with, and the advantage of those tokens
+        assert all(
+            s["prefix_tokens"] > 0 and "prefix_advantage" in s for s in samples if s["kind"] == "prefixed"
+        )
     assert (tmp_path / "a" / "completions.jsonl").read_text() == (resumed / "completions.jsonl").read_text()
 
 

@@ -6,7 +6,9 @@ of one kind:
 - ``DEMO``: a demonstration (the task's chain of thought and answer) trained on by itself, as in SFT;
 - ``ROLLOUT``: a completion the policy sampled for a prompt (on-policy), one of its prompt's group;
 - ``OFFPOLICY``: a demonstration placed inside a prompt's group beside its rollouts (LUFFY, SRFT); it is
-  scored and gets an advantage like the rollouts, but the policy did not sample it.
+  scored and gets an advantage like the rollouts, but the policy did not sample it;
+- ``PREFIXED``: a row of a prompt's group whose completion starts with a prefix of the prompt's
+  demonstration (``prefix_mask``) and goes on with what the policy sampled after it (Prefix-RFT).
 
 A method turns the rows of a step into ``Part`` s: a loss from the registry in ``sasr.losses`` over a subset
 of the rows, with a weight. The loop sums the weighted part losses of one policy pass.
@@ -20,8 +22,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-DEMO, ROLLOUT, OFFPOLICY = 0, 1, 2
-KIND_NAMES = {DEMO: "demonstration", ROLLOUT: "rollout", OFFPOLICY: "offpolicy"}
+DEMO, ROLLOUT, OFFPOLICY, PREFIXED = 0, 1, 2, 3
+KIND_NAMES = {DEMO: "demonstration", ROLLOUT: "rollout", OFFPOLICY: "offpolicy", PREFIXED: "prefixed"}
+GROUP_KINDS = (ROLLOUT, OFFPOLICY, PREFIXED)  # the rows of a prompt's group
 
 
 @dataclass
@@ -44,9 +47,9 @@ class Sequences:
 
 @dataclass
 class Rows(Sequences):
-    """B rows of one step. Rows of a prompt's group are consecutive (rollouts first, then its off-policy rows)."""
+    """B rows of one step. Rows of a prompt's group are consecutive (rollouts first, then its other rows)."""
 
-    kind: torch.Tensor  # [B] long: DEMO, ROLLOUT or OFFPOLICY
+    kind: torch.Tensor  # [B] long: DEMO, ROLLOUT, OFFPOLICY or PREFIXED
     group: (
         torch.Tensor
     )  # [B] long: index of the row's RL prompt in the step; -1 for demonstrations of no prompt
@@ -54,8 +57,12 @@ class Rows(Sequences):
     advantages: torch.Tensor  # [B] float32, 0 for DEMO rows
     correct: torch.Tensor  # [B] bool
     formatted: torch.Tensor  # [B] bool
-    sampler_logprobs: torch.Tensor | None = None  # [B, T] the sampler's log-probs (ROLLOUT rows; 0 elsewhere)
+    sampler_logprobs: torch.Tensor | None = (
+        None  # [B, T] the sampler's log-probs (sampled tokens; 0 elsewhere)
+    )
     truncated: torch.Tensor | None = None  # [B] bool: a rollout cut at max_completion_length (None: none)
+    prefix_mask: torch.Tensor | None = None  # [B, T] bool: a PREFIXED row's demonstration tokens (None: none)
+    prefix_advantages: torch.Tensor | None = None  # [B] float32: the advantage of those tokens (0 elsewhere)
     texts: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -64,6 +71,17 @@ class Rows(Sequences):
     def of_kind(self, *kinds: int) -> torch.Tensor:
         """[B] bool: the rows of these kinds."""
         return torch.isin(self.kind, torch.tensor(kinds, device=self.kind.device))
+
+    def prefix(self) -> torch.Tensor:
+        """[B, T] bool: the demonstration-prefix tokens of PREFIXED rows (all False without any)."""
+        if self.prefix_mask is not None:
+            return self.prefix_mask
+        return torch.zeros_like(self.completion_mask, dtype=torch.bool)
+
+    def sampled(self) -> torch.Tensor:
+        """[B, T]: the completion tokens the policy sampled (a rollout's, a prefixed row's after its prefix)."""
+        on = self.of_kind(ROLLOUT, PREFIXED)[:, None].to(self.completion_mask.dtype)
+        return self.completion_mask * on * (~self.prefix()).to(self.completion_mask.dtype)
 
     def cut(self) -> torch.Tensor:
         """[B] bool: the rows cut at the length limit."""
@@ -101,7 +119,15 @@ def cat_rows(pieces: list[Rows], pad_token_id: int) -> Rows:
         return pieces[0]
     P = max(p.prompt_ids.size(1) for p in pieces)
     T = max(p.completion_ids.size(1) for p in pieces)
-    sampler = None
+    sampler, prefix, prefix_adv = None, None, None
+    if any(p.prefix_mask is not None for p in pieces):
+        prefix = torch.cat([_pad_to(p.prefix().long(), T, 0, left=False) for p in pieces]).bool()
+        prefix_adv = torch.cat(
+            [
+                p.prefix_advantages if p.prefix_advantages is not None else torch.zeros_like(p.rewards)
+                for p in pieces
+            ]
+        )
     if any(p.sampler_logprobs is not None for p in pieces):
         sampler = torch.cat(
             [
@@ -132,6 +158,8 @@ def cat_rows(pieces: list[Rows], pad_token_id: int) -> Rows:
         if any(p.truncated is not None for p in pieces)
         else None,
         texts=[t for p in pieces for t in p.texts],
+        prefix_mask=prefix,
+        prefix_advantages=prefix_adv,
     )
 
 
@@ -176,6 +204,8 @@ class Plan:
     prompts: int = 0  # RL prompts per process
     rollouts: int = 0  # ROLLOUT rows per prompt (sampled)
     offpolicy: int = 0  # OFFPOLICY rows per prompt: its demonstration, inside its group
+    prefixed: int = 0  # PREFIXED rows per prompt: the start of its demonstration, continued by the policy
+    prefix_fraction: float = 0.0  # the share of its demonstration's tokens that start is
     prompt_demos: bool = False  # also one DEMO row per RL prompt: its own demonstration (HPT)
     scale_rewards: str | None = None  # overrides grpo.scale_rewards for this step's advantages
     probe: bool = False  # after the update, measure the SFT gradient norm on demonstrations (no update)

@@ -19,14 +19,14 @@ from accelerate.utils import gather_object
 from transformers import TrainerState
 
 from sasr import metrics
-from sasr.batch import DEMO, OFFPOLICY, ROLLOUT, Hints, Plan, Rows, cat_rows
+from sasr.batch import DEMO, OFFPOLICY, PREFIXED, ROLLOUT, Hints, Plan, Rows, cat_rows
 from sasr.config import TrainConfig
 from sasr.data import demonstration_rows, encode_prompts, encode_targets, pick, render_prompts, rows_of_kind
 from sasr.errors import SasrError
-from sasr.losses import group_advantages
+from sasr.losses import group_advantages, prefix_group_advantages
 from sasr.methods import METHODS, Method
 from sasr.rewards import RewardCall, Rewards, score_all
-from sasr.rollout import generate
+from sasr.rollout import generate, generate_ids
 from sasr.tasks import Example, Task, get_task
 
 
@@ -282,15 +282,25 @@ class Collector:
         # the reward functions' extra columns are per sampled batch, not per chosen group: left out
         return Groups(examples, rows, spread, stats, {})
 
-    def sample(self, model, prompts: list[str], groups: list[int], num: int) -> Rows:
+    def sample(
+        self, model, prompts: list[str], groups: list[int], num: int, prefixes: list[list[int]] | None = None
+    ) -> Rows:
         """``num`` completions of each prompt sampled from ``model``, in chunks of
-        ``grpo.generation_batch_size`` rows; a row's ``group`` is its prompt's entry in ``groups``."""
+        ``grpo.generation_batch_size`` rows; a row's ``group`` is its prompt's entry in ``groups``. With
+        ``prefixes`` (token ids, one per prompt), PREFIXED rows: each completion starts with its prompt's prefix
+        and goes on with what is sampled after it, the whole within ``grpo.max_completion_length``."""
         g = self.config.grpo
         per_call = len(prompts) if not g.generation_batch_size else max(1, g.generation_batch_size // num)
         stops = torch.tensor(self.stop_ids, device=self.accelerator.device)
         pieces = []
         for start in range(0, len(prompts), per_call):
             chunk = prompts[start : start + per_call]
+            if prefixes is not None:
+                chunk_groups = [groups[start + i] for i in range(len(chunk))]
+                pieces.append(
+                    self.sample_after(model, chunk, prefixes[start : start + per_call], chunk_groups, num)
+                )
+                continue
             roll = generate(
                 model,
                 self.tokenizer,
@@ -322,6 +332,73 @@ class Collector:
             )
         return cat_rows(pieces, self.tokenizer.pad_token_id)
 
+    def prefix_ids(self, example: Example, fraction: float) -> list[int]:
+        """The first int(fraction x L) of the L tokens of ``example``'s demonstration, at least 1 and at most
+        L - 1 (something is left to sample) and within max_completion_length - 1; none for a demonstration
+        shorter than 2 tokens."""
+        ids = self.tokenizer(self.task.target(example), add_special_tokens=False)["input_ids"]
+        m = min(max(int(fraction * len(ids)), 1), len(ids) - 1, self.config.grpo.max_completion_length - 1)
+        return ids[:m] if m >= 1 else []
+
+    def sample_after(
+        self, model, prompts: list[str], prefixes: list[list[int]], groups: list[int], num: int
+    ) -> Rows:
+        """PREFIXED rows: ``num`` continuations of each prompt followed by its prefix's tokens (as tokens, so
+        the row holds exactly the prefix); each continuation within what the prefix leaves of
+        max_completion_length. The prefix tokens have no sampler log-prob (0, outside ``Rows.sampled``)."""
+        g, device, pad = self.config.grpo, self.accelerator.device, self.tokenizer.pad_token_id
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, g.max_prompt_length, device)
+        inputs = [ids[m.bool()].tolist() + pre for ids, m, pre in zip(prompt_ids, prompt_mask, prefixes)]
+        width = max(len(x) for x in inputs)
+        gen_ids = torch.tensor([[pad] * (width - len(x)) + x for x in inputs], device=device)
+        gen_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in inputs], device=device)
+        roll = generate_ids(
+            model,
+            self.tokenizer,
+            gen_ids,
+            gen_mask,
+            num_generations=num,
+            max_new_tokens=g.max_completion_length - min(len(p) for p in prefixes),
+            temperature=g.temperature,
+            top_p=g.top_p,
+            backend=g.generation_backend,
+            cuda_graphs=self.cuda_graphs,
+            compile=g.torch_compile,
+            **g.generation_kwargs,
+        )  # [n x num] continuations
+        stops = set(self.stop_ids)
+        rows, logps, cut, kept = [], [], [], []
+        for j in range(roll.completion_ids.size(0)):
+            pre = prefixes[j // num]
+            budget = g.max_completion_length - len(pre)
+            cont = roll.completion_ids[j][roll.completion_mask[j].bool()].tolist()[:budget]
+            rows.append(pre + cont)
+            kept.append(len(cont))
+            cut.append(len(cont) >= budget and not (cont and cont[-1] in stops))
+            lp = roll.logprobs[j, : len(cont)].tolist() if roll.logprobs is not None else [0.0] * len(cont)
+            logps.append([0.0] * len(pre) + lp)
+        T = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows], device=device)  # [n x num, T]
+        mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in rows], device=device)
+        lengths = [len(prefixes[j // num]) for j in range(len(rows))]
+        prefix_mask = torch.arange(T, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+        sampler = torch.tensor([lp + [0.0] * (T - len(lp)) for lp in logps], device=device)
+        texts = self.tokenizer.batch_decode(ids * mask + pad * (1 - mask), skip_special_tokens=True)
+        out = rows_of_kind(
+            prompt_ids.repeat_interleave(num, 0),
+            prompt_mask.repeat_interleave(num, 0),
+            ids,
+            mask,
+            texts,
+            PREFIXED,
+            [gr for gr in groups for _ in range(num)],
+            sampler_logprobs=sampler if roll.logprobs is not None else None,
+            truncated=torch.tensor(cut, device=device),
+        )
+        return dataclasses.replace(
+            out, prefix_mask=prefix_mask, prefix_advantages=torch.zeros_like(out.rewards)
+        )
+
     def sample_groups(self, model, examples: list[Example], plan: Plan, step: int) -> Groups:
         """Each prompt's group: ``plan.rollouts`` completions sampled from ``model`` (``decoder()``'s), then
         ``plan.offpolicy`` copies of its demonstration (a prompt without one gets as many more rollouts
@@ -333,18 +410,26 @@ class Collector:
             prompts = [
                 p + self.tokenizer.decode(self.hint(step, ex, plan.hints)) for p, ex in zip(prompts, examples)
             ]
-        n, r, k = len(examples), plan.rollouts, plan.offpolicy
+        n, r, k = len(examples), plan.rollouts, plan.offpolicy + plan.prefixed
         stats: dict[str, float] = {}
         with metrics.timer(stats, "rollout_seconds", device):
             rows = self.sample(model, prompts, list(range(n)), r)  # [n x r]
             paired = [i for i, ex in enumerate(examples) if self.index[id(ex)] in self.paired]
+            prefixes = {}
+            if plan.prefixed:  # Prefix-RFT: the paired prompts' prefixes (a demonstration too short: none)
+                prefixes = {i: p for i in paired if (p := self.prefix_ids(examples[i], plan.prefix_fraction))}
+                paired = list(prefixes)
+                more = self.sample(
+                    model, [prompts[i] for i in paired], paired, plan.prefixed, [prefixes[i] for i in paired]
+                )
+                rows = cat_rows([rows, more], self.tokenizer.pad_token_id)
             alone = [i for i in range(n) if i not in paired] if k else []
             if alone:  # the demonstrations' places in their groups, sampled
                 more = self.sample(model, [prompts[i] for i in alone], alone, k)
                 rows = cat_rows([rows, more], self.tokenizer.pad_token_id)
-        stats["generated_tokens"] = rows.completion_mask.sum().item()
+        stats["generated_tokens"] = rows.sampled().sum().item()
         # each paired prompt's demonstration k times after its rollouts, with the same prompt tokens: one group
-        if k and paired:
+        if plan.offpolicy and paired:
             targets = [self.task.target(examples[i]) for i in paired]
             ids, mask = encode_targets(self.tokenizer, targets, g.max_completion_length, device)  # [p, t]
             texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)  # judged as trained: maybe cut
@@ -359,8 +444,8 @@ class Collector:
                 [i for i in paired for _ in range(k)],
             )
             rows = cat_rows([rows, demos], self.tokenizer.pad_token_id)
-        if alone or (k and paired):  # each group's rows together: its rollouts, then its demonstrations
-            rows = rows.select(torch.argsort(rows.group * 2 + (rows.kind == OFFPOLICY), stable=True))
+        if alone or (k and paired):  # each group's rows together: its rollouts, then the others
+            rows = rows.select(torch.argsort(rows.group * 2 + (rows.kind != ROLLOUT), stable=True))
         grouped = [ex for ex in examples for _ in range(r + k)]
         scores = score_all(self.task, rows.texts, grouped)
         lengths = rows.completion_mask.sum(1)  # [B]
@@ -381,11 +466,19 @@ class Collector:
             rewards = rewards + penalty
             reward_stats["overlong_penalty"] = penalty[rows.kind == ROLLOUT].mean().item()
         scale = plan.scale_rewards or g.scale_rewards
-        advantages, zero_spread = group_advantages(rewards, r + k, g.advantage, scale)
+        prefix_adv = None
+        if plan.prefixed:  # centred within each (prompt, prefix) subgroup; the prefix tokens' own advantage
+            subgroup = (rows.kind == PREFIXED).long()
+            advantages, prefix_adv, zero_spread = prefix_group_advantages(
+                rewards, subgroup, r + k, plan.prefixed, scale
+            )
+        else:
+            advantages, zero_spread = group_advantages(rewards, r + k, g.advantage, scale)
         rows = dataclasses.replace(
             rows,
             rewards=rewards,
             advantages=advantages,
+            prefix_advantages=prefix_adv if prefix_adv is not None else rows.prefix_advantages,
             correct=torch.tensor([s.correct for s in scores], dtype=torch.bool, device=device),
             formatted=torch.tensor([s.formatted for s in scores], dtype=torch.bool, device=device),
         )

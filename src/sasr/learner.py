@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from sasr import fsdp, metrics
-from sasr.batch import OFFPOLICY, ROLLOUT, Part, Plan, Rows
+from sasr.batch import OFFPOLICY, PREFIXED, ROLLOUT, Part, Plan, Rows
 from sasr.config import TrainConfig
 from sasr.logprobs import anchored_logprobs
 from sasr.losses import ANCHORED_SFT_LOSSES, PART_LOSSES, Norm, PartInputs, masked_mean
@@ -280,7 +280,7 @@ class Learner:
         full = len(idx) == len(rows)
         sub = rows if full else rows.select(idx)
         T = sub.completion_ids.size(1)
-        on = sub.kind == ROLLOUT
+        on = sub.of_kind(ROLLOUT, PREFIXED)  # the rows the policy sampled (all or part of)
         stats: dict[str, float] = {}
         on_rows = on.nonzero().squeeze(1)
         if how.reference and len(on_rows) and "ref" not in cache:
@@ -309,13 +309,15 @@ class Learner:
         anchor_kl = None if cross is None else anchor_negentropy - cross  # [b, T] KL(pi_ref || pi)
         if how.iterations > 1 and "old" not in cache:
             cache["old"] = logps.detach()  # pi_old: the weights that sampled the rollouts
-        ref_logps = None  # [b, T]: the reference on rollout rows; elsewhere the policy itself (KL 0)
+        ref_logps = None  # [b, T]: the reference on sampled rows; elsewhere the policy itself (KL 0)
         if ref is not None:
             ref_logps = ref if len(on_rows) == len(sub) else logps.detach().index_copy(0, on_rows, ref)
         if how.rollouts:
             stats["policy_forward_seconds"] = metrics.now(device) - t_policy
-        if how.rollouts and len(on_rows):  # statistics of the rollouts: none in a micro-batch without any
-            mask = sub.completion_mask * on[:, None].to(sub.completion_mask.dtype)
+        if how.rollouts and len(
+            on_rows
+        ):  # statistics of the sampled tokens: none in a micro-batch without any
+            mask = sub.sampled()
             stats["entropy"] = masked_mean(entropy, mask).item()
             # k3 KL to the reference over every rollout, whichever part trains on it
             if ref_logps is not None:
@@ -342,6 +344,8 @@ class Learner:
                 old_logps=None if old is None else old[pidx],
                 norm=norms.get(part.name),
                 anchor_kl=None if anchor_kl is None else anchor_kl[pidx],
+                prefix=None if sub.prefix_mask is None else sub.prefix_mask[pidx],
+                prefix_advantages=None if sub.prefix_advantages is None else sub.prefix_advantages[pidx],
             )
             if part.loss == "pg":
                 options = {**grpo_settings, **part.options}

@@ -8,6 +8,7 @@ Shapes: B sequences (prompts x G for GRPO), T completion tokens, V vocabulary.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -113,6 +114,59 @@ def _group_advantages_nan(rewards: torch.Tensor, num_generations: int, centre: s
     if divisor is not None:
         adv = adv / (divisor + ADVANTAGE_EPS)
     return adv.reshape(-1).nan_to_num(0.0), zero_spread
+
+
+def prefix_group_advantages(
+    rewards: torch.Tensor,
+    subgroup: torch.Tensor,
+    num_generations: int,
+    rows_per_prefix: int,
+    scale: str = "none",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefix-RFT's advantages: each row's reward centred within its (prompt, prefix) subgroup, and the prefix
+    tokens' advantage (that advantage - the on-policy subgroup's mean reward) / rows_per_prefix.
+
+    rewards, subgroup [B] with B = prompts x G, grouped consecutively; subgroup 0: the on-policy rows, j >= 1:
+    the rows continuing the prompt's j-th prefix. A subgroup of one row is centred on 0 (and, with
+    ``scale='group'``, divided by 1), as the official code does. NaN rewards (no function scored the row) are
+    out of the statistics, advantage 0. -> advantages [B], prefix advantages [B] (0 on on-policy rows),
+    zero_spread [prompts] (bool).
+    """
+    if scale not in ("none", "group"):
+        raise unknown("scale_rewards", scale, ("none", "group"))
+    B, device = rewards.numel(), rewards.device
+    prompt = torch.arange(B, device=device) // num_generations  # [B]
+    S = int(subgroup.max()) + 1
+    key = prompt * S + subgroup  # [B]: the row's (prompt, prefix) subgroup
+    scored = ~rewards.isnan()
+    r = rewards.nan_to_num(0.0)
+    slots = (B // num_generations) * S
+    count = torch.zeros(slots, device=device).index_add_(0, key, scored.float())
+    total = torch.zeros(slots, device=device).index_add_(0, key, r * scored)
+    mean = torch.where(count > 1, total / count.clamp(min=1), torch.zeros_like(total))  # [prompts x S]
+    adv = r - mean[key]
+    if scale == "group":
+        sq = torch.zeros(slots, device=device).index_add_(0, key, adv**2 * scored)
+        std = torch.where(count > 1, (sq / (count - 1).clamp(min=1)).sqrt(), torch.ones_like(sq))
+        adv = adv / (std[key] + ADVANTAGE_EPS)
+    on_mean = mean.view(-1, S)[:, 0]  # [prompts]
+    prefix_adv = torch.where(subgroup > 0, (adv - on_mean[prompt]) / rows_per_prefix, torch.zeros_like(adv))
+    zero = torch.zeros_like(adv)
+    grouped = rewards.view(-1, num_generations)
+    zero_spread = torch.isclose(_nanstd(grouped), torch.zeros(1, device=device)).squeeze(1)
+    return torch.where(scored, adv, zero), torch.where(scored, prefix_adv, zero), zero_spread
+
+
+def top_entropy(entropy: torch.Tensor, tokens: torch.Tensor, keep: float) -> torch.Tensor:
+    """[b, T] bool: of ``tokens`` ([b, T] bool), the ``keep`` share with the highest ``entropy`` [b, T]; the
+    lowest int(n x (1 - keep)) of the n are dropped (ties in the order of the tokens)."""
+    values = entropy[tokens]  # [n]
+    drop = int(values.numel() * (1 - keep))
+    kept = torch.ones_like(values, dtype=torch.bool)
+    kept[torch.argsort(values, stable=True)[:drop]] = False
+    out = torch.zeros_like(tokens)
+    out[tokens] = kept
+    return out
 
 
 # --- GRPO loss --------------------------------------------------------------------------------------------
@@ -279,6 +333,8 @@ class PartInputs:
     old_logps: torch.Tensor | None = None  # [b, T] pi_old, the policy that sampled; None: logps.detach()
     norm: Norm | None = None  # the step's counts when these rows are one piece of it
     anchor_kl: torch.Tensor | None = None  # [b, T] KL(pi_ref || pi) per token, differentiable (sft.loss=asft)
+    prefix: torch.Tensor | None = None  # [b, T] bool: demonstration-prefix tokens of PREFIXED rows
+    prefix_advantages: torch.Tensor | None = None  # [b]: the advantage of those tokens
 
 
 @dataclass
@@ -360,6 +416,9 @@ def pg_part(
     importance_sampling_level: str = "token",
     shaping_gamma: float | None = None,
     rollout_coef: float | None = None,
+    prefix_epsilon: float | None = None,
+    prefix_epsilon_high: float | None = None,
+    prefix_entropy_top: float | None = None,
 ) -> PartLoss:
     """Policy gradient over a group's rows, aggregated together by ``loss_type``.
 
@@ -368,27 +427,50 @@ def pg_part(
     Off-policy rows (demonstrations in the group), with ``shaping_gamma``: -A f(p), f(p) = p / (p + gamma),
     unclipped, the behaviour probability taken as 1 (LUFFY's policy shaping); without it they take the
     rollouts' term. Their reference log-probs are their own (KL 0).
+    Prefixed rows (Prefix-RFT): their demonstration-prefix tokens take ``x.prefix_advantages`` and their own
+    clip range (``prefix_epsilon``, ``prefix_epsilon_high``; None: the rollouts'), and with
+    ``prefix_entropy_top`` only that share of the prefix tokens at hand, the highest-entropy ones, keeps its
+    advantage; what the policy sampled after the prefix trains as a rollout does.
     """
     if loss_type not in LOSS_AGGREGATIONS:
         raise unknown("loss_type", loss_type, LOSS_AGGREGATIONS)
     adv = x.advantages.unsqueeze(1)  # [b, 1]
     off = x.offpolicy[:, None]  # [b, 1]
+    pre = None if x.prefix is None or not x.prefix.any() else x.prefix & x.mask.bool()  # [b, T]
     on_mask = x.mask * (~off).to(x.mask.dtype)
+    if pre is not None:
+        on_mask = on_mask * (~pre).to(x.mask.dtype)
     stats: dict[str, float] = {}
     if rollout_coef is None:
-        per_token, _, is_clipped = _clipped_tokens(
+        if pre is not None:
+            adv = torch.where(pre, x.prefix_advantages[:, None], adv)  # [b, T]
+            if prefix_entropy_top is not None:
+                if x.entropy is None:
+                    raise ValueError("prefix_entropy_top needs the policy pass's entropy")
+                kept = top_entropy(x.entropy, pre, prefix_entropy_top)
+                adv = adv.masked_fill(pre & ~kept, 0.0)
+                stats["prefix_kept"] = (kept.sum() / pre.sum()).item()
+        clip = functools.partial(
+            _clipped_tokens,
             x.logps,
             x.logps.detach() if x.old_logps is None else x.old_logps,
             x.ref_logps,
             adv,
             beta=beta,
-            epsilon_low=epsilon,
-            epsilon_high=epsilon_high if epsilon_high is not None else epsilon,
             use_bias_correction_kl=use_bias_correction_kl,
             importance_sampling_level=importance_sampling_level,
             mask=x.mask,
         )
+        high = epsilon_high if epsilon_high is not None else epsilon
+        per_token, _, is_clipped = clip(epsilon_low=epsilon, epsilon_high=high)
         stats["clip_fraction"] = masked_mean(is_clipped.float(), on_mask).item()
+        if pre is not None:
+            low_pre = epsilon if prefix_epsilon is None else prefix_epsilon
+            high_pre = high if prefix_epsilon_high is None else prefix_epsilon_high
+            if (low_pre, high_pre) != (epsilon, high):
+                pre_token, _, is_clipped = clip(epsilon_low=low_pre, epsilon_high=high_pre)
+                per_token = torch.where(pre, pre_token, per_token)
+            stats["prefix_clip_fraction"] = masked_mean(is_clipped.float(), pre).item()
     else:
         h = row_entropy(x)  # [b]
         w_row = torch.where(x.correct, rollout_coef * torch.exp(h), torch.full_like(h, -1.0))

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sasr.batch import DEMO, OFFPOLICY, ROLLOUT, Hints, Part, Plan, Rows
+from sasr.batch import DEMO, GROUP_KINDS, OFFPOLICY, PREFIXED, ROLLOUT, Hints, Part, Plan, Rows
 from sasr.errors import SasrError, nearest, unknown
 from sasr.losses import LOSS_AGGREGATIONS, REWARD_SCALES, names
 
@@ -652,10 +652,7 @@ class UFT(Method):
     def hint_p(self, step: int) -> float:
         """p(t): a cosine from p_start at step 1 to p_end at hint_steps, then 0."""
         o, n = self.opts, self.hint_steps
-        if step > n:
-            return 0.0
-        t = (step - 1) / max(n - 1, 1)
-        return o.p_end + 0.5 * (o.p_start - o.p_end) * (1 + math.cos(math.pi * t))
+        return 0.0 if step > n else cosine(step, o.p_start, o.p_end, n)
 
     def plan(self, step: int) -> Plan:
         o, p = self.opts, self.hint_p(step)
@@ -674,9 +671,109 @@ class UFT(Method):
         return parts, {}
 
 
+class PrefixRFTOptions(Options):
+    num_prefixed: int = Field(
+        1, ge=1, description="rows of each group of num_generations that continue the prompt's prefix"
+    )
+    prefix_start: float = Field(
+        0.95, ge=0, le=1, description="the prefix's share of the demonstration at step 1"
+    )
+    prefix_end: float = Field(
+        0.05, ge=0, le=1, description="... at prefix_steps and after (a cosine between)"
+    )
+    prefix_steps: int | None = Field(None, ge=1, description="steps of the cosine; null: the whole run")
+    prefix_entropy_top: float = Field(
+        0.2, gt=0, le=1, description="rho: the share of prefix tokens, highest entropy first, that train"
+    )
+    prefix_epsilon: float | None = Field(
+        None, gt=0, description="the prefix tokens' clip range below 1; null: grpo.epsilon"
+    )
+    prefix_epsilon_high: float | None = Field(
+        None, gt=0, description="... above 1; null: the rollouts' (grpo.epsilon_high, else epsilon)"
+    )
+    loss_type: names(LOSS_AGGREGATIONS) = Field("dr_grpo", description="aggregation of the RL part")
+    scale_rewards: Literal["none", "group"] = Field(
+        "none", description="what advantages are divided by: nothing (their dr_grpo), or the subgroup's std"
+    )
+    beta: float = Field(0.0, ge=0, description="KL weight (Prefix-RFT: none)")
+
+
+class PrefixRFT(Method):
+    """Prefix-RFT: in each group, ``num_prefixed`` rows start with the first l(t) of the prompt's demonstration
+    (l on a cosine from 0.95 to 0.05) and go on with what the policy samples; advantages centred within each
+    (prompt, prefix) subgroup; the prefix tokens train as off-policy tokens with their own advantage and clip,
+    only the highest-entropy share rho of them; the sampled tokens as rollouts."""
+
+    name = "prefix-rft"
+    Options = PrefixRFTOptions
+    pairs_demos = True
+    dynamics = ("prefix_fraction", "prefix_accuracy")
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        if self.opts.num_prefixed >= self.group_size:
+            raise SasrError(
+                f"method option 'prefix-rft.num_prefixed' ({self.opts.num_prefixed}) must be smaller than "
+                f"grpo.num_generations ({self.group_size}): a group needs on-policy rollouts"
+            )
+
+    def fraction(self, step: int) -> float:
+        """l(t): a cosine from prefix_start at step 1 to prefix_end at prefix_steps, then prefix_end."""
+        o = self.opts
+        n = o.prefix_steps or self.steps
+        return o.prefix_end if step > n else cosine(step, o.prefix_start, o.prefix_end, n)
+
+    def plan(self, step: int) -> Plan:
+        n, l_t = self.opts.num_prefixed, self.fraction(step)
+        return Plan(
+            step,
+            "mixed",
+            prompts=self.prompts_per_step,
+            rollouts=self.group_size - n,
+            prefixed=n,
+            prefix_fraction=l_t,
+            scale_rewards=self.opts.scale_rewards,
+            info={"prefix_fraction": l_t},
+        )
+
+    def parts(self, plan: Plan, rows: Rows) -> tuple[list[Part], dict[str, float]]:
+        o = self.opts
+        options = {
+            "beta": o.beta,
+            "loss_type": o.loss_type,
+            "prefix_epsilon": o.prefix_epsilon,
+            "prefix_epsilon_high": o.prefix_epsilon_high,
+            "prefix_entropy_top": o.prefix_entropy_top,
+        }
+        prefixed = rows.kind == PREFIXED
+        stats = {"prefix_share": prefixed.sum().item() / rows.of_kind(*GROUP_KINDS).sum().item()}
+        if prefixed.any():  # no prompt with a demonstration: no prefixed row to report on
+            stats["prefix_accuracy"] = rows.correct[prefixed].float().mean().item()
+        return [Part("rl", "pg", rows.of_kind(ROLLOUT, PREFIXED), 1.0, options)], stats
+
+
+def cosine(step: int, start: float, end: float, steps: int) -> float:
+    """A cosine from ``start`` at step 1 to ``end`` at ``steps``."""
+    t = (step - 1) / max(steps - 1, 1)
+    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * t))
+
+
 METHODS: dict[str, type[Method]] = {
     m.name: m
-    for m in (SASR, SFTOnly, GRPOOnly, SFTThenGRPO, Interleave, Chord, HPT, Luffy, SRFT, ReLIFT, UFT)
+    for m in (
+        SASR,
+        SFTOnly,
+        GRPOOnly,
+        SFTThenGRPO,
+        Interleave,
+        Chord,
+        HPT,
+        Luffy,
+        SRFT,
+        ReLIFT,
+        UFT,
+        PrefixRFT,
+    )
 }
 
 

@@ -129,6 +129,11 @@ METRICS: dict[str, Metric] = {
         _m("sft_fraction", "HPT: the share of prompts routed to SFT", ROLLOUTS),
         _m("uft_hint_p", "UFT: the chance of each hint part at this step (a cosine to p_end, then 0)"),
         _m("uft_hint_share", "UFT / R3: the mean share of its demonstration a prompt was shown", ROLLOUTS),
+        _m("prefix_fraction", "Prefix-RFT: the share of its demonstration a prefixed row starts with"),
+        _m("prefix_share", "Prefix-RFT: the share of the groups' rows that continue a prefix", ROLLOUTS),
+        _m("prefix_accuracy", "Prefix-RFT: the share of prefixed rows the judge calls correct", ROLLOUTS),
+        _m("prefix_kept", "Prefix-RFT: the share of prefix tokens that train (the highest entropy)", PASS),
+        _m("prefix_clip_fraction", "Prefix-RFT: share of prefix tokens whose ratio was clipped", PASS),
         _m("relift_buffer", "ReLIFT: failed prompts in the buffer when the step was planned"),
         _m("relift_failed", "ReLIFT: the share of the step's prompts whose rollouts all failed", ROLLOUTS),
         # families

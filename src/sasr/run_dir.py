@@ -147,7 +147,7 @@ def completion_samples(
     """A step's group rows as ``completions.jsonl`` lines (TRL's log_completions). ``extra``: the columns
     reward functions added with log_extra, one value per group row."""
     grouped = (rows.kind != DEMO).nonzero().squeeze(1).tolist()
-    cut = rows.cut()
+    cut, prefix = rows.cut(), rows.prefix().sum(1)
     columns = {k: v for k, v in extra.items() if len(v) == len(grouped)}
     return [
         {
@@ -166,6 +166,11 @@ def completion_samples(
             "formatted": bool(rows.formatted[i]),
             "truncated": bool(cut[i]),
             **{k: v[j] for k, v in columns.items()},
+            **(
+                {"prefix_tokens": int(prefix[i]), "prefix_advantage": float(rows.prefix_advantages[i])}
+                if prefix[i]
+                else {}
+            ),
         }
         for j, i in enumerate(grouped)
     ]

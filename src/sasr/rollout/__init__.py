@@ -124,6 +124,44 @@ def generate(
     """
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_length, device)
+    return generate_ids(
+        model,
+        tokenizer,
+        prompt_ids,
+        prompt_mask,
+        num_generations=num_generations,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        greedy=greedy,
+        backend=backend,
+        cuda_graphs=cuda_graphs,
+        compile=compile,
+        share_prefix=share_prefix,
+        **generation_kwargs,
+    )
+
+
+@torch.no_grad()
+def generate_ids(
+    model,
+    tokenizer,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    num_generations: int = 1,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    backend: str = "sasr",
+    cuda_graphs: bool = True,
+    compile: bool = False,
+    share_prefix: bool = False,
+    **generation_kwargs,
+) -> Rollouts:
+    """``generate`` from prompts already tokenized: left-padded ``prompt_ids``, ``prompt_mask`` [n, P]."""
+    device = prompt_ids.device
     prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)  # [B, P], B = prompts x G
     prompt_mask = prompt_mask.repeat_interleave(num_generations, dim=0)
     params = engine.SamplingParams(temperature=temperature, top_p=top_p, greedy=greedy)
