@@ -133,7 +133,8 @@ def test_the_comparison_recipes_evaluate_256_questions_per_split():
 
 def test_the_2026_two_stage_presets_are_the_papers_recipe_scaled():
     """configs/presets/sft-then-rl-2026*.yaml: 3 epochs of SFT on a cosine with 10% warm-up to 0.1 x peak,
-    then 500 (or 50) RL steps at a constant rate 50 (or 10) times lower, clip 0.2 / 0.28, no KL, no std."""
+    then 500 (or 50) RL steps at a constant rate 50 (or 10) times lower with a fresh optimiser, clip 0.2 / 0.28,
+    no KL, no std."""
     from pathlib import Path
 
     from sasr.config import build_config
@@ -151,6 +152,7 @@ def test_the_2026_two_stage_presets_are_the_papers_recipe_scaled():
             "none",
         )
         assert c.grpo.loss_type == "dapo" and c.grpo.num_generations == 8
+        assert o["rl_fresh_optimizer"]  # the RL stage a new run from the SFT checkpoint
     assert (long.steps - 750, short.steps - 750) == (500, 50)
     lo, so = long.method_options("sft-then-grpo"), short.method_options("sft-then-grpo")
     assert lo["sft_learning_rate"] / lo["rl_learning_rate"] == pytest.approx(50)

@@ -425,6 +425,9 @@ def test_sft_then_grpo_gives_each_stage_its_own_optimiser_settings():
     assert lrs[10:] == [1e-5] * 4
     assert {(p.weight_decay, p.max_grad_norm) for p in plans[:10]} == {(0.01, 2.0)}
     assert {(p.weight_decay, p.max_grad_norm) for p in plans[10:]} == {(None, 0.5)}
+    assert not any(p.fresh_optimizer for p in plans)
+    fresh = get_method("sft-then-grpo", steps=6, switch_step=3, rl_fresh_optimizer=True)
+    assert [fresh.plan(s).fresh_optimizer for s in range(1, 7)] == [False] * 3 + [True] + [False] * 2
     plain = get_method("sft-then-grpo", steps=4, switch_step=2)  # no stage settings: the run's own
     assert {(p.lr, p.weight_decay, p.max_grad_norm) for p in map(plain.plan, range(1, 5))} == {
         (None, None, None)

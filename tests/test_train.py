@@ -472,6 +472,24 @@ def test_the_two_stage_baseline_trains_each_stage_at_its_own_rate(run_tiny):
     assert [r["lr"] for r in lines] == [pytest.approx(5e-4), pytest.approx(0.0, abs=1e-15), 1e-5]
 
 
+def test_the_rl_stage_can_start_with_a_fresh_optimizer(run_tiny):
+    """With rl_fresh_optimizer, AdamW's state is cleared at the first RL step: the checkpoint after 4 steps
+    (2 SFT, 2 RL) holds a step count of 2, where the continued state counts all 4."""
+    quiet = {"before": False, "after": False}
+
+    def adam_steps(name: str, fresh: bool) -> set[float]:
+        options = {"switch_step": 2, "rl_fresh_optimizer": fresh}
+        result, _ = run_tiny(
+            name, method="sft-then-grpo", steps=5, save_every=4, eval=quiet, **{"sft-then-grpo": options}
+        )
+        state = torch.load(
+            result.output_dir / "checkpoints" / "step-000004" / "optimizer.pt", weights_only=False
+        )["state"]
+        return {float(s["step"]) for s in state.values()}
+
+    assert adam_steps("fresh", True) == {2.0} and adam_steps("continued", False) == {4.0}
+
+
 def test_each_line_gives_the_rate_its_step_trained_at(run_tiny):
     """A linear schedule from 1e-3 over 4 steps: the steps train at 1e-3, 7.5e-4, 5e-4, 2.5e-4."""
     quiet = {"before": False, "after": False}

@@ -215,5 +215,6 @@ class Plan:
     lr: float | None = None  # this step's learning rate, in place of the schedule's
     max_grad_norm: float | None = None  # this step's gradient clip, in place of optim.max_grad_norm
     weight_decay: float | None = None  # this step's weight decay, in place of optim.weight_decay
+    fresh_optimizer: bool = False  # the optimizer's state (AdamW's moments and step count) is cleared first
     hints: Hints | None = None  # UFT: the RL prompts carry a piece of their demonstration
     info: dict[str, float] = field(default_factory=dict)  # what the plan was computed from (p_t, mu, ...)

@@ -155,6 +155,8 @@ class Learner:
         cache: list[dict[str, torch.Tensor]] = [{} for _ in micro]  # per micro-batch: reference, pi_old
         first: Update | None = None
         finite_all, pieces = True, []
+        if plan.fresh_optimizer:  # a new stage that starts as a separate run would (its own moments)
+            self.optimizer.state.clear()
         for group in self.optimizer.param_groups:
             if plan.lr is not None:  # this step's own rate; the schedule's step below sets the next one
                 group["lr"] = plan.lr

@@ -201,6 +201,9 @@ class SFTThenGRPOOptions(Options):
     rl_max_grad_norm: float | None = Field(
         None, gt=0, description="the RL stage's; null: optim.max_grad_norm"
     )
+    rl_fresh_optimizer: bool = Field(
+        False, description="the RL stage starts from a fresh AdamW state, as two separate runs would"
+    )
 
 
 class SFTThenGRPO(Method):
@@ -240,6 +243,7 @@ class SFTThenGRPO(Method):
             "lr": o.rl_learning_rate,
             "weight_decay": o.rl_weight_decay,
             "max_grad_norm": o.rl_max_grad_norm,
+            "fresh_optimizer": o.rl_fresh_optimizer and step == self.switch + 1,
         }
         return dataclasses.replace(self.grpo_plan(step), **settings)
 
