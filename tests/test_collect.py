@@ -267,3 +267,7 @@ def test_a_prefix_rft_group_continues_the_start_of_its_demonstration(tmp_path):
     assert rows.kind.tolist() == [ROLLOUT] * 3 + [PREFIXED] + [ROLLOUT] * 4
     _, stats = m.parts(m.plan(1), rows)
     assert stats["prefix_share"] == 1 / 8
+    col.draw = lambda step, n, kind, pool=None: [examples[7], examples[8]][:n]  # no demonstration at all
+    rows = col.collect(2, m.plan(2)).rows
+    assert rows.kind.tolist() == [ROLLOUT] * 8 and rows.prefix_mask is None
+    assert "prefix_accuracy" not in m.parts(m.plan(2), rows)[1]

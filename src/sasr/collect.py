@@ -367,13 +367,12 @@ class Collector:
             **g.generation_kwargs,
         )  # [n x num] continuations
         stops = set(self.stop_ids)
-        rows, logps, cut, kept = [], [], [], []
+        rows, logps, cut = [], [], []
         for j in range(roll.completion_ids.size(0)):
             pre = prefixes[j // num]
             budget = g.max_completion_length - len(pre)
             cont = roll.completion_ids[j][roll.completion_mask[j].bool()].tolist()[:budget]
             rows.append(pre + cont)
-            kept.append(len(cont))
             cut.append(len(cont) >= budget and not (cont and cont[-1] in stops))
             lp = roll.logprobs[j, : len(cont)].tolist() if roll.logprobs is not None else [0.0] * len(cont)
             logps.append([0.0] * len(pre) + lp)
@@ -419,10 +418,15 @@ class Collector:
             if plan.prefixed:  # Prefix-RFT: the paired prompts' prefixes (a demonstration too short: none)
                 prefixes = {i: p for i in paired if (p := self.prefix_ids(examples[i], plan.prefix_fraction))}
                 paired = list(prefixes)
-                more = self.sample(
-                    model, [prompts[i] for i in paired], paired, plan.prefixed, [prefixes[i] for i in paired]
-                )
-                rows = cat_rows([rows, more], self.tokenizer.pad_token_id)
+                if paired:
+                    more = self.sample(
+                        model,
+                        [prompts[i] for i in paired],
+                        paired,
+                        plan.prefixed,
+                        [prefixes[i] for i in paired],
+                    )
+                    rows = cat_rows([rows, more], self.tokenizer.pad_token_id)
             alone = [i for i in range(n) if i not in paired] if k else []
             if alone:  # the demonstrations' places in their groups, sampled
                 more = self.sample(model, [prompts[i] for i in alone], alone, k)
