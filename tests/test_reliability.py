@@ -347,7 +347,7 @@ def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path, method):
     assert (tmp_path / "a" / "completions.jsonl").read_text() == (resumed / "completions.jsonl").read_text()
 
 
-@pytest.mark.parametrize("method", ["chord", "hpt", "luffy", "srft"])
+@pytest.mark.parametrize("method", ["chord", "hpt", "luffy", "srft", "prefix-rft"])
 def test_sigkill_then_resume_is_bit_identical_for_the_mixed_methods(tmp_path, method):
     extra = ["--method", method, "--set", "grpo.num_generations=3"]
     straight, run = tmp_path / "straight", tmp_path / "run"

@@ -9,7 +9,8 @@ redone, so comparing several extraction commits against one baseline trains the 
 exactly: every metrics line without its timings, ``completions.jsonl``, ``eval_completions.jsonl``,
 ``run.json`` without times, each checkpoint's state (trainer state, optimizer, scheduler, RNG, reference) and
 the bit pattern of every final and checkpoint weight. The ``resume`` case resumes, with the candidate, a
-checkpoint the baseline wrote, and is compared against the baseline's uninterrupted run.
+checkpoint the baseline wrote, and is compared against the baseline's uninterrupted run. A case of a method
+the baseline does not have stops the tool with the baseline's error: leave it out with ``--cases``.
 """
 
 from __future__ import annotations
@@ -53,7 +54,20 @@ TINY = [
     "--set",
     "log_completions=true",
 ]
-METHODS = ["sft", "grpo", "sft-then-grpo", "interleave", "sasr", "chord", "hpt", "luffy", "srft", "relift"]
+METHODS = [
+    "sft",
+    "grpo",
+    "sft-then-grpo",
+    "interleave",
+    "sasr",
+    "chord",
+    "hpt",
+    "luffy",
+    "srft",
+    "relift",
+    "uft",
+    "prefix-rft",
+]
 REWARD_MODULE = '''
 def level_reward(prompts, completions, log_extra, log_metric, **kw):
     """Rewards a completion by its length; logs a column and a metric, as TRL lets a reward function."""
