@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 from accelerate import PartialState
-from helpers import tiny_config
+from helpers import reward_module, tiny_config
 
 from sasr import models
 from sasr.batch import DEMO, OFFPOLICY, PREFIXED, ROLLOUT, Plan
@@ -225,14 +225,21 @@ def test_uft_hints_are_the_start_of_each_prompts_demonstration_on_a_schedule(tmp
     assert lengths == set(bounds)  # every number of parts, none to all
 
 
+PARITY = """
+def parity(prompts, completions, **kw):
+    return [float(len(c[0]["content"]) % 2) for c in completions]
+"""
+
+
 def test_a_prefix_rft_group_continues_the_start_of_its_demonstration(tmp_path):
     """Per prompt: its rollouts, then the row that starts with the first int(l x L) of its demonstration's L
     tokens (exactly those tokens, marked by prefix_mask, with no sampler log-prob) and goes on with what the
-    policy sampled after them, within max_completion_length; judged on the whole; advantages within each
+    policy sampled after them (up to max_completion_length, as a rollout); judged on the whole; advantages within each
     (prompt, prefix) subgroup; only the sampled tokens count as generated. A prompt without a demonstration
     samples its whole group."""
     grpo = {"num_generations": 4, "max_completion_length": 48}
-    col, m = collector(tmp_path, method="prefix-rft", grpo=grpo, steps=10)
+    parity = reward_module(tmp_path, PARITY, "parity")  # rewards that differ, so the centring shows
+    col, m = collector(tmp_path, method="prefix-rft", grpo=grpo, steps=10, reward_funcs=[f"{parity}:parity"])
     plan = m.plan(1)
     got = col.collect(1, plan)
     rows = got.rows
@@ -246,7 +253,7 @@ def test_a_prefix_rft_group_continues_the_start_of_its_demonstration(tmp_path):
         completion = rows.completion_ids[row][rows.completion_mask[row].bool()].tolist()
         assert completion[:m_] == ids[:m_] and rows.prefix_mask[row].sum() == m_
         assert rows.prefix_mask[row, :m_].all() and not rows.prefix_mask[rows.kind == ROLLOUT].any()
-        assert len(completion) <= 48 and len(completion) > m_  # something sampled after the prefix
+        assert m_ < len(completion) <= m_ + 48  # then up to max_completion_length sampled, as a rollout
         assert (rows.sampler_logprobs[row, :m_] == 0).all() and rows.sampler_logprobs[row, m_:][
             rows.completion_mask[row, m_:].bool()
         ].ne(0).all()
@@ -259,6 +266,7 @@ def test_a_prefix_rft_group_continues_the_start_of_its_demonstration(tmp_path):
         assert rows.prefix_advantages[row].item() == pytest.approx(
             rows.rewards[row].item() - on.mean().item()
         )
+    assert rows.rewards.unique().numel() > 1
     assert got.stats["generated_tokens"] == rows.sampled().sum().item() < rows.completion_mask.sum().item()
     assert got.stats["accuracy"] == rows.correct[rows.kind == ROLLOUT].float().mean().item()
 

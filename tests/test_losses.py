@@ -696,3 +696,31 @@ def test_prefix_tokens_train_with_their_own_advantage_clip_and_entropy_mask():
     assert out.stats["prefix_clip_fraction"] == pytest.approx(2 / 3)
     # of the 6 sampled tokens, exp(-0.3) < 1 - 0.2 with A < 0 and exp(0.3) > 1 + 0.28 with A > 0: clipped
     assert out.stats["clip_fraction"] == pytest.approx(2 / 6)
+
+
+def test_the_entropy_mask_ranks_the_prefix_tokens_of_every_row_at_hand_together():
+    """rho is a share of all the prefix tokens the part holds (their micro-batch), not of each row's: here the
+    two tokens of the first row are the lowest of four and both drop. A part whose prefix tokens carry no loss
+    (cut rows with mask_truncated_completions) gives no prefix statistics and no NaN."""
+    from sasr.losses import PartInputs, pg_part
+
+    logps = torch.full((2, 3), -1.0, requires_grad=True)
+    mask = torch.ones(2, 3, dtype=torch.long)
+    prefix = torch.tensor([[1, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    entropy = torch.tensor([[0.1, 0.2, 1.0], [0.9, 0.8, 1.0]])
+    no = torch.zeros(2, dtype=torch.bool)
+    options = dict(beta=0.0, epsilon=0.2, epsilon_high=None, loss_type="dr_grpo", max_completion_length=3)
+
+    def run(mask):
+        x = PartInputs(
+            logps, mask, entropy, None, torch.ones(2), no, no, prefix=prefix, prefix_advantages=torch.ones(2)
+        )
+        return pg_part(x, use_bias_correction_kl=False, prefix_entropy_top=0.5, **options)
+
+    out = run(mask)
+    (grad,) = torch.autograd.grad(out.loss, logps)
+    assert (grad[0, :2] == 0).all() and (grad[1, :2] != 0).all() and (grad[:, 2] != 0).all()
+    assert out.stats["prefix_kept"] == 0.5 and out.stats["prefix_clip_fraction"] == 0.0
+    none = run(mask * (~prefix).long())  # the prefix tokens masked out of the loss
+    assert "prefix_kept" not in none.stats and "prefix_clip_fraction" not in none.stats
+    assert torch.isfinite(none.loss)

@@ -334,18 +334,18 @@ class Collector:
 
     def prefix_ids(self, example: Example, fraction: float) -> list[int]:
         """The first int(fraction x L) of the L tokens of ``example``'s demonstration, at least 1 and at most
-        L - 1 (something is left to sample) and within max_completion_length - 1; none for a demonstration
-        shorter than 2 tokens."""
+        L - 1 (something is left to sample); none for a demonstration shorter than 2 tokens."""
         ids = self.tokenizer(self.task.target(example), add_special_tokens=False)["input_ids"]
-        m = min(max(int(fraction * len(ids)), 1), len(ids) - 1, self.config.grpo.max_completion_length - 1)
+        m = min(max(int(fraction * len(ids)), 1), len(ids) - 1)
         return ids[:m] if m >= 1 else []
 
     def sample_after(
         self, model, prompts: list[str], prefixes: list[list[int]], groups: list[int], num: int
     ) -> Rows:
         """PREFIXED rows: ``num`` continuations of each prompt followed by its prefix's tokens (as tokens, so
-        the row holds exactly the prefix); each continuation within what the prefix leaves of
-        max_completion_length. The prefix tokens have no sampler log-prob (0, outside ``Rows.sampled``)."""
+        the row holds exactly the prefix); each continuation up to max_completion_length, as a rollout (the
+        prefix is the prompt's, as in their code). The prefix tokens have no sampler log-prob (0, outside
+        ``Rows.sampled``)."""
         g, device, pad = self.config.grpo, self.accelerator.device, self.tokenizer.pad_token_id
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, g.max_prompt_length, device)
         inputs = [ids[m.bool()].tolist() + pre for ids, m, pre in zip(prompt_ids, prompt_mask, prefixes)]
@@ -358,7 +358,7 @@ class Collector:
             gen_ids,
             gen_mask,
             num_generations=num,
-            max_new_tokens=g.max_completion_length - min(len(p) for p in prefixes),
+            max_new_tokens=g.max_completion_length,
             temperature=g.temperature,
             top_p=g.top_p,
             backend=g.generation_backend,
@@ -370,10 +370,9 @@ class Collector:
         rows, logps, cut = [], [], []
         for j in range(roll.completion_ids.size(0)):
             pre = prefixes[j // num]
-            budget = g.max_completion_length - len(pre)
-            cont = roll.completion_ids[j][roll.completion_mask[j].bool()].tolist()[:budget]
+            cont = roll.completion_ids[j][roll.completion_mask[j].bool()].tolist()
             rows.append(pre + cont)
-            cut.append(len(cont) >= budget and not (cont and cont[-1] in stops))
+            cut.append(len(cont) >= g.max_completion_length and not (cont and cont[-1] in stops))
             lp = roll.logprobs[j, : len(cont)].tolist() if roll.logprobs is not None else [0.0] * len(cont)
             logps.append([0.0] * len(pre) + lp)
         T = max(len(r) for r in rows)
@@ -453,6 +452,7 @@ class Collector:
         grouped = [ex for ex in examples for _ in range(r + k)]
         scores = score_all(self.task, rows.texts, grouped)
         lengths = rows.completion_mask.sum(1)  # [B]
+        sampled = rows.sampled().sum(1)  # [B]: what the policy sampled (a prefixed row's after its prefix)
         call = RewardCall(
             prompts=[self.task.messages(ex) for ex in grouped],
             texts=rows.texts,
@@ -465,8 +465,8 @@ class Collector:
         rewards = torch.tensor(values, dtype=torch.float32, device=device)  # [B]; NaN: no function scored it
         if g.overlong_buffer_len:  # DAPO's soft overlong penalty on the sampled rows
             expected = g.max_completion_length - g.overlong_buffer_len
-            excess = (lengths.float() - expected).clamp(min=0) / g.overlong_buffer_len
-            penalty = -g.overlong_penalty_factor * excess * (rows.kind == ROLLOUT)
+            excess = (sampled.float() - expected).clamp(min=0) / g.overlong_buffer_len
+            penalty = -g.overlong_penalty_factor * excess * rows.of_kind(ROLLOUT, PREFIXED)
             rewards = rewards + penalty
             reward_stats["overlong_penalty"] = penalty[rows.kind == ROLLOUT].mean().item()
         scale = plan.scale_rewards or g.scale_rewards

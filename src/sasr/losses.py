@@ -130,7 +130,8 @@ def prefix_group_advantages(
     the rows continuing the prompt's j-th prefix. A subgroup of one row is centred on 0 (and, with
     ``scale='group'``, divided by 1), as the official code does. NaN rewards (no function scored the row) are
     out of the statistics, advantage 0. -> advantages [B], prefix advantages [B] (0 on on-policy rows),
-    zero_spread [prompts] (bool).
+    zero_spread [prompts] (bool: no row or prefix token of the group has an advantage; with a subgroup of one
+    an all-correct group still has).
     """
     if scale not in ("none", "group"):
         raise unknown("scale_rewards", scale, ("none", "group"))
@@ -152,9 +153,9 @@ def prefix_group_advantages(
     on_mean = mean.view(-1, S)[:, 0]  # [prompts]
     prefix_adv = torch.where(subgroup > 0, (adv - on_mean[prompt]) / rows_per_prefix, torch.zeros_like(adv))
     zero = torch.zeros_like(adv)
-    grouped = rewards.view(-1, num_generations)
-    zero_spread = torch.isclose(_nanstd(grouped), torch.zeros(1, device=device)).squeeze(1)
-    return torch.where(scored, adv, zero), torch.where(scored, prefix_adv, zero), zero_spread
+    adv, prefix_adv = torch.where(scored, adv, zero), torch.where(scored, prefix_adv, zero)
+    moved = (adv.abs() + prefix_adv.abs()).view(-1, num_generations).amax(dim=1)  # [prompts]
+    return adv, prefix_adv, torch.isclose(moved, torch.zeros_like(moved))
 
 
 def top_entropy(entropy: torch.Tensor, tokens: torch.Tensor, keep: float) -> torch.Tensor:
@@ -436,7 +437,8 @@ def pg_part(
         raise unknown("loss_type", loss_type, LOSS_AGGREGATIONS)
     adv = x.advantages.unsqueeze(1)  # [b, 1]
     off = x.offpolicy[:, None]  # [b, 1]
-    pre = None if x.prefix is None or not x.prefix.any() else x.prefix & x.mask.bool()  # [b, T]
+    pre = None if x.prefix is None else x.prefix & x.mask.bool()  # [b, T]: the prefix tokens with loss
+    pre = pre if pre is not None and pre.any() else None
     on_mask = x.mask * (~off).to(x.mask.dtype)
     if pre is not None:
         on_mask = on_mask * (~pre).to(x.mask.dtype)
