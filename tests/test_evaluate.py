@@ -205,6 +205,18 @@ def test_reward_curve_is_smoothed_over_a_window_that_grows_with_the_budget(tmp_p
     assert [v for _, v in short[:4]] == pytest.approx([1.0, 0.5, 2 / 3, 1 / 3])
 
 
+def test_accuracy_curve_is_the_mean_of_the_seeds_that_evaluated(tmp_path):
+    """A seed trained before its recipe evaluated during training has no held-out points: the curve is the
+    mean of the other seeds, not empty."""
+    curve = [{"step": s, "phase": "sft", "eval_accuracy": a} for s, a in [(50, 0.2), (100, 0.4)]]
+    other = [{"step": s, "phase": "sft", "eval_accuracy": a} for s, a in [(50, 0.4), (100, 0.6)]]
+    without = [{"step": s, "phase": "sft", "loss": 1.0} for s in (50, 100)]
+    plots = plot_compare({"sft": [without, curve, other]}, tmp_path)
+    steps, means = zip(*plots["accuracy_vs_step"]["sft"])
+    assert steps == (50, 100) and means == pytest.approx((0.3, 0.5))
+    assert "accuracy_vs_step" not in plot_compare({"sft": [without]}, tmp_path / "none")
+
+
 def test_compare_rerun_skips_finished_runs(compared, capsys):
     out, argv = compared
     before = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.jsonl")}
@@ -275,9 +287,11 @@ def test_compare_refuses_a_summary_of_another_configuration(compared, tmp_path, 
     assert len(err.splitlines()) == 1
     assert "summaries/sasr-s1.json was made with another configuration (steps: 6 there, 5 here)" in err
     assert not (tmp_path / "c" / "runs").exists()
-    # Checkpoint frequency and logging change no result: the summaries still serve.
+    # Checkpoint frequency, logging and held-out points during training change no result: the summaries
+    # still serve (they evaluated every step).
     argv[argv.index("--steps") + 1] = "6"
-    assert main([*argv, "--set", "save_every=3", "--set", "save_total_limit=1"]) == 0
+    sets = ["--set", "save_every=3", "--set", "save_total_limit=1", "--set", "eval.every=0"]
+    assert main([*argv, *sets]) == 0
     assert not (tmp_path / "c" / "runs").exists()
     (tmp_path / "c" / "summaries" / "sasr-s1.json").write_text("{not json")
     argv[argv.index("--steps") + 1] = "6"

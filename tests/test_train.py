@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import yaml
+from helpers import read_metrics, weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sasr import metrics
@@ -183,6 +184,20 @@ def test_gradient_checkpointing_gives_the_same_step(run_tiny):
     for a, b in zip(plain, ckpt):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["sasr", "luffy"])
+def test_held_out_points_during_training_change_no_training(run_tiny, method):
+    """eval.every only adds eval_* to some lines (so compare matches a summary without regard to it): the
+    same steps and bit-identical final weights with held-out accuracy every 2 steps as with none."""
+    plain, _ = run_tiny(f"{method}-plain", method=method, steps=4, warmup_steps=2)
+    curve, _ = run_tiny(f"{method}-curve", method=method, steps=4, warmup_steps=2, eval={"every": 2})
+    lines, with_points = (read_metrics(r.output_dir, timings=False) for r in (plain, curve))
+    assert [r["step"] for r in with_points if "eval_accuracy" in r] == [2, 4]
+    assert not any(k.startswith("eval_") for r in lines for k in r)
+    assert [{k: v for k, v in r.items() if not k.startswith("eval_")} for r in with_points] == lines
+    a, b = weights(plain.output_dir), weights(curve.output_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("method", METHODS)

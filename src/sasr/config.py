@@ -476,8 +476,10 @@ def validate(tree: dict[str, Any]) -> TrainConfig:
 
 
 # Keys that say only where, how often and what a run writes: they change neither its optimisation nor its
-# results (output_dir last: the resume error below lists the others).
+# results (output_dir last: the resume error below lists the others). eval.every adds held-out points to the
+# metrics lines and leaves the training as it was (tested).
 BOOKKEEPING_KEYS = (
+    "eval.every",
     "save_every",
     "save_total_limit",
     "save_final",
@@ -513,7 +515,7 @@ def resume_config(
         diff = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in unsafe)
         raise SasrError(
             f"cannot resume '{run_dir}' with a different configuration ({diff}); a resumed run may change only "
-            f"{', '.join(RESUME_SAFE_KEYS[:-1])} and eval.*"
+            f"{', '.join(k for k in RESUME_SAFE_KEYS[:-1] if not k.startswith(RESUME_SAFE_SECTIONS))} and eval.*"
         )
     return wanted
 

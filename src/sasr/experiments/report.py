@@ -143,7 +143,9 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
 
 
 def _mean_curve(runs: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
-    """Mean over seeds at each step that every seed has."""
+    """Mean over the seeds that have the series, at each step all of them have (a run trained without
+    held-out points, e.g. before its recipe evaluated during training, has no accuracy curve)."""
+    runs = [points for points in runs if points]
     by_step: dict[float, list[float]] = defaultdict(list)
     for points in runs:
         for step, v in points:
@@ -171,7 +173,11 @@ def plot_compare(metrics: dict[str, list[list[dict]]], out_dir: Path) -> dict[st
     # about 25 independent points whatever the budget: a long run reads as a trend
     window = max(3, steps // 25)
     for name, key, title in [
-        ("accuracy_vs_step", "eval_accuracy", "held-out accuracy (greedy), mean over seeds"),
+        (
+            "accuracy_vs_step",
+            "eval_accuracy",
+            "held-out accuracy (greedy), mean over the seeds that evaluated",
+        ),
         (
             "reward_vs_step",
             "reward_mean",
