@@ -154,7 +154,8 @@ def test_compare_writes_every_file(compared):
     assert results["methods"]["untrained"]["budget"]["flops"] == [0.0, 0.0]
     paired = results["paired"]["splits"]
     assert set(paired) == {"test", "ood", "near"} and set(paired["test"]) == {"untrained", "grpo"}
-    assert {"mean", "low", "high", "clear_of_zero"} == paired["ood"]["grpo"].keys()
+    assert {"seeds", "mean", "low", "high", "clear_of_zero"} == paired["ood"]["grpo"].keys()
+    assert paired["ood"]["grpo"]["seeds"] == [1, 2] and results["not_landed"] == []
     for name in ("untrained-s1", "sasr-s2", "grpo-s1"):
         summary = json.loads((out / "summaries" / f"{name}.json").read_text())
         assert {"commit", "config", "run", "metrics", "eval"} <= summary.keys()
@@ -274,6 +275,52 @@ def test_compare_assembles_the_same_table_from_summaries_alone(compared, tmp_pat
         f"over all {runs} runs; in the {runs - 1} that timed their evaluation"
         in (older.parent / "results.md").read_text()
     )
+
+
+def test_compare_landed_assembles_a_comparison_in_progress_from_its_summaries(compared, tmp_path, capsys):
+    """--landed trains and evaluates nothing: each method over the seeds it has a summary of, SASR against a
+    method over the seeds both have; a two-stage run whose SFT budget is not known yet has not landed."""
+    from sasr.experiments.stats import paired_bootstrap
+
+    out, argv = compared
+    i = argv.index("--output")
+    landed = tmp_path / "landed"
+    shutil.copytree(out / "summaries", landed / "summaries")
+    full = [*argv[:i], "--output", str(landed), *argv[i + 2 :], "--landed"]
+    assert main(full) == 0  # every run landed: the finished comparison's table
+    ours, theirs = (json.loads((d / "results.json").read_text()) for d in (landed, out))
+    assert {**ours, "command": None} == {**theirs, "command": None}
+    (landed / "summaries" / "sasr-s2.json").unlink()
+    m = argv.index("--methods") + 1
+    partial = [*full[:m], "sasr,grpo,sft-then-grpo", *full[m + 1 :]]
+    assert main(partial) == 0
+    assert not (landed / "runs").exists()
+    results = json.loads((landed / "results.json").read_text())
+    assert {k: v["seeds"] for k, v in results["methods"].items()} == {
+        "untrained": [1, 2],
+        "sasr": [1],
+        "grpo": [1, 2],
+    }
+    assert results["not_landed"] == ["sft-then-grpo"]  # SASR's seed 2 is missing: its budget is unknown
+    sasr = json.loads((out / "summaries" / "sasr-s1.json").read_text())
+    assert results["methods"]["sasr"]["splits"]["test"]["accuracy"] == [
+        sasr["eval"]["test"]["summary"]["accuracy"],
+        0.0,
+    ]
+    grpo = json.loads((out / "summaries" / "grpo-s1.json").read_text())
+    test = results["paired"]["splits"]["test"]["grpo"]
+    expected = paired_bootstrap(
+        [[x["correct"] for x in sasr["eval"]["test"]["records"]]],
+        [[x["correct"] for x in grpo["eval"]["test"]["records"]]],
+    )
+    assert test == {"seeds": [1], **expected}
+    md = (landed / "results.md").read_text()
+    assert "A comparison in progress" in md and "no run of sft-then-grpo has landed yet" in md
+    assert "| sasr | 1 | " in md and "| grpo | 1, 2 | " in md and "--landed" in md
+    capsys.readouterr()
+    assert main([*full[:i], "--output", str(tmp_path / "empty"), *full[i + 2 :]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds no summary of the untrained model" in err
 
 
 def test_compare_refuses_a_summary_of_another_configuration(compared, tmp_path, capsys):

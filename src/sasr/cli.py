@@ -203,6 +203,12 @@ def _compare_parser(sub) -> None:
     p.add_argument(
         "--jobs", type=int, default=1, help="runs trained at once, each its own process (default 1)"
     )
+    p.add_argument(
+        "--landed",
+        action="store_true",
+        help="train and evaluate nothing: the table of the runs whose summaries are in OUTPUT/summaries "
+        "(a comparison in progress; each method over the seeds it has)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true")
 
@@ -243,7 +249,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
         raise SasrError(f"--jobs must be at least 1, got {args.jobs}")
     try:
         compare(
-            base, methods, seeds, Path(args.output), progress=not args.quiet, command=command, jobs=args.jobs
+            base,
+            methods,
+            seeds,
+            Path(args.output),
+            progress=not args.quiet,
+            command=command,
+            jobs=args.jobs,
+            landed=args.landed,
         )
     except TrainingStopped as stop:  # a run trained in this process
         print(

@@ -265,14 +265,18 @@ def _write_summary(path: Path, summary: dict) -> dict:
     return summary
 
 
+def _untrained_config(base: TrainConfig, seed: int) -> dict:
+    """The configuration an evaluation of the untrained model is recorded with."""
+    return base.model_copy(update={"seed": seed}).model_dump(mode="json")
+
+
 def _untrained(base: TrainConfig, seed: int, output: Path, progress: bool, commit: str) -> dict:
-    config = base.model_copy(update={"seed": seed})
-    tree = config.model_dump(mode="json")
+    tree = _untrained_config(base, seed)
     path = output / "summaries" / f"untrained-s{seed}.json"
     if summary := read_summary(path, tree, EVAL_KEYS):
         return summary
     started = time.perf_counter()
-    evals = evaluate_model(base.model.name, config, seed, progress)
+    evals = evaluate_model(base.model.name, base.model_copy(update={"seed": seed}), seed, progress)
     summary = {"commit": commit, "config": tree, "run": None, "metrics": [], "eval": evals}
     return _write_summary(path, {**summary, "eval_seconds": time.perf_counter() - started})
 
@@ -310,26 +314,35 @@ def compare(
     progress: bool = True,
     command: str | None = None,
     jobs: int = 1,
+    landed: bool = False,
 ) -> dict[str, Any]:
     """Train and evaluate every (method, seed) that has no summary yet; assemble results.json, results.md
     and the plots from the summaries.
 
     ``jobs`` > 1 trains the runs that have not finished in that many parallel ``sasr train`` processes first.
+    ``landed``: train and evaluate nothing; the table of the summaries there are (a comparison in progress),
+    each method over the seeds it has.
     """
     output.mkdir(parents=True, exist_ok=True)
     commit = git_commit()
     summaries: dict[tuple[str, int], dict] = {}
     for wave in _waves(methods):
+        budgets = {m: _sft_budget(m, summaries, seeds) for m in wave}
         configs = {
-            (m, s): run_config(base, m, s, output / "runs" / f"{m}-s{s}", _sft_budget(m, summaries, seeds))
+            (m, s): run_config(base, m, s, output / "runs" / f"{m}-s{s}", budgets[m])
             for m in wave
             for s in seeds
+            # a run whose SFT budget is not known yet (its source's seeds have not all landed) cannot have
+            if not (landed and METHODS[m].sft_budget_from and budgets[m] is None)
         }
         found = {
             key: read_summary(output / "summaries" / f"{m}-s{s}.json", c.model_dump(mode="json"))
             for key, c in configs.items()
             for m, s in [key]
         }
+        if landed:
+            summaries.update({key: summary for key, summary in found.items() if summary})
+            continue
         pending = {
             f"{m}-s{s}": configs[m, s]
             for (m, s), summary in found.items()
@@ -340,10 +353,27 @@ def compare(
         for key in sorted(configs, key=lambda ms: (ms[1], wave.index(ms[0]))):
             summaries[key] = found[key] or _trained(configs[key], output, progress, commit)
     for s in seeds:
-        summaries["untrained", s] = _untrained(base, s, output, progress, commit)
+        if not landed:
+            summaries["untrained", s] = _untrained(base, s, output, progress, commit)
+        elif summary := read_summary(
+            output / "summaries" / f"untrained-s{s}.json", _untrained_config(base, s), EVAL_KEYS
+        ):
+            summaries["untrained", s] = summary
+    if not any(m == "untrained" for m, _ in summaries):
+        raise SasrError(
+            f"sasr compare --landed: {output / 'summaries'} holds no summary of the untrained model for seeds "
+            f"{', '.join(map(str, seeds))}; nothing has landed to assemble"
+        )
     results = assemble(base, methods, seeds, summaries, command)
     (output / "results.json").write_text(json.dumps(results, indent=2))
-    plot_compare({m: [summaries[m, s]["metrics"] for s in seeds] for m in methods}, output)
+    plot_compare(
+        {
+            m: [summaries[m, s]["metrics"] for s in r["seeds"]]
+            for m, r in results["methods"].items()
+            if m in methods
+        },
+        output,
+    )
     (output / "results.md").write_text(results_markdown(results, output))
     return results
 
@@ -378,17 +408,22 @@ def assemble(
     base: TrainConfig, methods: list[str], seeds: list[int], summaries: dict, command: str | None = None
 ) -> dict[str, Any]:
     """results.json's content, from the summaries alone: per method its budget and, per split, the mean ±
-    std over seeds of every metric; for SASR against every other method, the paired accuracy difference."""
+    std over seeds of every metric; for SASR against every other method, the paired accuracy difference.
+
+    A method is taken over the seeds it has a summary of (all of ``seeds`` once a comparison has finished;
+    a method with none is left out), and SASR against a method over the seeds both have."""
     k = base.eval.samples
     task = get_task(base.task.name, **base.task.options())
-    names = ["untrained", *methods]
-    splits = list(summaries["untrained", seeds[0]]["eval"])
+    has = {m: [s for s in seeds if (m, s) in summaries] for m in ["untrained", *methods]}
+    names = [m for m, landed in has.items() if landed]
+    splits = list(summaries["untrained", has["untrained"][0]]["eval"])
     wanted = [m.format(k=k) for m in METRICS] if k else ["accuracy", "format_rate", "completion_length"]
     out_methods = {}
     for m in names:
-        runs = [summaries[m, s] for s in seeds]
+        runs = [summaries[m, s] for s in has[m]]
         budgets = [_budget(r) for r in runs]
         out_methods[m] = {
+            "seeds": has[m],
             "budget": {b: _mean_std_known([x[b] for x in budgets]) for b in BUDGET},
             "splits": {
                 split: {
@@ -400,19 +435,22 @@ def assemble(
             },
             "per_seed": [
                 {"seed": s, **b, **{split: r["eval"][split]["summary"] for split in splits}}
-                for s, r, b in zip(seeds, runs, budgets)
+                for s, r, b in zip(has[m], runs, budgets)
             ],
             "commits": sorted({r["commit"] for r in runs}),
         }
     paired: dict[str, dict[str, dict]] = {}
-    if BASELINE in methods:
+    if BASELINE in names:
+        both = {m: [s for s in has[BASELINE] if s in has[m]] for m in names if m != BASELINE}
         for split in splits:
 
-            def correct(m: str, split: str = split) -> list[list[float]]:
+            def correct(m: str, seeds: list[int], split: str = split) -> list[list[float]]:
                 return [[x["correct"] for x in summaries[m, s]["eval"][split]["records"]] for s in seeds]
 
             paired[split] = {
-                m: paired_bootstrap(correct(BASELINE), correct(m)) for m in names if m != BASELINE
+                m: {"seeds": common, **paired_bootstrap(correct(BASELINE, common), correct(m, common))}
+                for m, common in both.items()
+                if common
             }
     e = base.eval
     timed = [x["run"] for x in summaries.values() if "eval_seconds" in x and x["run"]]
@@ -434,9 +472,10 @@ def assemble(
             for split in splits
         },
         "methods": out_methods,
+        "not_landed": [m for m in methods if m not in out_methods],
         "paired": {"baseline": BASELINE, "metric": "accuracy", "level": 0.95, "splits": paired},
         "time": {  # where the comparison's time went (evaluation timed by summaries that record it)
-            "train_seconds": sum(r["budget"]["seconds"][0] * len(seeds) for r in out_methods.values()),
+            "train_seconds": sum(r["budget"]["seconds"][0] * len(r["seeds"]) for r in out_methods.values()),
             "eval_seconds": sum(x.get("eval_seconds", 0.0) for x in summaries.values()),
             "eval_timed": sum("eval_seconds" in x for x in summaries.values()),
             "runs": len(summaries),
@@ -484,10 +523,13 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
     k, splits = results["samples"], results["splits"]
     commits = sorted({c for m in methods.values() for c in m["commits"]})
     n_sampled = f"the first {results['sample_size']} of them" if results["sample_size"] else "each"
-    one_seed = len(results["seeds"]) == 1  # no spread to show: a std of 0.000 would read as measured
+    seeds_of = {m: r.get("seeds", results["seeds"]) for m, r in methods.items()}
+    partial = bool(results["not_landed"]) or any(landed != results["seeds"] for landed in seeds_of.values())
+    one_seed = all(len(landed) == 1 for landed in seeds_of.values())
 
-    def cell(mean_std: list[float]) -> str:
-        return f"{mean_std[0]:.3f}" if one_seed else f"{mean_std[0]:.3f} ± {mean_std[1]:.3f}"
+    def cell(method: str, mean_std: list[float]) -> str:  # one seed: no spread (0.000 would read as measured)
+        one = len(seeds_of[method]) == 1
+        return f"{mean_std[0]:.3f}" if one else f"{mean_std[0]:.3f} ± {mean_std[1]:.3f}"
 
     lines = [
         f"# {results['task']}: {', '.join(m for m in methods if m != 'untrained')} on {results['model']}",
@@ -502,7 +544,19 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
         f"seeds {', '.join(map(str, results['seeds']))}; per split {splits[next(iter(splits))]['n']} held-out "
         "questions, greedy"
         + (f", and {k} samples of {n_sampled} at the evaluation temperature" if k else "")
-        + (". One seed: no spread over seeds." if one_seed else ". Mean ± std over seeds.")
+        + (
+            ". A comparison in progress: each method over the seeds that have landed (the Budget table's "
+            "seeds column), mean ± std where it has more than one"
+            + (
+                f"; no run of {', '.join(results['not_landed'])} has landed yet."
+                if results["not_landed"]
+                else "."
+            )
+            if partial
+            else ". One seed: no spread over seeds."
+            if one_seed
+            else ". Mean ± std over seeds."
+        )
         + f" Runs at commit {', '.join(commits)}.",
         "",
         "## Budget",
@@ -512,9 +566,11 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
         "(arXiv 2604.23747's count; - for runs from before sasr counted them).",
         "",
         markdown_table(
-            ["method", "SFT steps", "GRPO steps", "mixed steps", "tokens", "FLOPs", "wall s"],
+            ["method", *(["seeds"] if partial else []), "SFT steps", "GRPO steps", "mixed steps", "tokens"]
+            + ["FLOPs", "wall s"],
             [
-                [m, *(f"{r['budget'][b][0]:.1f}" for b in BUDGET[:3]), f"{r['budget']['tokens'][0]:,.0f}"]
+                [m, *([", ".join(map(str, seeds_of[m]))] if partial else [])]
+                + [*(f"{r['budget'][b][0]:.1f}" for b in BUDGET[:3]), f"{r['budget']['tokens'][0]:,.0f}"]
                 + [_flops(r["budget"]["flops"][0]), f"{r['budget']['seconds'][0]:.0f}"]
                 for m, r in methods.items()
             ],
@@ -529,7 +585,7 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
             "",
             markdown_table(
                 ["method", *names],
-                [[m, *(cell(r["splits"][split][n]) for n in names)] for m, r in methods.items()],
+                [[m, *(cell(m, r["splits"][split][n]) for n in names)] for m, r in methods.items()],
             ),
         ]
     paired = results["paired"]["splits"]
@@ -544,12 +600,14 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
                 if one_seed
                 else "of a two-level bootstrap (seeds drawn with replacement, then each drawn seed's questions; "
             )
-            + "10,000 replicates). **Bold**: the interval excludes zero.",
+            + "10,000 replicates)"
+            + (", over the seeds both have (second column)" if partial else "")
+            + ". **Bold**: the interval excludes zero.",
             "",
             markdown_table(
-                ["method", *paired],
+                ["method", *(["seeds"] if partial else []), *paired],
                 [
-                    [m]
+                    [m, *([", ".join(map(str, first[m].get("seeds", [])))] if partial else [])]
                     + [
                         ("**{} [{}, {}]**" if p["clear_of_zero"] else "{} [{}, {}]").format(
                             *map(_signed, (p["mean"], p["low"], p["high"]))
@@ -557,7 +615,8 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
                         for split in paired
                         for p in [paired[split][m]]
                     ]
-                    for m in paired[next(iter(paired))]
+                    for first in [paired[next(iter(paired))]]
+                    for m in first
                 ],
             ),
         ]
