@@ -317,10 +317,24 @@ def test_compare_landed_assembles_a_comparison_in_progress_from_its_summaries(co
     md = (landed / "results.md").read_text()
     assert "A comparison in progress" in md and "no run of sft-then-grpo has landed yet" in md
     assert "| sasr | 1 | " in md and "| grpo | 1, 2 | " in md and "--landed" in md
+    assert "one seed, so no spread over seeds" in md  # every pair is over seed 1 alone
+    # GRPO landed on seed 2 only: no seed in common with SASR, said in one sentence.
+    (landed / "summaries" / "grpo-s1.json").unlink()
+    assert main(partial) == 0
+    md = (landed / "results.md").read_text()
+    assert "Not paired yet (no seed in common with SASR): grpo." in md and "| untrained | 1 | " in md
+    # The untrained model on seed 2 only as well: nothing pairs with SASR's seed 1.
+    (landed / "summaries" / "untrained-s1.json").unlink()
+    assert main(partial) == 0
+    results = json.loads((landed / "results.json").read_text())
+    assert results["methods"]["untrained"]["seeds"] == [2] and results["splits"]["test"]["n"] == 4
+    assert set(results["paired"]["splits"]["test"]) == set()
+    md = (landed / "results.md").read_text()
+    assert "## SASR against each method, paired" not in md  # nothing to pair yet, no empty table
     capsys.readouterr()
     assert main([*full[:i], "--output", str(tmp_path / "empty"), *full[i + 2 :]]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "holds no summary of the untrained model" in err
+    assert len(err.splitlines()) == 1 and "holds no evaluation of the untrained model" in err
 
 
 def test_compare_refuses_a_summary_of_another_configuration(compared, tmp_path, capsys):

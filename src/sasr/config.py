@@ -477,7 +477,7 @@ def validate(tree: dict[str, Any]) -> TrainConfig:
 
 # Keys that say only where, how often and what a run writes: they change neither its optimisation nor its
 # results (output_dir last: the resume error below lists the others). eval.every adds held-out points to the
-# metrics lines and leaves the training as it was (tested).
+# metrics lines and leaves the training as it was (tested); their time counts in the run's seconds.
 BOOKKEEPING_KEYS = (
     "eval.every",
     "save_every",

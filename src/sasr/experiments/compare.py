@@ -170,6 +170,13 @@ def _sft_budget(method: str, summaries: dict[tuple[str, int], dict], seeds: list
     return round(statistics.fmean(summaries[source, s]["run"]["sft_steps"] for s in seeds))
 
 
+def _needs_budget(base: TrainConfig, method: str, methods: list[str]) -> bool:
+    """Whether ``method``'s runs take their SFT steps from another method's summaries in this comparison
+    (not when that method is not compared, nor when the configuration sets the steps by hand)."""
+    source, options = METHODS[method].sft_budget_from, base.method_options(method)
+    return source in methods and METHODS[method].with_sft_steps(options, 1) != options
+
+
 def _train_in_parallel(configs: dict[str, TrainConfig], output: Path, jobs: int, progress: bool) -> None:
     """``sasr train`` for each pending run (name -> config), ``jobs`` processes at a time (a small model
     leaves a GPU mostly idle: several runs share it). Each run logs to runs/METHOD-sSEED.log.
@@ -200,6 +207,7 @@ def _train_in_parallel(configs: dict[str, TrainConfig], output: Path, jobs: int,
         resume = _resumable(runs / name, config)
         # a resumed run keeps its saved configuration but for the bookkeeping compare sets
         keep = ["--set", "save_final=true", "--set", f"save_every={config.save_every}"]
+        keep += ["--set", f"eval.every={config.eval.every}"]  # bookkeeping, as its summary will record it
         start = (
             ["--resume", str(runs / name), *keep] if resume else ["--config", str(config_file), "--overwrite"]
         )
@@ -332,8 +340,8 @@ def compare(
             (m, s): run_config(base, m, s, output / "runs" / f"{m}-s{s}", budgets[m])
             for m in wave
             for s in seeds
-            # a run whose SFT budget is not known yet (its source's seeds have not all landed) cannot have
-            if not (landed and METHODS[m].sft_budget_from and budgets[m] is None)
+            # a run that takes its SFT budget from seeds that have not all landed cannot have landed either
+            if not (landed and budgets[m] is None and _needs_budget(base, m, methods))
         }
         found = {
             key: read_summary(output / "summaries" / f"{m}-s{s}.json", c.model_dump(mode="json"))
@@ -361,8 +369,9 @@ def compare(
             summaries["untrained", s] = summary
     if not any(m == "untrained" for m, _ in summaries):
         raise SasrError(
-            f"sasr compare --landed: {output / 'summaries'} holds no summary of the untrained model for seeds "
-            f"{', '.join(map(str, seeds))}; nothing has landed to assemble"
+            f"sasr compare --landed: {output / 'summaries'} holds no evaluation of the untrained model for "
+            f"seeds {', '.join(map(str, seeds))} (untrained-sSEED.json), which the table starts from; run "
+            "compare without --landed to evaluate it"
         )
     results = assemble(base, methods, seeds, summaries, command)
     (output / "results.json").write_text(json.dumps(results, indent=2))
@@ -466,7 +475,7 @@ def assemble(
         "sample_size": e.sample_size,
         "splits": {
             split: {
-                "n": summaries["untrained", seeds[0]]["eval"][split]["summary"]["n"],
+                "n": summaries["untrained", has["untrained"][0]]["eval"][split]["summary"]["n"],
                 "shift": task.shifts.get(split, ""),
             }
             for split in splits
@@ -589,7 +598,10 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
             ),
         ]
     paired = results["paired"]["splits"]
-    if paired:
+    first = paired[next(iter(paired))] if paired else {}  # the methods paired with SASR (the same per split)
+    unpaired = [m for m in methods if m != BASELINE and m not in first] if BASELINE in methods else []
+    if first:
+        one_seed_pairs = all(len(p.get("seeds", results["seeds"])) == 1 for p in first.values())
         lines += [
             "",
             "## SASR against each method, paired",
@@ -597,12 +609,13 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
             "Mean difference in greedy accuracy, SASR minus the method, over the same questions; 95% interval "
             + (
                 "of a bootstrap over the questions (one seed, so no spread over seeds is in it; "
-                if one_seed
+                if one_seed_pairs
                 else "of a two-level bootstrap (seeds drawn with replacement, then each drawn seed's questions; "
             )
             + "10,000 replicates)"
             + (", over the seeds both have (second column)" if partial else "")
-            + ". **Bold**: the interval excludes zero.",
+            + ". **Bold**: the interval excludes zero."
+            + (f" Not paired yet (no seed in common with SASR): {', '.join(unpaired)}." if unpaired else ""),
             "",
             markdown_table(
                 ["method", *(["seeds"] if partial else []), *paired],
@@ -615,7 +628,6 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
                         for split in paired
                         for p in [paired[split][m]]
                     ]
-                    for first in [paired[next(iter(paired))]]
                     for m in first
                 ],
             ),

@@ -143,9 +143,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
 
 
 def _mean_curve(runs: list[list[tuple[float, float]]]) -> list[tuple[float, float]]:
-    """Mean over the seeds that have the series, at each step all of them have (a run trained without
-    held-out points, e.g. before its recipe evaluated during training, has no accuracy curve)."""
-    runs = [points for points in runs if points]
+    """Mean over seeds at each step that every seed has."""
     by_step: dict[float, list[float]] = defaultdict(list)
     for points in runs:
         for step, v in points:
@@ -186,7 +184,10 @@ def plot_compare(metrics: dict[str, list[list[dict]]], out_dir: Path) -> dict[st
     ]:
         data = {}
         for method, per_seed in metrics.items():
-            curve = _mean_curve([series(rows, key) for rows in per_seed])
+            runs = [series(rows, key) for rows in per_seed]
+            if key == "eval_accuracy":  # a run trained before its recipe evaluated during training has none
+                runs = [points for points in runs if points]
+            curve = _mean_curve(runs)
             data[method] = _moving_mean(curve, window) if key == "reward_mean" else curve
         if not any(data.values()):
             continue
