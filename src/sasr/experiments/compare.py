@@ -48,8 +48,9 @@ EVAL_KEYS = ("seed", "model", "task", "eval", "grpo.max_prompt_length")
 
 def _differences(saved: dict, wanted: dict, keys: tuple[str, ...] | None = None) -> list[str]:
     """'key: saved there, wanted here' for every option that differs (bookkeeping such as the run directory
-    or checkpoint frequency aside). An option newer than the saved configuration counts as equal while it
-    holds its default (it changes nothing), so summaries of an earlier version of sasr stay usable."""
+    or checkpoint frequency aside). An option missing on one side counts as equal while the other side holds
+    its default (it changes nothing): so summaries of an earlier version of sasr stay usable, and a method's
+    options filled in by whichever method a comparison listed first do not tell two runs apart."""
     a, b = dotted(saved), dotted(wanted)
     tree = TrainConfig().model_dump(mode="json")
     for name, method in METHODS.items():  # every method's options ("grpo" and "sft" are sections too)
@@ -61,8 +62,14 @@ def _differences(saved: dict, wanted: dict, keys: tuple[str, ...] | None = None)
     return [
         f"{n}: {a.get(n)!r} there, {b.get(n)!r} here"
         for n in names
-        if a.get(n) != b.get(n) and not (n not in a and n in defaults and b.get(n) == defaults[n])
+        if a.get(n) != b.get(n) and not _default_on_one_side(n, a, b, defaults)
     ]
+
+
+def _default_on_one_side(name: str, a: dict, b: dict, defaults: dict) -> bool:
+    if name not in defaults or (name in a) == (name in b):
+        return False
+    return (a if name in a else b)[name] == defaults[name]
 
 
 def git_commit() -> str:
