@@ -180,7 +180,9 @@ class _DecodeState:
         self.batch, self.length = batch, length
         self.graph: torch.cuda.CUDAGraph | None = None
         self.views: dict[int, _DecodeState] = {}
-        self.root = parent if parent is not None else self  # views are always taken of the root
+        # A view refers to its root weakly (the root's `views` holds the views), so no reference cycle keeps a
+        # finished decode's cache alive until Python's next cyclic collection.
+        self._root = weakref.ref(parent) if parent is not None else None
         if parent is not None:  # the first `batch` rows of every buffer of the parent
             for name in self.BUFFERS:
                 setattr(self, name, getattr(parent, name)[:batch])
@@ -207,6 +209,11 @@ class _DecodeState:
         self.rows = torch.zeros(batch, dtype=torch.long, device=device)  # [b] output row of each slot
         self.done = torch.ones(batch, dtype=torch.bool, device=device)  # [b] finished or empty slot
         self.eos_bias = torch.zeros((), dtype=torch.float32, device=device)  # -inf while EOS is held back
+
+    @property
+    def root(self) -> _DecodeState:
+        """The state whose storage this one views (itself when it is the root); views are taken of it."""
+        return self if self._root is None else self._root()
 
     @property
     def nbytes(self) -> int:
