@@ -342,6 +342,50 @@ def test_compare_landed_assembles_a_comparison_in_progress_from_its_summaries(co
     assert len(err.splitlines()) == 1 and "holds no evaluation of the untrained model" in err
 
 
+def test_compare_include_tables_a_variant_of_another_folder_paired_with_sasr(compared, tmp_path, capsys):
+    """--include: the runs of another comparison (GRPO without KL) as GRPO@FOLDER rows beside this one's,
+    paired with its SASR on the same questions; a folder evaluated on other questions, or one with no runs,
+    is refused in one sentence."""
+    from sasr.experiments.stats import paired_bootstrap
+
+    out, argv = compared
+    i, m, s = argv.index("--output"), argv.index("--methods") + 1, argv.index("--seeds") + 1
+    variant = tmp_path / "no-kl"
+    trained = [*argv[:i], "--output", str(variant), *argv[i + 2 :], "--set", "grpo.beta=0.0"]
+    trained[m], trained[s] = "grpo", "1"
+    assert main(trained) == 0
+    here = tmp_path / "here"
+    shutil.copytree(out / "summaries", here / "summaries")
+    table = [*argv[:i], "--output", str(here), *argv[i + 2 :], "--landed"]
+    assert main([*table, "--include", str(variant)]) == 0
+    results, theirs = (json.loads((d / "results.json").read_text()) for d in (here, out))
+    assert list(results["methods"]) == ["untrained", "sasr", "grpo", "grpo@no-kl"]
+    own = theirs["methods"]  # this comparison's rows, as before
+    assert {k: results["methods"][k] for k in own} == own
+    no_kl = json.loads((variant / "summaries" / "grpo-s1.json").read_text())
+    sasr = json.loads((out / "summaries" / "sasr-s1.json").read_text())
+    assert no_kl["config"]["grpo"]["beta"] == 0.0 and sasr["config"]["grpo"]["beta"] != 0.0
+    row = results["methods"]["grpo@no-kl"]
+    assert row["seeds"] == [1]
+    assert row["splits"]["test"]["accuracy"][0] == no_kl["eval"]["test"]["summary"]["accuracy"]
+    correct = [[[x["correct"] for x in r["eval"]["test"]["records"]]] for r in (sasr, no_kl)]
+    assert results["paired"]["splits"]["test"]["grpo@no-kl"] == {"seeds": [1], **paired_bootstrap(*correct)}
+    md = (here / "results.md").read_text()
+    assert "| grpo@no-kl | 1 | " in md and "holds the runs of another comparison folder" in md
+    assert "grpo@no-kl" in json.loads((here / "plots.json").read_text())["accuracy_vs_step"]
+    # Evaluated on other questions: refused, nothing written over.
+    no_kl["config"]["task"]["test_size"] = 3
+    (variant / "summaries" / "grpo-s1.json").write_text(json.dumps(no_kl))
+    capsys.readouterr()
+    assert main([*table, "--include", str(variant)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "grpo-s1.json was evaluated otherwise (task.test_size: 3 there, 4 here)" in err
+    assert "grpo@no-kl" in json.loads((here / "results.json").read_text())["methods"]
+    assert main([*table, "--include", str(tmp_path / "nothing")]) == 2
+    assert "no run summaries (summaries/METHOD-sSEED.json) of seeds 1, 2 there" in capsys.readouterr().err
+
+
 def test_compare_refuses_a_summary_of_another_configuration(compared, tmp_path, capsys):
     out, argv = compared
     shutil.copytree(out / "summaries", tmp_path / "c" / "summaries")
@@ -663,6 +707,8 @@ def test_the_committed_comparisons_reassemble_from_their_summaries(name, tmp_pat
     argv = shlex.split(results["command"])[1:]  # after "sasr"
     argv[argv.index("--output") + 1] = str(tmp_path)
     argv[argv.index("--config") + 1] = str(root / argv[argv.index("--config") + 1])
+    for i in [i + 1 for i, a in enumerate(argv) if a == "--include"]:  # another folder: from the repo root
+        argv[i] = str(root / argv[i])
     assert main(argv) == 0
     assert not (tmp_path / "runs").exists()
     ours = json.loads((tmp_path / "results.json").read_text())

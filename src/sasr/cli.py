@@ -209,6 +209,14 @@ def _compare_parser(sub) -> None:
         help="train and evaluate nothing: the table of the runs whose summaries are in OUTPUT/summaries "
         "(a comparison in progress; each method over the seeds it has)",
     )
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="also table the runs of another comparison folder, evaluated on the same questions (a variant "
+        "trained with options of its own), as METHOD@DIR's name, each paired with SASR",
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true")
 
@@ -257,6 +265,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             command=command,
             jobs=args.jobs,
             landed=args.landed,
+            include=[Path(d) for d in args.include],
         )
     except TrainingStopped as stop:  # a run trained in this process
         print(

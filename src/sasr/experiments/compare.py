@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -258,18 +259,51 @@ def read_summary(path: Path, config: dict, keys: tuple[str, ...] | None = None) 
     configuration (only ``keys`` compared, when given)."""
     if not path.exists():
         return None
-    try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-        saved = summary["config"]
-    except (ValueError, KeyError, TypeError):
-        raise SasrError(f"summary {path} is not a sasr compare summary; delete it to redo that run") from None
-    diff = _differences(saved, config, keys)
+    summary = _load_summary(path)
+    diff = _differences(summary["config"], config, keys)
     if diff:
         raise SasrError(
             f"summary {path} was made with another configuration ({'; '.join(diff[:3])}); compare with that "
             "configuration, or delete the summary (and its run directory) to redo the run"
         )
     return summary
+
+
+def _load_summary(path: Path) -> dict:
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:  # not JSON, or not UTF-8
+        summary = None
+    if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
+        raise SasrError(f"summary {path} is not a sasr compare summary; delete it to redo that run")
+    return summary
+
+
+def included(base: TrainConfig, folder: Path, seeds: list[int]) -> dict[tuple[str, int], dict]:
+    """The trained runs of another comparison folder, as ``METHOD@FOLDER`` rows of this one: a variant
+    trained with options of its own (another rate, no KL...) tabled and paired with this comparison's SASR.
+    Refused in one sentence unless each was evaluated as this comparison evaluates: the pairs need the same
+    questions."""
+    rows = {}
+    for path in sorted((folder / "summaries").glob("*-s*.json")):
+        method, _, seed = path.stem.rpartition("-s")
+        if method == "untrained" or not seed.isdigit() or int(seed) not in seeds:
+            continue
+        summary = _load_summary(path)
+        wanted = run_config(base, base.method, int(seed), folder / "runs" / path.stem)  # as evaluated
+        diff = _differences(summary["config"], wanted.model_dump(mode="json"), EVAL_KEYS)
+        if diff:
+            raise SasrError(
+                f"--include {folder}: {path.name} was evaluated otherwise ({'; '.join(diff[:3])}), so not on "
+                "this comparison's questions; include a comparison of the same task, model, seeds and eval"
+            )
+        rows[f"{method}@{folder.name}", int(seed)] = summary
+    if not rows:
+        raise SasrError(
+            f"--include {folder}: no run summaries (summaries/METHOD-sSEED.json) of seeds "
+            f"{', '.join(map(str, seeds))} there; name the --output folder of a sasr compare"
+        )
+    return rows
 
 
 def _write_summary(path: Path, summary: dict) -> dict:
@@ -330,9 +364,10 @@ def compare(
     command: str | None = None,
     jobs: int = 1,
     landed: bool = False,
+    include: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Train and evaluate every (method, seed) that has no summary yet; assemble results.json, results.md
-    and the plots from the summaries.
+    and the plots from the summaries (and from those of the ``include`` folders: see ``included``).
 
     ``jobs`` > 1 trains the runs that have not finished in that many parallel ``sasr train`` processes first.
     ``landed``: train and evaluate nothing; the table of the summaries there are (a comparison in progress),
@@ -380,13 +415,16 @@ def compare(
             f"seeds {', '.join(map(str, seeds))} (untrained-sSEED.json), which the table starts from; run "
             "compare without --landed to evaluate it"
         )
-    results = assemble(base, methods, seeds, summaries, command)
+    extra = {key: summary for folder in include for key, summary in included(base, folder, seeds).items()}
+    summaries.update(extra)
+    rows = [*methods, *dict.fromkeys(m for m, _ in extra)]
+    results = assemble(base, rows, seeds, summaries, command)
     (output / "results.json").write_text(json.dumps(results, indent=2))
     plot_compare(
         {
             m: [summaries[m, s]["metrics"] for s in r["seeds"]]
             for m, r in results["methods"].items()
-            if m in methods
+            if m in rows
         },
         output,
     )
@@ -572,6 +610,12 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
             else ". One seed: no spread over seeds."
             if one_seed
             else ". Mean ± std over seeds."
+        )
+        + (
+            " A row named METHOD@FOLDER holds the runs of another comparison folder (`--include`): trained with "
+            "options of its own, evaluated on the same questions."
+            if any("@" in m for m in methods)
+            else ""
         )
         + f" Runs at commit {', '.join(commits)}.",
         "",

@@ -68,9 +68,11 @@ def _phase_legend(target, **kw) -> None:
 
 
 def method_dynamics(method: str, rows: Sequence[dict]) -> Series:
-    """The curves that show how a method decides its steps (its class's ``dynamics`` keys), with SASR's drift."""
+    """The curves that show how a method decides its steps (its class's ``dynamics`` keys), with SASR's drift.
+    ``method`` may be a comparison's row of another folder, METHOD@FOLDER (``compare --include``)."""
     from sasr.methods import METHODS
 
+    method = method.partition("@")[0]
     keys = METHODS[method].dynamics if method in METHODS else ()
     data = {key: series(rows, key) for key in keys}
     if any("g_warmup" in r for r in rows):
