@@ -373,17 +373,27 @@ def test_compare_include_tables_a_variant_of_another_folder_paired_with_sasr(com
     md = (here / "results.md").read_text()
     assert "| grpo@no-kl | 1 | " in md and "holds the runs of another comparison folder" in md
     assert "grpo@no-kl" in json.loads((here / "plots.json").read_text())["accuracy_vs_step"]
-    # Evaluated on other questions: refused, nothing written over.
+    # The time line is this comparison's own: the included run's time is its folder's.
+    assert results["time"] == theirs["time"]
+    # Refused in one sentence, the table left as it was: evaluated on other questions; no runs there; this
+    # comparison's own folder; two folders of one name (their rows would share labels).
+    before = (here / "results.json").read_bytes()
     no_kl["config"]["task"]["test_size"] = 3
-    (variant / "summaries" / "grpo-s1.json").write_text(json.dumps(no_kl))
+    other = tmp_path / "elsewhere" / "no-kl"
+    shutil.copytree(variant / "summaries", other / "summaries")
+    (other / "summaries" / "grpo-s1.json").write_text(json.dumps(no_kl))
+    refusals = {
+        "grpo-s1.json was evaluated otherwise (task.test_size: 3 there, 4 here)": [other],
+        "no run summaries (summaries/METHOD-sSEED.json) of seeds 1, 2 there": [tmp_path / "nothing"],
+        "is this comparison's own folder": [here],
+        "have one name, which labels their rows (METHOD@no-kl); rename one": [variant, other],
+    }
     capsys.readouterr()
-    assert main([*table, "--include", str(variant)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    assert "grpo-s1.json was evaluated otherwise (task.test_size: 3 there, 4 here)" in err
-    assert "grpo@no-kl" in json.loads((here / "results.json").read_text())["methods"]
-    assert main([*table, "--include", str(tmp_path / "nothing")]) == 2
-    assert "no run summaries (summaries/METHOD-sSEED.json) of seeds 1, 2 there" in capsys.readouterr().err
+    for message, folders in refusals.items():
+        assert main([*table, *(a for f in folders for a in ("--include", str(f)))]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err
+    assert (here / "results.json").read_bytes() == before
 
 
 def test_compare_refuses_a_summary_of_another_configuration(compared, tmp_path, capsys):

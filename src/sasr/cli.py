@@ -214,8 +214,8 @@ def _compare_parser(sub) -> None:
         action="append",
         default=[],
         metavar="DIR",
-        help="also table the runs of another comparison folder, evaluated on the same questions (a variant "
-        "trained with options of its own), as METHOD@DIR's name, each paired with SASR",
+        help="also table the runs of another comparison folder DIR, evaluated on the same questions (a variant "
+        "trained with options of its own), as rows METHOD@NAME (NAME: DIR's own name), each paired with SASR",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true")

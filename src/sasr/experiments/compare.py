@@ -43,7 +43,8 @@ from sasr.trainer import Trainer
 METRICS = ("accuracy", "pass@{k}", "maj@{k}", "distinct_2", "edit_distance", "distinct_answers")
 BUDGET = ("sft_steps", "grpo_steps", "mixed_steps", "tokens", "flops", "seconds")
 BASELINE = "sasr"  # the method compared with every other one, pairwise
-# What an evaluation of the untrained model depends on (its summary is reused while these stay the same).
+# What an evaluation depends on: the untrained model's summary is reused while these stay the same, and another
+# folder's runs (--include) pair with this comparison's only if these are the same (the same questions).
 EVAL_KEYS = ("seed", "model", "task", "eval", "grpo.max_prompt_length")
 
 
@@ -259,7 +260,7 @@ def read_summary(path: Path, config: dict, keys: tuple[str, ...] | None = None) 
     configuration (only ``keys`` compared, when given)."""
     if not path.exists():
         return None
-    summary = _load_summary(path)
+    summary = _load_summary(path, "delete it to redo that run")
     diff = _differences(summary["config"], config, keys)
     if diff:
         raise SasrError(
@@ -269,40 +270,60 @@ def read_summary(path: Path, config: dict, keys: tuple[str, ...] | None = None) 
     return summary
 
 
-def _load_summary(path: Path) -> dict:
+def _load_summary(path: Path, fix: str) -> dict:
+    """The summary at ``path``, or one sentence that says it is none and ``fix``."""
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:  # not JSON, or not UTF-8
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
         summary = None
     if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
-        raise SasrError(f"summary {path} is not a sasr compare summary; delete it to redo that run")
+        raise SasrError(f"summary {path} is not a sasr compare summary; {fix}")
     return summary
 
 
-def included(base: TrainConfig, folder: Path, seeds: list[int]) -> dict[tuple[str, int], dict]:
-    """The trained runs of another comparison folder, as ``METHOD@FOLDER`` rows of this one: a variant
-    trained with options of its own (another rate, no KL...) tabled and paired with this comparison's SASR.
-    Refused in one sentence unless each was evaluated as this comparison evaluates: the pairs need the same
-    questions."""
-    rows = {}
-    for path in sorted((folder / "summaries").glob("*-s*.json")):
-        method, _, seed = path.stem.rpartition("-s")
-        if method == "untrained" or not seed.isdigit() or int(seed) not in seeds:
-            continue
-        summary = _load_summary(path)
-        wanted = run_config(base, base.method, int(seed), folder / "runs" / path.stem)  # as evaluated
-        diff = _differences(summary["config"], wanted.model_dump(mode="json"), EVAL_KEYS)
-        if diff:
+def is_included(name: str) -> bool:
+    """Whether a table row holds the runs of another comparison folder (``--include``): METHOD@FOLDER."""
+    return "@" in name
+
+
+def included(
+    base: TrainConfig, folders: Sequence[Path], seeds: list[int], output: Path
+) -> dict[tuple[str, int], dict]:
+    """The trained runs of other comparison folders, as ``METHOD@FOLDER`` rows of this one: a variant trained
+    with options of its own (another rate, no KL...) tabled and paired with this comparison's SASR. Refused
+    in one sentence unless each was evaluated as this comparison evaluates (the pairs need the same
+    questions), and for this comparison's own folder or two folders of one name (rows of one label)."""
+    rows, names = {}, {}
+    for folder in folders:
+        where = folder.resolve()
+        if where == output.resolve():
+            raise SasrError(f"--include {folder} is this comparison's own folder: its runs are in the table")
+        if names.setdefault(where.name, where) != where:
             raise SasrError(
-                f"--include {folder}: {path.name} was evaluated otherwise ({'; '.join(diff[:3])}), so not on "
-                "this comparison's questions; include a comparison of the same task, model, seeds and eval"
+                f"--include {folder} and {names[where.name]} have one name, which labels their rows "
+                f"(METHOD@{where.name}); rename one"
             )
-        rows[f"{method}@{folder.name}", int(seed)] = summary
-    if not rows:
-        raise SasrError(
-            f"--include {folder}: no run summaries (summaries/METHOD-sSEED.json) of seeds "
-            f"{', '.join(map(str, seeds))} there; name the --output folder of a sasr compare"
-        )
+        # A trained run is evaluated with the trainer's own evaluations off: compare run_config's, not base's.
+        wanted = {s: run_config(base, base.method, s, where).model_dump(mode="json") for s in seeds}
+        found = 0
+        for path in sorted((folder / "summaries").glob("*-s*.json")):
+            method, _, seed = path.stem.rpartition("-s")
+            if method == "untrained" or not seed.isdecimal() or int(seed) not in seeds:
+                continue
+            summary = _load_summary(path, "include a folder that sasr compare wrote")
+            diff = _differences(summary["config"], wanted[int(seed)], EVAL_KEYS)
+            if diff:
+                raise SasrError(
+                    f"--include {folder}: {path.name} was evaluated otherwise ({'; '.join(diff[:3])}), so not "
+                    "on this comparison's questions; include a comparison of the same task, model and eval"
+                )
+            rows[f"{method}@{where.name}", int(seed)] = summary
+            found += 1
+        if not found:
+            raise SasrError(
+                f"--include {folder}: no run summaries (summaries/METHOD-sSEED.json) of seeds "
+                f"{', '.join(map(str, seeds))} there; name the --output folder of a sasr compare"
+            )
     return rows
 
 
@@ -374,6 +395,7 @@ def compare(
     each method over the seeds it has.
     """
     output.mkdir(parents=True, exist_ok=True)
+    extra = included(base, include, seeds, output)  # before any training: a wrong folder fails at once
     commit = git_commit()
     summaries: dict[tuple[str, int], dict] = {}
     for wave in _waves(methods):
@@ -415,7 +437,6 @@ def compare(
             f"seeds {', '.join(map(str, seeds))} (untrained-sSEED.json), which the table starts from; run "
             "compare without --landed to evaluate it"
         )
-    extra = {key: summary for folder in include for key, summary in included(base, folder, seeds).items()}
     summaries.update(extra)
     rows = [*methods, *dict.fromkeys(m for m, _ in extra)]
     results = assemble(base, rows, seeds, summaries, command)
@@ -507,7 +528,9 @@ def assemble(
                 if common
             }
     e = base.eval
-    timed = [x["run"] for x in summaries.values() if "eval_seconds" in x and x["run"]]
+    # where this comparison's time went: an included run's time is its own folder's
+    own = [x for (m, _), x in summaries.items() if not is_included(m)]
+    timed = [x["run"] for x in own if "eval_seconds" in x and x["run"]]
     return {
         "command": command or "(Python API) sasr.experiments.compare.compare",
         "task": base.task.name,
@@ -529,10 +552,14 @@ def assemble(
         "not_landed": [m for m in methods if m not in out_methods],
         "paired": {"baseline": BASELINE, "metric": "accuracy", "level": 0.95, "splits": paired},
         "time": {  # where the comparison's time went (evaluation timed by summaries that record it)
-            "train_seconds": sum(r["budget"]["seconds"][0] * len(r["seeds"]) for r in out_methods.values()),
-            "eval_seconds": sum(x.get("eval_seconds", 0.0) for x in summaries.values()),
-            "eval_timed": sum("eval_seconds" in x for x in summaries.values()),
-            "runs": len(summaries),
+            "train_seconds": sum(
+                r["budget"]["seconds"][0] * len(r["seeds"])
+                for m, r in out_methods.items()
+                if not is_included(m)
+            ),
+            "eval_seconds": sum(x.get("eval_seconds", 0.0) for x in own),
+            "eval_timed": sum("eval_seconds" in x for x in own),
+            "runs": len(own),
             # training seconds of the runs whose evaluation was timed: the share over those runs alone
             "timed_train_seconds": sum(r.get("seconds") or 0.0 for r in timed),
             # runs trained side by side (--jobs N) share the wall clock: count the time any of them trained
@@ -614,7 +641,7 @@ def results_markdown(results: dict[str, Any], output: Path) -> str:
         + (
             " A row named METHOD@FOLDER holds the runs of another comparison folder (`--include`): trained with "
             "options of its own, evaluated on the same questions."
-            if any("@" in m for m in methods)
+            if any(is_included(m) for m in methods)
             else ""
         )
         + f" Runs at commit {', '.join(commits)}.",
