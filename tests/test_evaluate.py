@@ -206,6 +206,20 @@ def test_reward_curve_is_smoothed_over_a_window_that_grows_with_the_budget(tmp_p
     assert [v for _, v in short[:4]] == pytest.approx([1.0, 0.5, 2 / 3, 1 / 3])
 
 
+def test_a_comparison_of_every_method_draws_each_line_its_own_way():
+    """13 rows (every method and an included folder's): no two lines share colour and style, and the legend
+    sits beside the plot, not over its lines."""
+    from matplotlib.figure import Figure
+
+    from sasr.experiments.report import _draw
+
+    ax = Figure().subplots()
+    _draw(ax, {f"method {i}": [(1, i / 13), (2, i / 12)] for i in range(13)}, "accuracy")
+    styles = {(line.get_color(), line.get_linestyle()) for line in ax.get_lines()}
+    assert len(ax.get_lines()) == 13 and len(styles) == 13
+    assert ax.get_legend().get_bbox_to_anchor().x0 > ax.bbox.x1  # anchored right of the axes
+
+
 def test_accuracy_curve_is_the_mean_of_the_seeds_that_evaluated(tmp_path):
     """A seed trained before its recipe evaluated during training has no held-out points: the curve is the
     mean of the other seeds, not empty."""

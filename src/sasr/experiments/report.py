@@ -18,6 +18,7 @@ from matplotlib.patches import Patch
 
 from sasr.run_dir import read_lines, read_status
 
+LEGEND_INSIDE = 6  # the most lines whose legend goes over the plot; more get theirs beside it
 PHASE_COLOURS = {"sft": "#4C72B0", "grpo": "#DD8452", "mixed": "#55A868"}
 Series = dict[str, list[tuple[float, float]]]
 
@@ -39,18 +40,23 @@ def _phase_strip(ax, rows: Sequence[dict]) -> None:
 
 
 def _draw(ax, data: Series, title: str, ylabel: str = "", legend: bool = False) -> None:
-    """Each series as a line; a legend when there are several, or when asked and there is one to show."""
-    for name, points in data.items():
+    """Each series as a line; a legend when there are several, or when asked and there is one to show. Past
+    the 10 colours of the cycle the line style changes, so a comparison of every method tells each apart;
+    so many lines get their legend beside the plot rather than over it."""
+    for i, (name, points) in enumerate(data.items()):
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", ms=3, label=name)
+            ax.plot(
+                xs, ys, marker="o", ms=3, label=name, color=f"C{i % 10}", ls=("-", "--", ":")[i // 10 % 3]
+            )
     ax.set_title(title)
     ax.set_xlabel("step")
     if ylabel:
         ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if (len(data) > 1 or legend) and any(data.values()):
-        ax.legend(fontsize=7)
+        beside = {"loc": "center left", "bbox_to_anchor": (1.01, 0.5)} if len(data) > LEGEND_INSIDE else {}
+        ax.legend(fontsize=7, **beside)
 
 
 def _save(fig, path: Path, figures: dict[str, Series], name: str, data: dict[str, Series]) -> Path:
@@ -193,7 +199,7 @@ def plot_compare(metrics: dict[str, list[list[dict]]], out_dir: Path) -> dict[st
             data[method] = _moving_mean(curve, window) if key == "reward_mean" else curve
         if not any(data.values()):
             continue
-        fig = Figure(figsize=(7, 4.2))
+        fig = Figure(figsize=(9.5 if len(data) > LEGEND_INSIDE else 7, 4.2))  # room for a legend beside
         ax = fig.subplots()
         _draw(ax, data, title)
         if len(data) == 1:
