@@ -42,7 +42,7 @@ def _phase_strip(ax, rows: Sequence[dict]) -> None:
 def _draw(ax, data: Series, title: str, ylabel: str = "", legend: bool = False) -> None:
     """Each series as a line; a legend when there are several, or when asked and there is one to show. Past
     the 10 colours of the cycle the line style changes, so a comparison of every method tells each apart;
-    so many lines get their legend beside the plot rather than over it."""
+    more than ``LEGEND_INSIDE`` lines get their legend beside the plot rather than over it."""
     for i, (name, points) in enumerate(data.items()):
         if points:
             xs, ys = zip(*points)
