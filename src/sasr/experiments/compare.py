@@ -32,6 +32,7 @@ from sasr import checkpoint, models
 from sasr.config import BOOKKEEPING_KEYS, TrainConfig, build_config, dotted, to_yaml
 from sasr.errors import SasrError
 from sasr.evaluate import evaluate, settings, summarise
+from sasr.experiments.labels import included_label, is_included
 from sasr.experiments.report import markdown_table, plot_compare
 from sasr.experiments.stats import paired_bootstrap
 from sasr.methods import METHODS
@@ -281,11 +282,6 @@ def _load_summary(path: Path, fix: str) -> dict:
     return summary
 
 
-def is_included(name: str) -> bool:
-    """Whether a table row holds the runs of another comparison folder (``--include``): METHOD@FOLDER."""
-    return "@" in name
-
-
 def included(
     base: TrainConfig, folders: Sequence[Path], seeds: list[int], output: Path
 ) -> dict[tuple[str, int], dict]:
@@ -301,7 +297,7 @@ def included(
         if names.setdefault(where.name, where) != where:
             raise SasrError(
                 f"--include {folder} and {names[where.name]} have one name, which labels their rows "
-                f"(METHOD@{where.name}); rename one"
+                f"({included_label('METHOD', where.name)}); rename one"
             )
         # A trained run is evaluated with the trainer's own evaluations off: compare run_config's, not base's.
         wanted = {s: run_config(base, base.method, s, where).model_dump(mode="json") for s in seeds}
@@ -317,7 +313,7 @@ def included(
                     f"--include {folder}: {path.name} was evaluated otherwise ({'; '.join(diff[:3])}), so not "
                     "on this comparison's questions; include a comparison of the same task, model and eval"
                 )
-            rows[f"{method}@{where.name}", int(seed)] = summary
+            rows[included_label(method, where.name), int(seed)] = summary
             found += 1
         if not found:
             raise SasrError(

@@ -16,6 +16,7 @@ from typing import Any
 from matplotlib.figure import Figure  # figures drawn straight to files: no pyplot, no display backend
 from matplotlib.patches import Patch
 
+from sasr.experiments.labels import method_of
 from sasr.run_dir import read_lines, read_status
 
 LEGEND_INSIDE = 6  # the most lines whose legend goes over the plot; more get theirs beside it
@@ -78,7 +79,7 @@ def method_dynamics(method: str, rows: Sequence[dict]) -> Series:
     ``method`` may be a comparison's row of another folder, METHOD@FOLDER (``compare --include``)."""
     from sasr.methods import METHODS
 
-    method = method.partition("@")[0]
+    method = method_of(method)
     keys = METHODS[method].dynamics if method in METHODS else ()
     data = {key: series(rows, key) for key in keys}
     if any("g_warmup" in r for r in rows):
