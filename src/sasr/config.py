@@ -403,17 +403,6 @@ def parse_set(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a.b': value} for every leaf of a nested mapping; an empty mapping is a leaf."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(dotted(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     out = []
     for k, v in tree.items():

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib
-import importlib.util
 import inspect
 import math
 import threading
@@ -43,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sasr.contracts import function_name, load_function, trl_contract, verl_contract, verl_score
 from sasr.errors import SasrError
 from sasr.metrics import metric
 from sasr.tasks import Example, Score, Task
@@ -65,66 +64,6 @@ def failure(name: str, examples: Sequence[Example], call_one: Callable[[int], An
     err = SasrError(f"reward function {name} raised {type(batch_exc).__name__}: {batch_exc}")
     err.__cause__ = batch_exc
     return err
-
-
-def load_function(spec: str) -> Callable:
-    """'module:function' or 'file.py:function' -> the function, or one sentence saying what is missing."""
-    module_name, sep, func_name = spec.rpartition(":")
-    if not sep or not module_name or not func_name:
-        raise SasrError(f"reward '{spec}' must look like module:function or path/to/file.py:function")
-    try:
-        if module_name.endswith(".py"):
-            path = Path(module_name)
-            if not path.is_file():
-                raise SasrError(f"reward file '{path}' does not exist")
-            mod_spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(mod_spec)
-            mod_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise SasrError(f"cannot import reward module '{module_name}' ({exc})") from None
-    func = getattr(module, func_name, None)
-    if not callable(func):
-        raise SasrError(f"reward module '{module_name}' has no function '{func_name}'")
-    return func
-
-
-VERL_ARGUMENTS = ("data_source", "solution_str", "ground_truth")
-
-
-def trl_contract(fn: Callable) -> bool:
-    """Whether ``fn`` can be called as TRL calls a reward function: it takes ``completions`` or **kwargs."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return True  # a callable whose signature Python cannot read: let the call say
-    return any(p.kind is p.VAR_KEYWORD or p.name == "completions" for p in params)
-
-
-def verl_contract(fn: Callable) -> bool:
-    """Whether ``fn`` is a verl reward function: compute_score(data_source, solution_str, ground_truth,
-    extra_info=None, **kwargs)."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return all(name in params for name in VERL_ARGUMENTS)
-
-
-def verl_score(fn: Callable, data_source: Any, text: str, truth: Any, extra_info: Any) -> tuple[float, dict]:
-    """One completion scored as verl calls ``fn``: a float, or a dict whose 'score' is the reward and whose
-    other keys are logged. Returns (score, the other keys)."""
-    out = fn(data_source=data_source, solution_str=text, ground_truth=truth, extra_info=extra_info)
-    if isinstance(out, dict):
-        if "score" not in out:
-            name = function_name(fn)
-            raise SasrError(
-                f"verl reward function {name} returned a dict without 'score' (keys: {sorted(out)})"
-            )
-        extra = {k: v for k, v in out.items() if k != "score"}
-        return float(out["score"]), extra
-    return float(out), {}
 
 
 def trl_from_verl(fn: Callable) -> Callable:
@@ -220,11 +159,6 @@ def build_function(entry: str | dict[str, Any]) -> Callable:
         return factory(**entry.get("kwargs", {}))
     except TypeError as exc:
         raise SasrError(f"reward factory '{entry['function']}' does not take these kwargs ({exc})") from None
-
-
-def function_name(fn: Callable) -> str:
-    """How logs name a reward function: its __name__, as TRL's metric keys do."""
-    return getattr(fn, "__name__", None) or type(fn).__name__
 
 
 def _is_async(fn: Callable) -> bool:

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sasr.config import dotted
+from sasr.trees import dotted
 
 PROJECT = "sasr"
 TRACKERS = ("tensorboard", "trackio", "wandb", "mlflow")

@@ -29,7 +29,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from sasr import checkpoint, models
-from sasr.config import BOOKKEEPING_KEYS, TrainConfig, build_config, dotted, to_yaml
+from sasr.config import BOOKKEEPING_KEYS, TrainConfig, build_config, to_yaml
 from sasr.errors import SasrError
 from sasr.evaluate import evaluate, settings, summarise
 from sasr.experiments.labels import included_label, is_included
@@ -40,6 +40,7 @@ from sasr.process import on_stop_signals
 from sasr.run_dir import finished, read_lines, read_status
 from sasr.tasks import get_task
 from sasr.trainer import Trainer
+from sasr.trees import dotted
 
 METRICS = ("accuracy", "pass@{k}", "maj@{k}", "distinct_2", "edit_distance", "distinct_answers")
 BUDGET = ("sft_steps", "grpo_steps", "mixed_steps", "tokens", "flops", "seconds")

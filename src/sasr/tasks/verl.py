@@ -44,7 +44,7 @@ class VerlTask(FileTask):
         self.system_prompt = self.opts["system_prompt"]
         self.scorer = None
         if self.opts["compute_score"]:
-            from sasr.rewards import load_function, verl_contract
+            from sasr.contracts import load_function, verl_contract
 
             self.scorer = load_function(self.opts["compute_score"])
             if not verl_contract(self.scorer):
@@ -114,7 +114,7 @@ class VerlTask(FileTask):
             got = extract_answer(completion)
             correct = JUDGES["numeric"](got, example.answer)
             return Score(1.0 if correct else 0.0, correct, got is not None)
-        from sasr.rewards import verl_score
+        from sasr.contracts import verl_score
 
         value, _ = verl_score(
             self.scorer,
