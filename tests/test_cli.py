@@ -98,7 +98,7 @@ def test_subprocess_error_has_no_traceback(tmp_path):
 
     valid = ", ".join(METHODS)  # every registered method, in the registry's order
     assert proc.stderr.strip().splitlines() == [
-        f"sasr: error: unknown method 'ppo' (did you mean 'grpo'?); valid: {valid}"
+        f"sasr: error: unknown method 'ppo' (did you mean 'grpo'?); valid: {valid} (or path/to/file.py:Class)"
     ]
 
 

@@ -9,11 +9,16 @@ from accelerate import PartialState
 from helpers import reward_module, tiny_config
 
 from sasr import models
-from sasr.batch import DEMO, OFFPOLICY, PREFIXED, ROLLOUT, Plan
-from sasr.collect import Collector, demonstration_source, rollout_stats, training_examples
+from sasr.batch import DEMO, ROLLOUT, Ask, Gather
+from sasr.collect import Collector
+from sasr.collect.examples import demonstration_source, training_examples
+from sasr.collect.groups import rollout_stats
 from sasr.config import validate
 from sasr.errors import SasrError
 from sasr.methods import get_method
+from sasr.methods.luffy import OFFPOLICY
+from sasr.methods.prefix_rft import PREFIXED
+from sasr.methods.uft import hint
 from sasr.rewards import Rewards
 from sasr.rollout import stop_token_ids
 from sasr.tasks import get_task
@@ -47,7 +52,7 @@ def test_a_luffy_step_lays_each_demonstration_inside_its_group(tmp_path):
     grpo = {"num_generations": 4, "max_completion_length": 96}  # room for the whole demonstration
     col, luffy = collector(tmp_path, method="luffy", grpo=grpo)
     plan = luffy.plan(1)
-    got = col.collect(1, plan)
+    got = col.collect(1, plan.gather)
     rows = got.rows
     assert rows.kind.tolist() == [ROLLOUT] * 3 + [OFFPOLICY] + [ROLLOUT] * 3 + [OFFPOLICY]
     assert rows.group.tolist() == [0] * 4 + [1] * 4
@@ -70,8 +75,8 @@ def test_a_luffy_step_lays_each_demonstration_inside_its_group(tmp_path):
 
 def test_an_hpt_step_adds_each_prompts_own_demonstration_after_the_groups(tmp_path):
     col, _ = collector(tmp_path, method="hpt")
-    plan = Plan(1, "mixed", prompts=2, rollouts=4, prompt_demos=True)
-    rows = col.collect(1, plan).rows
+    gather = Gather(prompts=2, rollouts=4, sources=(Ask("own_demonstrations"),))
+    rows = col.collect(1, gather).rows
     assert rows.kind.tolist() == [ROLLOUT] * 8 + [DEMO] * 2
     assert rows.group.tolist() == [0] * 4 + [1] * 4 + [0, 1]
     assert rows.rewards[8:].tolist() == [0.0, 0.0]  # demonstrations are not scored
@@ -79,7 +84,7 @@ def test_an_hpt_step_adds_each_prompts_own_demonstration_after_the_groups(tmp_pa
 
 def test_sft_rows_come_from_the_demonstration_source_and_the_probe_draws_apart(tmp_path):
     col, _ = collector(tmp_path, method="sft", sft={"batch_size": 3})
-    rows = col.collect(1, Plan(1, "sft", demos=3)).rows
+    rows = col.collect(1, Gather(demos=3)).rows
     assert rows.kind.tolist() == [DEMO] * 3 and rows.group.tolist() == [-1] * 3
     assert rows.sampler_logprobs is None and rows.truncated is None  # demonstrations: nothing sampled or cut
     probe = col.probe_rows(1)
@@ -144,7 +149,7 @@ def scarce_collector(tmp_path, method: str, **top) -> tuple[Collector, object, l
         PartialState(cpu=True),
         lambda: models.decoding(model),
     )
-    assert col.paired == {0}
+    assert [i for i in range(len(examples)) if col.has_demonstration(i)] == [0]
     col.draw = lambda step, n, kind, pool=None: [examples[0], examples[7]][:n]
     return col, m, examples
 
@@ -155,7 +160,7 @@ def test_a_luffy_prompt_without_a_demonstration_samples_its_whole_group(tmp_path
     demonstrations is what the groups held."""
     col, luffy, _ = scarce_collector(tmp_path, "luffy")
     plan = luffy.plan(1)
-    rows = col.collect(1, plan).rows
+    rows = col.collect(1, plan.gather).rows
     assert rows.kind.tolist() == [ROLLOUT] * 3 + [OFFPOLICY] + [ROLLOUT] * 4
     assert rows.group.tolist() == [0] * 4 + [1] * 4
     for g in (0, 1):
@@ -170,7 +175,7 @@ def test_an_hpt_prompt_without_a_demonstration_is_never_routed_to_sft(tmp_path):
     """HPT gets a DEMO row only for the prompt that has one; the other stays RL however badly it is solved."""
     col, hpt, _ = scarce_collector(tmp_path, "hpt")
     plan = hpt.plan(1)
-    rows = col.collect(1, plan).rows
+    rows = col.collect(1, plan.gather).rows
     assert rows.kind.tolist() == [ROLLOUT] * 8 + [DEMO] and rows.group.tolist()[-1] == 0
     rows = dataclasses.replace(rows, correct=torch.zeros_like(rows.correct))  # both groups unsolved
     parts, route = hpt.parts(plan, rows)
@@ -188,40 +193,41 @@ def test_uft_hints_are_the_start_of_each_prompts_demonstration_on_a_schedule(tmp
     col, uft = collector(tmp_path, method="uft", steps=10, uft={"hint_steps": 5})
     assert [round(uft.hint_p(t), 4) for t in (1, 3, 5, 6)] == [0.95, 0.5, 0.05, 0.0]
     plan = uft.plan(1)
-    assert plan.hints.p == 0.95 and plan.hints.train and plan.phase == "mixed" and uft.plan(6).hints is None
+    hints = plan.gather.extend_prompts.args
+    assert hints["p"] == 0.95 and hints["train"] and plan.phase == "mixed"
+    assert uft.plan(6).gather.extend_prompts is None
     ex = col.examples[3]
     ids = col.tokenizer(col.task.target(ex), add_special_tokens=False)["input_ids"]
     bounds = [round(j / 5 * len(ids)) for j in range(6)]
-    draws = [col.hint(step, ex, plan.hints) for step in range(1, 41)]
+    draws = [hint(col, step, ex, **hints) for step in range(1, 41)]
     assert all(h == ids[: len(h)] and len(h) in bounds for h in draws)  # a prefix, cut at a part's end
-    assert col.hint(7, ex, plan.hints) == draws[6]  # a pure function of (seed, step, prompt)
+    assert hint(col, 7, ex, **hints) == draws[6]  # a pure function of (seed, step, prompt)
     assert 0.8 < sum(len(h) for h in draws) / (40 * len(ids)) <= 1.0  # about p = 0.95 of it
-    low = dataclasses.replace(plan.hints, p=0.05)
-    assert sum(len(col.hint(s, ex, low)) for s in range(1, 41)) / (40 * len(ids)) < 0.2
+    low = {**hints, "p": 0.05}
+    assert sum(len(hint(col, s, ex, **low)) for s in range(1, 41)) / (40 * len(ids)) < 0.2
 
-    got = col.collect(1, plan)
+    got = col.collect(1, plan.gather)
     rows, examples = got.rows, [col.examples[i] for i in got.prompts]
-    hints = [col.hint(1, e, plan.hints) for e in examples]
+    shown = [hint(col, 1, e, **hints) for e in examples]
     on = rows.kind == ROLLOUT
-    for g, hint in enumerate(hints):  # each rollout's prompt ends with its prompt's hint
+    for g, h in enumerate(shown):  # each rollout's prompt ends with its prompt's hint
         prompt = rows.prompt_ids[on & (rows.group == g)][0]
-        assert prompt[prompt != col.tokenizer.pad_token_id].tolist()[-len(hint) :] == hint or not hint
+        assert prompt[prompt != col.tokenizer.pad_token_id].tolist()[-len(h) :] == h or not h
     demo = rows.kind == DEMO
-    assert demo.sum() == sum(1 for h in hints if h)
+    assert demo.sum() == sum(1 for h in shown if h)
     for row in demo.nonzero().squeeze(1).tolist():
         target = rows.completion_ids[row][rows.completion_mask[row].bool()].tolist()
-        assert target == hints[rows.group[row]]  # the hint itself, no EOS
+        assert target == shown[rows.group[row]]  # the hint itself, no EOS
     parts, _ = uft.parts(plan, rows)
     assert [(p.name, p.loss, p.weight) for p in parts] == [("rl", "pg", 1.0), ("hint", "nll", 0.001)]
-    assert got.stats["uft_hint_share"] == pytest.approx(sum(len(h) for h in hints) / (2 * len(ids)), rel=0.5)
+    assert got.stats["uft_hint_share"] == pytest.approx(sum(len(h) for h in shown) / (2 * len(ids)), rel=0.5)
 
     col, r3 = collector(tmp_path, method="uft", steps=10, uft={"variant": "r3"})
     plan = r3.plan(1)
-    assert (
-        plan.hints.uniform and not plan.hints.train and plan.phase == "grpo" and "uft_hint_p" not in plan.info
-    )
-    assert not (col.collect(1, plan).rows.kind == DEMO).any()
-    lengths = {len(col.hint(s, col.examples[3], plan.hints)) for s in range(1, 60)}
+    hints = plan.gather.extend_prompts.args
+    assert hints["uniform"] and not hints["train"] and plan.phase == "grpo" and "uft_hint_p" not in plan.info
+    assert not (col.collect(1, plan.gather).rows.kind == DEMO).any()
+    lengths = {len(hint(col, s, col.examples[3], **hints)) for s in range(1, 60)}
     assert lengths == set(bounds)  # every number of parts, none to all
 
 
@@ -233,7 +239,7 @@ def parity(prompts, completions, **kw):
 
 def test_a_prefix_rft_group_continues_the_start_of_its_demonstration(tmp_path):
     """Per prompt: its rollouts, then the row that starts with the first int(l x L) of its demonstration's L
-    tokens (exactly those tokens, marked by prefix_mask, with no sampler log-prob) and goes on with what the
+    tokens (exactly those tokens, marked as given, with no sampler log-prob) and goes on with what the
     policy sampled after them (up to max_completion_length, as a rollout); judged on the whole; advantages within each
     (prompt, prefix) subgroup; only the sampled tokens count as generated. A prompt without a demonstration
     samples its whole group."""
@@ -241,7 +247,7 @@ def test_a_prefix_rft_group_continues_the_start_of_its_demonstration(tmp_path):
     parity = reward_module(tmp_path, PARITY, "parity")  # rewards that differ, so the centring shows
     col, m = collector(tmp_path, method="prefix-rft", grpo=grpo, steps=10, reward_funcs=[f"{parity}:parity"])
     plan = m.plan(1)
-    got = col.collect(1, plan)
+    got = col.collect(1, plan.gather)
     rows = got.rows
     assert rows.kind.tolist() == ([ROLLOUT] * 3 + [PREFIXED]) * 2
     examples = [col.examples[i] for i in got.prompts]
@@ -251,8 +257,8 @@ def test_a_prefix_rft_group_continues_the_start_of_its_demonstration(tmp_path):
         ids = col.tokenizer(col.task.target(ex), add_special_tokens=False)["input_ids"]
         m_ = int(0.95 * len(ids))
         completion = rows.completion_ids[row][rows.completion_mask[row].bool()].tolist()
-        assert completion[:m_] == ids[:m_] and rows.prefix_mask[row].sum() == m_
-        assert rows.prefix_mask[row, :m_].all() and not rows.prefix_mask[rows.kind == ROLLOUT].any()
+        assert completion[:m_] == ids[:m_] and rows.given[row].sum() == m_
+        assert rows.given[row, :m_].all() and not rows.given[rows.kind == ROLLOUT].any()
         assert m_ < len(completion) <= m_ + 48  # then up to max_completion_length sampled, as a rollout
         assert (rows.sampler_logprobs[row, :m_] == 0).all() and rows.sampler_logprobs[row, m_:][
             rows.completion_mask[row, m_:].bool()
@@ -263,7 +269,7 @@ def test_a_prefix_rft_group_continues_the_start_of_its_demonstration(tmp_path):
             (on - on.mean()).tolist(), abs=1e-6
         )
         assert rows.advantages[row] == rows.rewards[row]  # a subgroup of one: centred on 0
-        assert rows.prefix_advantages[row].item() == pytest.approx(
+        assert rows.extras["prefix_advantages"][row].item() == pytest.approx(
             rows.rewards[row].item() - on.mean().item()
         )
     assert rows.rewards.unique().numel() > 1
@@ -271,11 +277,11 @@ def test_a_prefix_rft_group_continues_the_start_of_its_demonstration(tmp_path):
     assert got.stats["accuracy"] == rows.correct[rows.kind == ROLLOUT].float().mean().item()
 
     col, m, examples = scarce_collector(tmp_path, "prefix-rft")
-    rows = col.collect(1, m.plan(1)).rows
+    rows = col.collect(1, m.plan(1).gather).rows
     assert rows.kind.tolist() == [ROLLOUT] * 3 + [PREFIXED] + [ROLLOUT] * 4
     _, stats = m.parts(m.plan(1), rows)
     assert stats["prefix_share"] == 1 / 8
     col.draw = lambda step, n, kind, pool=None: [examples[7], examples[8]][:n]  # no demonstration at all
-    rows = col.collect(2, m.plan(2)).rows
-    assert rows.kind.tolist() == [ROLLOUT] * 8 and rows.prefix_mask is None
+    rows = col.collect(2, m.plan(2).gather).rows
+    assert rows.kind.tolist() == [ROLLOUT] * 8 and rows.given is None
     assert "prefix_accuracy" not in m.parts(m.plan(2), rows)[1]

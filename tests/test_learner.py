@@ -4,10 +4,11 @@ plan needs (an update itself is tested against TRL in test_losses and test_trl_o
 import torch
 from helpers import tiny_config
 
-from sasr.batch import DEMO, ROLLOUT, Part, Plan, cat_rows
+from sasr.batch import DEMO, ROLLOUT, Gather, Part, cat_rows
 from sasr.config import validate
 from sasr.data import rows_of_kind
-from sasr.learner import SFT_PASSES, loss_mask, micro_batches, part_norms, passes
+from sasr.learner import SFT_PASSES, micro_batches, part_norms, passes
+from sasr.objective import loss_mask
 from sasr.losses import Norm
 
 
@@ -60,9 +61,9 @@ def test_the_loss_mask_drops_cut_rollouts_only_when_asked():
 
 def test_what_a_plan_asks_of_the_passes(tmp_path):
     c = validate(tiny_config(tmp_path, grpo={"temperature": 0.7, "num_iterations": 2}))
-    assert passes(Plan(1, "sft", demos=2), c) == SFT_PASSES
-    grpo = passes(Plan(1, "grpo", prompts=2, rollouts=4), c)
+    assert passes(Gather(demos=2), c) == SFT_PASSES
+    grpo = passes(Gather(prompts=2, rollouts=4), c)
     assert (grpo.temperature, grpo.rollouts, grpo.reference, grpo.iterations) == (0.7, True, True, 2)
     # a step whose groups hold only demonstrations: read at the sampler's temperature, no reference pass
-    offpolicy = passes(Plan(1, "grpo", prompts=2, offpolicy=1), c)
+    offpolicy = passes(Gather(prompts=2, group_rows=1), c)
     assert (offpolicy.temperature, offpolicy.reference) == (0.7, False)

@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import two_gloo_ranks
 
+from sasr.batch import DEMO, ROLLOUT
 from sasr.errors import SasrError
 from sasr.logprobs import completion_logprobs, selective_log_softmax
 from sasr.losses import group_advantages, grpo_loss, sft_loss
@@ -597,8 +598,8 @@ def test_asft_is_dft_plus_beta_times_the_kl_to_the_reference_as_llama_factory_co
     q, negentropy = completion_distributions(reference, ids, attn, T)
     logps, _, cross = anchored_logprobs(policy, ids, attn, T, anchor=q)
     mask = attn[:, -T:].float()
-    no = torch.zeros(3, dtype=torch.bool)
-    x = PartInputs(logps, mask, None, None, torch.zeros(3), no, no, anchor_kl=negentropy - cross)
+    no, kind = torch.zeros(3, dtype=torch.bool), torch.full((3,), DEMO)
+    x = PartInputs(logps, mask, None, None, torch.zeros(3), kind, no, anchor_kl=negentropy - cross)
     out = nll_part(x, loss_type="asft", asft_beta=0.1)
     ours = torch.autograd.grad(out.loss, list(policy.parameters()))
 
@@ -619,7 +620,7 @@ def test_asft_is_dft_plus_beta_times_the_kl_to_the_reference_as_llama_factory_co
 def test_prefix_rft_advantages_are_centred_within_each_prompt_and_prefix_subgroup():
     """Prefix-RFT (their dr_grpo_prefix): a row's reward minus its (prompt, prefix) subgroup's mean, a subgroup
     of one centred on 0; the prefix tokens' advantage is (that - the on-policy rows' mean) / rows per prefix."""
-    from sasr.losses import prefix_group_advantages
+    from sasr.methods.prefix_rft import prefix_group_advantages
 
     # one prompt, G = 4: three on-policy rows, one continuing the prefix
     rewards, subgroup = torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([0, 0, 0, 1])
@@ -645,10 +646,11 @@ def test_prefix_rft_advantages_are_centred_within_each_prompt_and_prefix_subgrou
 
 
 def test_prefix_tokens_train_with_their_own_advantage_clip_and_entropy_mask():
-    """pg_part on a rollout row and a prefixed row: the sampled tokens take the row's advantage and the
-    rollouts' clip, the prefix tokens their own advantage and clip range, and of the prefix tokens only the
-    highest-entropy share rho keeps its advantage; equal in value and gradient to the formula by hand."""
-    from sasr.losses import PartInputs, pg_part
+    """Prefix-RFT's loss on a rollout row and a prefixed row: the sampled tokens take the row's advantage and
+    the rollouts' clip, the prefix tokens their own advantage and clip range, and of the prefix tokens only
+    the highest-entropy share rho keeps its advantage; equal in value and gradient to the formula by hand."""
+    from sasr.losses import PartInputs
+    from sasr.methods.prefix_rft import PREFIXED, prefix_pg
 
     T = 5
     logps = torch.tensor([[-1.0, -2.0, -0.5, -1.5, -0.2], [-0.3, -2.5, -1.0, -0.7, -1.2]], requires_grad=True)
@@ -657,11 +659,20 @@ def test_prefix_tokens_train_with_their_own_advantage_clip_and_entropy_mask():
     prefix = torch.tensor([[0, 0, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
     entropy = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0], [0.9, 0.1, 2.0, 0.5, 0.5]])
     adv, prefix_adv = torch.tensor([-0.7, 1.0]), torch.tensor([0.0, -0.6])
-    no = torch.zeros(2, dtype=torch.bool)
+    no, kind = torch.zeros(2, dtype=torch.bool), torch.tensor([ROLLOUT, PREFIXED])
     x = PartInputs(
-        logps, mask, entropy, None, adv, no, no, old_logps=old, prefix=prefix, prefix_advantages=prefix_adv
+        logps,
+        mask,
+        entropy,
+        None,
+        adv,
+        kind,
+        no,
+        old_logps=old,
+        given=prefix,
+        extras={"prefix_advantages": prefix_adv},
     )
-    out = pg_part(
+    out = prefix_pg(
         x,
         beta=0.0,
         epsilon=0.2,
@@ -669,9 +680,8 @@ def test_prefix_tokens_train_with_their_own_advantage_clip_and_entropy_mask():
         loss_type="dr_grpo",
         max_completion_length=T,
         use_bias_correction_kl=False,
-        prefix_epsilon=0.1,
-        prefix_epsilon_high=0.1,
-        prefix_entropy_top=0.5,  # of the 3 prefix tokens int(3 x 0.5) = 1 is dropped: the lowest entropy
+        # of the 3 prefix tokens int(3 x 0.5) = 1 is dropped: the lowest entropy
+        prefix={"epsilon": 0.1, "epsilon_high": 0.1, "entropy_top": 0.5},
     )
     logps2 = logps.detach().clone().requires_grad_(True)
     total = 0.0
@@ -702,20 +712,21 @@ def test_the_entropy_mask_ranks_the_prefix_tokens_of_every_row_at_hand_together(
     """rho is a share of all the prefix tokens the part holds (their micro-batch), not of each row's: here the
     two tokens of the first row are the lowest of four and both drop. A part whose prefix tokens carry no loss
     (cut rows with mask_truncated_completions) gives no prefix statistics and no NaN."""
-    from sasr.losses import PartInputs, pg_part
+    from sasr.losses import PartInputs
+    from sasr.methods.prefix_rft import PREFIXED, prefix_pg
 
     logps = torch.full((2, 3), -1.0, requires_grad=True)
     mask = torch.ones(2, 3, dtype=torch.long)
     prefix = torch.tensor([[1, 1, 0], [1, 1, 0]], dtype=torch.bool)
     entropy = torch.tensor([[0.1, 0.2, 1.0], [0.9, 0.8, 1.0]])
-    no = torch.zeros(2, dtype=torch.bool)
+    no, kind = torch.zeros(2, dtype=torch.bool), torch.full((2,), PREFIXED)
     options = dict(beta=0.0, epsilon=0.2, epsilon_high=None, loss_type="dr_grpo", max_completion_length=3)
+    prefix_options = {"epsilon": None, "epsilon_high": None, "entropy_top": 0.5}
 
     def run(mask):
-        x = PartInputs(
-            logps, mask, entropy, None, torch.ones(2), no, no, prefix=prefix, prefix_advantages=torch.ones(2)
-        )
-        return pg_part(x, use_bias_correction_kl=False, prefix_entropy_top=0.5, **options)
+        extras = {"prefix_advantages": torch.ones(2)}
+        x = PartInputs(logps, mask, entropy, None, torch.ones(2), kind, no, given=prefix, extras=extras)
+        return prefix_pg(x, use_bias_correction_kl=False, prefix=prefix_options, **options)
 
     out = run(mask)
     (grad,) = torch.autograd.grad(out.loss, logps)

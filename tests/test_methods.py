@@ -5,10 +5,13 @@ import re
 import pytest
 import torch
 
-from sasr.batch import DEMO, OFFPOLICY, PREFIXED, ROLLOUT, Plan, Rows
+from sasr.batch import DEMO, ROLLOUT, Gather, Plan, Rows
 from sasr.errors import SasrError
 from sasr.losses import PartInputs, nll_part, pg_part
-from sasr.methods import METHODS, chord_mu, get_method
+from sasr.methods import METHODS, get_method
+from sasr.methods.chord import chord_mu, phi
+from sasr.methods.luffy import OFFPOLICY, luffy_pg, srft_entropy_weight, srft_pg
+from sasr.methods.prefix_rft import PREFIXED
 
 
 def drive(method, steps, norms):
@@ -105,16 +108,20 @@ PG = {
 }
 
 
+GROUP_KINDS = {"demonstration_in_group": OFFPOLICY, "demonstration_prefixes": PREFIXED}
+
+
 def rows_for(plan: Plan, seed: int, T: int = 3) -> Rows:
-    """Rows laid out as the trainer lays them out for ``plan``, with random correctness (a rank's content)."""
-    g = torch.Generator().manual_seed(seed)
-    kinds, groups = [DEMO] * plan.demos, [-1] * plan.demos
-    for i in range(plan.prompts):
-        kinds += [ROLLOUT] * plan.rollouts + [OFFPOLICY] * plan.offpolicy + [PREFIXED] * plan.prefixed
-        groups += [i] * (plan.rollouts + plan.offpolicy + plan.prefixed)
-    if plan.prompt_demos:
-        kinds += [DEMO] * plan.prompts
-        groups += list(range(plan.prompts))
+    """Rows laid out as the collector lays them out for ``plan``, with random correctness (a rank's content)."""
+    g, gather = torch.Generator().manual_seed(seed), plan.gather
+    kinds, groups = [DEMO] * gather.demos, [-1] * gather.demos
+    added = GROUP_KINDS[gather.extend_groups.name] if gather.extend_groups else ROLLOUT
+    for i in range(gather.prompts):
+        kinds += [ROLLOUT] * gather.rollouts + [added] * gather.group_rows
+        groups += [i] * (gather.rollouts + gather.group_rows)
+    if any(ask.name == "own_demonstrations" for ask in gather.sources):
+        kinds += [DEMO] * gather.prompts
+        groups += list(range(gather.prompts))
     B = len(kinds)
     kind = torch.tensor(kinds)
     correct = (torch.rand(B, generator=g) < 0.4) | (kind == OFFPOLICY)
@@ -157,7 +164,7 @@ def test_contract_same_seed_same_plans_ranks_same_parts_state_roundtrip(name):
             parts1, stats1 = method.parts(plan, rows_for(plan, seed=1000 + step))  # rank 1's data
             assert shape(parts0) == shape(parts1) and stats0.keys() == stats1.keys()
             assert plan.phase in ("sft", "grpo", "mixed")
-            method.observe(plan, 1.0 + step / 10, 2.0 if plan.probe else None)
+            method.observe(plan, 1.0 + step / 10, 2.0 if plan.gather.probe else None)
             out.append((plan.phase, plan.info, shape(parts0), stats0))
         return out
 
@@ -182,11 +189,11 @@ def test_chord_mu_schedule_at_chosen_steps():
     assert chord_mu(20, 0.5, 0.02, 10, 40) == pytest.approx(0.02 + 0.48 * 0.5 * (1 + math.cos(math.pi / 4)))
     chord = get_method("chord", steps=10, mu_decay_steps=4)
     assert [round(chord.plan(s).info["mu"], 6) for s in (1, 3, 5, 9)] == [0.9, 0.475, 0.05, 0.05]
-    phi = get_method("chord", steps=10, variant="phi")
-    plan = phi.plan(7)
-    parts, _ = phi.parts(plan, rows_for(plan, 0))
+    chord_phi = get_method("chord", steps=10, variant="phi")
+    plan = chord_phi.plan(7)
+    parts, _ = chord_phi.parts(plan, rows_for(plan, 0))
     assert plan.info["mu"] == 0.1 and [(p.name, p.weight) for p in parts] == [("sft", 0.1), ("grpo", 0.9)]
-    assert parts[0].options == {"phi": True} and parts[1].options["beta"] == 0.0
+    assert parts[0].options == {"reweight": phi} and parts[1].options["beta"] == 0.0
 
 
 def part_inputs(logps, mask=None, adv=(0.0,), off=(False,), correct=(False,), entropy=None):
@@ -197,7 +204,7 @@ def part_inputs(logps, mask=None, adv=(0.0,), off=(False,), correct=(False,), en
         entropy,
         None,
         torch.tensor(adv),
-        torch.tensor(off),
+        torch.tensor([OFFPOLICY if o else ROLLOUT for o in off]),
         torch.tensor(correct),
     )
 
@@ -205,7 +212,7 @@ def part_inputs(logps, mask=None, adv=(0.0,), off=(False,), correct=(False,), en
 def test_chord_phi_weights_tokens_by_p_times_one_minus_p():
     lp = [[math.log(0.5), math.log(0.9), math.log(0.01)]]
     logps, x = part_inputs(lp)
-    out = nll_part(x, phi=True)
+    out = nll_part(x, reweight=phi)
     w = [0.25, 0.09, 0.0099]  # p (1 - p)
     assert out.loss.item() == pytest.approx(-sum(wi * li for wi, li in zip(w, lp[0])) / 3, rel=1e-5)
     out.loss.backward()
@@ -226,7 +233,7 @@ def test_hpt_routes_unsolved_prompts_to_sft_and_solved_ones_to_rl():
     assert rl.rows.nonzero().squeeze(1).tolist() == [0, 1, 2, 3]  # prompt 0's rollouts
     assert sft.rows.nonzero().squeeze(1).tolist() == [13, 14]  # the demonstrations of prompts 1 and 2
     assert stats == {"sft_fraction": pytest.approx(2 / 3)}
-    assert rl.options == {"beta": 0.0, "loss_type": "dr_grpo"} and plan.scale_rewards == "none"
+    assert rl.options == {"beta": 0.0, "loss_type": "dr_grpo"} and plan.gather.scale_rewards == "none"
 
 
 def test_luffy_offpolicy_term_is_shaped_unclipped_and_its_gradient():
@@ -237,7 +244,7 @@ def test_luffy_offpolicy_term_is_shaped_unclipped_and_its_gradient():
         off=(True, False),
         correct=(True, False),
     )
-    out = pg_part(x, **PG, shaping_gamma=gamma)
+    out = luffy_pg(x, **PG, shaping_gamma=gamma)
     f = p_off / (p_off + gamma)
     # dapo: mean over the 4 tokens of -A f(p) (off-policy) and -A * ratio, ratio = 1 (on-policy)
     assert out.loss.item() == pytest.approx((2 * -a_off * f + 2 * -a_on) / 4, rel=1e-6)
@@ -250,14 +257,14 @@ def test_luffy_offpolicy_term_is_shaped_unclipped_and_its_gradient():
     )
     # no clipping: far from the behaviour probability (1) the off-policy gradient still flows
     logps, x = part_inputs([[math.log(1e-3)]], adv=(1.0,), off=(True,), correct=(True,))
-    pg_part(x, **PG, shaping_gamma=gamma).loss.backward()
+    luffy_pg(x, **PG, shaping_gamma=gamma).loss.backward()
     assert logps.grad.item() == pytest.approx(-gamma * 1e-3 / (1e-3 + gamma) ** 2, rel=1e-4)
 
 
 def test_luffy_without_demonstration_rows_and_empty_parts_give_no_nan():
     logps, x = part_inputs([[-1.0, -2.0]], adv=(0.5,), off=(False,))
     for loss_type in ("grpo", "dr_grpo", "dapo"):
-        out = pg_part(x, **{**PG, "loss_type": loss_type}, shaping_gamma=0.1)
+        out = luffy_pg(x, **{**PG, "loss_type": loss_type}, shaping_gamma=0.1)
         # no off-policy row: no shaped weight to report (not 0)
         assert math.isfinite(out.loss.item()) and "offpolicy_shaped_weight" not in out.stats
     empty = torch.zeros(0, 2, requires_grad=True)
@@ -267,7 +274,7 @@ def test_luffy_without_demonstration_rows_and_empty_parts_give_no_nan():
         None,
         None,
         torch.zeros(0),
-        torch.zeros(0, dtype=torch.bool),
+        torch.zeros(0, dtype=torch.long),
         torch.zeros(0, dtype=torch.bool),
     )
     for loss_type in ("grpo", "dr_grpo", "dapo"):
@@ -276,7 +283,7 @@ def test_luffy_without_demonstration_rows_and_empty_parts_give_no_nan():
         out.loss.backward()
     assert nll_part(x).loss.item() == 0.0
     luffy = get_method("luffy", steps=3, group_size=4, num_demos=0)
-    assert luffy.plan(1).offpolicy == 0 and luffy.plan(1).phase == "grpo"
+    assert luffy.plan(1).gather.group_rows == 0 and luffy.plan(1).phase == "grpo"
 
 
 def test_srft_weights():
@@ -288,20 +295,22 @@ def test_srft_weights():
         correct=(True, False, True),
         entropy=H,
     )
-    sft = nll_part(x, entropy_coef=0.5)
+    sft = nll_part(x, reweight=srft_entropy_weight(0.5))
     w = [0.5 * math.exp(-2.0), 0.5 * math.exp(-0.5), 0.5 * math.exp(-2.0)]
     assert sft.loss.item() == pytest.approx((2 * w[0] * 1.0 + 2 * w[1] * 0.5 + 2 * w[2] * 2.0) / 6, rel=1e-6)
     assert sft.stats["srft_sft_weight"] == pytest.approx(sum(w) / 3, rel=1e-6)
-    rl = pg_part(x, **PG, rollout_coef=0.1)
+    rl = srft_pg(x, **PG, shaping_gamma=0.1, rollout_coef=0.1)
     w_rl = [0.1 * math.exp(2.0), -1.0, 0.1 * math.exp(2.0)]  # correct rows pulled up, wrong ones pushed down
     assert rl.loss.item() == pytest.approx(sum(-wi * 2 * lp for wi, lp in zip(w_rl, (-1.0, -0.5, -2.0))) / 6)
     assert rl.stats["srft_rl_weight"] == pytest.approx(0.1 * math.exp(2.0), rel=1e-6)
     srft = get_method("srft", steps=3, group_size=4)
     plan = srft.plan(1)
     parts, _ = srft.parts(plan, rows_for(plan, 0))
-    assert [
-        (p.name, p.loss, p.options.get("entropy_coef"), p.options.get("rollout_coef")) for p in parts
-    ] == [("sft", "nll", 0.5, None), ("rl", "pg", None, 0.1)]
+    assert [(p.name, p.loss, p.options.get("rollout_coef")) for p in parts] == [
+        ("sft", "nll", None),
+        ("rl", "srft_pg", 0.1),
+    ]
+    assert parts[0].options["reweight"].__qualname__ == "srft_entropy_weight.<locals>.reweight"
     assert parts[0].rows.tolist() == (rows_for(plan, 0).kind == OFFPOLICY).tolist()
 
 
@@ -315,10 +324,10 @@ def test_sft_then_grpo_switch_step_and_sasr_probe():
     plans = []
     for step in range(1, 41):
         plan = s.plan(step)
-        s.observe(plan, 1.0, 4.0 if plan.probe else None)
+        s.observe(plan, 1.0, 4.0 if plan.gather.probe else None)
         plans.append(plan)
-    probes = [p.step for p in plans if p.probe]
-    assert probes and all(p.phase == "grpo" for p in plans if p.probe)
+    probes = [p.step for p in plans if p.gather.probe]
+    assert probes and all(p.phase == "grpo" for p in plans if p.gather.probe)
     after = next(p for p in plans if p.step > probes[0])
     assert after.info["g_last"] == 4.0  # the probe's norm, though no SFT step ran
 
@@ -335,9 +344,7 @@ def test_the_pg_part_on_rollouts_is_grpo_loss(loss_type):
     adv = torch.randn(6)
     settings = {**PG, "beta": 0.04, "loss_type": loss_type, "max_completion_length": 5}
     a = base.clone().requires_grad_()
-    x = PartInputs(
-        a, mask, None, ref, adv, torch.zeros(6, dtype=torch.bool), torch.zeros(6, dtype=torch.bool)
-    )
+    x = PartInputs(a, mask, None, ref, adv, torch.full((6,), ROLLOUT), torch.zeros(6, dtype=torch.bool))
     ours = pg_part(x, **settings)
     ours.loss.backward()
     b = base.clone().requires_grad_()
@@ -355,7 +362,7 @@ def test_offpolicy_rows_with_a_kl_term_stay_finite():
     )
     x.ref_logps = x.logps.detach().clone()
     x.ref_logps[1] -= 0.3  # the rollout's reference differs
-    out = pg_part(x, **{**PG, "beta": 0.1}, shaping_gamma=0.1)
+    out = luffy_pg(x, **{**PG, "beta": 0.1}, shaping_gamma=0.1)
     out.loss.backward()
     assert math.isfinite(out.loss.item()) and torch.isfinite(logps.grad).all()
 
@@ -374,7 +381,7 @@ def test_relift_buffers_failed_prompts_and_trains_sft_on_them_when_full():
         sft_max_grad_norm=0.5,
     )
     plan = relift.plan(1)
-    assert (plan.phase, plan.scale_rewards, plan.info["relift_buffer"]) == ("grpo", "none", 0.0)
+    assert (plan.phase, plan.gather.scale_rewards, plan.info["relift_buffer"]) == ("grpo", "none", 0.0)
     parts, stats = relift.parts(plan, rows_for(plan, seed=1))
     assert [(p.name, p.loss, p.options) for p in parts] == [
         ("grpo", "pg", {"beta": 0.0, "epsilon_high": 0.28, "loss_type": "dapo"})
@@ -387,9 +394,10 @@ def test_relift_buffers_failed_prompts_and_trains_sft_on_them_when_full():
     relift.outcomes(second, [(1, 4), (2, 0)])
     relift.observe(second, 1.0)
     sft = relift.plan(3)
-    assert (sft.phase, sft.demo_pool, sft.lr, sft.max_grad_norm) == ("sft", (5, 9, 2), 1e-6, 0.5)
-    assert sft.info == {"relift_buffer": 3.0} and sft.prompts == 0
-    parts, _ = relift.parts(sft, rows_for(Plan(3, "sft", demos=3), seed=3))
+    (source,), (apply,) = sft.gather.sources, sft.updates
+    assert (sft.phase, source.args["pool"], apply.lr, apply.max_grad_norm) == ("sft", (5, 9, 2), 1e-6, 0.5)
+    assert sft.info == {"relift_buffer": 3.0} and sft.gather.prompts == 0
+    parts, _ = relift.parts(sft, rows_for(Plan(3, "sft", Gather(demos=3)), seed=3))
     assert [(p.name, p.loss, p.rows.tolist()) for p in parts] == [("sft", "nll", [True] * 3)]
     relift.observe(sft, 1.0)
     fourth = relift.plan(4)
@@ -418,21 +426,24 @@ def test_sft_then_grpo_gives_each_stage_its_own_optimiser_settings():
     )
     plans = [two.plan(s) for s in range(1, 15)]
     assert [p.phase for p in plans] == ["sft"] * 10 + ["grpo"] * 4
-    lrs = [p.lr for p in plans]
+    lrs = [p.updates[0].lr for p in plans]
     assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3)  # warm-up over ceil(0.2 x 10) = 2
     halfway = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))  # step 6: 4 of the 8 cosine steps
     assert lrs[5] == pytest.approx(halfway) and lrs[9] == pytest.approx(1e-4)  # the floor at the switch
     assert all(a > b for a, b in zip(lrs[1:9], lrs[2:10]))
     assert lrs[10:] == [1e-5] * 4
-    assert {(p.weight_decay, p.max_grad_norm) for p in plans[:10]} == {(0.01, 2.0)}
-    assert {(p.weight_decay, p.max_grad_norm) for p in plans[10:]} == {(None, 0.5)}
-    assert not any(p.fresh_optimizer for p in plans)
+    applied = [p.updates[0] for p in plans]
+    assert {(a.weight_decay, a.max_grad_norm) for a in applied[:10]} == {(0.01, 2.0)}
+    assert {(a.weight_decay, a.max_grad_norm) for a in applied[10:]} == {(None, 0.5)}
+    assert not any(a.fresh_optimizer for a in applied)
     fresh = get_method("sft-then-grpo", steps=6, switch_step=3, rl_fresh_optimizer=True)
-    assert [fresh.plan(s).fresh_optimizer for s in range(1, 7)] == [False] * 3 + [True] + [False] * 2
+    assert [fresh.plan(s).updates[0].fresh_optimizer for s in range(1, 7)] == [False] * 3 + [True] + [
+        False
+    ] * 2
     plain = get_method("sft-then-grpo", steps=4, switch_step=2)  # no stage settings: the run's own
-    assert {(p.lr, p.weight_decay, p.max_grad_norm) for p in map(plain.plan, range(1, 5))} == {
-        (None, None, None)
-    }
+    assert {
+        (a.lr, a.weight_decay, a.max_grad_norm) for p in map(plain.plan, range(1, 5)) for a in p.updates
+    } == {(None, None, None)}
 
 
 def test_prefix_rft_plans_a_prefix_on_a_cosine_in_every_group():
@@ -441,7 +452,8 @@ def test_prefix_rft_plans_a_prefix_on_a_cosine_in_every_group():
     m = get_method("prefix-rft", steps=20, group_size=8, prefix_steps=11)
     assert [round(m.fraction(t), 4) for t in (1, 6, 11, 15)] == [0.95, 0.5, 0.05, 0.05]
     plan = m.plan(6)
-    assert (plan.rollouts, plan.prefixed, plan.prefix_fraction, plan.phase) == (
+    g = plan.gather
+    assert (g.rollouts, g.group_rows, g.extend_groups.args["fraction"], plan.phase) == (
         7,
         1,
         plan.info["prefix_fraction"],

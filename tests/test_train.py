@@ -10,7 +10,7 @@ from helpers import read_metrics, weights
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sasr import metrics
-from sasr.config import METHODS
+from sasr.methods import METHODS
 from sasr.run_dir import read_lines
 
 REQUIRED = {"step", "phase", "loss", "grad_norm", "lr", "step_seconds"}

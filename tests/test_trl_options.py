@@ -409,7 +409,7 @@ def test_gradient_accumulation_equals_one_batch_of_the_same_size(tmp_path, rewar
 
 
 def test_rollouts_of_a_step_can_be_generated_in_chunks(tmp_path, monkeypatch):
-    import sasr.collect
+    import sasr.collect.sampling
 
     calls = []
 
@@ -419,7 +419,7 @@ def test_rollouts_of_a_step_can_be_generated_in_chunks(tmp_path, monkeypatch):
 
     from sasr.rollout import generate
 
-    monkeypatch.setattr(sasr.collect, "generate", counted)
+    monkeypatch.setattr(sasr.collect.sampling, "generate", counted)
     _, rows = _train(
         tmp_path,
         "chunks",

@@ -1,30 +1,69 @@
-"""The rows a step trains on, and the weighted parts a method makes of them.
+"""The typed hand-offs of a step: the plan a method makes (what the collector gathers, what the learner
+applies, what the record shows), the rows the collector builds, and the weighted parts a method makes of them;
+with the registries of row kinds and of the row makers a method may ask the collector for.
 
 Every step is one batch of rows laid out alike: a left-padded prompt and a right-padded completion. A row is
-of one kind:
+of one registered kind (``ROW_KINDS``): here ``DEMO``, a demonstration trained on by itself as in SFT, and
+``ROLLOUT``, a completion the policy sampled for a prompt, one of its prompt's group; a method module may
+register more (a demonstration placed inside a group; a row that continues given tokens).
 
-- ``DEMO``: a demonstration (the task's chain of thought and answer) trained on by itself, as in SFT;
-- ``ROLLOUT``: a completion the policy sampled for a prompt (on-policy), one of its prompt's group;
-- ``OFFPOLICY``: a demonstration placed inside a prompt's group beside its rollouts (LUFFY, SRFT); it is
-  scored and gets an advantage like the rollouts, but the policy did not sample it;
-- ``PREFIXED``: a row of a prompt's group whose completion starts with a prefix of the prompt's
-  demonstration (``prefix_mask``) and goes on with what the policy sampled after it (Prefix-RFT).
-
-A method turns the rows of a step into ``Part`` s: a loss from the registry in ``sasr.losses`` over a subset
-of the rows, with a weight. The loop sums the weighted part losses of one policy pass.
+A method turns the rows of a step into ``Part`` s: a registered loss (``sasr.losses.PART_LOSSES``) over a
+subset of the rows, with a weight. The learner sums the weighted part losses of one policy pass per update.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-DEMO, ROLLOUT, OFFPOLICY, PREFIXED = 0, 1, 2, 3
-KIND_NAMES = {DEMO: "demonstration", ROLLOUT: "rollout", OFFPOLICY: "offpolicy", PREFIXED: "prefixed"}
-GROUP_KINDS = (ROLLOUT, OFFPOLICY, PREFIXED)  # the rows of a prompt's group
+from sasr.registry import Registry
+
+# --- row kinds ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowKind:
+    """A kind of row: its code in ``Rows.kind``, whether it belongs to a prompt's group (scored, with an
+    advantage) and whether the policy sampled (some of) its completion."""
+
+    name: str
+    code: int
+    grouped: bool
+    sampled: bool
+
+
+ROW_KINDS: Registry[RowKind] = Registry("row kind")
+
+
+def register_kind(name: str, grouped: bool, sampled: bool) -> int:
+    """Register a row kind (once per name) and return its code."""
+    held = ROW_KINDS.get(name)
+    if held is not None:
+        return held.code
+    return ROW_KINDS.add(name, RowKind(name, len(ROW_KINDS), grouped, sampled)).code
+
+
+def kind_name(code: int) -> str:
+    return next(k.name for k in ROW_KINDS.values() if k.code == code)
+
+
+def kinds(grouped: bool | None = None, sampled: bool | None = None) -> tuple[int, ...]:
+    """The codes of the kinds that are grouped / sampled as asked (None: either)."""
+    return tuple(
+        k.code
+        for k in ROW_KINDS.values()
+        if (grouped is None or k.grouped == grouped) and (sampled is None or k.sampled == sampled)
+    )
+
+
+DEMO = register_kind("demonstration", grouped=False, sampled=False)
+ROLLOUT = register_kind("rollout", grouped=True, sampled=True)
+
+# --- rows ---------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -49,39 +88,46 @@ class Sequences:
 class Rows(Sequences):
     """B rows of one step. Rows of a prompt's group are consecutive (rollouts first, then its other rows)."""
 
-    kind: torch.Tensor  # [B] long: DEMO, ROLLOUT, OFFPOLICY or PREFIXED
-    group: (
-        torch.Tensor
-    )  # [B] long: index of the row's RL prompt in the step; -1 for demonstrations of no prompt
-    rewards: torch.Tensor  # [B] float32, 0 for DEMO rows
-    advantages: torch.Tensor  # [B] float32, 0 for DEMO rows
+    kind: torch.Tensor  # [B] long: a ROW_KINDS code
+    group: torch.Tensor  # [B] long: index of the row's RL prompt in the step; -1 for rows of no prompt
+    rewards: torch.Tensor  # [B] float32, 0 for rows outside the groups
+    advantages: torch.Tensor  # [B] float32, 0 for rows outside the groups
     correct: torch.Tensor  # [B] bool
     formatted: torch.Tensor  # [B] bool
     sampler_logprobs: torch.Tensor | None = (
         None  # [B, T] the sampler's log-probs (sampled tokens; 0 elsewhere)
     )
     truncated: torch.Tensor | None = None  # [B] bool: a rollout cut at max_completion_length (None: none)
-    prefix_mask: torch.Tensor | None = None  # [B, T] bool: a PREFIXED row's demonstration tokens (None: none)
-    prefix_advantages: torch.Tensor | None = None  # [B] float32: the advantage of those tokens (0 elsewhere)
+    given: torch.Tensor | None = None  # [B, T] bool: tokens of a sampled row it was given, not sampled
+    # per-row numbers a method adds ([B] or [B, T]; 0 where a row has none), by name
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
     texts: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.kind.numel()
 
-    def of_kind(self, *kinds: int) -> torch.Tensor:
+    def of_kind(self, *codes: int) -> torch.Tensor:
         """[B] bool: the rows of these kinds."""
-        return torch.isin(self.kind, torch.tensor(kinds, device=self.kind.device))
+        return torch.isin(self.kind, torch.tensor(codes, device=self.kind.device))
 
-    def prefix(self) -> torch.Tensor:
-        """[B, T] bool: the demonstration-prefix tokens of PREFIXED rows (all False without any)."""
-        if self.prefix_mask is not None:
-            return self.prefix_mask
+    def sampled_rows(self) -> torch.Tensor:
+        """[B] bool: the rows whose completion the policy sampled, all or part of."""
+        return self.of_kind(*kinds(sampled=True))
+
+    def grouped(self) -> torch.Tensor:
+        """[B] bool: the rows of the prompts' groups."""
+        return self.of_kind(*kinds(grouped=True))
+
+    def given_tokens(self) -> torch.Tensor:
+        """[B, T] bool: the tokens of sampled rows that were given, not sampled (all False without any)."""
+        if self.given is not None:
+            return self.given
         return torch.zeros_like(self.completion_mask, dtype=torch.bool)
 
     def sampled(self) -> torch.Tensor:
-        """[B, T]: the completion tokens the policy sampled (a rollout's, a prefixed row's after its prefix)."""
-        on = self.of_kind(ROLLOUT, PREFIXED)[:, None].to(self.completion_mask.dtype)
-        return self.completion_mask * on * (~self.prefix()).to(self.completion_mask.dtype)
+        """[B, T]: the completion tokens the policy sampled."""
+        on = self.sampled_rows()[:, None].to(self.completion_mask.dtype)
+        return self.completion_mask * on * (~self.given_tokens()).to(self.completion_mask.dtype)
 
     def cut(self) -> torch.Tensor:
         """[B] bool: the rows cut at the length limit."""
@@ -101,6 +147,8 @@ class Rows(Sequences):
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
                 picked[f.name] = value[rows]
+            elif f.name == "extras":
+                picked[f.name] = {k: v[rows] for k, v in value.items()}
             elif f.name == "texts":
                 picked[f.name] = [value[i] for i in rows.tolist()] if value else []
             else:
@@ -113,21 +161,34 @@ def _pad_to(x: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor
     return F.pad(x, (extra, 0) if left else (0, extra), value=value) if extra else x
 
 
+def _cat_extra(pieces: list[Rows], name: str, T: int) -> torch.Tensor:
+    """One method's per-row numbers over the pieces: 0 where a piece has none; [B, T] ones padded on the
+    right to T."""
+    token_level = next(p.extras[name] for p in pieces if name in p.extras).dim() == 2
+    out = []
+    for p in pieces:
+        if name in p.extras:
+            x = p.extras[name]
+        else:
+            x = (
+                torch.zeros_like(p.completion_mask, dtype=torch.float32)
+                if token_level
+                else torch.zeros_like(p.rewards)
+            )
+        out.append(_pad_to(x, T, 0, left=False) if token_level else x)
+    return torch.cat(out)
+
+
 def cat_rows(pieces: list[Rows], pad_token_id: int) -> Rows:
     """One batch of several pieces: prompts padded on the left and completions on the right to the widest."""
     if len(pieces) == 1:
         return pieces[0]
     P = max(p.prompt_ids.size(1) for p in pieces)
     T = max(p.completion_ids.size(1) for p in pieces)
-    sampler, prefix, prefix_adv = None, None, None
-    if any(p.prefix_mask is not None for p in pieces):
-        prefix = torch.cat([_pad_to(p.prefix().long(), T, 0, left=False) for p in pieces]).bool()
-        prefix_adv = torch.cat(
-            [
-                p.prefix_advantages if p.prefix_advantages is not None else torch.zeros_like(p.rewards)
-                for p in pieces
-            ]
-        )
+    given = None
+    if any(p.given is not None for p in pieces):
+        given = torch.cat([_pad_to(p.given_tokens().long(), T, 0, left=False) for p in pieces]).bool()
+    sampler = None
     if any(p.sampler_logprobs is not None for p in pieces):
         sampler = torch.cat(
             [
@@ -142,6 +203,9 @@ def cat_rows(pieces: list[Rows], pad_token_id: int) -> Rows:
                 for p in pieces
             ]
         )
+    extras = {
+        name: _cat_extra(pieces, name, T) for name in dict.fromkeys(k for p in pieces for k in p.extras)
+    }
     return Rows(
         prompt_ids=torch.cat([_pad_to(p.prompt_ids, P, pad_token_id, left=True) for p in pieces]),
         prompt_mask=torch.cat([_pad_to(p.prompt_mask, P, 0, left=True) for p in pieces]),
@@ -157,64 +221,107 @@ def cat_rows(pieces: list[Rows], pad_token_id: int) -> Rows:
         truncated=torch.cat([p.cut() for p in pieces])
         if any(p.truncated is not None for p in pieces)
         else None,
+        given=given,
+        extras=extras,
         texts=[t for p in pieces for t in p.texts],
-        prefix_mask=prefix,
-        prefix_advantages=prefix_adv,
     )
+
+
+# --- what a method makes of a step's rows -----------------------------------------------------------------
 
 
 @dataclass
 class Part:
-    """One term of a step's loss: ``weight`` x the registered loss ``loss`` over the rows in ``rows``.
+    """One term of a step's loss: ``weight`` x the registered loss ``loss`` over the rows in ``rows``, taken
+    in the step's update number ``update`` (``Plan.updates``).
 
-    ``options`` are the loss function's own keyword arguments (e.g. ``phi=True``, ``shaping_gamma=0.1``); for
-    the policy-gradient loss they override the run's ``grpo`` settings (e.g. ``beta=0``).
+    ``options`` are the loss function's own keyword arguments; they override the run's settings the loss
+    reads (``sasr.losses.PartLoss.settings``: e.g. ``beta=0`` for a policy-gradient part).
     """
 
     name: str  # how metrics name it: loss/<name>, weight/<name>
-    loss: str  # a key of sasr.losses.PART_LOSSES
+    loss: str  # a name in sasr.losses.PART_LOSSES
     rows: torch.Tensor  # [B] bool
     weight: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)
+    update: int = 0
+
+
+# --- the plan: what the collector gathers, what the learner applies, what the record shows -----------------
 
 
 @dataclass(frozen=True)
-class Hints:
-    """UFT's hints: each RL prompt is extended with the first k of ``chunks`` equal parts of its demonstration's
-    tokens, k ~ Binomial(chunks, p) (``uniform``: k uniform on 0..chunks, R3's); ``train``: one DEMO row per
-    hinted prompt carries the hint's tokens, for their NLL."""
+class Ask:
+    """A registered row maker (``ROW_SOURCES``, ``GROUP_ROWS`` or ``PROMPT_EXTENSIONS``) and its arguments."""
 
-    p: float
-    chunks: int = 5
-    uniform: bool = False
-    train: bool = True
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Gather:
+    """What the collector builds for a step, per process."""
+
+    demos: int = 0  # DEMO rows from the demonstration source
+    prompts: int = 0  # RL prompts
+    rollouts: int = 0  # ROLLOUT rows sampled per prompt
+    group_rows: int = 0  # rows per prompt that ``extend_groups`` adds to its group (rollouts where it cannot)
+    extend_groups: Ask | None = None  # a GROUP_ROWS maker
+    extend_prompts: Ask | None = None  # a PROMPT_EXTENSIONS maker: tokens each prompt goes on with
+    sources: tuple[Ask, ...] = ()  # ROW_SOURCES makers: rows before or after the groups, in this order
+    advantage: str = "group"  # the advantage estimator (sasr.losses.ADVANTAGES)
+    scale_rewards: str | None = None  # in place of grpo.scale_rewards
+    probe: bool = False  # after the update: demonstrations for an SFT gradient norm with no update
+
+
+@dataclass(frozen=True)
+class Apply:
+    """What the learner applies in one update of a step (None: the run's own setting)."""
+
+    optimizer: str = "main"  # the optimizer state to step: the run's, or another the method names
+    lr: float | None = None  # in place of the schedule's rate
+    max_grad_norm: float | None = None  # in place of optim.max_grad_norm
+    weight_decay: float | None = None  # in place of optim.weight_decay
+    fresh_optimizer: bool = False  # clear the optimizer's state first (AdamW's moments and step count)
 
 
 @dataclass
 class Plan:
-    """What a step needs, decided before anything is sampled; the same on every rank.
+    """A step decided before anything is sampled; the same on every rank.
 
     ``phase`` labels the step in the logs and plots: 'sft' (demonstrations only), 'grpo' (rollouts only) or
-    'mixed' (both in one step).
+    'mixed' (both in one step). ``info``: what the plan was computed from (p_t, mu, ...), for the record.
     """
 
     step: int  # 1-based optimizer step
     phase: str
-    demos: int = 0  # DEMO rows per process, from the demonstration source
-    prompts: int = 0  # RL prompts per process
-    rollouts: int = 0  # ROLLOUT rows per prompt (sampled)
-    offpolicy: int = 0  # OFFPOLICY rows per prompt: its demonstration, inside its group
-    prefixed: int = 0  # PREFIXED rows per prompt: the start of its demonstration, continued by the policy
-    prefix_fraction: float = 0.0  # the share of its demonstration's tokens that start is
-    prompt_demos: bool = False  # also one DEMO row per RL prompt: its own demonstration (HPT)
-    scale_rewards: str | None = None  # overrides grpo.scale_rewards for this step's advantages
-    probe: bool = False  # after the update, measure the SFT gradient norm on demonstrations (no update)
-    # DEMO rows of these RL examples (indices into the task's training examples), shared out over the
-    # processes, in place of ``demos`` drawn from the demonstration source (ReLIFT's buffer)
-    demo_pool: tuple[int, ...] = ()
-    lr: float | None = None  # this step's learning rate, in place of the schedule's
-    max_grad_norm: float | None = None  # this step's gradient clip, in place of optim.max_grad_norm
-    weight_decay: float | None = None  # this step's weight decay, in place of optim.weight_decay
-    fresh_optimizer: bool = False  # the optimizer's state (AdamW's moments and step count) is cleared first
-    hints: Hints | None = None  # UFT: the RL prompts carry a piece of their demonstration
-    info: dict[str, float] = field(default_factory=dict)  # what the plan was computed from (p_t, mu, ...)
+    gather: Gather = field(default_factory=Gather)
+    updates: tuple[Apply, ...] = (Apply(),)
+    info: dict[str, float] = field(default_factory=dict)
+
+
+# --- the makers a method may ask the collector for ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowSource:
+    """Rows outside the groups: ``make(collector, step, examples, **args) -> (rows or None, statistics)``,
+    ``examples`` the step's groups' RL examples in group order (``[]`` before the groups)."""
+
+    when: Literal["before", "after"]
+    make: Callable[..., tuple[Rows | None, dict[str, float]]]
+
+
+# Rows a group adds beside its rollouts: make(collector, model, examples, prompts, rollouts, k, **args) ->
+# (rows or None, the prompts (indices into examples) that got k of them; the others get k more rollouts).
+GroupRows = Callable[..., "tuple[Rows | None, list[int]]"]
+# Tokens a prompt goes on with before its rollouts are sampled: make(collector, step, example, **args) -> ids.
+PromptExtension = Callable[..., list[int]]
+
+# Columns a method adds to a group row's line of completions.jsonl: columns(rows, i) -> {name: value}.
+SampleColumns = Callable[[Rows, int], dict[str, Any]]
+
+ROW_SOURCES: Registry[RowSource] = Registry("row source")
+GROUP_ROWS: Registry[GroupRows] = Registry("group rows maker")
+PROMPT_EXTENSIONS: Registry[PromptExtension] = Registry("prompt extension")
+SAMPLE_COLUMNS: Registry[SampleColumns] = Registry("sample columns")

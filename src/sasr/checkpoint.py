@@ -6,7 +6,9 @@ into a model (``load_weights``).
 
 A checkpoint ``DIR/checkpoints/step-000012/`` holds
 - ``model/``: ``save_pretrained`` of the trainable part (the LoRA adapter, or the whole model);
-- ``optimizer.pt``, ``scheduler.pt``;
+- ``optimizer.pt``, ``scheduler.pt``; ``optimizer-NAME.pt`` for each further optimizer a method's updates
+  name (``Apply.optimizer``), and ``method.safetensors`` for the method's tensors (``Method.tensors``), when
+  it has some;
 - ``reference.safetensors``: the reference snapshot, when the reference is one;
 - ``trainer_state.json``: the step and the trainer's bookkeeping: the method's state (for SASR: G_warmup,
   g_last, its generator, counts), the evaluation before training, the wall seconds so far and the stretches
@@ -109,10 +111,12 @@ def save(run_dir: Path, step: int, model, state: dict[str, Any], accelerator, ke
             if "sharded" not in state:
                 model.save_pretrained(tmp / "model")
                 torch.save(state["optimizer"], tmp / "optimizer.pt")
+                for name, optimizer in state.get("optimizers", {}).items():
+                    torch.save(optimizer, tmp / f"optimizer-{name}.pt")
+                if state.get("method_tensors"):
+                    save_file(_contiguous(state["method_tensors"]), tmp / "method.safetensors")
             if state.get("reference") is not None:
-                save_file(
-                    {k: v.contiguous() for k, v in state["reference"].items()}, tmp / "reference.safetensors"
-                )
+                save_file(_contiguous(state["reference"]), tmp / "reference.safetensors")
         except WRITE_ERRORS as exc:
             error = exc
     error = _agree(acc, error)
@@ -155,6 +159,10 @@ def save(run_dir: Path, step: int, model, state: dict[str, Any], accelerator, ke
     return final
 
 
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
 def _agree(acc, error: Exception | None) -> Exception | None:
     """Every rank learns whether any rank failed, so none waits forever on a barrier."""
     if any_rank(acc, error is not None) and error is None:
@@ -191,6 +199,12 @@ def load(
         reference = path / "reference.safetensors"
         state["optimizer"] = torch.load(path / "optimizer.pt", map_location=device, weights_only=False)
         state["reference"] = load_file(reference, device=device) if reference.exists() else None
+        state["optimizers"] = {
+            p.stem.removeprefix("optimizer-"): torch.load(p, map_location=device, weights_only=False)
+            for p in sorted(path.glob("optimizer-*.pt"))
+        }
+        tensors = path / "method.safetensors"
+        state["method_tensors"] = load_file(tensors, device=device) if tensors.exists() else {}
     _set_rng_state(torch.load(path / f"rng_state_{acc.process_index}.pt", weights_only=False))
     return int(trainer_state["step"]), weights, state
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sasr.errors import SasrError, nearest
 from sasr.losses import ADVANTAGE_CENTRES, LOSS_AGGREGATIONS, REWARD_SCALES, SFT_LOSSES, names
-from sasr.methods import METHODS
+from sasr.methods import METHODS, Method, is_spec, load_method, method_class
 
 
 class Section(BaseModel):
@@ -258,10 +258,12 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.method not in METHODS:
+        if not is_spec(self.method) and self.method not in METHODS:
             raise ValueError(
-                f"unknown method '{self.method}'{nearest(self.method, METHODS)}; valid: {', '.join(METHODS)}"
+                f"unknown method '{self.method}'{nearest(self.method, METHODS)}; valid: {', '.join(METHODS)} "
+                "(or path/to/file.py:Class)"
             )
+        method = method_class(self.method)  # a user's method: its file loaded, its class registered
         for key, options in (self.model_extra or {}).items():
             if key not in METHODS:
                 raise ValueError(
@@ -270,10 +272,9 @@ class TrainConfig(Section):
             if not isinstance(options, dict):
                 raise ValueError(f"config key '{key}' must hold a mapping of the method's options")
             self.model_extra[key] = METHODS[key].check_options(options).model_dump()
-        if METHODS[self.method].Options.model_fields and self.method not in self.model_extra:
-            self.model_extra[self.method] = self.method_options()  # the resolved config shows them
-        METHODS[self.method](**self.method_kwargs())  # its own checks of budget and options, before any run
-        method = METHODS[self.method]
+        if method.Options.model_fields and method.name not in self.model_extra:
+            self.model_extra[method.name] = self.method_options()  # the resolved config shows them
+        method(**self.method_kwargs())  # its own checks of budget and options, before any run
         if self.grpo.num_iterations > 1 and not method.repeatable_updates:
             raise ValueError(
                 f"grpo.num_iterations > 1 repeats each update on the same rollouts, which only a clipped ratio "
@@ -283,6 +284,12 @@ class TrainConfig(Section):
             raise ValueError(
                 f"grpo.dynamic_sampling drops groups whose rewards are all equal, which method '{self.method}' "
                 "routes by (an unsolved group goes to SFT): turn dynamic_sampling off"
+            )
+        if self.demos.task is not None and method.pairs_demos:
+            paired = ", ".join(n for n, m in METHODS.items() if m.pairs_demos)
+            raise ValueError(
+                f"method '{self.method}' trains each RL prompt's own demonstration, so it cannot take "
+                f"demonstrations from demos.task; drop demos.task (methods that pair them: {paired})"
             )
         if self.push_to_hub and not self.save_final:
             raise ValueError("push_to_hub uploads final/, so it needs save_final: true")
@@ -324,10 +331,15 @@ class TrainConfig(Section):
             **self.method_options(),
         }
 
+    def method_class(self) -> type[Method]:
+        """The run's method (a user's loaded from its file)."""
+        return method_class(self.method)
+
     def method_options(self, name: str | None = None) -> dict[str, Any]:
-        """The options of a method (default: the run's), defaults filled in."""
-        name = name or self.method
-        return METHODS[name].check_options((self.model_extra or {}).get(name, {})).model_dump()
+        """The options of a method (default: the run's; a name, or a user's file.py:Class), defaults filled
+        in."""
+        cls = method_class(name or self.method)
+        return cls.check_options((self.model_extra or {}).get(cls.name, {})).model_dump()
 
 
 # --- building a config from layers ---------------------------------------------------------------------
@@ -344,10 +356,15 @@ def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-VALID_KEYS = _all_keys(TrainConfig) + [
-    f"{m}.{o}" for m, cls in METHODS.items() for o in cls.Options.model_fields
-]
-SECTIONS = {key.split(".")[0] for key in VALID_KEYS if "." in key}
+def valid_keys() -> list[str]:
+    """Every option's dotted key, the registered methods' (a user's once loaded) too."""
+    return _all_keys(TrainConfig) + [
+        f"{m}.{o}" for m, cls in METHODS.items() for o in cls.Options.model_fields
+    ]
+
+
+def sections() -> set[str]:
+    return {key.split(".")[0] for key in valid_keys() if "." in key}
 
 
 def option_rows() -> list[tuple[str, Any, str]]:
@@ -377,9 +394,9 @@ def options_table() -> str:
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     """tree['a']['b'] = value for key 'a.b', checking the key exists (task.* may carry task options)."""
-    parts = key.split(".")
-    if key not in VALID_KEYS and not (parts[0] in ("task", "demos") and len(parts) == 2):
-        raise SasrError(f"unknown config key '{key}'{nearest(key, VALID_KEYS)}")
+    parts, valid = key.split("."), valid_keys()
+    if key not in valid and not (parts[0] in ("task", "demos") and len(parts) == 2):
+        raise SasrError(f"unknown config key '{key}'{nearest(key, valid)}")
     node = tree
     for part in parts[:-1]:
         node = node.setdefault(part, {})
@@ -403,11 +420,12 @@ def parse_set(item: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+def _flatten(tree: dict[str, Any], prefix: str = "", known: set[str] | None = None) -> list[tuple[str, Any]]:
+    known = sections() if known is None else known
     out = []
     for k, v in tree.items():
-        if isinstance(v, dict) and prefix + k in SECTIONS:
-            out += _flatten(v, f"{prefix}{k}.")
+        if isinstance(v, dict) and prefix + k in known:
+            out += _flatten(v, f"{prefix}{k}.", known)
         else:
             out.append((prefix + k, v))
     return out
@@ -440,8 +458,11 @@ def build_config(
     """Defaults < YAML file < overrides (dotted keys, from CLI flags) < --set items."""
     tree: dict[str, Any] = {}
     layers: list[tuple[str, Any]] = []
-    if file is not None:
-        layers += _flatten(load_yaml(file))
+    data = load_yaml(file) if file is not None else {}
+    for spec in (data.get("method"), (overrides or {}).get("method"), *(parse_set(s)[1] for s in sets or [])):
+        if isinstance(spec, str) and is_spec(spec):  # a user's method: its options are keys from here on
+            load_method(spec)
+    layers += _flatten(data)
     layers += [(k, v) for k, v in (overrides or {}).items() if v is not None]
     layers += [parse_set(s) for s in sets or []]
     for key, value in layers:
@@ -458,7 +479,7 @@ def validate(tree: dict[str, Any]) -> TrainConfig:
         key = ".".join(str(p) for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            raise SasrError(f"unknown config key '{key}'{nearest(key, VALID_KEYS)}") from None
+            raise SasrError(f"unknown config key '{key}'{nearest(key, valid_keys())}") from None
         if not key:
             raise SasrError(msg) from None
         raise SasrError(f"config key '{key}': {msg} (got {err.get('input')!r})") from None

@@ -44,11 +44,12 @@ def load_module(module_name: str, what: str, once: bool = False) -> ModuleType:
         key = (path.resolve(), file_hash(path))
         if once and key in _FILES:
             return _FILES[key]
-        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+        # executed once: under a name of its own in sys.modules, where dataclasses look its classes up
+        name = f"sasr_user_{path.stem}_{key[1][:12]}" if once else path.stem
+        mod_spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(mod_spec)
-        if once:  # dataclasses and pickling look a class's module up by name
-            sys.modules.setdefault(f"sasr_user.{path.stem}", module)
-            module.__name__ = f"sasr_user.{path.stem}"
+        if once:
+            sys.modules[name] = module
         mod_spec.loader.exec_module(module)
     except ImportError as exc:
         raise SasrError(f"cannot import {what} module '{module_name}' ({exc})") from None

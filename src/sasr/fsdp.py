@@ -224,3 +224,22 @@ def held_bytes(model: torch.nn.Module, optimizer) -> int:
     for state in optimizer.state.values():
         tensors.update({id(v): local(v) for v in state.values() if isinstance(v, torch.Tensor)})
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def optimizer_state(model: torch.nn.Module, optimizer, sharded: bool) -> dict:
+    """An optimizer's state as a checkpoint holds it: its ``state_dict()``, or under FSDP its shards named by
+    parameter (torch's state-dict API)."""
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer)
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict, sharded: bool) -> None:
+    if not sharded:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state)

@@ -1,12 +1,14 @@
-"""A step's update from its rows and the method's parts: the rows in micro-batches, each part's whole-step
-divisors, one reference pass and one policy pass per micro-batch, the weighted part losses, backward
-(gradients reduced across processes once, at the last micro-batch), clip, finite check, optimizer step; on a
-step with rollouts ``grpo.num_iterations`` such updates. Rows and parts in, an ``Update`` out.
+"""A step's updates from its rows and the method's parts. For each update the plan lists (``Plan.updates``):
+the rows in micro-batches, each part's whole-step divisors, per micro-batch the passes its parts need (the
+reference's, the anchor's, then the policy's) and the pure loss of ``sasr.objective``, backward (gradients
+reduced across processes once, at the last micro-batch), clip, finite check, a step of that update's optimizer;
+on a step with rollouts ``grpo.num_iterations`` such updates. Rows and parts in, an ``Update`` out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -17,30 +19,22 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from sasr import fsdp, metrics
-from sasr.batch import OFFPOLICY, PREFIXED, ROLLOUT, Part, Plan, Rows
+from sasr.batch import Apply, Gather, Part, Plan, Rows
 from sasr.config import TrainConfig
 from sasr.logprobs import anchored_logprobs
-from sasr.losses import ANCHORED_SFT_LOSSES, PART_LOSSES, Norm, PartInputs, masked_mean
+from sasr.losses import PART_LOSSES, Norm
+from sasr.objective import PassOutputs, loss_mask, micro_loss, options
+from sasr.passes import ANCHOR, PASSES
 from sasr.process import any_rank
 from sasr.reference import ReferencePolicy
+from sasr.trees import dotted
 
 log = logging.getLogger(__name__)
-
-# The grpo settings the policy-gradient part takes (a part's options may override them).
-PG_SETTINGS = {
-    "beta",
-    "epsilon",
-    "epsilon_high",
-    "loss_type",
-    "max_completion_length",
-    "use_bias_correction_kl",
-    "importance_sampling_level",
-}
 
 
 @dataclass(frozen=True)
 class Passes:
-    """What a step's training passes do, decided once from its plan."""
+    """What a step's training passes do, decided once from what it gathered."""
 
     temperature: float  # the policy and the reference read the rollouts at the sampler's temperature
     rollouts: bool  # the step has RL prompts: entropy, KL and the sampler gap are measured on them
@@ -48,13 +42,13 @@ class Passes:
     iterations: int  # updates on these rows; above 1, ratios against the first one's log-probs (pi_old)
 
 
-def passes(plan: Plan, config: TrainConfig) -> Passes:
-    """The passes a step of ``plan`` needs."""
-    g, rollouts = config.grpo, bool(plan.prompts)
+def passes(gather: Gather, config: TrainConfig) -> Passes:
+    """The passes a step that gathers ``gather`` needs."""
+    g, rollouts = config.grpo, bool(gather.prompts)
     return Passes(
         temperature=g.temperature if rollouts else 1.0,
         rollouts=rollouts,
-        reference=bool(plan.rollouts),
+        reference=bool(gather.rollouts),
         iterations=g.num_iterations if rollouts else 1,
     )
 
@@ -64,12 +58,14 @@ SFT_PASSES = Passes(temperature=1.0, rollouts=False, reference=False, iterations
 
 @dataclass
 class Update:
-    """What one step's update did: the first update's loss and pre-clip gradient norm (the norm SASR reads),
-    whether every update was finite (if not, it was skipped), and the passes' statistics."""
+    """What a step's updates did: the first update's loss, pre-clip gradient norm (the norm SASR reads) and
+    learning rate, whether every update was finite (a non-finite one was skipped), and the passes'
+    statistics (a later update's loss, norm and rate as ``update/NAME/...``)."""
 
     loss: float
     grad_norm: float
     finite: bool
+    lr: float = math.nan
     stats: dict[str, float] = field(default_factory=dict)
 
 
@@ -89,21 +85,15 @@ def micro_batches(rows: Rows, accumulation: int) -> list[torch.Tensor]:
     return [ix for i in range(accumulation) if len(ix := (chunk == i).nonzero().squeeze(1))]
 
 
-def loss_mask(rows: Rows, mask_truncated: bool) -> torch.Tensor:
-    """[B, T]: the tokens that carry loss (with mask_truncated_completions, none of a cut rollout's)."""
-    if not mask_truncated:
-        return rows.completion_mask
-    return rows.completion_mask * (~rows.cut())[:, None].to(rows.completion_mask.dtype)
-
-
-def make_optimizer(model, config: TrainConfig):
-    """AdamW over the trainable parameters and its learning-rate schedule over ``config.steps``."""
+def make_optimizer(model, config: TrainConfig, lr: float | None = None):
+    """AdamW over the trainable parameters (at ``lr``, default optim.learning_rate) and its learning-rate
+    schedule over ``config.steps``."""
     o = config.optim
     params = [p for p in model.parameters() if p.requires_grad]
     # torch's fused kernel: one pass per tensor, the same update up to float rounding (docs/performance.md).
     optimizer = torch.optim.AdamW(
         params,
-        lr=o.learning_rate,
+        lr=o.learning_rate if lr is None else lr,
         betas=(o.adam_beta1, o.adam_beta2),
         weight_decay=o.weight_decay,
         fused=True,
@@ -130,8 +120,16 @@ def part_norms(
     }
 
 
+def update_rows(rows: Rows, parts: list[Part]) -> tuple[Rows, list[Part]]:
+    """The rows one of several updates of a step trains (those its parts cover), its parts re-indexed."""
+    covered = torch.stack([p.rows for p in parts]).any(0)
+    idx = covered.nonzero().squeeze(1)
+    return rows.select(idx), [dataclasses.replace(p, rows=p.rows[idx]) for p in parts]
+
+
 class Learner:
-    """Takes a step's update on ``model`` with ``optimizer`` and ``lr_scheduler``."""
+    """Takes a step's updates on ``model``: with ``optimizer`` and ``lr_scheduler``, or with another
+    optimizer state an update names (``Apply.optimizer``), made at its first use and saved with the run."""
 
     def __init__(
         self,
@@ -145,36 +143,67 @@ class Learner:
     ) -> None:
         self.config, self.model, self.optimizer, self.lr_scheduler = config, model, optimizer, lr_scheduler
         self.reference, self.accelerator, self.sharded = reference, accelerator, sharded
+        self.settings = dotted(config.model_dump(mode="json"))  # what part losses read (LossTerm.settings)
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}  # further optimizer states, by name
 
     def update(self, plan: Plan, rows: Rows, parts: list[Part]) -> Update:
-        """Backward over the step's micro-batches, then one optimizer update; ``grpo.num_iterations`` updates on
-        a step with rollouts, the ratio taken against the policy that sampled them (pi_old, the first
-        iteration's log-probs). Statistics: timings add up over updates, the rest average (``sasr.metrics``)."""
-        how = passes(plan, self.config)
+        """Every update of ``plan`` in order, each over the rows its parts train (all of them when the step
+        takes one update); then the schedule steps once. Statistics: timings add up over iterations, the rest
+        average (``sasr.metrics``)."""
+        how, done = passes(plan.gather, self.config), []
+        for u, apply in enumerate(plan.updates):
+            mine = [p for p in parts if p.update == u]
+            here, mine = (rows, mine) if len(plan.updates) == 1 else update_rows(rows, mine)
+            done.append(self.one_update(how, apply, here, mine, plan.step))
+        self.lr_scheduler.step()
+        first = done[0]
+        for apply, later in zip(plan.updates[1:], done[1:]):
+            first.stats.update(
+                {
+                    f"update/{apply.optimizer}/{k}": v
+                    for k, v in (("loss", later.loss), ("grad_norm", later.grad_norm), ("lr", later.lr))
+                }
+            )
+            first.stats["trained_tokens"] += later.stats["trained_tokens"]
+        first.finite = all(u.finite for u in done)
+        return first
+
+    def optimizer_for(self, apply: Apply) -> torch.optim.Optimizer:
+        if apply.optimizer == "main":
+            return self.optimizer
+        if apply.optimizer not in self.optimizers:
+            self.optimizers[apply.optimizer] = make_optimizer(self.model, self.config, apply.lr)[0]
+        return self.optimizers[apply.optimizer]
+
+    def one_update(self, how: Passes, apply: Apply, rows: Rows, parts: list[Part], step: int) -> Update:
+        """Backward over the rows' micro-batches, then one step of ``apply``'s optimizer; ``grpo.num_iterations``
+        of them on a step with rollouts, the ratio taken against the policy that sampled them (pi_old, the first
+        iteration's log-probs)."""
+        optimizer = self.optimizer_for(apply)
         micro, norms = self.pieces(rows, parts)
         cache: list[dict[str, torch.Tensor]] = [{} for _ in micro]  # per micro-batch: reference, pi_old
         first: Update | None = None
         finite_all, pieces = True, []
-        if plan.fresh_optimizer:  # a new stage that starts as a separate run would (its own moments)
-            self.optimizer.state.clear()
-        for group in self.optimizer.param_groups:
-            if plan.lr is not None:  # this step's own rate; the schedule's step below sets the next one
-                group["lr"] = plan.lr
+        if apply.fresh_optimizer:  # a new stage that starts as a separate run would (its own moments)
+            optimizer.state.clear()
+        for group in optimizer.param_groups:
+            if apply.lr is not None:  # this step's own rate; the schedule's step sets the next one
+                group["lr"] = apply.lr
             group["weight_decay"] = (
-                self.config.optim.weight_decay if plan.weight_decay is None else plan.weight_decay
+                self.config.optim.weight_decay if apply.weight_decay is None else apply.weight_decay
             )
+        lr = optimizer.param_groups[0]["lr"]
         for _ in range(how.iterations):
             loss, piece = self.backward(how, rows, parts, micro, norms, cache)
-            grad_norm, finite = self.optimizer_step(loss, plan.step, plan.max_grad_norm)
+            grad_norm, finite = self.optimizer_step(optimizer, loss, step, apply.max_grad_norm)
             finite_all &= finite
-            first = first or Update(loss, grad_norm, finite)
+            first = first or Update(loss, grad_norm, finite, lr)
             pieces.append(piece)
         stats = metrics.combine(pieces, "iterations")
         stats["trained_tokens"] = rows.completion_mask.sum().item() * how.iterations
-        self.lr_scheduler.step()
         if how.iterations > 1:
             stats["num_iterations"] = how.iterations
-        return Update(first.loss, first.grad_norm, finite_all, stats)
+        return Update(first.loss, first.grad_norm, finite_all, lr, stats)
 
     def probe(self, rows: Rows) -> float | None:
         """The SFT gradient norm of ``rows`` (demonstrations, as an SFT step computes them), the weights left as
@@ -187,7 +216,7 @@ class Learner:
         return norm if math.isfinite(norm) else None
 
     def optimizer_step(
-        self, loss: float, step: int, max_grad_norm: float | None = None
+        self, optimizer, loss: float, step: int, max_grad_norm: float | None = None
     ) -> tuple[float, bool]:
         """Clip (at ``max_grad_norm``, else optim.max_grad_norm) and update from the gradients ``backward``
         accumulated. Returns the pre-clip global gradient norm (read after the DDP all-reduce: the number SASR's
@@ -199,10 +228,10 @@ class Learner:
         # Every rank skips or takes the update together (a rank's own loss may be non-finite alone).
         finite = not any_rank(acc, not (math.isfinite(grad_norm) and math.isfinite(loss)))
         if finite:
-            self.optimizer.step()
+            optimizer.step()
         else:
             log.warning("step %d: non-finite loss or gradient norm; update skipped", step)
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         return grad_norm, finite
 
     def pieces(self, rows: Rows, parts: list[Part]) -> tuple[list[torch.Tensor], dict[str, Norm]]:
@@ -239,16 +268,78 @@ class Learner:
             pieces.append(piece)
         return loss, metrics.combine(pieces, "micro")
 
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """Within this block backward accumulates gradients without reducing them across processes."""
+        return fsdp.no_sync(self.model) if self.sharded else self.accelerator.no_sync(self.model)
+
+    def loss(
+        self,
+        how: Passes,
+        rows: Rows,
+        parts: list[Part],
+        idx: torch.Tensor,
+        norms: dict[str, Norm],
+        cache: dict,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Sum of the weighted part losses over the micro-batch ``idx`` of the step's rows, from its passes:
+        the reference's over its sampled rows and the anchor's (each once: cached), and the policy's."""
+        full = len(idx) == len(rows)
+        sub = rows if full else rows.select(idx)
+        mine = parts if full else [dataclasses.replace(p, rows=p.rows[idx]) for p in parts]
+        stats: dict[str, float] = {}
+        out = self.forward(how, sub, mine, cache, stats)
+        total, more = micro_loss(sub, mine, out, self.settings, norms, how.rollouts)
+        return total, {**stats, **more}
+
+    def forward(self, how: Passes, sub: Rows, parts: list[Part], cache: dict, stats: dict) -> PassOutputs:
+        """The micro-batch's passes: the reference first (it may swap weights in place, which must not touch a
+        live graph), the anchor and the registered passes (sasr.passes) the parts need, then the policy over
+        every row."""
+        device, T = self.accelerator.device, sub.completion_ids.size(1)
+        on_rows = sub.sampled_rows().nonzero().squeeze(1)
+        if how.reference and len(on_rows) and "ref" not in cache:
+            with metrics.timer(stats, "reference_seconds", device):
+                ref_rows = sub if len(on_rows) == len(sub) else sub.select(on_rows)
+                with self.accelerator.autocast():
+                    cache["ref"] = self.reference.logprobs(
+                        ref_rows.input_ids, ref_rows.attention_mask, T, how.temperature
+                    )  # [s, T] sampled rows
+        needs = {p.name: PART_LOSSES[p.loss].passes(options(p, self.settings)) for p in parts}
+        anchored = [p.rows for p in parts if ANCHOR in needs[p.name]]
+        if anchored and ANCHOR not in cache:
+            with metrics.timer(stats, "reference_seconds", device):
+                cache[ANCHOR] = self.anchor(sub, torch.stack(anchored).any(0), how.temperature)
+        others = sorted({n for names in needs.values() for n in names} - {ANCHOR})
+        for name in others:  # a method's own passes (sasr.passes), once per micro-batch
+            if name not in cache:
+                with torch.no_grad():
+                    cache[name] = PASSES[name].run(self, sub, how.temperature)
+        anchor, anchor_negentropy = cache.get(ANCHOR, (None, None))
+        t_policy = metrics.now(device)
+        # The G rows of a prompt share one pass over it (anchored_logprobs finds them).
+        logps, entropy, cross = anchored_logprobs(
+            self.model,
+            sub.input_ids,
+            sub.attention_mask,
+            T,
+            how.temperature,
+            with_entropy=how.rollouts,
+            anchor=anchor,
+        )  # [b, T]
+        if how.iterations > 1 and "old" not in cache:
+            cache["old"] = logps.detach()  # pi_old: the weights that sampled the rollouts
+        if how.rollouts:
+            stats["policy_forward_seconds"] = metrics.now(device) - t_policy
+        anchor_kl = None if cross is None else anchor_negentropy - cross  # [b, T] KL(pi_ref || pi)
+        extra = {name: cache[name] for name in others}
+        return PassOutputs(logps, entropy, cache.get("ref"), cache.get("old"), anchor_kl, extra)
+
     def anchor(
-        self, sub: Rows, parts: list[Part], idx: torch.Tensor, full: bool, temperature: float
+        self, sub: Rows, demo: torch.Tensor, temperature: float
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """ASFT's anchor for the micro-batch ``sub``: pi_ref's whole distribution q [b, T, V] at the completion
-        positions of the rows an SFT part trains, and sum q log q [b, T]; zero on the other rows, (None, None)
-        when no row is an SFT part's."""
-        demo = torch.zeros(len(sub), dtype=torch.bool, device=sub.kind.device)
-        for part in parts:
-            if part.loss == "nll":
-                demo |= part.rows if full else part.rows[idx]
+        positions of the rows ``demo`` [b] (the parts that need it), and sum q log q [b, T]; zero on the other
+        rows, (None, None) when there are none."""
         if not demo.any():
             return None, None
         on = demo.nonzero().squeeze(1)
@@ -263,106 +354,13 @@ class Learner:
         q = q_on.new_zeros(len(sub), *q_on.shape[1:]).index_copy_(0, on, q_on)
         return q, negentropy_on.new_zeros(len(sub), T).index_copy_(0, on, negentropy_on)
 
-    def no_sync(self) -> contextlib.AbstractContextManager:
-        """Within this block backward accumulates gradients without reducing them across processes."""
-        return fsdp.no_sync(self.model) if self.sharded else self.accelerator.no_sync(self.model)
+    # --- the optimizer states besides the run's (saved in checkpoints) ----------------------------------------
 
-    def loss(
-        self,
-        how: Passes,
-        rows: Rows,
-        parts: list[Part],
-        idx: torch.Tensor,
-        norms: dict[str, Norm],
-        cache: dict,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Sum of the weighted part losses over the micro-batch ``idx`` of the step's rows, from one reference
-        pass (over its rollouts, once: cached) and one policy pass (over every row)."""
-        g, device = self.config.grpo, self.accelerator.device
-        full = len(idx) == len(rows)
-        sub = rows if full else rows.select(idx)
-        T = sub.completion_ids.size(1)
-        on = sub.of_kind(ROLLOUT, PREFIXED)  # the rows the policy sampled (all or part of)
-        stats: dict[str, float] = {}
-        on_rows = on.nonzero().squeeze(1)
-        if how.reference and len(on_rows) and "ref" not in cache:
-            # The reference pass comes first: it may swap weights in place, which must not touch a live graph.
-            with metrics.timer(stats, "reference_seconds", device):
-                ref_rows = sub if len(on_rows) == len(sub) else sub.select(on_rows)
-                with self.accelerator.autocast():
-                    cache["ref"] = self.reference.logprobs(
-                        ref_rows.input_ids, ref_rows.attention_mask, T, how.temperature
-                    )  # [b, T] rollouts
-        if self.config.sft.loss in ANCHORED_SFT_LOSSES and "anchor" not in cache:
-            with metrics.timer(stats, "reference_seconds", device):
-                cache["anchor"] = self.anchor(sub, parts, idx, full, how.temperature)
-        ref, (anchor, anchor_negentropy) = cache.get("ref"), cache.get("anchor", (None, None))
-        t_policy = metrics.now(device)
-        # The G rows of a prompt share one pass over it (anchored_logprobs finds them).
-        logps, entropy, cross = anchored_logprobs(
-            self.model,
-            sub.input_ids,
-            sub.attention_mask,
-            T,
-            how.temperature,
-            with_entropy=how.rollouts,
-            anchor=anchor,
-        )  # [b, T]
-        anchor_kl = None if cross is None else anchor_negentropy - cross  # [b, T] KL(pi_ref || pi)
-        if how.iterations > 1 and "old" not in cache:
-            cache["old"] = logps.detach()  # pi_old: the weights that sampled the rollouts
-        ref_logps = None  # [b, T]: the reference on sampled rows; elsewhere the policy itself (KL 0)
-        if ref is not None:
-            ref_logps = ref if len(on_rows) == len(sub) else logps.detach().index_copy(0, on_rows, ref)
-        if how.rollouts:
-            stats["policy_forward_seconds"] = metrics.now(device) - t_policy
-        if how.rollouts and len(
-            on_rows
-        ):  # statistics of the sampled tokens: none in a micro-batch without any
-            mask = sub.sampled()
-            stats["entropy"] = masked_mean(entropy, mask).item()
-            # k3 KL to the reference over every rollout, whichever part trains on it
-            if ref_logps is not None:
-                delta = ref_logps - logps.detach()
-                stats["kl"] = masked_mean(torch.exp(delta) - delta - 1, mask).item()
-            if sub.sampler_logprobs is not None:  # how far the sampler's numbers are from the learner's
-                gap = (logps.detach() - sub.sampler_logprobs).abs()
-                stats["sampler_logprob_gap"] = masked_mean(gap, mask).item()
-        total = None
-        grpo_settings = g.model_dump(include=PG_SETTINGS)
-        carries = loss_mask(sub, g.mask_truncated_completions)
-        old = cache.get("old")
-        for part in parts:
-            rows_in = part.rows if full else part.rows[idx]
-            pidx = rows_in.nonzero().squeeze(1)  # [b]
-            x = PartInputs(
-                logps[pidx],
-                carries[pidx],
-                None if entropy is None else entropy[pidx],
-                None if ref_logps is None else ref_logps[pidx],
-                sub.advantages[pidx].nan_to_num(0.0),  # a row no reward function scored: no advantage
-                sub.kind[pidx] == OFFPOLICY,
-                sub.correct[pidx],
-                old_logps=None if old is None else old[pidx],
-                norm=norms.get(part.name),
-                anchor_kl=None if anchor_kl is None else anchor_kl[pidx],
-                prefix=None if sub.prefix_mask is None else sub.prefix_mask[pidx],
-                prefix_advantages=None if sub.prefix_advantages is None else sub.prefix_advantages[pidx],
-            )
-            if part.loss == "pg":
-                options = {**grpo_settings, **part.options}
-            elif part.loss == "nll":
-                options = {"loss_type": self.config.sft.loss, "asft_beta": self.config.sft.asft_beta}
-                options.update(part.options)
-            else:
-                options = part.options
-            out = PART_LOSSES[part.loss](x, **options)
-            term = out.loss if part.weight == 1.0 else part.weight * out.loss
-            total = term if total is None else total + term
-            if len(pidx):  # a part with no rows here has no value here, not 0 (sasr.metrics.combine)
-                stats.update(out.stats)
-                if len(parts) > 1:
-                    stats[f"loss/{part.name}"] = out.loss.item()
-            if len(parts) > 1:
-                stats[f"weight/{part.name}"] = part.weight
-        return total, stats
+    def optimizer_states(self) -> dict[str, dict]:
+        """The further optimizers' states, by name (sharded as they are under FSDP)."""
+        return {n: fsdp.optimizer_state(self.model, o, self.sharded) for n, o in self.optimizers.items()}
+
+    def load_optimizer_states(self, states: dict[str, dict]) -> None:
+        for name, state in states.items():
+            optimizer = self.optimizer_for(Apply(optimizer=name))
+            fsdp.load_optimizer_state(self.model, optimizer, state, self.sharded)

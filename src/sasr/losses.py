@@ -1,21 +1,24 @@
-"""The SFT loss, GRPO advantages, the GRPO loss and the part losses of a step (docs/methods.md).
+"""The shared losses of a step (docs/methods.md): the SFT loss, GRPO advantages, the GRPO loss, and the two
+core part losses, ``nll`` and ``pg``, built from pieces a method's own loss terms reuse.
 
-Advantage estimators and loss aggregations are registries (name -> function), as in verl: adding one is
-a function and a line, never an if-chain in the loop. Names follow TRL so results can be compared.
+Advantage centres and estimators, loss aggregations and part losses are registries (name -> function), as in
+verl: adding one is a function and a line, never an if-chain in the loop; a method module registers its own
+loss terms (``PART_LOSSES``) and estimators (``ADVANTAGES``). Names follow TRL so results can be compared.
 
 Shapes: B sequences (prompts x G for GRPO), T completion tokens, V vocabulary.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
 from sasr.errors import unknown
+from sasr.passes import ANCHOR
+from sasr.registry import Registry
 
 
 def names(registry: dict[str, object]) -> Any:
@@ -114,60 +117,6 @@ def _group_advantages_nan(rewards: torch.Tensor, num_generations: int, centre: s
     if divisor is not None:
         adv = adv / (divisor + ADVANTAGE_EPS)
     return adv.reshape(-1).nan_to_num(0.0), zero_spread
-
-
-def prefix_group_advantages(
-    rewards: torch.Tensor,
-    subgroup: torch.Tensor,
-    num_generations: int,
-    rows_per_prefix: int,
-    scale: str = "none",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Prefix-RFT's advantages: each row's reward centred within its (prompt, prefix) subgroup, and the prefix
-    tokens' advantage (that advantage - the on-policy subgroup's mean reward) / rows_per_prefix.
-
-    rewards, subgroup [B] with B = prompts x G, grouped consecutively; subgroup 0: the on-policy rows, j >= 1:
-    the rows continuing the prompt's j-th prefix. A subgroup of one row is centred on 0 (and, with
-    ``scale='group'``, divided by 1), as the official code does. NaN rewards (no function scored the row) are
-    out of the statistics, advantage 0. -> advantages [B], prefix advantages [B] (0 on on-policy rows),
-    zero_spread [prompts] (bool: no row or prefix token of the group has an advantage; with a subgroup of one
-    an all-correct group still has).
-    """
-    if scale not in ("none", "group"):
-        raise unknown("scale_rewards", scale, ("none", "group"))
-    B, device = rewards.numel(), rewards.device
-    prompt = torch.arange(B, device=device) // num_generations  # [B]
-    S = int(subgroup.max()) + 1
-    key = prompt * S + subgroup  # [B]: the row's (prompt, prefix) subgroup
-    scored = ~rewards.isnan()
-    r = rewards.nan_to_num(0.0)
-    slots = (B // num_generations) * S
-    count = torch.zeros(slots, device=device).index_add_(0, key, scored.float())
-    total = torch.zeros(slots, device=device).index_add_(0, key, r * scored)
-    mean = torch.where(count > 1, total / count.clamp(min=1), torch.zeros_like(total))  # [prompts x S]
-    adv = r - mean[key]
-    if scale == "group":
-        sq = torch.zeros(slots, device=device).index_add_(0, key, adv**2 * scored)
-        std = torch.where(count > 1, (sq / (count - 1).clamp(min=1)).sqrt(), torch.ones_like(sq))
-        adv = adv / (std[key] + ADVANTAGE_EPS)
-    on_mean = mean.view(-1, S)[:, 0]  # [prompts]
-    prefix_adv = torch.where(subgroup > 0, (adv - on_mean[prompt]) / rows_per_prefix, torch.zeros_like(adv))
-    zero = torch.zeros_like(adv)
-    adv, prefix_adv = torch.where(scored, adv, zero), torch.where(scored, prefix_adv, zero)
-    moved = (adv.abs() + prefix_adv.abs()).view(-1, num_generations).amax(dim=1)  # [prompts]
-    return adv, prefix_adv, torch.isclose(moved, torch.zeros_like(moved))
-
-
-def top_entropy(entropy: torch.Tensor, tokens: torch.Tensor, keep: float) -> torch.Tensor:
-    """[b, T] bool: of ``tokens`` ([b, T] bool), the ``keep`` share with the highest ``entropy`` [b, T]; the
-    lowest int(n x (1 - keep)) of the n are dropped (ties in the order of the tokens)."""
-    values = entropy[tokens]  # [n]
-    drop = int(values.numel() * (1 - keep))
-    kept = torch.ones_like(values, dtype=torch.bool)
-    kept[torch.argsort(values, stable=True)[:drop]] = False
-    out = torch.zeros_like(tokens)
-    out[tokens] = kept
-    return out
 
 
 # --- GRPO loss --------------------------------------------------------------------------------------------
@@ -317,31 +266,69 @@ def grpo_loss(
     return GRPOLossOutput(loss=loss, kl=kl_mean, clip_fraction=clip_fraction)
 
 
+# --- advantage estimators (a step's Gather.advantage names one) ----------------------------------------------
+
+
+@dataclass
+class Advantages:
+    """What an estimator gives a step's group rows: each row's advantage [B], whether each prompt's group has
+    no spread [prompts] (bool), and per-row numbers it adds to the rows (``Rows.extras``)."""
+
+    advantages: torch.Tensor
+    zero_spread: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# name -> estimator(rewards [B], rows, group_size, centre, scale, gather) -> Advantages
+ADVANTAGES: Registry[Callable[..., Advantages]] = Registry("advantage estimator")
+
+
+@ADVANTAGES.register("group")
+def _group(rewards, rows, group_size: int, centre: str, scale: str, gather) -> Advantages:
+    """GRPO's: each reward centred on its group's (``grpo.advantage``), divided as ``scale`` says."""
+    return Advantages(*group_advantages(rewards, group_size, centre, scale))
+
+
 # --- the parts of a step (sasr.batch.Part) ---------------------------------------------------------------
 
 
 @dataclass
 class PartInputs:
-    """One part's rows, taken from the step's policy pass. b rows, T completion tokens."""
+    """One part's rows, taken from the step's passes. b rows, T completion tokens."""
 
     logps: torch.Tensor  # [b, T] differentiable
-    mask: torch.Tensor  # [b, T] completion tokens
+    mask: torch.Tensor  # [b, T] completion tokens that carry loss
     entropy: torch.Tensor | None  # [b, T] no gradient
-    ref_logps: torch.Tensor | None  # [b, T] (ROLLOUT rows; anything elsewhere)
+    ref_logps: torch.Tensor | None  # [b, T] (sampled rows; the policy's own elsewhere)
     advantages: torch.Tensor  # [b]
-    offpolicy: torch.Tensor  # [b] bool: demonstrations inside a group
+    kind: torch.Tensor  # [b] long: each row's kind (sasr.batch.ROW_KINDS)
     correct: torch.Tensor  # [b] bool
     old_logps: torch.Tensor | None = None  # [b, T] pi_old, the policy that sampled; None: logps.detach()
     norm: Norm | None = None  # the step's counts when these rows are one piece of it
     anchor_kl: torch.Tensor | None = None  # [b, T] KL(pi_ref || pi) per token, differentiable (sft.loss=asft)
-    prefix: torch.Tensor | None = None  # [b, T] bool: demonstration-prefix tokens of PREFIXED rows
-    prefix_advantages: torch.Tensor | None = None  # [b]: the advantage of those tokens
+    given: torch.Tensor | None = None  # [b, T] bool: tokens of sampled rows that were given, not sampled
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # the rows' Rows.extras
+    passes: dict[str, torch.Tensor] = field(default_factory=dict)  # other passes' outputs (sasr.passes)
 
 
 @dataclass
 class PartLoss:
     loss: torch.Tensor  # scalar, differentiable
     stats: dict[str, float]
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """A registered part loss: ``fn(inputs, **options) -> PartLoss``; ``settings`` maps each keyword it takes
+    from the run's configuration to that dotted key (a part's own options override them); ``passes``: the
+    forward passes it needs besides the policy's, given its options (sasr.passes)."""
+
+    fn: Callable[..., PartLoss]
+    settings: dict[str, str] = field(default_factory=dict)
+    passes: Callable[[dict[str, Any]], tuple[str, ...]] = lambda options: ()
+
+
+PART_LOSSES: Registry[LossTerm] = Registry("part loss")
 
 
 def row_entropy(x: PartInputs) -> torch.Tensor:
@@ -364,140 +351,120 @@ SFT_LOSSES: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
 }
 ANCHORED_SFT_LOSSES = ("asft",)  # these add asft_beta x KL(pi_ref || pi) on the demonstration tokens
 
+# A further stop-gradient token weight a method puts on demonstration tokens: (inputs, weight [b, T]) ->
+# (weight [b, T], statistics).
+TokenWeight = Callable[[PartInputs, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
 
 def nll_part(
-    x: PartInputs,
-    *,
-    loss_type: str = "nll",
-    phi: bool = False,
-    entropy_coef: float | None = None,
-    asft_beta: float = 0.1,
+    x: PartInputs, *, loss_type: str = "nll", asft_beta: float = 0.1, reweight: TokenWeight | None = None
 ) -> PartLoss:
     """SFT: token-mean negative log-likelihood of the part's rows, each token weighted as ``loss_type`` says
-    (``SFT_LOSSES``); an anchored loss (ASFT) adds ``asft_beta`` x the token mean of ``x.anchor_kl``.
-
-    ``phi``: each token weighted by the stop-gradient p (1 - p) (CHORD-phi). ``entropy_coef``: each row weighted
-    by the stop-gradient entropy_coef * exp(-H_row), H_row its mean token entropy (SRFT).
-    """
+    (``SFT_LOSSES``) and then as ``reweight`` says; an anchored loss (ASFT) adds ``asft_beta`` x the token
+    mean of ``x.anchor_kl``."""
     if loss_type not in SFT_LOSSES:
         raise unknown("sft.loss", loss_type, SFT_LOSSES)
     token_weight = SFT_LOSSES[loss_type]
-    if token_weight is None and not phi and entropy_coef is None and x.norm is None:
+    if token_weight is None and reweight is None and x.norm is None:
         return PartLoss(sft_loss(x.logps, x.mask), {})
     weight = torch.ones_like(x.logps) if token_weight is None else token_weight(x.logps)
-    stats = {}
-    if phi:
-        p = x.logps.detach().exp()
-        weight = weight * p * (1 - p)
-        stats["chord_phi"] = masked_mean(weight, x.mask).item()
-    if entropy_coef is not None:
-        w_row = entropy_coef * torch.exp(-row_entropy(x))  # [b]
-        weight = weight * w_row[:, None]
-        stats["srft_sft_weight"] = w_row.mean().item()  # the loop leaves a part with no rows out
+    stats: dict[str, float] = {}
+    if reweight is not None:
+        weight, stats = reweight(x, weight)
     per_token = -x.logps * weight  # [b, T]
     if loss_type in ANCHORED_SFT_LOSSES:
         if x.anchor_kl is None:
             raise ValueError(f"sft.loss={loss_type} needs the reference's distributions (anchor_kl)")
         per_token = per_token + asft_beta * x.anchor_kl
         stats["asft_kl"] = masked_mean(x.anchor_kl.detach(), x.mask).item()
-    if x.norm is not None:  # a token mean over the whole step, every process's tokens (see Norm)
-        return PartLoss((per_token * x.mask).sum() / max(x.norm.tokens, 1.0), stats)
-    return PartLoss(masked_mean(per_token, x.mask), stats)
+    return PartLoss(token_mean(per_token, x), stats)
 
 
-def pg_part(
+def token_mean(per_token: torch.Tensor, x: PartInputs) -> torch.Tensor:
+    """The mean of ``per_token`` [b, T] over the part's tokens: of these rows, or of the whole step (every
+    process's tokens, see Norm) when they are one piece of it."""
+    if x.norm is not None:
+        return (per_token * x.mask).sum() / max(x.norm.tokens, 1.0)
+    return masked_mean(per_token, x.mask)
+
+
+def anchor_if_anchored(options: dict[str, Any]) -> tuple[str, ...]:
+    return (ANCHOR,) if options.get("loss_type") in ANCHORED_SFT_LOSSES else ()
+
+
+# The settings the demonstration and policy-gradient parts read from the run's configuration.
+NLL_SETTINGS = {"loss_type": "sft.loss", "asft_beta": "sft.asft_beta"}
+PG_SETTINGS = {
+    k: f"grpo.{k}"
+    for k in (
+        "beta",
+        "epsilon",
+        "epsilon_high",
+        "loss_type",
+        "max_completion_length",
+        "use_bias_correction_kl",
+        "importance_sampling_level",
+    )
+}
+PART_LOSSES.add("nll", LossTerm(nll_part, NLL_SETTINGS, anchor_if_anchored))
+
+
+def clipped(
     x: PartInputs,
+    adv: torch.Tensor,
     *,
     beta: float,
     epsilon: float,
     epsilon_high: float | None,
-    loss_type: str,
-    max_completion_length: int,
     use_bias_correction_kl: bool,
     importance_sampling_level: str = "token",
-    shaping_gamma: float | None = None,
-    rollout_coef: float | None = None,
-    prefix_epsilon: float | None = None,
-    prefix_epsilon_high: float | None = None,
-    prefix_entropy_top: float | None = None,
-) -> PartLoss:
-    """Policy gradient over a group's rows, aggregated together by ``loss_type``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's per-token clipped surrogate plus beta x k3 KL of the part's rows against the advantages ``adv``
+    ([b, 1], or [b, T] for a per-token advantage): (loss [b, T], clipped [b, T] bool)."""
+    high = epsilon_high if epsilon_high is not None else epsilon
+    per_token, _, is_clipped = _clipped_tokens(
+        x.logps,
+        x.logps.detach() if x.old_logps is None else x.old_logps,
+        x.ref_logps,
+        adv,
+        beta=beta,
+        epsilon_low=epsilon,
+        epsilon_high=high,
+        use_bias_correction_kl=use_bias_correction_kl,
+        importance_sampling_level=importance_sampling_level,
+        mask=x.mask,
+    )
+    return per_token, is_clipped
 
-    Rollout rows: GRPO's clipped surrogate plus beta x KL; or, with ``rollout_coef`` (SRFT), -w log p with the
-    stop-gradient w = rollout_coef * exp(H_row) on correct rows and -1 on wrong ones (nothing clipped).
-    Off-policy rows (demonstrations in the group), with ``shaping_gamma``: -A f(p), f(p) = p / (p + gamma),
-    unclipped, the behaviour probability taken as 1 (LUFFY's policy shaping); without it they take the
-    rollouts' term. Their reference log-probs are their own (KL 0).
-    Prefixed rows (Prefix-RFT): their demonstration-prefix tokens take ``x.prefix_advantages`` and their own
-    clip range (``prefix_epsilon``, ``prefix_epsilon_high``; None: the rollouts'), and with
-    ``prefix_entropy_top`` only that share of the prefix tokens at hand, the highest-entropy ones, keeps its
-    advantage; what the policy sampled after the prefix trains as a rollout does.
-    """
+
+def aggregate(per_token: torch.Tensor, x: PartInputs, loss_type: str, max_completion_length: int):
+    """The part's token losses [b, T] as one number, by ``loss_type`` (LOSS_AGGREGATIONS); a part with no rows
+    here (HPT routed every prompt to SFT) is a zero that still has a graph."""
+    if x.logps.size(0) == 0:
+        return x.logps.sum()
+    return LOSS_AGGREGATIONS[loss_type](per_token, x.mask, max_completion_length, x.norm)
+
+
+def pg_part(x: PartInputs, *, loss_type: str, max_completion_length: int, **clip_settings: Any) -> PartLoss:
+    """Policy gradient over a group's sampled rows: GRPO's clipped surrogate plus beta x KL, aggregated by
+    ``loss_type``."""
     if loss_type not in LOSS_AGGREGATIONS:
         raise unknown("loss_type", loss_type, LOSS_AGGREGATIONS)
-    adv = x.advantages.unsqueeze(1)  # [b, 1]
-    off = x.offpolicy[:, None]  # [b, 1]
-    pre = None if x.prefix is None else x.prefix & x.mask.bool()  # [b, T]: the prefix tokens with loss
-    pre = pre if pre is not None and pre.any() else None
-    on_mask = x.mask * (~off).to(x.mask.dtype)
-    if pre is not None:
-        on_mask = on_mask * (~pre).to(x.mask.dtype)
-    stats: dict[str, float] = {}
-    if rollout_coef is None:
-        if pre is not None:
-            adv = torch.where(pre, x.prefix_advantages[:, None], adv)  # [b, T]
-            if prefix_entropy_top is not None:
-                if x.entropy is None:
-                    raise ValueError("prefix_entropy_top needs the policy pass's entropy")
-                kept = top_entropy(x.entropy, pre, prefix_entropy_top)
-                adv = adv.masked_fill(pre & ~kept, 0.0)
-                stats["prefix_kept"] = (kept.sum() / pre.sum()).item()
-        clip = functools.partial(
-            _clipped_tokens,
-            x.logps,
-            x.logps.detach() if x.old_logps is None else x.old_logps,
-            x.ref_logps,
-            adv,
-            beta=beta,
-            use_bias_correction_kl=use_bias_correction_kl,
-            importance_sampling_level=importance_sampling_level,
-            mask=x.mask,
-        )
-        high = epsilon_high if epsilon_high is not None else epsilon
-        per_token, _, is_clipped = clip(epsilon_low=epsilon, epsilon_high=high)
-        stats["clip_fraction"] = masked_mean(is_clipped.float(), on_mask).item()
-        if pre is not None:
-            low_pre = epsilon if prefix_epsilon is None else prefix_epsilon
-            high_pre = high if prefix_epsilon_high is None else prefix_epsilon_high
-            if (low_pre, high_pre) != (epsilon, high):
-                pre_token, _, is_clipped = clip(epsilon_low=low_pre, epsilon_high=high_pre)
-                per_token = torch.where(pre, pre_token, per_token)
-            stats["prefix_clip_fraction"] = masked_mean(is_clipped.float(), pre).item()
-    else:
-        h = row_entropy(x)  # [b]
-        w_row = torch.where(x.correct, rollout_coef * torch.exp(h), torch.full_like(h, -1.0))
-        per_token = -w_row[:, None] * x.logps
-        positive = x.correct & ~x.offpolicy
-        if positive.any():  # no correct rollout: no weight to report (not 0)
-            stats["srft_rl_weight"] = w_row[positive].mean().item()
-        stats["clip_fraction"] = 0.0  # no ratio is clipped in this term
-    if shaping_gamma is not None:
-        p = x.logps.exp()
-        off_token = -adv * p / (p + shaping_gamma)  # no ratio to clip: the behaviour probability is 1
-        per_token = torch.where(off, off_token, per_token)
-        with torch.no_grad():
-            off_mask = x.mask * off.to(x.mask.dtype)
-            pd = p.detach()
-            # d f(p) / d log p: what an off-policy token weighs where an on-policy one weighs 1
-            shaped = pd * shaping_gamma / (pd + shaping_gamma) ** 2
-            if off.any():  # statistics of the off-policy tokens: none without such rows
-                stats["offpolicy_shaped_weight"] = masked_mean(shaped, off_mask).item()
-                stats["offpolicy_prob"] = masked_mean(pd, off_mask).item()
-    if x.logps.size(0) == 0:  # no rows on this rank (HPT routed every prompt to SFT): a zero with a graph
-        loss = x.logps.sum()
-    else:
-        loss = LOSS_AGGREGATIONS[loss_type](per_token, x.mask, max_completion_length, x.norm)
-    return PartLoss(loss, stats)
+    per_token, is_clipped = clipped(x, x.advantages.unsqueeze(1), **clip_settings)
+    stats = {"clip_fraction": masked_mean(is_clipped.float(), x.mask).item()}
+    return PartLoss(aggregate(per_token, x, loss_type, max_completion_length), stats)
 
 
-PART_LOSSES: dict[str, Callable[..., PartLoss]] = {"nll": nll_part, "pg": pg_part}
+PART_LOSSES.add("pg", LossTerm(pg_part, PG_SETTINGS))
+
+
+def top_entropy(entropy: torch.Tensor, tokens: torch.Tensor, keep: float) -> torch.Tensor:
+    """[b, T] bool: of ``tokens`` ([b, T] bool), the ``keep`` share with the highest ``entropy`` [b, T]; the
+    lowest int(n x (1 - keep)) of the n are dropped (ties in the order of the tokens)."""
+    values = entropy[tokens]  # [n]
+    drop = int(values.numel() * (1 - keep))
+    kept = torch.ones_like(values, dtype=torch.bool)
+    kept[torch.argsort(values, stable=True)[:drop]] = False
+    out = torch.zeros_like(tokens)
+    out[tokens] = kept
+    return out

@@ -6,8 +6,9 @@ A step is computed in pieces, and each metric says how its pieces make the step'
   ``sum`` (time spent, a part's share of the loss) or ``mean``;
 - over processes (``ranks``): ``mean`` (of the ranks that have it), or ``sum`` (tokens).
 
-Names of a family (one per loss part or reward function) are registered by their prefix. A reward
-function's ``log_metric`` may not take a registered name (``rewards.Rewards`` refuses it).
+Names of a family (one per loss part or reward function) are registered by their prefix. A method module
+registers its own metrics (``register``). A reward function's ``log_metric`` may not take a registered name
+(``rewards.Rewards`` refuses it).
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sasr.registry import Registry
+
 if TYPE_CHECKING:  # the registry itself needs neither (sasr.rewards reads it)
     from accelerate import Accelerator
 
     from sasr.batch import Plan
+    from sasr.learner import Update
 
 
 @dataclass(frozen=True)
@@ -51,109 +55,100 @@ PASS = "mean/mean/-/mean"  # a statistic of the training passes
 ROLLOUTS = "-/-/-/mean"  # a statistic of the step's (chosen) rollouts
 TIME = "sum/sum/-/mean"
 
-METRICS: dict[str, Metric] = {
-    m.name: m
-    for m in [
+METRICS: Registry[Metric] = Registry("metric")
+
+
+def register(name: str, meaning: str, how: str = "-/-/-/-") -> Metric:
+    """Register a metric (a method module registers its own); ``how`` as ``_m`` takes it."""
+    return METRICS.add(name, _m(name, meaning, how))
+
+
+def register_all(entries: list[tuple[str, ...]]) -> None:
+    """``register`` each (name, meaning) or (name, meaning, how)."""
+    for entry in entries:
+        register(*entry)
+
+
+register_all(
+    [
         # the loop
-        _m("step", "the optimizer step, from 1"),
-        _m("phase", "'sft' (demonstrations only), 'grpo' (rollouts only) or 'mixed' (both in one step)"),
-        _m("loss", "the step's loss (the first update's, with num_iterations)", "sum/first/-/mean"),
-        _m("grad_norm", "the global gradient norm before clipping (the first update's)", "-/first/-/-"),
-        _m("lr", "the learning rate the step used"),
-        _m("tokens", "completion tokens of the step's rows, every process", "-/-/-/sum"),
-        _m(
+        ("step", "the optimizer step, from 1"),
+        ("phase", "'sft' (demonstrations only), 'grpo' (rollouts only) or 'mixed' (both in one step)"),
+        ("loss", "the step's loss (the first update's, with num_iterations)", "sum/first/-/mean"),
+        ("grad_norm", "the global gradient norm before clipping (the first update's)", "-/first/-/-"),
+        ("lr", "the learning rate the step used"),
+        ("tokens", "completion tokens of the step's rows, every process", "-/-/-/sum"),
+        (
             "trained_tokens",
             "completion tokens through a training pass: tokens x updates, + the probe's",
             "-/sum/-/sum",
         ),
-        _m("generated_tokens", "tokens sampled for the step, every process and batch", "-/-/sum/sum"),
-        _m("flops", "the step's compute: 6 N per trained token + 2 N per generated token (N: parameters)"),
-        _m("flops_total", "flops summed over the run's steps so far"),
-        _m("tokens_per_second", "tokens / step_seconds"),
-        _m("step_seconds", "wall seconds of the step (the main process's), evaluation and saving left out"),
-        _m("skipped", "true when the update was skipped: a non-finite loss or gradient norm"),
-        _m("num_iterations", "updates taken on the step's rollouts (written when above 1)"),
-        _m("probe_grad_norm", "SASR's probe: the SFT gradient norm on demonstrations, no update taken"),
+        ("generated_tokens", "tokens sampled for the step, every process and batch", "-/-/sum/sum"),
+        ("flops", "the step's compute: 6 N per trained token + 2 N per generated token (N: parameters)"),
+        ("flops_total", "flops summed over the run's steps so far"),
+        ("tokens_per_second", "tokens / step_seconds"),
+        ("step_seconds", "wall seconds of the step (the main process's), evaluation and saving left out"),
+        ("skipped", "true when the update was skipped: a non-finite loss or gradient norm"),
+        ("num_iterations", "updates taken on the step's rollouts (written when above 1)"),
+        ("probe_grad_norm", "SASR's probe: the SFT gradient norm on demonstrations, no update taken"),
         # the rollouts
-        _m("reward_mean", "mean reward of the step's rollouts (rows no function scored left out)", ROLLOUTS),
-        _m("reward_std", "standard deviation of those rewards", ROLLOUTS),
-        _m("accuracy", "share of rollouts the task's judge calls correct", ROLLOUTS),
-        _m("format_rate", "share of rollouts in the task's answer format", ROLLOUTS),
-        _m("completion_length", "mean rollout length in tokens", ROLLOUTS),
-        _m(
+        ("reward_mean", "mean reward of the step's rollouts (rows no function scored left out)", ROLLOUTS),
+        ("reward_std", "standard deviation of those rewards", ROLLOUTS),
+        ("accuracy", "share of rollouts the task's judge calls correct", ROLLOUTS),
+        ("format_rate", "share of rollouts in the task's answer format", ROLLOUTS),
+        ("completion_length", "mean rollout length in tokens", ROLLOUTS),
+        (
             "completion_length_max",
             "the longest rollout (each training pass computes up to its group's)",
             ROLLOUTS,
         ),
-        _m("clipped_ratio", "share of rollouts cut at max_completion_length", ROLLOUTS),
-        _m(
+        ("clipped_ratio", "share of rollouts cut at max_completion_length", ROLLOUTS),
+        (
             "zero_spread_fraction",
             "share of prompts whose group's rewards are all equal (no advantage)",
             ROLLOUTS,
         ),
-        _m("overlong_penalty", "mean of DAPO's soft overlong penalty over the rollouts", "-/-/mean/mean"),
-        _m(
+        ("overlong_penalty", "mean of DAPO's soft overlong penalty over the rollouts", "-/-/mean/mean"),
+        (
             "dynamic_sampling_batches",
             "batches of prompts sampled to fill the step (dynamic sampling)",
             ROLLOUTS,
         ),
-        _m("rollout_seconds", "seconds spent sampling the step's rollouts", "-/-/sum/mean"),
+        ("rollout_seconds", "seconds spent sampling the step's rollouts", "-/-/sum/mean"),
         # the training passes
-        _m("reference_seconds", "seconds of the reference pass over the rollouts", TIME),
-        _m("policy_forward_seconds", "seconds of the policy's forward passes", TIME),
-        _m("kl", "k3 estimate of KL(policy || reference) over the rollouts", PASS),
-        _m("entropy", "mean token entropy of the policy on the rollouts", PASS),
-        _m(
+        ("reference_seconds", "seconds of the reference pass over the rollouts", TIME),
+        ("policy_forward_seconds", "seconds of the policy's forward passes", TIME),
+        ("kl", "k3 estimate of KL(policy || reference) over the rollouts", PASS),
+        ("entropy", "mean token entropy of the policy on the rollouts", PASS),
+        (
             "sampler_logprob_gap",
             "mean absolute gap of learner and sampler log-probabilities on rollouts",
             PASS,
         ),
-        _m("clip_fraction", "share of rollout tokens whose ratio was clipped", PASS),
-        _m("chord_phi", "CHORD-phi: mean token weight p(1 - p) on demonstrations", PASS),
-        _m("asft_kl", "sft.loss=asft: KL(pi_ref || pi) per demonstration token, whole vocabulary", PASS),
-        _m("srft_sft_weight", "SRFT: mean weight of the demonstration term", PASS),
-        _m("srft_rl_weight", "SRFT: mean weight of the correct rollouts' term", PASS),
-        _m("offpolicy_shaped_weight", "LUFFY: mean shaped weight of off-policy tokens", PASS),
-        _m("offpolicy_prob", "LUFFY: mean probability the policy gives off-policy tokens", PASS),
-        # the methods' plans (the same on every process) and routes
-        _m("p_t", "SASR: the probability of an SFT step; interleave: its fixed prob"),
-        _m("alpha", "SASR / interleave: the uniform draw compared with p_t"),
-        _m("g_last", "SASR: the gradient norm p_t was computed from"),
-        _m("g_warmup", "SASR: the gradient norm of the last warm-up step"),
-        _m("mu", "CHORD: the weight of the demonstration part"),
-        _m(
-            "offpolicy_share",
-            "LUFFY, SRFT: the share of the groups' rows that are off-policy demonstrations",
-            ROLLOUTS,
-        ),
-        _m("sft_fraction", "HPT: the share of prompts routed to SFT", ROLLOUTS),
-        _m("uft_hint_p", "UFT: the chance of each hint part at this step (a cosine to p_end, then 0)"),
-        _m("uft_hint_share", "UFT / R3: the mean share of its demonstration a prompt was shown", ROLLOUTS),
-        _m("prefix_fraction", "Prefix-RFT: the share of its demonstration a prefixed row starts with"),
-        _m("prefix_share", "Prefix-RFT: the share of the groups' rows that continue a prefix", ROLLOUTS),
-        _m("prefix_accuracy", "Prefix-RFT: the share of prefixed rows the judge calls correct", ROLLOUTS),
-        _m("prefix_kept", "Prefix-RFT: the share of prefix tokens that train (the highest entropy)", PASS),
-        _m("prefix_clip_fraction", "Prefix-RFT: share of prefix tokens whose ratio was clipped", PASS),
-        _m("relift_buffer", "ReLIFT: failed prompts in the buffer when the step was planned"),
-        _m("relift_failed", "ReLIFT: the share of the step's prompts whose rollouts all failed", ROLLOUTS),
+        ("clip_fraction", "share of rollout tokens whose ratio was clipped", PASS),
+        ("asft_kl", "sft.loss=asft: KL(pi_ref || pi) per demonstration token, whole vocabulary", PASS),
         # families
-        _m("loss/", "loss/PART: a part's loss, on steps of several parts", "sum/mean/-/mean"),
-        _m("weight/", "weight/PART: a part's weight, on steps of several parts", PASS),
-        _m("rewards/", "rewards/NAME/mean and /std: each reward function's values", "-/-/mean/mean"),
-        _m("eval_", "eval_METRIC: held-out greedy evaluation at eval.every (every process's questions)"),
+        ("loss/", "loss/PART: a part's loss, on steps of several parts", "sum/mean/-/mean"),
+        ("weight/", "weight/PART: a part's weight, on steps of several parts", PASS),
+        ("update/", "update/NAME/loss, /grad_norm, /lr: a later update of a step of several (Plan.updates)"),
+        ("rewards/", "rewards/NAME/mean and /std: each reward function's values", "-/-/mean/mean"),
+        ("eval_", "eval_METRIC: held-out greedy evaluation at eval.every (every process's questions)"),
     ]
-}
+)
 
 _MEAN = Metric("", "", "mean", "mean", "mean", "mean")  # how a name sasr does not register combines
 
-FAMILIES = tuple(name for name in METRICS if name.endswith(("/", "_")))
+
+def families() -> tuple[str, ...]:
+    """The registered families' prefixes (a name ending with '/' or '_')."""
+    return tuple(name for name in METRICS if name.endswith(("/", "_")))
 
 
 def metric(name: str) -> Metric | None:
     """The registered metric ``name`` is, by its own name or its family's prefix (None: not sasr's)."""
     if name in METRICS:
         return METRICS[name]
-    family = next((f for f in FAMILIES if name.startswith(f)), None)
+    family = next((f for f in families() if name.startswith(f)), None)
     return METRICS[family] if family else None
 
 
@@ -197,13 +192,16 @@ def timer(stats: dict[str, float], name: str, device: torch.device) -> Iterator[
 def record(
     acc: Accelerator,
     plan: Plan,
-    loss: float,
-    grad_norm: float,
-    lr: float,
+    update: Update,
     stats: dict[str, float],
     seconds: float,
+    parameters: int,
+    flops_before: float,
+    probe: float | None = None,
 ) -> dict[str, Any]:
-    """A step's metrics line: its plan's keys, the loss, and ``stats`` combined over ranks."""
+    """A step's metrics line: its plan's keys (``Plan.info``), the first update's loss, gradient norm and rate,
+    ``stats`` combined over ranks, the step's FLOPs (``parameters``: N; ``flops_before``: the run's so far),
+    the probe's gradient norm, and whether the update was skipped."""
     from accelerate.utils import gather_object
 
     # Mean of each statistic over ranks. The plan, and so sasr's own keys, is the same on every rank; a
@@ -212,7 +210,7 @@ def record(
     if acc.num_processes > 1:
         keys = sorted({k for ks in gather_object([keys]) for k in ks})
     values = torch.tensor(
-        [loss, *(stats.get(k, math.nan) for k in keys)], device=acc.device, dtype=torch.float64
+        [update.loss, *(stats.get(k, math.nan) for k in keys)], device=acc.device, dtype=torch.float64
     )
     if acc.num_processes > 1:
         have = (~values.isnan()).double()
@@ -225,12 +223,12 @@ def record(
         k: v * acc.num_processes for k, v in zip(keys, values[1:]) if (metric(k) or _MEAN).ranks == "sum"
     }
     tokens = summed.pop("tokens")
-    return {
+    line = {
         "step": plan.step,
         "phase": plan.phase,
         "loss": values[0],
-        "grad_norm": grad_norm,
-        "lr": lr,
+        "grad_norm": update.grad_norm,
+        "lr": update.lr,
         **{k: v for k, v in zip(keys, values[1:]) if k != "tokens" and k not in summed},
         **plan.info,
         **{k: round(v) for k, v in summed.items()},
@@ -238,6 +236,13 @@ def record(
         "tokens_per_second": tokens / seconds,
         "step_seconds": seconds,
     }
+    line["flops"] = flops(parameters, line["trained_tokens"], line.get("generated_tokens", 0))
+    line["flops_total"] = flops_before + line["flops"]
+    if probe is not None:
+        line["probe_grad_norm"] = probe
+    if not update.finite:
+        line["skipped"] = True
+    return line
 
 
 def flops(parameters: int, trained_tokens: float, generated_tokens: float) -> float:
@@ -264,6 +269,6 @@ def table() -> str:
         "| --- | --- | --- |",
     ]
     for m in METRICS.values():
-        key = f"{m.name}NAME" if m.name in FAMILIES else m.name
+        key = f"{m.name}NAME" if m.name in families() else m.name
         lines.append(f"| `{key}` | {m.meaning} | {m.micro} / {m.iterations} / {m.batches} / {m.ranks} |")
     return "\n".join(lines)

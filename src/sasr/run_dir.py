@@ -22,7 +22,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from sasr import trackers
-from sasr.batch import DEMO, KIND_NAMES, Part, Rows
+from sasr.batch import DEMO, SAMPLE_COLUMNS, Part, Rows, kind_name
 from sasr.config import TrainConfig, to_yaml
 from sasr.errors import SasrError
 
@@ -35,7 +35,8 @@ STEP_LINES = (METRICS, COMPLETIONS, EVAL_COMPLETIONS)  # one line per step's thi
 
 def resolve(config: TrainConfig, overwrite: bool, resume: bool, acc: Accelerator) -> Path:
     """The run directory (identical on every rank), refused if it exists unless overwrite or resume."""
-    name = config.output_dir or f"runs/{config.method}-{config.task.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    method = config.method_class().name  # a user's file.py:Class by its name
+    name = config.output_dir or f"runs/{method}-{config.task.name}-{datetime.now():%Y%m%d-%H%M%S}"
     name = broadcast_object_list([name])[0] if acc.num_processes > 1 else name  # one timestamp for all ranks
     path = Path(name)
     if path.exists() and not path.is_dir():
@@ -145,16 +146,17 @@ def completion_samples(
     step: int, rank: int, rows: Rows, parts: list[Part], extra: dict[str, list], tokenizer
 ) -> list[dict[str, Any]]:
     """A step's group rows as ``completions.jsonl`` lines (TRL's log_completions). ``extra``: the columns
-    reward functions added with log_extra, one value per group row."""
+    reward functions added with log_extra, one value per group row; a method's own columns come from
+    ``SAMPLE_COLUMNS``."""
     grouped = (rows.kind != DEMO).nonzero().squeeze(1).tolist()
-    cut, prefix = rows.cut(), rows.prefix().sum(1)
+    cut = rows.cut()
     columns = {k: v for k, v in extra.items() if len(v) == len(grouped)}
     return [
         {
             "step": step,
             "rank": rank,
             "group": int(rows.group[i]),
-            "kind": KIND_NAMES[int(rows.kind[i])],
+            "kind": kind_name(int(rows.kind[i])),
             "parts": [p.name for p in parts if p.rows[i]],
             "prompt": tokenizer.decode(
                 rows.prompt_ids[i][rows.prompt_mask[i].bool()], skip_special_tokens=True
@@ -166,11 +168,9 @@ def completion_samples(
             "formatted": bool(rows.formatted[i]),
             "truncated": bool(cut[i]),
             **{k: v[j] for k, v in columns.items()},
-            **(
-                {"prefix_tokens": int(prefix[i]), "prefix_advantage": float(rows.prefix_advantages[i])}
-                if prefix[i]
-                else {}
-            ),
+            **{
+                k: v for method_columns in SAMPLE_COLUMNS.values() for k, v in method_columns(rows, i).items()
+            },
         }
         for j, i in enumerate(grouped)
     ]

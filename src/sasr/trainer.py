@@ -1,9 +1,10 @@
 """The training loop on accelerate. ``Trainer.step`` is one optimizer step, read top to bottom:
 
-1. plan: the method decides which rows the step needs (``sasr.methods``);
+1. plan: the method decides what the step gathers and what its updates apply (``sasr.methods``);
 2. collect: demonstrations and scored rollouts as rows (``sasr.collect``);
 3. parts: the method makes weighted losses over those rows;
-4. update: one reference and one policy pass per micro-batch, backward, one optimizer step (``sasr.learner``);
+4. update: for each of the plan's updates, per micro-batch the passes its parts need and their loss
+   (``sasr.objective``), backward, an optimizer step (``sasr.learner``);
 5. observe: the method reads the gradient norm (and SASR its probe);
 6. record: the step's metrics line (``sasr.metrics``).
 
@@ -27,19 +28,15 @@ from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 from sasr import checkpoint, fsdp, metrics, models, trackers
-from sasr.collect import (
-    Collector,
-    check_prompts,
-    demonstration_source,
-    outcomes,
-    training_examples,
-)
+from sasr.batch import Apply
+from sasr.collect import Collector
+from sasr.collect.examples import check_prompts, demonstration_source, training_examples
 from sasr.config import TrainConfig
 from sasr.errors import SasrError
 from sasr.evaluate import GREEDY, evaluate, settings, summarise
 from sasr.learner import Learner, make_optimizer
 from sasr.losses import ANCHORED_SFT_LOSSES
-from sasr.methods import get_method
+from sasr.methods import get_method, method_source
 from sasr.model_card import model_card
 from sasr.process import any_rank, on_stop_signals
 from sasr.reference import ReferencePolicy
@@ -203,28 +200,24 @@ class Trainer:
     # --- one step, and the loop ---------------------------------------------------------------------------
 
     def step(self, step: int) -> dict[str, Any]:
-        """One step of training (one optimizer update, or num_iterations on rollouts); returns its metrics
-        line (held-out evaluation is ``train``'s)."""
+        """One step of training (its updates, each num_iterations times on rollouts); returns its metrics line
+        (held-out evaluation is ``train``'s)."""
         c, t0 = self.config, time.perf_counter()
-        plan = self.method.plan(step)  # 1. plan: which rows the step needs
-        got = self.collector.collect(step, plan)  # 2. collect: demonstrations, scored rollouts [B rows]
+        plan = self.method.plan(step)  # 1. plan: what to gather, what to apply
+        got = self.collector.collect(step, plan.gather)  # 2. collect: demonstrations, rollouts [B rows]
         parts, route = self.method.parts(plan, got.rows)  # 3. parts: weighted losses over those rows
-        if plan.prompts and (c.log_completions or c.num_completions_to_print):
+        if plan.gather.prompts and (c.log_completions or c.num_completions_to_print):
             samples = completion_samples(
                 step, self.accelerator.process_index, got.rows, parts, got.extra, self.tokenizer
             )
             self.files.log_samples(
                 self.accelerator, step, samples, c.log_completions, c.num_completions_to_print
             )
-        # the rate this step trains at, read before the update steps the schedule
-        lr = self.lr_scheduler.get_last_lr()[0] if plan.lr is None else plan.lr
-        update = self.learner.update(plan, got.rows, parts)  # 4. update (num_iterations times)
-        probe_rows = self.collector.probe_rows(step) if plan.probe else None
+        update = self.learner.update(plan, got.rows, parts)  # 4. update(s)
+        probe_rows = self.collector.probe_rows(step) if plan.gather.probe else None
         probe = self.learner.probe(probe_rows) if probe_rows is not None else None
-        if self.method.observes_outcomes and plan.prompts:  # every process's groups: (example, solved)
-            solved = outcomes(got.rows, got.prompts, self.accelerator)
-            # only a prompt with a demonstration can be taught one
-            self.method.outcomes(plan, [o for o in solved if o[0] in self.collector.paired])
+        if self.method.observes_outcomes and plan.gather.prompts:  # every process's (example, solved)
+            self.method.outcomes(plan, self.collector.outcomes(got))
         self.method.observe(plan, update.grad_norm if update.finite else None, probe)  # 5. observe
         if step == self.method.reference_step and c.grpo.reference == "warmup":
             self.reference.snapshot()
@@ -232,14 +225,10 @@ class Trainer:
         if probe_rows is not None:  # the probe's forward and backward pass is compute too
             stats["trained_tokens"] += probe_rows.completion_mask.sum().item()
         seconds = time.perf_counter() - t0
-        line = metrics.record(self.accelerator, plan, update.loss, update.grad_norm, lr, stats, seconds)  # 6.
-        flops = metrics.flops(self.parameters, line["trained_tokens"], line.get("generated_tokens", 0))
-        self.flops_total += flops
-        line["flops"], line["flops_total"] = flops, self.flops_total
-        if probe is not None:
-            line["probe_grad_norm"] = probe
-        if not update.finite:
-            line["skipped"] = True
+        line = metrics.record(  # 6. record: the step's metrics line
+            self.accelerator, plan, update, stats, seconds, self.parameters, self.flops_total, probe
+        )
+        self.flops_total = line["flops_total"]
         return line
 
     def train(self) -> RunResult:
@@ -253,7 +242,7 @@ class Trainer:
         steps = range(self.start_step + 1, c.steps + 1)
         bar = tqdm(
             steps,
-            desc=c.method,
+            desc=self.method.name,
             disable=not self.progress,
             unit="step",
             initial=self.start_step,
@@ -312,7 +301,8 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs beside the weights (``checkpoint`` writes it). Under FSDP the weights, the
-        optimizer's state and the reference are each rank's shards, under ``sharded``."""
+        optimizers' states, the reference and the method's tensors are each rank's shards, under ``sharded``.
+        Further optimizers (``Apply.optimizer``) and the method's tensors are there only when it has some."""
         reference = self.reference.snapshot_
         trainer = {
             "method": self.method.state_dict(),
@@ -322,30 +312,41 @@ class Trainer:
             "reference": reference is not None,
             "flops_total": self.flops_total,
         }
+        extra = {"optimizers": self.learner.optimizer_states(), "method_tensors": self.method.tensors()}
+        extra = {k: v for k, v in extra.items() if v}
+        if extra.get("optimizers"):
+            trainer["optimizers"] = sorted(extra["optimizers"])
         if self.sharded:
             sharded = fsdp.training_state(self.model, self.optimizer.optimizer)
             if reference is not None:
                 sharded["reference"] = reference
+            sharded.update(extra)
             return {"scheduler": self.lr_scheduler.state_dict(), "sharded": sharded, "trainer": trainer}
         return {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.lr_scheduler.state_dict(),
             "reference": reference,
             "trainer": trainer,
+            **extra,
         }
 
     def load_state_dict(self, weights: dict[str, torch.Tensor], state: dict[str, Any], source: Path) -> None:
         """Put back the trainable weights and what ``state_dict`` returned (read by ``checkpoint.load``)."""
         model = self.accelerator.unwrap_model(self.model)
+        for name in state["trainer"].get("optimizers", []):  # made before their states are read into them
+            self.learner.optimizer_for(Apply(optimizer=name))
         if self.sharded:  # read into the shards this run holds, of the same shapes
             if state["trainer"].get("reference") and self.reference.snapshot_ is None:
                 self.reference.snapshot()  # a template the checkpoint's reference is read into
             template = self.state_dict()["sharded"]
             fsdp.load(state["sharded"], template)
             fsdp.load_training_state(model, self.optimizer.optimizer, template)
+            state = {**state, **{k: template[k] for k in ("optimizers", "method_tensors") if k in template}}
         else:
             checkpoint.load_weights(model, weights, self.config.lora.enabled, source)
             self.optimizer.load_state_dict(state["optimizer"])
+        self.learner.load_optimizer_states(state.get("optimizers", {}))
+        self.method.load_tensors(state.get("method_tensors", {}))
         self.lr_scheduler.load_state_dict(state["scheduler"])
         if state.get("reference") is not None:
             self.reference.snapshot_ = state["reference"]
@@ -422,9 +423,11 @@ def distributed(acc: Accelerator, sharded: bool) -> dict[str, Any]:
 
 
 def summary(c: TrainConfig, r: RunResult) -> dict[str, Any]:
-    """What run.json holds once the run finished."""
+    """What run.json holds once the run finished (a user's method file: its sha256 too)."""
+    source = method_source(c.method)
     return {
         "method": c.method,
+        **({"method_source": source} if source else {}),
         "task": c.task.name,
         "model": c.model.name,
         "steps": c.steps,

@@ -35,7 +35,7 @@ from sasr.evaluate import evaluate, settings, summarise
 from sasr.experiments.labels import included_label, is_included
 from sasr.experiments.report import markdown_table, plot_compare
 from sasr.experiments.stats import paired_bootstrap
-from sasr.methods import METHODS
+from sasr.methods import METHODS, method_class, method_source
 from sasr.process import on_stop_signals
 from sasr.run_dir import finished, read_lines, read_status
 from sasr.tasks import get_task
@@ -162,8 +162,9 @@ def run_config(
             "save_final": True,
         }
     ).model_dump()
-    if sft_steps is not None and METHODS[method].sft_budget_from:
-        tree[method] = METHODS[method].with_sft_steps(base.method_options(method), sft_steps)
+    cls = method_class(method)
+    if sft_steps is not None and cls.sft_budget_from:
+        tree[cls.name] = cls.with_sft_steps(base.method_options(method), sft_steps)
     return TrainConfig.model_validate(tree)  # re-check (e.g. warm-up vs steps)
 
 
@@ -263,6 +264,7 @@ def read_summary(path: Path, config: dict, keys: tuple[str, ...] | None = None) 
     if not path.exists():
         return None
     summary = _load_summary(path, "delete it to redo that run")
+    _same_method_file(summary, config["method"], path)
     diff = _differences(summary["config"], config, keys)
     if diff:
         raise SasrError(
@@ -270,6 +272,16 @@ def read_summary(path: Path, config: dict, keys: tuple[str, ...] | None = None) 
             "configuration, or delete the summary (and its run directory) to redo the run"
         )
     return summary
+
+
+def _same_method_file(record: dict, method: str, path: Path) -> None:
+    """Refuse a summary or run (``record``, at ``path``) of a user's method whose file has changed since."""
+    then, now = record.get("method_source"), method_source(method)
+    if then and now and then["sha256"] != now["sha256"]:
+        raise SasrError(
+            f"{path} was made with another version of the method file {method.rpartition(':')[0]} (its sha256 "
+            "differs); restore the file, or delete the summary and the run directory to train that run again"
+        )
 
 
 def _load_summary(path: Path, fix: str) -> dict:
@@ -354,6 +366,7 @@ def _trained(config: TrainConfig, output: Path, progress: bool, commit: str) -> 
     tree = config.model_dump(mode="json")
     if finished(run_dir):
         diff = _differences(build_config(run_dir / "config.yaml").model_dump(mode="json"), tree)
+        _same_method_file(read_status(run_dir), config.method, run_dir / "run.json")
         if diff:
             raise SasrError(
                 f"run directory {run_dir} finished with another configuration ({'; '.join(diff[:3])}); "
@@ -369,6 +382,8 @@ def _trained(config: TrainConfig, output: Path, progress: bool, commit: str) -> 
     evals = evaluate_model(str(run_dir / "final"), config, config.seed, progress)
     status, metrics = read_status(run_dir), read_lines(run_dir)
     summary = {"commit": commit, "config": tree, "run": status, "metrics": metrics, "eval": evals}
+    if source := method_source(config.method):  # a user's method file: refused once it changes
+        summary["method_source"] = source
     summary["eval_seconds"] = time.perf_counter() - started
     return _write_summary(output / "summaries" / f"{run_dir.name}.json", summary)
 
@@ -392,13 +407,15 @@ def compare(
     each method over the seeds it has.
     """
     output.mkdir(parents=True, exist_ok=True)
+    specs = {method_class(m).name: m for m in methods}  # a user's method (file.py:Class) by its name
+    methods = list(specs)
     extra = included(base, include, seeds, output)  # before any training: a wrong folder fails at once
     commit = git_commit()
     summaries: dict[tuple[str, int], dict] = {}
     for wave in _waves(methods):
         budgets = {m: _sft_budget(m, summaries, seeds) for m in wave}
         configs = {
-            (m, s): run_config(base, m, s, output / "runs" / f"{m}-s{s}", budgets[m])
+            (m, s): run_config(base, specs[m], s, output / "runs" / f"{m}-s{s}", budgets[m])
             for m in wave
             for s in seeds
             # a run that takes its SFT budget from seeds that have not all landed cannot have landed either

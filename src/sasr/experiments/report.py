@@ -16,6 +16,7 @@ from typing import Any
 from matplotlib.figure import Figure  # figures drawn straight to files: no pyplot, no display backend
 from matplotlib.patches import Patch
 
+from sasr.errors import SasrError
 from sasr.experiments.labels import method_of
 from sasr.run_dir import read_lines, read_status
 
@@ -77,10 +78,13 @@ def _phase_legend(target, **kw) -> None:
 def method_dynamics(method: str, rows: Sequence[dict]) -> Series:
     """The curves that show how a method decides its steps (its class's ``dynamics`` keys), with SASR's drift.
     ``method`` may be a comparison's row of another folder, METHOD@FOLDER (``compare --include``)."""
-    from sasr.methods import METHODS
+    from sasr.methods import METHODS, is_spec, method_class
 
     method = method_of(method)
-    keys = METHODS[method].dynamics if method in METHODS else ()
+    try:  # a user's method (file.py:Class) from its file, if it still loads
+        keys = method_class(method).dynamics if method in METHODS or is_spec(method) else ()
+    except SasrError:
+        keys = ()
     data = {key: series(rows, key) for key in keys}
     if any("g_warmup" in r for r in rows):
         data["g_last / G_warmup"] = series(
