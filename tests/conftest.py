@@ -10,6 +10,17 @@ from sasr.process import keep_freed_memory
 keep_freed_memory()  # as the sasr command does, so in-process cli.main calls change nothing for later tests
 
 
+@pytest.fixture(autouse=True)
+def isolated_registries():
+    """A user's method file loaded by a test (its method, losses, metrics) is gone for the next test."""
+    from sasr import contracts, registry
+
+    held, files = registry.snapshot(), contracts.forget_files(None)
+    yield
+    registry.restore(held)
+    contracts.forget_files(files)
+
+
 @pytest.fixture
 def run_tiny(tmp_path):
     """Train `tiny` for a few steps; returns (RunResult, metrics rows)."""

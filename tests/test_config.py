@@ -116,7 +116,7 @@ def test_readme_option_table_matches_the_schema_both_ways():
     schema = {key for key, _, _ in option_rows()}
     assert schema - documented == set(), "options missing from the README's table"
     assert documented - schema == set(), "README keys the schema does not have"
-    assert options_table() in readme, "the README's option table is stale: run python tools/readme_tables.py"
+    assert options_table() in readme, "the README's option table is stale: run python tools/doc_tables.py"
     assert all(text for _, _, text in option_rows()), "every option needs a one-line description"
 
 

@@ -8,8 +8,8 @@ from sasr.batch import DEMO, ROLLOUT, Gather, Part, cat_rows
 from sasr.config import validate
 from sasr.data import rows_of_kind
 from sasr.learner import SFT_PASSES, micro_batches, part_norms, passes
-from sasr.objective import loss_mask
 from sasr.losses import Norm
+from sasr.objective import loss_mask
 
 
 def rows(kind: int, lengths: list[int], group: list[int], truncated: list[bool] | None = None):

@@ -462,3 +462,42 @@ def test_prefix_rft_plans_a_prefix_on_a_cosine_in_every_group():
     assert get_method("prefix-rft", steps=20).fraction(20) == pytest.approx(0.05)  # default: the whole run
     with pytest.raises(SasrError, match="num_prefixed"):
         get_method("prefix-rft", steps=20, group_size=4, num_prefixed=4)
+
+
+def test_a_steps_loss_from_given_log_probs_with_no_model_is_the_papers_arithmetic(tmp_path):
+    """``sasr.objective.micro_loss`` is the loss the learner computes, from per-token log-probs alone: here a
+    LUFFY step's (two groups of three rollouts and one demonstration), equal in value and gradient to LUFFY's
+    formula written out by hand: rollout tokens -A x ratio (ratio 1 in value), demonstration tokens
+    -A p / (p + 0.1), summed and divided by rows x max_completion_length (dr_grpo)."""
+    from helpers import tiny_config
+
+    from sasr.config import validate
+    from sasr.objective import PassOutputs, micro_loss
+    from sasr.trees import dotted
+
+    config = validate(tiny_config(tmp_path, method="luffy", grpo={"num_generations": 4}))
+    luffy = get_method("luffy", **config.method_kwargs())
+    plan = luffy.plan(1)
+    rows = rows_for(plan, seed=0, T=5)
+    rows.completion_mask = (torch.rand(8, 5, generator=torch.Generator().manual_seed(1)) > 0.2).long()
+    parts, _ = luffy.parts(plan, rows)
+    torch.manual_seed(0)
+    base = -torch.rand(8, 5) * 3
+    sampled = rows.kind == ROLLOUT
+    ref = base[sampled] + 0.1 * torch.randn(int(sampled.sum()), 5)
+    logps = base.clone().requires_grad_()
+    out = PassOutputs(logps, torch.rand(8, 5), ref)
+    settings = dotted(config.model_dump(mode="json"))
+    loss, stats = micro_loss(rows, parts, out, settings)
+
+    by_hand = base.clone().requires_grad_()
+    adv, p = rows.advantages[:, None], by_hand.exp()
+    per_token = torch.where(
+        (rows.kind == OFFPOLICY)[:, None], -adv * p / (p + 0.1), -adv * torch.exp(by_hand - by_hand.detach())
+    )
+    want = (per_token * rows.completion_mask).sum() / (8 * config.grpo.max_completion_length)
+    torch.testing.assert_close(loss, want)
+    (ours,) = torch.autograd.grad(loss, logps)
+    (theirs,) = torch.autograd.grad(want, by_hand)
+    torch.testing.assert_close(ours, theirs)
+    assert stats["clip_fraction"] == 0.0 and stats["kl"] > 0 and "offpolicy_shaped_weight" in stats

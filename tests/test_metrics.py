@@ -15,7 +15,7 @@ def test_readme_metrics_table_matches_the_registry_both_ways():
     table = README[start : README.index("\n\n", start)]
     documented = {m.group(1) for m in re.finditer(r"^\| `([a-z0-9_/@]+?)(NAME)?` \|", table, re.M)}
     assert documented == set(metrics.METRICS), "the README's metrics table and the registry differ"
-    assert metrics.table() in README, "the README's metrics table is stale: run python tools/readme_tables.py"
+    assert metrics.table() in README, "the README's metrics table is stale: run python tools/doc_tables.py"
 
 
 @pytest.mark.parametrize(

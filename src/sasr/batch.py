@@ -36,7 +36,9 @@ class RowKind:
     sampled: bool
 
 
-ROW_KINDS: Registry[RowKind] = Registry("row kind")
+ROW_KINDS: Registry[RowKind] = Registry(
+    "row kind", "sasr.batch.ROW_KINDS", "a kind of row: in a group or not, sampled or not (`register_kind`)"
+)
 
 
 def register_kind(name: str, grouped: bool, sampled: bool) -> int:
@@ -321,7 +323,21 @@ PromptExtension = Callable[..., list[int]]
 # Columns a method adds to a group row's line of completions.jsonl: columns(rows, i) -> {name: value}.
 SampleColumns = Callable[[Rows, int], dict[str, Any]]
 
-ROW_SOURCES: Registry[RowSource] = Registry("row source")
-GROUP_ROWS: Registry[GroupRows] = Registry("group rows maker")
-PROMPT_EXTENSIONS: Registry[PromptExtension] = Registry("prompt extension")
-SAMPLE_COLUMNS: Registry[SampleColumns] = Registry("sample columns")
+ROW_SOURCES: Registry[RowSource] = Registry(
+    "row source",
+    "sasr.batch.ROW_SOURCES",
+    "rows outside the groups, before or after them (`RowSource`; a plan asks with `Gather.sources`)",
+)
+GROUP_ROWS: Registry[GroupRows] = Registry(
+    "group rows maker",
+    "sasr.batch.GROUP_ROWS",
+    "the rows each group adds beside its rollouts (a plan asks with `Gather.extend_groups`)",
+)
+PROMPT_EXTENSIONS: Registry[PromptExtension] = Registry(
+    "prompt extension",
+    "sasr.batch.PROMPT_EXTENSIONS",
+    "the tokens a prompt goes on with before its rollouts are sampled (`Gather.extend_prompts`)",
+)
+SAMPLE_COLUMNS: Registry[SampleColumns] = Registry(
+    "sample columns", "sasr.batch.SAMPLE_COLUMNS", "columns of a group row's line in completions.jsonl"
+)

@@ -20,6 +20,25 @@ EXAMPLES = """examples:
 """
 
 
+def usage() -> str:
+    """The README's command-line summary, its methods and model aliases from their registries."""
+    from sasr.methods import METHODS
+    from sasr.models import ALIASES
+
+    methods, aliases = "|".join(METHODS), "|".join(ALIASES)
+    return "\n".join(
+        [
+            f"sasr train [--config FILE.yaml] [--method {methods}|FILE.py:CLASS]",
+            f"           [--task NAME] [--model HUB_ID|FOLDER|{aliases}] [--steps N] [--warmup-steps W]",
+            "           [--gamma G] [--seed S] [--output DIR] [--overwrite] [--set key=value ...] [--quiet]",
+            "           [--reward module:function ...] [--save-every N] [--resume RUN_DIR]",
+            'sasr eval | compare | report ...   # see "Evaluate, compare, report"',
+            "sasr models     # model aliases",
+            "sasr tasks      # tasks and their options",
+        ]
+    )
+
+
 def _train_parser(sub) -> None:
     from sasr.methods import METHODS
 

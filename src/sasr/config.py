@@ -258,6 +258,8 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.method.endswith(".py"):
+            raise ValueError(f"method '{self.method}' names a file; add its class: {self.method}:ClassName")
         if not is_spec(self.method) and self.method not in METHODS:
             raise ValueError(
                 f"unknown method '{self.method}'{nearest(self.method, METHODS)}; valid: {', '.join(METHODS)} "

@@ -58,6 +58,15 @@ def load_module(module_name: str, what: str, once: bool = False) -> ModuleType:
     return module
 
 
+def forget_files(keep: dict | None) -> dict:
+    """The files loaded ``once`` so far; with ``keep``, forget every file loaded since (tests isolate)."""
+    held = dict(_FILES)
+    if keep is not None:
+        _FILES.clear()
+        _FILES.update(keep)
+    return held
+
+
 def load_function(spec: str) -> Callable:
     """'module:function' or 'file.py:function' -> the function, or one sentence saying what is missing."""
     module_name, func_name = split_spec(spec, "reward", "function")

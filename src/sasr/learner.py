@@ -60,7 +60,7 @@ SFT_PASSES = Passes(temperature=1.0, rollouts=False, reference=False, iterations
 class Update:
     """What a step's updates did: the first update's loss, pre-clip gradient norm (the norm SASR reads) and
     learning rate, whether every update was finite (a non-finite one was skipped), and the passes'
-    statistics (a later update's loss, norm and rate as ``update/NAME/...``)."""
+    statistics (a later update's: ``merged``)."""
 
     loss: float
     grad_norm: float
@@ -127,6 +127,19 @@ def update_rows(rows: Rows, parts: list[Part]) -> tuple[Rows, list[Part]]:
     return rows.select(idx), [dataclasses.replace(p, rows=p.rows[idx]) for p in parts]
 
 
+def merged(stats: dict[str, float], later: Update, name: str) -> dict[str, float]:
+    """A later update's numbers as the step's line holds them: its loss, norm and rate, and any statistic the
+    first update also has, as ``update/NAME/KEY``; the others as they are; its trained tokens added."""
+    own = {"loss": later.loss, "grad_norm": later.grad_norm, "lr": later.lr}
+    out = {f"update/{name}/{k}": v for k, v in own.items()}
+    for key, value in later.stats.items():
+        if key == "trained_tokens":
+            out[key] = stats[key] + value
+        else:
+            out[key if key not in stats else f"update/{name}/{key}"] = value
+    return out
+
+
 class Learner:
     """Takes a step's updates on ``model``: with ``optimizer`` and ``lr_scheduler``, or with another
     optimizer state an update names (``Apply.optimizer``), made at its first use and saved with the run."""
@@ -158,13 +171,7 @@ class Learner:
         self.lr_scheduler.step()
         first = done[0]
         for apply, later in zip(plan.updates[1:], done[1:]):
-            first.stats.update(
-                {
-                    f"update/{apply.optimizer}/{k}": v
-                    for k, v in (("loss", later.loss), ("grad_norm", later.grad_norm), ("lr", later.lr))
-                }
-            )
-            first.stats["trained_tokens"] += later.stats["trained_tokens"]
+            first.stats.update(merged(first.stats, later, apply.optimizer))
         first.finite = all(u.finite for u in done)
         return first
 

@@ -280,7 +280,11 @@ class Advantages:
 
 
 # name -> estimator(rewards [B], rows, group_size, centre, scale, gather) -> Advantages
-ADVANTAGES: Registry[Callable[..., Advantages]] = Registry("advantage estimator")
+ADVANTAGES: Registry[Callable[..., Advantages]] = Registry(
+    "advantage estimator",
+    "sasr.losses.ADVANTAGES",
+    "an advantage estimator over a step's groups (a plan names it in `Gather.advantage`)",
+)
 
 
 @ADVANTAGES.register("group")
@@ -328,7 +332,11 @@ class LossTerm:
     passes: Callable[[dict[str, Any]], tuple[str, ...]] = lambda options: ()
 
 
-PART_LOSSES: Registry[LossTerm] = Registry("part loss")
+PART_LOSSES: Registry[LossTerm] = Registry(
+    "part loss",
+    "sasr.losses.PART_LOSSES",
+    "a loss term a `Part` names (`LossTerm`: the function, the run's settings it reads, the passes it needs)",
+)
 
 
 def row_entropy(x: PartInputs) -> torch.Tensor:

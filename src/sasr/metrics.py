@@ -55,7 +55,12 @@ PASS = "mean/mean/-/mean"  # a statistic of the training passes
 ROLLOUTS = "-/-/-/mean"  # a statistic of the step's (chosen) rollouts
 TIME = "sum/sum/-/mean"
 
-METRICS: Registry[Metric] = Registry("metric")
+METRICS: Registry[Metric] = Registry(
+    "metric",
+    "sasr.metrics.METRICS",
+    "a metric: its meaning and how it combines over micro-batches, updates, sampling batches and processes "
+    "(`metrics.register`)",
+)
 
 
 def register(name: str, meaning: str, how: str = "-/-/-/-") -> Metric:

@@ -22,5 +22,9 @@ class Pass:
     run: Callable[..., torch.Tensor]  # (learner, rows, temperature) -> [b, T]
 
 
-PASSES: Registry[Pass] = Registry("pass")
+PASSES: Registry[Pass] = Registry(
+    "pass",
+    "sasr.passes.PASSES",
+    "a forward pass a loss term needs besides the policy's (`Pass(run)`: per-token numbers, no gradient)",
+)
 ANCHOR = "anchor"  # the learner's own (not in PASSES)

@@ -10,24 +10,29 @@ from typing import Generic, TypeVar
 from sasr.errors import SasrError, unknown
 
 T = TypeVar("T")
+REGISTRIES: list[Registry] = []  # every registry made, for ``snapshot`` and ``restore``
 
 
 def _origin(obj: object) -> str:
-    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+    """Where ``obj`` was defined, for an error sentence (a wrapper such as a LossTerm: its function's)."""
+    inner = next((getattr(obj, a) for a in ("fn", "run", "make") if callable(getattr(obj, a, None))), obj)
+    return f"{getattr(inner, '__module__', '?')}.{getattr(inner, '__qualname__', type(inner).__qualname__)}"
 
 
 class Registry(Generic[T]):
-    """name -> object, in the order registered. ``kind`` names the registry in error sentences."""
+    """name -> object, in the order registered. ``kind`` names the registry in error sentences; ``name`` (its
+    module's constant) and ``about`` (what a module registers there, and how) describe it in the docs."""
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
+    def __init__(self, kind: str, name: str = "", about: str = "") -> None:
+        self.kind, self.name, self.about = kind, name, about
         self._items: dict[str, T] = {}
+        REGISTRIES.append(self)
 
     def add(self, name: str, obj: T) -> T:
-        """Register ``obj`` as ``name``; the same object (or the same definition loaded again) again is a
-        no-op, another one under a taken name is refused."""
+        """Register ``obj`` as ``name``; the same object again is a no-op, another one under a taken name is
+        refused."""
         held = self._items.get(name)
-        if held is not None and held is not obj and _origin(held) != _origin(obj):
+        if held is not None and held is not obj:
             raise SasrError(
                 f"{self.kind} name '{name}' is taken (by {_origin(held)}); give {_origin(obj)} another name"
             )
@@ -63,3 +68,24 @@ class Registry(Generic[T]):
 
     def items(self):
         return self._items.items()
+
+
+def snapshot() -> list[dict]:
+    """What every registry holds now (a test that loads a user's file puts it back after: ``restore``)."""
+    return [dict(r._items) for r in REGISTRIES]
+
+
+def restore(held: list[dict]) -> None:
+    for registry, items in zip(REGISTRIES, held):
+        registry._items = dict(items)
+
+
+def table(shown: int = 6) -> str:
+    """Every registry as a markdown table (docs/methods.md, "Write your own hybrid", holds it; a test keeps
+    the two equal): where it is, what goes in it, and what is in it (the first ``shown`` names)."""
+    lines = ["| registry | what a module registers there | in it |", "| --- | --- | --- |"]
+    for r in sorted(REGISTRIES, key=lambda r: r.name):
+        names = [f"`{n}`" for n in r]
+        held = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+        lines.append(f"| `{r.name}` | {r.about} | {held or 'none yet'} |")
+    return "\n".join(lines)

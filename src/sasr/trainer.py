@@ -139,6 +139,26 @@ class Trainer:
         self.run_dir = resolve(c, overwrite, resume, acc)
         self.files = RunDir(self.run_dir, acc.is_main_process)
         resume_from = checkpoint.latest(self.run_dir) if resume else None
+        train_examples, demos, rewards = self._data(c)
+        self.tokenizer = models.load_tokenizer(c.model.name)
+        model, stop_ids, self.parameters = _model(c, self.tokenizer, acc, self.sharded)
+        self.collector = Collector(
+            c,
+            self.task,
+            train_examples,
+            demos,
+            self.tokenizer,
+            rewards,
+            stop_ids,
+            acc,
+            self.decoder,
+            self.cuda_graphs,
+        )
+        self._learner(model)
+        self._start(resume_from, resume)
+
+    def _data(self, c: TrainConfig):
+        """The task, the method, and what the collector draws from: (RL examples, demonstrations, rewards)."""
         self.task = task = get_task(c.task.name, **c.task.options())
         train_examples = training_examples(c, task)
         self.test_examples = task.examples("test", c.task.test_size, seed=c.seed)
@@ -149,21 +169,11 @@ class Trainer:
         self.method = get_method(c.method, **c.method_kwargs())
         rewards = Rewards(task, c.reward_funcs, c.reward_weights)
         check_prompts(c, task, train_examples, self.method)
-        demos = demonstration_source(c, task, train_examples, self.method)
-        self.tokenizer = models.load_tokenizer(c.model.name)
-        model, stop_ids, self.parameters = _model(c, self.tokenizer, acc, self.sharded)
-        self.collector = Collector(
-            c,
-            task,
-            train_examples,
-            demos,
-            self.tokenizer,
-            rewards,
-            stop_ids,
-            acc,
-            self.decoder,
-            self.cuda_graphs,
-        )
+        return train_examples, demonstration_source(c, task, train_examples, self.method), rewards
+
+    def _learner(self, model) -> None:
+        """The reference policy, the optimizer and its schedule, the model as it trains, the learner."""
+        c, acc = self.config, self.accelerator
         self.reference = ReferencePolicy(model, use_lora=c.lora.enabled)
         anchored = c.sft.loss in ANCHORED_SFT_LOSSES  # ASFT's KL on demonstrations reads pi_ref too
         if not c.lora.enabled and (self.method.uses_reference or anchored):  # full fine-tuning: a copy
@@ -178,6 +188,9 @@ class Trainer:
             c, self.model, self.optimizer, self.lr_scheduler, self.reference, acc, self.sharded
         )
 
+    def _start(self, resume_from: Path | None, resume: bool) -> None:
+        """The run's bookkeeping from zero or from ``resume_from``'s checkpoint; its files and trackers."""
+        c, acc = self.config, self.accelerator
         self.eval_before: dict[str, float] | None = None
         self.seconds_before = 0.0  # wall time of the segments before a resume (a checkpoint holds it)
         self.segments_before: list[list[float]] = []  # their [start, end] Unix times
@@ -278,7 +291,11 @@ class Trainer:
                     self._write_status("stopped", step=step)
                     raise TrainingStopped(step, stop, self.run_dir)
         bar.close()
+        return self._finish(after)
 
+    def _finish(self, after: dict[str, float] | None) -> RunResult:
+        """The last evaluation (unless the last step's was it), the final model, run.json, the trackers."""
+        c, acc = self.config, self.accelerator
         if after is None and c.eval.after and self.test_examples:
             after = self.evaluate("eval after", c.eval.samples, self.steps_done)
         seconds, self.finished_at = self.elapsed(), time.time()

@@ -183,7 +183,11 @@ class DrGRPOOptions(Options):
     )
 
 
-METHODS: Registry[type[Method]] = Registry("method")
+METHODS: Registry[type[Method]] = Registry(
+    "method",
+    "sasr.methods.METHODS",
+    "a method class (`@register_method`; a user's class joins it from `--method file.py:Class`)",
+)
 
 
 def register_method(cls: type[Method]) -> type[Method]:
