@@ -461,7 +461,8 @@ def build_config(
     tree: dict[str, Any] = {}
     layers: list[tuple[str, Any]] = []
     data = load_yaml(file) if file is not None else {}
-    for spec in (data.get("method"), (overrides or {}).get("method"), *(parse_set(s)[1] for s in sets or [])):
+    named = [v for k, v in map(parse_set, sets or []) if k == "method"]
+    for spec in (data.get("method"), (overrides or {}).get("method"), *named):
         if isinstance(spec, str) and is_spec(spec):  # a user's method: its options are keys from here on
             load_method(spec)
     layers += _flatten(data)

@@ -34,15 +34,23 @@ PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 _BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+@functools.cache
+def packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN reorders a ``dtype`` matrix on this CPU (bfloat16 needs AVX512-BW/VL/DQ or AVX-NE-CONVERT,
+    which some CPUs lack: tried once on a small matrix)."""
+    if dtype not in PACKABLE_DTYPES or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), 1)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 def can_pack(model) -> bool:
-    """oneDNN prepacking applies: a CPU model in float32 or bfloat16, and a torch built with oneDNN."""
+    """oneDNN prepacking applies: a CPU model in a dtype this CPU's oneDNN reorders (``packs``)."""
     p = next(model.parameters())
-    return (
-        p.device.type == "cpu"
-        and p.dtype in PACKABLE_DTYPES
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+    return p.device.type == "cpu" and packs(p.dtype)
 
 
 @contextlib.contextmanager
@@ -68,7 +76,7 @@ def _merged(model, layers: dict[str, tuple[torch.nn.Module, str]], keep_buffers:
 
 def _packed(model, rows: int) -> contextlib.AbstractContextManager:
     """Every ``nn.Linear`` computes with its weight reordered for oneDNN, tuned for ``rows`` rows."""
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype in PACKABLE_DTYPES]
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and packs(m.weight.dtype)]
 
     def packed_forward(m: torch.nn.Linear):
         packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
