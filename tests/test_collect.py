@@ -186,25 +186,29 @@ def test_an_hpt_prompt_without_a_demonstration_is_never_routed_to_sft(tmp_path):
 
 
 def test_uft_hints_are_the_start_of_each_prompts_demonstration_on_a_schedule(tmp_path):
-    """UFT: p(t) a cosine from 0.95 to 0.05 over hint_steps, then 0; a prompt's hint is the first k of 5 equal
-    parts of its demonstration's tokens, k ~ Binomial(5, p(t)) drawn from (seed, step, prompt) alone; the
-    rollouts continue the prompt + hint (sampler log-probs for the sampled tokens only); one DEMO row per hinted
-    prompt carries exactly the hint's tokens (no EOS) for the NLL part; R3 draws k uniformly and trains no NLL."""
+    """UFT: p(t) = 0.05 + 0.45 (1 + cos(pi t / hint_steps)), then 0; a prompt's hint is its demonstration's
+    first k solution steps (lines) of at most 5 chunks, k ~ Binomial(chunks, p(t)) drawn from (seed, step,
+    prompt) alone; the rollouts continue the prompt + hint (sampler log-probs for the sampled tokens only) and
+    are judged with the hint before them; one DEMO row per hinted prompt carries exactly the hint's tokens (no
+    EOS) for the NLL part; R3 draws k uniformly at every step and trains no NLL; hint_unit: token cuts the
+    demonstration's tokens into equal parts instead."""
     col, uft = collector(tmp_path, method="uft", steps=10, uft={"hint_steps": 5})
-    assert [round(uft.hint_p(t), 4) for t in (1, 3, 5, 6)] == [0.95, 0.5, 0.05, 0.0]
+    assert [round(uft.plan(t).info["uft_hint_p"], 4) for t in (1, 5, 6)] == [0.8641, 0.05, 0.0]
     plan = uft.plan(1)
     hints = plan.gather.extend_prompts.args
-    assert hints["p"] == 0.95 and hints["train"] and plan.phase == "mixed"
+    assert hints["train"] and hints["unit"] == "step" and plan.phase == "mixed"
     assert uft.plan(6).gather.extend_prompts is None
     ex = col.examples[3]
-    ids = col.tokenizer(col.task.target(ex), add_special_tokens=False)["input_ids"]
-    bounds = [round(j / 5 * len(ids)) for j in range(6)]
+    lines = col.task.target(ex).splitlines(keepends=True)
+    steps = [
+        col.tokenizer("".join(lines[:k]), add_special_tokens=False)["input_ids"]
+        for k in range(len(lines) + 1)
+    ]
     draws = [hint(col, step, ex, **hints) for step in range(1, 41)]
-    assert all(h == ids[: len(h)] and len(h) in bounds for h in draws)  # a prefix, cut at a part's end
-    assert hint(col, 7, ex, **hints) == draws[6]  # a pure function of (seed, step, prompt)
-    assert 0.8 < sum(len(h) for h in draws) / (40 * len(ids)) <= 1.0  # about p = 0.95 of it
+    assert all(h in steps for h in draws) and hint(col, 7, ex, **hints) == draws[6]  # whole steps; pure
+    assert sum(len(h) for h in draws) / (40 * len(steps[-1])) > 0.6  # about p = 0.86 of the steps
     low = {**hints, "p": 0.05}
-    assert sum(len(hint(col, s, ex, **low)) for s in range(1, 41)) / (40 * len(ids)) < 0.2
+    assert sum(len(hint(col, s, ex, **low)) for s in range(1, 41)) / (40 * len(steps[-1])) < 0.2
 
     got = col.collect(1, plan.gather)
     rows, examples = got.rows, [col.examples[i] for i in got.prompts]
@@ -220,15 +224,45 @@ def test_uft_hints_are_the_start_of_each_prompts_demonstration_on_a_schedule(tmp
         assert target == shown[rows.group[row]]  # the hint itself, no EOS
     parts, _ = uft.parts(plan, rows)
     assert [(p.name, p.loss, p.weight) for p in parts] == [("rl", "pg", 1.0), ("hint", "nll", 0.001)]
-    assert got.stats["uft_hint_share"] == pytest.approx(sum(len(h) for h in shown) / (2 * len(ids)), rel=0.5)
+    assert parts[0].options["loss_type"] == "bnpo"
+    full = [len(col.tokenizer(col.task.target(e), add_special_tokens=False)["input_ids"]) for e in examples]
+    assert got.stats["uft_hint_share"] == pytest.approx(sum(len(h) / n for h, n in zip(shown, full)) / 2)
 
     col, r3 = collector(tmp_path, method="uft", steps=10, uft={"variant": "r3"})
-    plan = r3.plan(1)
+    plan = r3.plan(9)  # R3 shows hints at every step, past hint_steps too
     hints = plan.gather.extend_prompts.args
     assert hints["uniform"] and not hints["train"] and plan.phase == "grpo" and "uft_hint_p" not in plan.info
-    assert not (col.collect(1, plan.gather).rows.kind == DEMO).any()
-    lengths = {len(hint(col, s, col.examples[3], **hints)) for s in range(1, 60)}
-    assert lengths == set(bounds)  # every number of parts, none to all
+    assert not (col.collect(9, plan.gather).rows.kind == DEMO).any()
+    ex = col.examples[3]  # the same example, of this run
+    lengths = {len(hint(col, s, ex, **hints)) for s in range(1, 80)}
+    assert lengths == {len(h) for h in steps}  # every number of steps, none to all
+
+    ids = steps[-1]
+    bounds = [round(j / 5 * len(ids)) for j in range(6)]
+    by_token = {**hints, "unit": "token"}
+    assert {len(hint(col, s, ex, **by_token)) for s in range(1, 80)} == set(bounds)
+
+
+SEEN = """
+def seen(completions, log_extra, **kw):
+    log_extra("seen", [c[0]["content"] for c in completions])
+    return [0.0] * len(completions)
+"""
+
+
+def test_a_shown_hint_is_judged_with_the_completion(tmp_path):
+    """A prompt extension marked judged (UFT's hint) is read by the judge and the reward functions before
+    the completion, as UFT's reward reads the prompt's hint with the response."""
+    module = reward_module(tmp_path, SEEN, "seen")
+    col, uft = collector(tmp_path, method="uft", steps=10, reward_funcs=[f"{module}:seen", "task"])
+    plan = uft.plan(1)
+    got = col.collect(1, plan.gather)
+    examples = [col.examples[i] for i in got.prompts]
+    shown = [col.tokenizer.decode(hint(col, 1, ex, **plan.gather.extend_prompts.args)) for ex in examples]
+    on = (got.rows.kind == ROLLOUT).nonzero().squeeze(1).tolist()
+    assert any(shown) and len(got.extra["seen"]) == len(on)
+    for j, i in enumerate(on):
+        assert got.extra["seen"][j] == shown[got.rows.group[i]] + got.rows.texts[i]
 
 
 PARITY = """
@@ -238,39 +272,40 @@ def parity(prompts, completions, **kw):
 
 
 def test_a_prefix_rft_group_continues_the_start_of_its_demonstration(tmp_path):
-    """Per prompt: its rollouts, then the row that starts with the first int(l x L) of its demonstration's L
-    tokens (exactly those tokens, marked as given, with no sampler log-prob) and goes on with what the
-    policy sampled after them (up to max_completion_length, as a rollout); judged on the whole; advantages within each
-    (prompt, prefix) subgroup; only the sampled tokens count as generated. A prompt without a demonstration
-    samples its whole group."""
+    """Per prompt: its G - n rollouts, then n = G/2 rows that start with the first int(l x L) of its
+    demonstration's L tokens (exactly those tokens, marked as given, with no sampler log-prob) and go on with what
+    the policy sampled after them (up to max_completion_length, as a rollout); judged on the whole; advantages
+    within each (prompt, prefix) subgroup, the prefix tokens' (advantage - the rollouts' mean) / n; only the
+    sampled tokens count as generated. A prompt without a demonstration samples its whole group."""
     grpo = {"num_generations": 4, "max_completion_length": 48}
     parity = reward_module(tmp_path, PARITY, "parity")  # rewards that differ, so the centring shows
     col, m = collector(tmp_path, method="prefix-rft", grpo=grpo, steps=10, reward_funcs=[f"{parity}:parity"])
     plan = m.plan(1)
     got = col.collect(1, plan.gather)
     rows = got.rows
-    assert rows.kind.tolist() == ([ROLLOUT] * 3 + [PREFIXED]) * 2
+    assert rows.kind.tolist() == ([ROLLOUT] * 2 + [PREFIXED] * 2) * 2
     examples = [col.examples[i] for i in got.prompts]
     for g, ex in enumerate(examples):
-        row = 4 * g + 3
         assert (rows.prompt_ids[4 * g : 4 * g + 4] == rows.prompt_ids[4 * g]).all()  # one prompt per group
         ids = col.tokenizer(col.task.target(ex), add_special_tokens=False)["input_ids"]
         m_ = int(0.95 * len(ids))
-        completion = rows.completion_ids[row][rows.completion_mask[row].bool()].tolist()
-        assert completion[:m_] == ids[:m_] and rows.given[row].sum() == m_
-        assert rows.given[row, :m_].all() and not rows.given[rows.kind == ROLLOUT].any()
-        assert m_ < len(completion) <= m_ + 48  # then up to max_completion_length sampled, as a rollout
-        assert (rows.sampler_logprobs[row, :m_] == 0).all() and rows.sampler_logprobs[row, m_:][
-            rows.completion_mask[row, m_:].bool()
-        ].ne(0).all()
-        assert rows.texts[row] == col.tokenizer.decode(completion, skip_special_tokens=True)
-        on = rows.rewards[4 * g : 4 * g + 3]
-        assert rows.advantages[4 * g : 4 * g + 3].tolist() == pytest.approx(
+        on, pre = rows.rewards[4 * g : 4 * g + 2], rows.rewards[4 * g + 2 : 4 * g + 4]
+        for row in (4 * g + 2, 4 * g + 3):
+            completion = rows.completion_ids[row][rows.completion_mask[row].bool()].tolist()
+            assert completion[:m_] == ids[:m_] and rows.given[row].sum() == m_
+            assert rows.given[row, :m_].all() and not rows.given[rows.kind == ROLLOUT].any()
+            assert m_ < len(completion) <= m_ + 48  # then up to max_completion_length sampled, as a rollout
+            assert (rows.sampler_logprobs[row, :m_] == 0).all() and rows.sampler_logprobs[row, m_:][
+                rows.completion_mask[row, m_:].bool()
+            ].ne(0).all()
+            assert rows.texts[row] == col.tokenizer.decode(completion, skip_special_tokens=True)
+            centred = rows.rewards[row] - pre.mean()
+            assert rows.advantages[row].item() == pytest.approx(centred.item(), abs=1e-6)
+            assert rows.extras["prefix_advantages"][row].item() == pytest.approx(
+                (centred - on.mean()).item() / 2, abs=1e-6
+            )
+        assert rows.advantages[4 * g : 4 * g + 2].tolist() == pytest.approx(
             (on - on.mean()).tolist(), abs=1e-6
-        )
-        assert rows.advantages[row] == rows.rewards[row]  # a subgroup of one: centred on 0
-        assert rows.extras["prefix_advantages"][row].item() == pytest.approx(
-            rows.rewards[row].item() - on.mean().item()
         )
     assert rows.rewards.unique().numel() > 1
     assert got.stats["generated_tokens"] == rows.sampled().sum().item() < rows.completion_mask.sum().item()
@@ -278,9 +313,9 @@ def test_a_prefix_rft_group_continues_the_start_of_its_demonstration(tmp_path):
 
     col, m, examples = scarce_collector(tmp_path, "prefix-rft")
     rows = col.collect(1, m.plan(1).gather).rows
-    assert rows.kind.tolist() == [ROLLOUT] * 3 + [PREFIXED] + [ROLLOUT] * 4
+    assert rows.kind.tolist() == [ROLLOUT] * 2 + [PREFIXED] * 2 + [ROLLOUT] * 4
     _, stats = m.parts(m.plan(1), rows)
-    assert stats["prefix_share"] == 1 / 8
+    assert stats["prefix_share"] == 2 / 8
     col.draw = lambda step, n, kind, pool=None: [examples[7], examples[8]][:n]  # no demonstration at all
     rows = col.collect(2, m.plan(2).gather).rows
     assert rows.kind.tolist() == [ROLLOUT] * 8 and rows.given is None

@@ -681,7 +681,7 @@ def test_prefix_tokens_train_with_their_own_advantage_clip_and_entropy_mask():
         max_completion_length=T,
         use_bias_correction_kl=False,
         # of the 3 prefix tokens int(3 x 0.5) = 1 is dropped: the lowest entropy
-        prefix={"epsilon": 0.1, "epsilon_high": 0.1, "entropy_top": 0.5},
+        prefix={"prefix_epsilon": 0.1, "prefix_epsilon_high": 0.1, "prefix_entropy_top": 0.5},
     )
     logps2 = logps.detach().clone().requires_grad_(True)
     total = 0.0
@@ -721,7 +721,7 @@ def test_the_entropy_mask_ranks_the_prefix_tokens_of_every_row_at_hand_together(
     entropy = torch.tensor([[0.1, 0.2, 1.0], [0.9, 0.8, 1.0]])
     no, kind = torch.zeros(2, dtype=torch.bool), torch.full((2,), PREFIXED)
     options = dict(beta=0.0, epsilon=0.2, epsilon_high=None, loss_type="dr_grpo", max_completion_length=3)
-    prefix_options = {"epsilon": None, "epsilon_high": None, "entropy_top": 0.5}
+    prefix_options = {"prefix_epsilon": None, "prefix_epsilon_high": None, "prefix_entropy_top": 0.5}
 
     def run(mask):
         extras = {"prefix_advantages": torch.ones(2)}

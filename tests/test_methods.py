@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from sasr.batch import DEMO, ROLLOUT, Gather, Plan, Rows
+from sasr.batch import DEMO, ROLLOUT, Apply, Gather, Plan, Rows, cat_rows
 from sasr.errors import SasrError
 from sasr.losses import PartInputs, nll_part, pg_part
 from sasr.methods import METHODS, get_method
@@ -367,10 +367,12 @@ def test_offpolicy_rows_with_a_kl_term_stay_finite():
     assert math.isfinite(out.loss.item()) and torch.isfinite(logps.grad).all()
 
 
-def test_relift_buffers_failed_prompts_and_trains_sft_on_them_when_full():
-    """ReLIFT over a few steps: prompts whose rollouts all failed join the buffer (every process's, in
-    order); once it holds buffer_size, the next step is SFT on exactly those, at its own rate and clip, and
-    the buffer empties; RL steps centre advantages without scaling them and clip at 0.2 / 0.28."""
+def test_relift_buffers_failed_prompts_and_adds_an_sft_update_to_the_step_that_fills_it():
+    """ReLIFT over a few steps: each step's all-failed prompts (every process's, in order) go in front of the
+    buffer; the step that brings it to buffer_size also takes an SFT update on the newest buffer_size, with an
+    optimizer of its own at its own rate and clip, the rest staying; RL updates centre advantages without
+    scaling them, sum tokens over the maximum length with no clip, and clip the gradient at 0.7. With
+    ``schedule: step`` the buffer instead makes the next step SFT on all of it, which empties it."""
     relift = get_method(
         "relift",
         steps=10,
@@ -378,35 +380,55 @@ def test_relift_buffers_failed_prompts_and_trains_sft_on_them_when_full():
         group_size=4,
         buffer_size=3,
         sft_learning_rate=1e-6,
-        sft_max_grad_norm=0.5,
+        processes=2,
     )
+    assert (
+        get_method("relift", steps=10, prompts_per_step=2, processes=2).size == 4
+    )  # one RL batch, all processes
     plan = relift.plan(1)
     assert (plan.phase, plan.gather.scale_rewards, plan.info["relift_buffer"]) == ("grpo", "none", 0.0)
+    assert plan.updates == (Apply(max_grad_norm=0.7),)
     parts, stats = relift.parts(plan, rows_for(plan, seed=1))
+    inf = float("inf")
     assert [(p.name, p.loss, p.options) for p in parts] == [
-        ("grpo", "pg", {"beta": 0.0, "epsilon_high": 0.28, "loss_type": "dapo"})
+        ("grpo", "pg", {"beta": 0.0, "epsilon_high": inf, "loss_type": "token_sum", "epsilon": inf})
     ]
     assert 0.0 <= stats["relift_failed"] <= 1.0
     relift.outcomes(plan, [(5, 0), (7, 2), (9, 0), (3, 1)])  # two processes' groups: 5 and 9 failed
+    assert relift.follow_up(plan) is None
     relift.observe(plan, 1.0)
     second = relift.plan(2)
-    assert relift.buffer == [5, 9] and second.phase == "grpo"
     relift.outcomes(second, [(1, 4), (2, 0)])
-    relift.observe(second, 1.0)
-    sft = relift.plan(3)
-    (source,), (apply,) = sft.gather.sources, sft.updates
-    assert (sft.phase, source.args["pool"], apply.lr, apply.max_grad_norm) == ("sft", (5, 9, 2), 1e-6, 0.5)
-    assert sft.info == {"relift_buffer": 3.0} and sft.gather.prompts == 0
-    parts, _ = relift.parts(sft, rows_for(Plan(3, "sft", Gather(demos=3)), seed=3))
-    assert [(p.name, p.loss, p.rows.tolist()) for p in parts] == [("sft", "nll", [True] * 3)]
-    relift.observe(sft, 1.0)
-    fourth = relift.plan(4)
-    assert relift.buffer == [] and fourth.phase == "grpo" and relift.counts["sft"] == 1
-    relift.outcomes(fourth, [(8, 0)])
+    grown = relift.follow_up(second)
+    (source,) = grown.gather.sources
+    assert relift.buffer == [2, 5, 9] and source.args["pool"] == (2, 5, 9) and grown.phase == "mixed"
+    assert grown.updates == (Apply(max_grad_norm=0.7), Apply(optimizer="sft", lr=1e-6, max_grad_norm=1.0))
+    assert grown.info == {"relift_buffer": 2.0, "relift_sft_prompts": 3.0} and grown.gather.prompts == 2
+    rows = rows_for(grown, seed=3)
+    rows = cat_rows([rows, rows_for(Plan(2, "sft", Gather(demos=3)), seed=3)], 0)
+    parts, _ = relift.parts(grown, rows)
+    assert [(p.name, p.loss, p.update) for p in parts] == [("grpo", "pg", 0), ("sft", "nll", 1)]
+    assert parts[1].rows.tolist() == [False] * 8 + [True] * 3
+    relift.observe(grown, 1.0)
+    assert relift.buffer == [] and relift.counts["mixed"] == 1
+    relift.outcomes(relift.plan(3), [(8, 0)])
     state = json.loads(json.dumps(relift.state_dict()))
     again = get_method("relift", steps=10, prompts_per_step=2, group_size=4, buffer_size=3)
     again.load_state_dict(state)
     assert again.buffer == [8] and again.counts == relift.counts
+
+    step = get_method("relift", steps=10, prompts_per_step=2, group_size=4, buffer_size=2, schedule="step")
+    first = step.plan(1)
+    step.outcomes(first, [(5, 0), (9, 0), (7, 0)])
+    assert step.follow_up(first) is None
+    step.observe(first, 1.0)
+    sft = step.plan(2)
+    (source,) = sft.gather.sources
+    assert (sft.phase, source.args["pool"], sft.gather.prompts) == ("sft", (5, 9, 7), 0)
+    parts, _ = step.parts(sft, rows_for(Plan(2, "sft", Gather(demos=3)), seed=3))
+    assert [(p.name, p.loss, p.update, p.rows.tolist()) for p in parts] == [("sft", "nll", 0, [True] * 3)]
+    step.observe(sft, 1.0)
+    assert step.buffer == [] and step.plan(3).phase == "grpo"
 
 
 def test_sft_then_grpo_gives_each_stage_its_own_optimiser_settings():
@@ -454,11 +476,12 @@ def test_prefix_rft_plans_a_prefix_on_a_cosine_in_every_group():
     plan = m.plan(6)
     g = plan.gather
     assert (g.rollouts, g.group_rows, g.extend_groups.args["fraction"], plan.phase) == (
-        7,
-        1,
+        4,
+        4,
         plan.info["prefix_fraction"],
         "mixed",
-    )
+    )  # half the group continues the prefix (their layout)
+    assert get_method("prefix-rft", steps=20, group_size=8, num_prefixed=1).plan(6).gather.rollouts == 7
     assert get_method("prefix-rft", steps=20).fraction(20) == pytest.approx(0.05)  # default: the whole run
     with pytest.raises(SasrError, match="num_prefixed"):
         get_method("prefix-rft", steps=20, group_size=4, num_prefixed=4)

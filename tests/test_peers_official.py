@@ -74,7 +74,9 @@ def relift_advantages(rewards: list[float], n: int) -> list[float]:
 
 
 def test_relift_rl_update_is_their_unclipped_token_sum_over_the_padded_length(tmp_path):
-    kwargs, settings = settings_of(tmp_path, "relift", grpo={"num_generations": 4, "max_completion_length": 6})
+    kwargs, settings = settings_of(
+        tmp_path, "relift", grpo={"num_generations": 4, "max_completion_length": 6}
+    )
     relift = get_method("relift", **kwargs)
     plan = relift.plan(1)
     torch.manual_seed(0)
@@ -85,7 +87,10 @@ def test_relift_rl_update_is_their_unclipped_token_sum_over_the_padded_length(tm
     mask = (torch.rand(8, 6) > 0.3).long()
     rows = rows_of([ROLLOUT] * 8, [0] * 4 + [1] * 4, adv, mask)
     parts, _ = relift.parts(plan, rows)
-    base, old = -torch.rand(8, 6) * 2, -torch.rand(8, 6) * 2  # the second mini-batch of their step: ratio != 1
+    base, old = (
+        -torch.rand(8, 6) * 2,
+        -torch.rand(8, 6) * 2,
+    )  # the second mini-batch of their step: ratio != 1
     ours, theirs = base.clone().requires_grad_(), base.clone().requires_grad_()
     loss, stats = micro_loss(rows, parts, PassOutputs(ours, torch.rand(8, 6), old=old), settings)
     want = relift_policy_loss(old, theirs, adv, mask, remove_clip=True, remove_token_mean=True)
@@ -93,7 +98,9 @@ def test_relift_rl_update_is_their_unclipped_token_sum_over_the_padded_length(tm
     torch.testing.assert_close(torch.autograd.grad(loss, ours)[0], torch.autograd.grad(want, theirs)[0])
     assert stats["clip_fraction"] == 0.0
     # their RL-only baseline script (train_rl.sh) clips at 0.2 both ways: relift.remove_clip=false
-    kwargs, settings = settings_of(tmp_path, "relift", relift={"remove_clip": False}, grpo={"max_completion_length": 6})
+    kwargs, settings = settings_of(
+        tmp_path, "relift", relift={"remove_clip": False}, grpo={"max_completion_length": 6}
+    )
     clipped = get_method("relift", **kwargs)
     parts, _ = clipped.parts(plan, rows)
     ours = base.clone().requires_grad_()
@@ -150,7 +157,9 @@ def test_uft_loss_is_their_micro_batch_token_means(tmp_path):
     """verl/workers/actor/dp_actor.py update_policy: the clipped surrogate (clip 0.2) as a token mean over the
     micro-batch's response tokens, plus kl_loss_coef (0.001) x the token mean of low_var_kl (k3, clamped to
     [-10, 10]), plus sft_loss_coef (0.001) x the token mean of the hint tokens' NLL."""
-    kwargs, settings = settings_of(tmp_path, "uft", steps=10, grpo={"num_generations": 4, "max_completion_length": 5})
+    kwargs, settings = settings_of(
+        tmp_path, "uft", steps=10, grpo={"num_generations": 4, "max_completion_length": 5}
+    )
     uft = get_method("uft", **kwargs)
     plan = uft.plan(1)
     torch.manual_seed(1)
@@ -227,7 +236,9 @@ def test_prefix_rft_groups_half_their_rows_on_one_prefix_and_sums_tokens_as_thei
     base = -torch.rand(8, 5) * 2
     ours, theirs = base.clone().requires_grad_(), base.clone().requires_grad_()
     loss, _ = micro_loss(rows, parts, PassOutputs(ours, torch.rand(8, 5)), settings)
-    want = (-adv[:, None] * torch.exp(theirs - theirs.detach()) * mask).sum() / settings["grpo.max_completion_length"]
+    want = (-adv[:, None] * torch.exp(theirs - theirs.detach()) * mask).sum() / settings[
+        "grpo.max_completion_length"
+    ]
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(torch.autograd.grad(loss, ours)[0], torch.autograd.grad(want, theirs)[0])
 
@@ -263,7 +274,10 @@ def test_prefix_rft_loss_is_their_policy_loss_after_the_entropy_reshaper(tmp_pat
     from sasr.losses import top_entropy
 
     kwargs, settings = settings_of(
-        tmp_path, "prefix-rft", steps=10, grpo={"num_generations": 4, "epsilon_high": 0.28, "max_completion_length": 6}
+        tmp_path,
+        "prefix-rft",
+        steps=10,
+        grpo={"num_generations": 4, "epsilon_high": 0.28, "max_completion_length": 6},
     )
     m = get_method("prefix-rft", **kwargs)
     plan = m.plan(1)
@@ -284,7 +298,9 @@ def test_prefix_rft_loss_is_their_policy_loss_after_the_entropy_reshaper(tmp_pat
     prefix = rows.given & mask.bool()
     adv_tokens = torch.where(prefix, prefix_adv[:, None], adv[:, None].expand(4, 6))
     adv_tokens = adv_tokens.masked_fill(prefix & ~top_entropy(entropy, prefix, 0.2), 0.0)
-    want = prefix_rft_policy_loss(old, theirs, adv_tokens, mask, 0.2, 0.28, settings["grpo.max_completion_length"])
+    want = prefix_rft_policy_loss(
+        old, theirs, adv_tokens, mask, 0.2, 0.28, settings["grpo.max_completion_length"]
+    )
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(torch.autograd.grad(loss, ours)[0], torch.autograd.grad(want, theirs)[0])
 

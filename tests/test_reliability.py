@@ -361,12 +361,13 @@ def test_sigkill_then_resume_is_bit_identical_for_the_mixed_methods(tmp_path, me
 
 
 def test_relift_gathers_both_processes_failures_into_one_buffer_and_resumes(tmp_path):
-    """Two gloo ranks: every step's failed prompts of both ranks join one buffer, the same on each (4 after a
-    step: 2 ranks x 2 prompts, all failing on `tiny`), so both take the SFT step on it together; resumed from
-    the checkpoint before an SFT step, the run ends as it would have."""
+    """Two gloo ranks: every step's failed prompts of both ranks join one buffer, the same on each (4 a step:
+    2 ranks x 2 prompts, all failing on `tiny`); with buffer_size 5 both add the SFT update from step 2 on, on
+    the newest 5 shared 3 + 2; resumed from the checkpoint before the first SFT update, the run ends as it
+    would have."""
     a, b = tmp_path / "a", tmp_path / "b"
     launch = [*launched("ddp_cpu"), *ARGS, "--method", "relift", "--steps", "4", "--save-every", "1"]
-    settings = ["relift.buffer_size=3", "grpo.num_generations=3", "eval.before=false", "logging_ranks=true"]
+    settings = ["relift.buffer_size=5", "grpo.num_generations=3", "eval.before=false", "logging_ranks=true"]
     straight = subprocess.run(
         [*launch, *(x for s in settings for x in ("--set", s)), "--output", str(a)],
         env=ENV,
@@ -376,11 +377,11 @@ def test_relift_gathers_both_processes_failures_into_one_buffer_and_resumes(tmp_
     )
     assert straight.returncode == 0, straight.stderr[-2000:]
     r0, r1 = (read_lines(a / "ranks", f"rank{i}.jsonl") for i in (0, 1))
-    assert [x["phase"] for x in r0] == [x["phase"] for x in r1] == ["grpo", "sft", "grpo", "sft"]
-    assert [r["relift_buffer"] for r in read_metrics(a)] == [0, 4, 0, 4]
+    assert [x["phase"] for x in r0] == [x["phase"] for x in r1] == ["grpo", "mixed", "mixed", "mixed"]
+    assert [r["relift_buffer"] for r in read_metrics(a)] == [0, 4, 3, 2]
     shutil.copytree(a, b)
     shutil.rmtree(b / "final")
-    for later in complete_checkpoints(b)[1:]:  # keep step 1's: the buffer holds 4, the next step is SFT
+    for later in complete_checkpoints(b)[1:]:  # keep step 1's: the buffer holds 4, the next step adds SFT
         shutil.rmtree(later)
     again = subprocess.run(
         [*launched("ddp_cpu"), "--resume", str(b), "--quiet"],

@@ -429,10 +429,10 @@ def test_unscored_rollouts_stay_nan_in_the_samples_and_the_report_reads_them(run
     assert (result.output_dir / "report" / "index.html").is_file()
 
 
-def test_relift_takes_its_sft_step_on_the_buffer_and_resumes_across_it(tmp_path):
-    """On `tiny` every rollout fails, so each RL step puts its 2 prompts in the buffer: with buffer_size 3,
-    step 3 is SFT on the 4 buffered prompts' demonstrations at the SFT rate, then RL again; a run resumed from
-    step 2 (buffer in the checkpoint) ends identical."""
+def test_relift_adds_an_sft_update_to_the_step_that_fills_its_buffer_and_resumes_across_it(tmp_path):
+    """On `tiny` every rollout fails, so each RL update puts its 2 prompts at the front of the buffer: with
+    buffer_size 3, steps 2, 3 and 5 also take an SFT update (its own optimizer, the SFT rate) on the newest 3,
+    which leave it; a run resumed from step 2 (buffer and both optimizers in the checkpoint) ends identical."""
     import shutil
 
     from helpers import assert_same_run, read_metrics, tiny_config
@@ -450,10 +450,12 @@ def test_relift_takes_its_sft_step_on_the_buffer_and_resumes_across_it(tmp_path)
     a, b = tmp_path / "a", tmp_path / "b"
     sasr.train(tiny_config(a, **top), progress=False)
     lines = read_metrics(a)
-    assert [r["phase"] for r in lines] == ["grpo", "grpo", "sft", "grpo", "grpo"]
-    assert [r["relift_buffer"] for r in lines] == [0, 2, 4, 0, 2]
-    assert all(r["relift_failed"] == 1.0 for r in lines if r["phase"] == "grpo")
-    assert lines[2]["lr"] == 1e-6 and lines[2]["tokens"] > 0
+    assert [r["phase"] for r in lines] == ["grpo", "mixed", "mixed", "grpo", "mixed"]
+    assert [r["relift_buffer"] for r in lines] == [0, 2, 1, 0, 2]
+    assert all(r["relift_failed"] == 1.0 and r["lr"] == 1e-4 for r in lines)
+    sft = [r for r in lines if r["phase"] == "mixed"]
+    assert all(r["relift_sft_prompts"] == 3 and r["update/sft/lr"] == 1e-6 for r in sft)
+    assert all(r["update/sft/grad_norm"] > 0 for r in sft) and lines[1]["tokens"] > lines[0]["tokens"]
     shutil.copytree(a, b)
     shutil.rmtree(b / "final")
     steps = [p.name for p in complete_checkpoints(b)]
@@ -465,16 +467,23 @@ def test_relift_takes_its_sft_step_on_the_buffer_and_resumes_across_it(tmp_path)
 
 def test_with_scarce_demonstrations_relift_buffers_only_prompts_it_can_teach(run_tiny):
     """demos.size=2 of 8 RL prompts: every rollout of `tiny` fails, but only the two demonstrated prompts
-    (indices 0 and 1: the scarce ones come first) join ReLIFT's buffer, as the step's draws say."""
+    (indices 0 and 1: the scarce ones come first) join ReLIFT's buffer, as the step's draws say; the buffer
+    (default size: the step's 2 prompts) fills only when two of them have been drawn."""
     from sasr.data import pick
 
     top = {"method": "relift", "steps": 6, "task": {"train_size": 8}, "demos": {"size": 2}}
     _, lines = run_tiny("relift-scarce", **top, eval={"before": False, "after": False})
     drawn = [pick(8, 2, step, 0, "grpo", 0, 1) for step in range(1, 7)]
-    taught = [sum(i < 2 for i in idx) for idx in drawn]
-    assert [r["relift_buffer"] for r in lines] == [sum(taught[:i]) for i in range(6)]
+    buffer, planned, updates = 0, [], []
+    for idx in drawn:
+        planned.append(buffer)
+        buffer += sum(i < 2 for i in idx)
+        updates.append(buffer >= 2)
+        buffer = buffer - 2 if buffer >= 2 else buffer
+    assert [r["relift_buffer"] for r in lines] == planned
+    assert [r["phase"] == "mixed" for r in lines] == updates
     assert all(r["relift_failed"] == 1.0 for r in lines)  # every prompt failed; few could be taught
-    assert sum(taught) > 0 and sum(taught) < 12
+    assert 0 < sum(updates) < 6
 
 
 def test_the_two_stage_baseline_trains_each_stage_at_its_own_rate(run_tiny):

@@ -317,8 +317,17 @@ class RowSource:
 # Rows a group adds beside its rollouts: make(collector, model, examples, prompts, rollouts, k, **args) ->
 # (rows or None, the prompts (indices into examples) that got k of them; the others get k more rollouts).
 GroupRows = Callable[..., "tuple[Rows | None, list[int]]"]
-# Tokens a prompt goes on with before its rollouts are sampled: make(collector, step, example, **args) -> ids.
-PromptExtension = Callable[..., list[int]]
+
+
+@dataclass(frozen=True)
+class PromptExtension:
+    """Tokens a prompt goes on with before its rollouts are sampled: ``make(collector, step, example, **args)
+    -> ids``; ``judged``: the judge and the reward functions read them with the completion (the start of the
+    answer, shown)."""
+
+    make: Callable[..., list[int]]
+    judged: bool = False
+
 
 # Columns a method adds to a group row's line of completions.jsonl: columns(rows, i) -> {name: value}.
 SampleColumns = Callable[[Rows, int], dict[str, Any]]

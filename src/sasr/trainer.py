@@ -166,7 +166,7 @@ class Trainer:
             self.test_examples = []  # plain text has no answer to judge: no held-out evaluation
         if not train_examples:
             raise SasrError(f"task '{c.task.name}' produced no training examples")
-        self.method = get_method(c.method, **c.method_kwargs())
+        self.method = get_method(c.method, **c.method_kwargs(), processes=self.accelerator.num_processes)
         rewards = Rewards(task, c.reward_funcs, c.reward_weights)
         check_prompts(c, task, train_examples, self.method)
         return train_examples, demonstration_source(c, task, train_examples, self.method), rewards
@@ -218,6 +218,11 @@ class Trainer:
         c, t0 = self.config, time.perf_counter()
         plan = self.method.plan(step)  # 1. plan: what to gather, what to apply
         got = self.collector.collect(step, plan.gather)  # 2. collect: demonstrations, rollouts [B rows]
+        if self.method.observes_outcomes and plan.gather.prompts:  # every process's (example, solved)
+            self.method.outcomes(plan, self.collector.outcomes(got))
+            grown = self.method.follow_up(plan)  # more rows and updates the outcomes call for
+            if grown is not None:
+                got, plan = self.collector.more(got, step, plan.gather, grown.gather), grown
         parts, route = self.method.parts(plan, got.rows)  # 3. parts: weighted losses over those rows
         if plan.gather.prompts and (c.log_completions or c.num_completions_to_print):
             samples = completion_samples(
@@ -229,8 +234,6 @@ class Trainer:
         update = self.learner.update(plan, got.rows, parts)  # 4. update(s)
         probe_rows = self.collector.probe_rows(step) if plan.gather.probe else None
         probe = self.learner.probe(probe_rows) if probe_rows is not None else None
-        if self.method.observes_outcomes and plan.gather.prompts:  # every process's (example, solved)
-            self.method.outcomes(plan, self.collector.outcomes(got))
         self.method.observe(plan, update.grad_norm if update.finite else None, probe)  # 5. observe
         if step == self.method.reference_step and c.grpo.reference == "warmup":
             self.reference.snapshot()

@@ -126,6 +126,21 @@ class Collector:
         stats["tokens"] = rows.completion_mask.sum().item()
         return Collected(rows, stats, extra, prompts)
 
+    def more(self, got: Collected, step: int, before: Gather, grown: Gather) -> Collected:
+        """``got`` with the rows of the row sources ``grown`` has beyond ``before`` (a method's follow-up, once
+        the step's outcomes are known), after the step's other rows."""
+        asks = tuple(a for a in grown.sources if a not in before.sources)
+        examples = [self.examples[i] for i in got.prompts]
+        pieces, stats = [got.rows], dict(got.stats)
+        for ask in asks:
+            rows, more = ROW_SOURCES[ask.name].make(self, step, examples, **ask.args)
+            stats.update(more)
+            if rows is not None:
+                pieces.append(rows)
+        rows = cat_rows(pieces, self.tokenizer.pad_token_id)
+        stats["tokens"] = rows.completion_mask.sum().item()
+        return Collected(rows, stats, got.extra, got.prompts)
+
     def _sources(self, step: int, gather: Gather, when: str, examples, pieces: list, stats: dict) -> None:
         for ask in gather.sources:
             source = ROW_SOURCES[ask.name]

@@ -73,13 +73,17 @@ def step_groups(c: Collector, model, step: int, gather: Gather) -> Groups:
     return Groups(examples, rows, spread, stats, {})
 
 
-def prompt_texts(c: Collector, step: int, examples: list[Example], gather: Gather) -> list[str]:
-    """Each example's prompt, gone on with the tokens ``gather.extend_prompts`` gives it (if it asks)."""
+def prompt_texts(
+    c: Collector, step: int, examples: list[Example], gather: Gather
+) -> tuple[list[str], list[str]]:
+    """Each example's prompt, gone on with the tokens ``gather.extend_prompts`` gives it (if it asks), and the
+    text of those tokens where the judge reads them with the completion ('' elsewhere)."""
     prompts = render_prompts(c.tokenizer, c.task, examples, c.config.model.chat_template_kwargs)
     if gather.extend_prompts is None:
-        return prompts
-    extend, args = PROMPT_EXTENSIONS[gather.extend_prompts.name], gather.extend_prompts.args
-    return [p + c.tokenizer.decode(extend(c, step, ex, **args)) for p, ex in zip(prompts, examples)]
+        return prompts, [""] * len(prompts)
+    extension, args = PROMPT_EXTENSIONS[gather.extend_prompts.name], gather.extend_prompts.args
+    shown = [c.tokenizer.decode(extension.make(c, step, ex, **args)) for ex in examples]
+    return [p + s for p, s in zip(prompts, shown)], shown if extension.judged else [""] * len(prompts)
 
 
 def group_rows(c: Collector, model, examples: list[Example], prompts: list[str], gather: Gather) -> Rows:
@@ -105,16 +109,20 @@ def sample_groups(c: Collector, model, examples: list[Example], gather: Gather, 
     each whole group."""
     g, device = c.config.grpo, c.accelerator.device
     stats: dict[str, float] = {}
+    prompts, shown = prompt_texts(c, step, examples, gather)
     with metrics.timer(stats, "rollout_seconds", device):
-        rows = group_rows(c, model, examples, prompt_texts(c, step, examples, gather), gather)
+        rows = group_rows(c, model, examples, prompts, gather)
     stats["generated_tokens"] = rows.sampled().sum().item()
     size = gather.rollouts + gather.group_rows
     grouped = [ex for ex in examples for _ in range(size)]
-    scores = score_all(c.task, rows.texts, grouped)
+    judged = [
+        shown[g] + text for g, text in zip(rows.group.tolist(), rows.texts)
+    ]  # a shown start, then the rest
+    scores = score_all(c.task, judged, grouped)
     lengths = rows.completion_mask.sum(1)  # [B]
     call = RewardCall(
         prompts=[c.task.messages(ex) for ex in grouped],
-        texts=rows.texts,
+        texts=judged,
         completion_ids=[ids[:length].tolist() for ids, length in zip(rows.completion_ids, lengths.tolist())],
         trainer_state=TrainerState(global_step=step - 1, max_steps=c.config.steps),
     )

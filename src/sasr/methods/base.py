@@ -4,10 +4,8 @@ A method is asked ``plan(step)`` before the step (what the collector gathers, wh
 the record shows: ``sasr.batch.Plan``), ``parts(plan, rows)`` once the rows are sampled and scored (the
 weighted loss terms over them), and told ``observe(plan, grad_norm, probe)`` after the update. Its random draws
 come from its own generator seeded from the run's seed, so every rank plans the same step; ``parts`` may differ
-between ranks in which rows it picks (HPT routes each prompt), never in the parts it returns.
-
-Options are a pydantic model per method (``Options``), validated like task options; the run's config holds
-them under the method's name (``sasr.gamma``, ``chord.variant``).
+between ranks in which rows it picks (HPT routes each prompt), never in the parts it returns. Its options are
+a pydantic model (``Options``), held by the run's config under the method's name (``sasr.gamma``).
 """
 
 from __future__ import annotations
@@ -66,14 +64,13 @@ class Method:
         demos_per_step: int = 8,
         prompts_per_step: int = 2,
         group_size: int = 8,
+        processes: int = 1,
         **options: Any,
     ) -> None:
         self.steps, self.warmup_steps = steps, (warmup_steps if self.uses_warmup else 0)
-        self.demos_per_step, self.prompts_per_step, self.group_size = (
-            demos_per_step,
-            prompts_per_step,
-            group_size,
-        )
+        self.processes = processes  # the run's processes (a step's RL prompts: prompts_per_step x processes)
+        self.demos_per_step, self.prompts_per_step = demos_per_step, prompts_per_step
+        self.group_size = group_size
         self.opts = self.check_options(options)
         self.check_budget(steps, warmup_steps)
         self.rng = random.Random(seed)  # one generator, seeded identically on every rank
@@ -135,7 +132,14 @@ class Method:
 
     def outcomes(self, plan: Plan, solved: list[tuple[int, int]]) -> None:
         """With ``observes_outcomes``: (RL example index, correct rollouts) of every group of the step that
-        has a demonstration to pair, every process's, in the same order on every process."""
+        has a demonstration to pair, every process's, in the same order on every process; told once the
+        step's rows are scored, before its parts are made."""
+
+    def follow_up(self, plan: Plan) -> Plan | None:
+        """With ``observes_outcomes``, once ``outcomes`` was told: the step's plan grown by what its outcomes
+        call for (more row sources in ``gather.sources``, more ``updates``), or None. The same on every
+        process (the outcomes are every process's)."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs of the method (JSON-able; tensors go in ``tensors()``)."""
@@ -149,8 +153,8 @@ class Method:
         """Tensors a resumed run needs of the method (saved beside the checkpoint's weights), by name."""
         return {}
 
-    def load_tensors(self, tensors: dict[str, Any]) -> None:
-        """Put back what ``tensors()`` returned."""
+    def load_tensors(self, tensors: dict[str, Any]) -> None:  # what ``tensors()`` returned
+        pass
 
     # --- plans every method uses ------------------------------------------------------------------------
 

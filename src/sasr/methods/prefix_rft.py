@@ -1,6 +1,5 @@
-"""Prefix-RFT (arXiv 2507.01679): some rows of each group start with a prefix of the prompt's demonstration and
-go on with what the policy samples; advantages centred within each (prompt, prefix) subgroup; the prefix
-tokens train as off-policy tokens with their own advantage and clip, only the highest-entropy share of them."""
+"""Prefix-RFT (arXiv 2507.01679): rows of each group continue a prefix of the prompt's demonstration; advantages
+centred within each (prompt, prefix) subgroup; the prefix tokens train off-policy, highest entropy only."""
 
 from __future__ import annotations
 
@@ -91,38 +90,43 @@ def _prefix_subgroups(rewards, rows: Rows, group_size: int, centre: str, scale: 
 
 def prefix_pg(x: PartInputs, *, loss_type: str, max_completion_length: int, prefix: dict, **clip) -> PartLoss:
     """Policy gradient over a group's rows, aggregated together. The prefix tokens of prefixed rows take the
-    row's prefix advantage and their own clip range (``prefix``'s epsilon and epsilon_high; None: the
-    rollouts'), and with its ``entropy_top`` only that share of the prefix tokens at hand, the highest-entropy
-    ones, keeps its advantage; what the policy sampled after the prefix trains as a rollout does."""
+    row's prefix advantage and their own clip range (``prefix``'s prefix_epsilon and prefix_epsilon_high; None:
+    the rollouts'), and with its prefix_entropy_top only that share of the prefix tokens at hand, the
+    highest-entropy ones, keeps its advantage; what the policy sampled after the prefix trains as a rollout does."""
     pre = None if x.given is None else x.given & x.mask.bool()  # [b, T]: the prefix tokens with loss
     if pre is None or not pre.any():
         return losses.pg_part(x, loss_type=loss_type, max_completion_length=max_completion_length, **clip)
     adv = torch.where(pre, x.extras["prefix_advantages"][:, None], x.advantages.unsqueeze(1))  # [b, T]
     stats: dict[str, float] = {}
-    if prefix["entropy_top"] is not None:
+    if prefix["prefix_entropy_top"] is not None:
         if x.entropy is None:
             raise ValueError("prefix_entropy_top needs the policy pass's entropy")
-        kept = losses.top_entropy(x.entropy, pre, prefix["entropy_top"])
+        kept = losses.top_entropy(x.entropy, pre, prefix["prefix_entropy_top"])
         adv = adv.masked_fill(pre & ~kept, 0.0)
         stats["prefix_kept"] = (kept.sum() / pre.sum()).item()
     per_token, is_clipped = losses.clipped(x, adv, **clip)
     on_mask = x.mask * (~pre).to(x.mask.dtype)
     stats["clip_fraction"] = losses.masked_mean(is_clipped.float(), on_mask).item()
     high = clip["epsilon_high"] or clip["epsilon"]  # clip ranges are > 0: None alone is falsy
-    own = {"epsilon": prefix["epsilon"] or clip["epsilon"], "epsilon_high": prefix["epsilon_high"] or high}
-    if (own["epsilon"], own["epsilon_high"]) != (clip["epsilon"], high):
-        pre_token, is_clipped = losses.clipped(x, adv, **{**clip, **own})
+    low_pre, high_pre = prefix["prefix_epsilon"] or clip["epsilon"], prefix["prefix_epsilon_high"] or high
+    if (low_pre, high_pre) != (clip["epsilon"], high):
+        pre_token, is_clipped = losses.clipped(
+            x, adv, **{**clip, "epsilon": low_pre, "epsilon_high": high_pre}
+        )
         per_token = torch.where(pre, pre_token, per_token)
     stats["prefix_clip_fraction"] = losses.masked_mean(is_clipped.float(), pre).item()
     return PartLoss(losses.aggregate(per_token, x, loss_type, max_completion_length), stats)
 
 
 losses.PART_LOSSES.add("prefix_pg", LossTerm(prefix_pg, losses.PG_SETTINGS))
+PREFIX_OPTIONS = {"prefix_epsilon", "prefix_epsilon_high", "prefix_entropy_top"}  # what its loss term reads
 
 
 class PrefixRFTOptions(Options):
-    num_prefixed: int = Field(
-        1, ge=1, description="rows of each group of num_generations that continue the prompt's prefix"
+    num_prefixed: int | None = Field(
+        None,
+        ge=1,
+        description="rows of each group continuing one prefix (their layout: null, half the group)",
     )
     prefix_start: float = Field(
         0.95, ge=0, le=1, description="the prefix's share of the demonstration at step 1"
@@ -140,7 +144,7 @@ class PrefixRFTOptions(Options):
     prefix_epsilon_high: float | None = Field(
         None, gt=0, description="... above 1; null: the rollouts' (grpo.epsilon_high, else epsilon)"
     )
-    loss_type: LossType = Field("dr_grpo", description="aggregation of the RL part")
+    loss_type: LossType = Field("token_sum", description="aggregation of the RL part (their dr_grpo mode)")
     scale_rewards: Literal["none", "group"] = Field(
         "none", description="what advantages are divided by: nothing (their dr_grpo), or the subgroup's std"
     )
@@ -154,18 +158,17 @@ class PrefixRFT(Method):
 
     name = "prefix-rft"
     paper = "arXiv 2507.01679"
-    summary = (
-        "rows continuing a shrinking prefix of the demonstration in each group; prefix tokens off-policy"
-    )
+    summary = "rows of each group continue a shrinking prefix of the demonstration; prefix tokens off-policy"
     Options = PrefixRFTOptions
     pairs_demos = True
     dynamics = ("prefix_fraction", "prefix_accuracy")
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
-        if self.opts.num_prefixed >= self.group_size:  # one sentence, at the config's validation
+        self.n = self.opts.num_prefixed or self.group_size // 2
+        if not 1 <= self.n < self.group_size:  # one sentence, at the config's validation
             raise SasrError(
-                f"method option 'prefix-rft.num_prefixed' ({self.opts.num_prefixed}) must be smaller than "
+                f"method option 'prefix-rft.num_prefixed' ({self.n}) must be at least 1 and smaller than "
                 f"grpo.num_generations ({self.group_size}): a group needs on-policy rollouts"
             )
 
@@ -176,7 +179,7 @@ class PrefixRFT(Method):
         return o.prefix_end if step > n else cosine(step, o.prefix_start, o.prefix_end, n)
 
     def plan(self, step: int) -> Plan:
-        n, l_t = self.opts.num_prefixed, self.fraction(step)
+        n, l_t = self.n, self.fraction(step)
         gather = Gather(
             prompts=self.prompts_per_step,
             rollouts=self.group_size - n,
@@ -189,10 +192,7 @@ class PrefixRFT(Method):
 
     def parts(self, plan: Plan, rows: Rows) -> tuple[list[Part], dict[str, float]]:
         o = self.opts
-        prefix = dict(
-            epsilon=o.prefix_epsilon, epsilon_high=o.prefix_epsilon_high, entropy_top=o.prefix_entropy_top
-        )
-        options = {"beta": o.beta, "loss_type": o.loss_type, "prefix": prefix}
+        options = {"beta": o.beta, "loss_type": o.loss_type, "prefix": o.model_dump(include=PREFIX_OPTIONS)}
         prefixed = rows.kind == PREFIXED
         stats = {"prefix_share": prefixed.sum().item() / rows.grouped().sum().item()}
         if prefixed.any():  # no prompt with a demonstration: no prefixed row to report on
