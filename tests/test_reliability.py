@@ -1,6 +1,7 @@
 """Exact resume after SIGKILL, graceful stop, guards, several processes, and bad resume input."""
 
 import json
+import os
 import resource
 import shutil
 import signal
@@ -392,3 +393,121 @@ def test_relift_gathers_both_processes_failures_into_one_buffer_and_resumes(tmp_
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert_same_run(a, b)
+
+
+# --- a damaged run directory ----------------------------------------------------------------------------------
+
+
+def limited_resume(run: Path, max_file_bytes: int) -> subprocess.CompletedProcess:
+    """`sasr train --resume RUN` where the OS refuses to grow any file past ``max_file_bytes``."""
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
+    return subprocess.run(
+        [sys.executable, "-m", "sasr", "train", "--resume", str(run), "--quiet"],
+        env=ENV,
+        preexec_fn=small_files,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_a_damaged_run_directory_loses_no_finished_step(tmp_path, straight, capsys, caplog):
+    """Killed after step 9's checkpoint (6 and 9 kept), then damaged: a torn last line in metrics.jsonl, a
+    non-UTF-8 line in completions.jsonl, step 9's weights cut in half. The report names the bad lines and draws
+    the rest; resume passes over step 9's checkpoint with one warning, takes over the dead process's lock, and
+    with the final model unwritable (the OS refuses files over 1 MB) stops in one sentence keeping step 9's new
+    checkpoint; resumed again, the run ends bit-identical to the one never interrupted."""
+    run = tmp_path / "run"
+    killed_after_checkpoint(run, 9, "--set", "log_completions=true")
+    dead = json.loads((run / ".sasr.lock").read_text())["pid"]
+    torn = len((run / "metrics.jsonl").read_bytes().splitlines()) + 1
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 10, "loss": 0.5, "gr')  # torn by the kill
+    good_lines = len((run / "completions.jsonl").read_bytes().splitlines())
+    with open(run / "completions.jsonl", "ab") as f:
+        f.write(b"\xff\xfe not text\n")
+    weights = next((run / "checkpoints" / "step-000009" / "model").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    assert main(["report", str(run)]) == 0
+    warned = [r.getMessage() for r in caplog.records if "damaged line" in r.getMessage()]
+    assert any(f"metrics.jsonl: damaged line {torn} " in w for w in warned), warned
+    assert any(f"completions.jsonl: damaged line {good_lines + 1} " in w for w in warned), warned
+    assert (run / "report" / "index.html").is_file()
+    caplog.clear()
+
+    assert latest(run).name == "step-000006"
+    msg = caplog.records[-1].getMessage()
+    assert "step-000009 is damaged (model/" in msg and "bytes, " in msg and "trying the one before it" in msg
+    stopped = limited_resume(run, 1_000_000)
+    assert stopped.returncode == 2, stopped.stderr[-2000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert (
+        last.startswith("sasr: error: cannot write the final model in ") and "step-000009 is intact" in last
+    )
+    assert not (run / "final").exists() and not list(run.glob(".tmp-*"))
+    assert json.loads((run / ".sasr.lock").read_text())["pid"] not in (dead, None)  # taken over, then let go
+    assert [p.name for p in complete_checkpoints(run)] == ["step-000006", "step-000009"]
+    assert latest(run).name == "step-000009"  # rewritten whole by the resumed run
+
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert_same_run(straight, run)
+    for checkpoint in complete_checkpoints(run):  # every checkpoint damaged: nothing to resume from
+        next((checkpoint / "model").glob("*.safetensors")).write_bytes(b"")
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "every checkpoint of" in err and "is damaged" in err and "train it again with --overwrite" in err
+
+
+def test_a_run_or_comparison_in_use_is_refused_naming_its_process(tmp_path, capsys):
+    """Two `sasr train --output race` started together: one trains, the other is refused in one sentence naming
+    the first's process, as is a --resume of the run while it trains and a second `sasr compare` of a folder;
+    metrics.jsonl holds one run's steps once."""
+    race = tmp_path / "race"
+    argv = [*ARGS, "--steps", "8", "--warmup-steps", "2", "--save-every", "2", "--output", str(race)]
+    procs = [cli(*argv, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    end = time.time() + 300
+    while all(p.poll() is None for p in procs) and time.time() < end:
+        time.sleep(0.05)
+    loser = next(p for p in procs if p.poll() is not None)
+    winner = procs[1 - procs.index(loser)]
+    assert loser.returncode == 2
+    err = loser.stderr.read().strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"sasr: error: '{race}' is in use by process {winner.pid} on ")
+    if winner.poll() is None:  # still training: its run cannot be resumed by another process
+        code = main(["train", "--resume", str(race), "--quiet"])
+        refused = capsys.readouterr().err
+        assert winner.poll() is not None or (code == 2 and f"is in use by process {winner.pid}" in refused)
+    assert winner.wait(timeout=300) == 0
+    assert [r["step"] for r in read_metrics(race)] == list(range(1, 9))
+
+    from sasr.locks import FolderLock
+
+    held = tmp_path / "held"
+    with FolderLock(held, "a test"):
+        code = main(["compare", "--methods", "sft", "--model", "tiny", "--steps", "1", "--output", str(held)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and f"is in use by process {os.getpid()} on " in err[0]
+        assert "(a test, since " in err[0]
+    assert not (held / "summaries").exists()  # refused before anything was written
+
+
+def test_eval_of_a_run_needs_its_run_json_or_a_task(tmp_path, straight, capsys):
+    """A run directory without run.json is not evaluated on a guessed task; a damaged one is one sentence."""
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    (run / "run.json").unlink()
+    assert main(["eval", "--model", str(run), "--n", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no run.json to say what it was trained on; pass --task NAME" in err[0]
+    assert main(["eval", "--model", str(run), "--n", "2", "--task", "arithmetic", "--quiet"]) == 0
+    capsys.readouterr()
+    (run / "run.json").write_text('{"status": "fini')
+    assert main(["eval", "--model", str(run), "--n", "2"]) == 2
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(f"{run / 'run.json'} is damaged" in e for e in err)

@@ -254,6 +254,7 @@ def state_files(run: Path) -> dict[str, object]:
             state = json.loads(path.read_text())
             state.get("trainer", state).pop("seconds", None)
             state.get("trainer", state).pop("segments", None)
+            state.pop("manifest", None)  # checkpoints from before manifests lack the flag
             found[rel] = json.dumps(state, sort_keys=True)
     return found
 

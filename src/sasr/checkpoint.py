@@ -13,19 +13,25 @@ A checkpoint ``DIR/checkpoints/step-000012/`` holds
 - ``trainer_state.json``: the step and the trainer's bookkeeping: the method's state (for SASR: G_warmup,
   g_last, its generator, counts), the evaluation before training, the wall seconds so far and the stretches
   of time they were spent in;
-- ``rng_state_RANK.pt``: python, numpy and torch generators of every process.
+- ``rng_state_RANK.pt``: python, numpy and torch generators of every process;
+- ``manifest.json``, written last: every other file's size and sha256.
 Under FSDP ``sharded/`` (a torch distributed checkpoint: every rank's shards of the trainable weights, the
 optimizer's state and the reference) takes the place of ``model/``, ``optimizer.pt`` and
 ``reference.safetensors``.
 The data position needs no state: each step's examples are a pure function of (seed, step).
 
-It is written to ``.tmp-step-000012`` and renamed once complete, so a folder named ``step-*`` is always
-whole; a killed save leaves only a ``.tmp-*`` folder, which is never picked up and is swept later.
+It is written to ``.tmp-step-000012`` and renamed once complete, so a killed save leaves only a ``.tmp-*``
+folder, which is never picked up and is swept later. A ``step-*`` folder damaged later (a file truncated,
+lost or changed) no longer matches its manifest: resuming passes over it, with a warning, to the newest one
+that does, and the oldest checkpoints are deleted only once the newest has been read back whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -40,9 +46,13 @@ from sasr import fsdp
 from sasr.errors import SasrError
 from sasr.process import any_rank
 
-PREFIX = "step-"
+log = logging.getLogger(__name__)
+
+PREFIX, MANIFEST, STATE = "step-", "manifest.json", "trainer_state.json"
 # What a failed write raises: the OS (disk full, permissions), torch.save, safetensors' writer.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+# What reading a damaged file raises: the OS, torch.load (a torn zip or pickle), safetensors' reader.
+READ_ERRORS = (OSError, RuntimeError, SafetensorError, EOFError, ValueError, pickle.UnpicklingError)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -55,25 +65,66 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """The checkpoints whose save finished (renamed from ``.tmp-``), oldest first; see ``damage`` for whether
+    each is still whole."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [
-        p
-        for p in root.iterdir()
-        if p.is_dir() and p.name.startswith(PREFIX) and (p / "trainer_state.json").exists()
-    ]
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / STATE).exists()]
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
 
 
-def latest(run_dir: Path) -> Path:
-    found = complete_checkpoints(run_dir)
-    if not found:
-        raise SasrError(
-            f"'{run_dir}' has no complete checkpoint to resume from (looked in {checkpoints_dir(run_dir)})"
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    """``manifest.json``: each file of the checkpoint (relative path) with its size and sha256."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files
+    }
+    (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
+
+
+def damage(path: Path) -> str | None:
+    """Why the checkpoint at ``path`` is not whole (a file missing, of another size or content than its
+    manifest says), or None. A checkpoint written before manifests existed is taken as it is."""
+    try:
+        state = json.loads((path / STATE).read_text(encoding="utf-8"))
+        manifest = (
+            json.loads((path / MANIFEST).read_text(encoding="utf-8")) if state.get("manifest") else None
         )
-    return found[-1]
+    except (OSError, ValueError) as exc:
+        return f"{getattr(exc, 'filename', None) or STATE} unreadable"
+    for name, want in (manifest or {"files": {}})["files"].items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} missing"
+        if file.stat().st_size != want["size"]:
+            return f"{name} has {file.stat().st_size} bytes, {want['size']} were written"
+        if _sha256(file) != want["sha256"]:
+            return f"{name} changed since it was written"
+    return None
+
+
+def latest(run_dir: Path) -> Path:
+    """The newest checkpoint that is whole; each newer damaged one is named in a warning."""
+    found = complete_checkpoints(run_dir)
+    for path in reversed(found):
+        reason = damage(path)
+        if reason is None:
+            return path
+        log.warning("checkpoint %s is damaged (%s); trying the one before it", path, reason)
+    if found:
+        raise SasrError(
+            f"every checkpoint of '{run_dir}' is damaged (the newest: {found[-1].name}, {damage(found[-1])}); "
+            "the run cannot be resumed, train it again with --overwrite"
+        )
+    raise SasrError(
+        f"'{run_dir}' has no complete checkpoint to resume from (looked in {checkpoints_dir(run_dir)})"
+    )
 
 
 def _rng_state() -> dict[str, Any]:
@@ -135,15 +186,22 @@ def save(run_dir: Path, step: int, model, state: dict[str, Any], accelerator, ke
     if error is None and acc.is_main_process:
         try:
             trainer_state = {"step": step, **state["trainer"], "num_processes": acc.num_processes}
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+            (tmp / STATE).write_text(json.dumps({**trainer_state, "manifest": True}))
+            _write_manifest(tmp)
+            if final.exists():  # this step's checkpoint again: a resume fell back past a damaged one
+                shutil.rmtree(final)
             tmp.rename(final)  # the checkpoint exists from here on, whole
+            reason = damage(final)  # read back before any older checkpoint is deleted
+            if reason is not None:
+                shutil.rmtree(final, ignore_errors=True)
+                error = OSError(f"read back, {reason}")
         except WRITE_ERRORS as exc:
             error = exc
     error = _agree(acc, error)
     if error is not None:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        previous = complete_checkpoints(run_dir)
+        previous = [p for p in complete_checkpoints(run_dir) if damage(p) is None]
         intact = (
             f"the previous checkpoint {previous[-1]} is intact"
             if previous
@@ -176,8 +234,18 @@ def load(
     """Read what ``save`` wrote and restore this process's random generators. Returns (step, the trainable
     weights, the trainer's state) for ``Trainer.load_state_dict``; for an FSDP run (``sharded``) no weights,
     and the trainer's state names the sharded checkpoint to read."""
+    try:
+        return _load(path, accelerator, sharded)
+    except READ_ERRORS as exc:
+        raise SasrError(
+            f"checkpoint {path} cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            "delete it to resume from the one before it"
+        ) from None
+
+
+def _load(path: Path, accelerator, sharded: bool) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
     acc = accelerator
-    trainer_state = json.loads((path / "trainer_state.json").read_text())
+    trainer_state = json.loads((path / STATE).read_text())
     if (path / "sharded").is_dir() != sharded:
         how = "with" if not sharded else "without"
         raise SasrError(

@@ -4,6 +4,7 @@ traceback."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import shlex
@@ -166,9 +167,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from sasr.checkpoint import is_run_dir
     from sasr.config import build_config, load_yaml
     from sasr.experiments.compare import evaluate_model
+    from sasr.run_dir import STATUS, read_status
 
     run = Path(args.model)
     is_run = is_run_dir(run)
+    if (run / "final").is_dir() and args.task is None:  # a run directory: its task is in its run.json
+        if not (run / STATUS).is_file():
+            raise SasrError(
+                f"'{run}' looks like a run directory but has no {STATUS} to say what it was trained on; "
+                "pass --task NAME (and its --set task.* options) to evaluate it anyway"
+            )
+        read_status(run)  # one sentence if it is damaged
     run_task = load_yaml(run / "config.yaml").get("task", {}).get("name") if is_run else None
     use_run_config = is_run and args.task in (None, run_task)  # the run's task options and test split
     overrides = {
@@ -379,6 +388,18 @@ def main(argv: list[str] | None = None) -> int:
         return handlers[args.command](args)
     except SasrError as exc:
         print(f"sasr: error: {exc}", file=sys.stderr)
+        return 2
+    except (
+        OSError
+    ) as exc:  # a write the machine refused midway: the run's checkpoints are whole (see checkpoint)
+        if exc.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS):
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(
+            f"sasr: error: cannot write{where} ({exc.strerror}); free space or raise the limit, then continue "
+            "with sasr train --resume RUN_DIR (its newest whole checkpoint)",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("sasr: interrupted", file=sys.stderr)

@@ -25,6 +25,8 @@ from sasr import trackers
 from sasr.batch import DEMO, SAMPLE_COLUMNS, Part, Rows, kind_name
 from sasr.config import TrainConfig, to_yaml
 from sasr.errors import SasrError
+from sasr.locks import LOCK, FolderLock
+from sasr.process import any_rank
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +50,35 @@ def resolve(config: TrainConfig, overwrite: bool, resume: bool, acc: Accelerator
         raise SasrError(
             f"cannot write the run directory '{path}' in '{parent}' ({exc.strerror}); choose another --output"
         ) from None
-    if not resume and path.exists() and any(path.iterdir()) and not overwrite:
+    _refuse_existing(path, overwrite, resume)
+    return path
+
+
+def _refuse_existing(path: Path, overwrite: bool, resume: bool) -> None:
+    if not resume and not overwrite and path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
         raise SasrError(
             f"output directory '{path}' already exists; pass --overwrite or choose another --output"
         )
-    return path
+
+
+def hold(path: Path, overwrite: bool, resume: bool, acc: Accelerator) -> FolderLock | None:
+    """The run directory's lock, the main process's, taken once the run's input has passed every check and
+    before anything is read from or written to the directory; every process refuses together, naming the
+    process that holds it. The directory is checked again under the lock (another run may have filled it)."""
+    lock, refused = None, None
+    if acc.is_main_process:
+        try:
+            lock = FolderLock(path, "sasr train --resume" if resume else "sasr train").acquire()
+            _refuse_existing(path, overwrite, resume)
+        except SasrError as exc:
+            refused = exc
+            if lock:
+                lock.release()
+    if any_rank(acc, refused is not None):
+        raise refused or SasrError(
+            f"'{path}' is in use or was filled meanwhile (the main process says which)"
+        )
+    return lock
 
 
 class RunDir:
@@ -66,9 +92,10 @@ class RunDir:
         """A fresh directory (anything there is removed) holding the resolved configuration."""
         if not self.main:
             return
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        for old in self.path.iterdir():  # all but the lock this run holds
+            if old.name != LOCK:
+                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
         (self.path / CONFIG).write_text(to_yaml(config.model_copy(update={"output_dir": str(self.path)})))
         if config.logging_ranks:
             (self.path / "ranks").mkdir()
@@ -118,19 +145,29 @@ class RunDir:
 
     def save_model(self, model, tokenizer, card, lora: bool) -> None:
         """``final/``: a plain transformers folder (LoRA merged); with LoRA also ``adapter/``, the adapter alone;
-        each with its model card (``card(adapter=...)`` -> README.md text)."""
-        final = self.path / "final"
-        if lora:
-            model.save_pretrained(self.path / "adapter")
-            tokenizer.save_pretrained(self.path / "adapter")
-            (self.path / "adapter" / "README.md").write_text(
-                card(adapter=True)
-            )  # in place of peft's template
-            model = model.merge_and_unload()
-        model.config.use_cache = True
-        model.save_pretrained(final)
-        tokenizer.save_pretrained(final)
-        (final / "README.md").write_text(card())
+        each with its model card (``card(adapter=...)`` -> README.md text). Each is written beside its place
+        and renamed into it once whole, so a failed write leaves no half folder."""
+        folders = {"final": self.path / ".tmp-final"}
+        try:
+            if lora:
+                folders["adapter"] = self.path / ".tmp-adapter"
+                model.save_pretrained(folders["adapter"])
+                tokenizer.save_pretrained(folders["adapter"])
+                (folders["adapter"] / "README.md").write_text(
+                    card(adapter=True)
+                )  # in place of peft's template
+                model = model.merge_and_unload()
+            model.config.use_cache = True
+            model.save_pretrained(folders["final"])
+            tokenizer.save_pretrained(folders["final"])
+            (folders["final"] / "README.md").write_text(card())
+        except BaseException:
+            for tmp in folders.values():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for name, tmp in folders.items():
+            shutil.rmtree(self.path / name, ignore_errors=True)
+            tmp.rename(self.path / name)
 
     def push_to_hub(self, repo_id: str | None) -> None:
         """Upload final/ (model, tokenizer, model card) to ``repo_id`` (default: the directory's name)."""
@@ -190,29 +227,64 @@ def strict(line: dict[str, Any]) -> dict[str, Any]:
 
 
 def truncate(path: Path, last_step: int) -> None:
-    """Keep the lines of steps up to ``last_step`` (a resumed run rewrites the later ones)."""
+    """Keep the lines of steps up to ``last_step`` (a resumed run rewrites the later ones); damaged lines go,
+    named in one warning."""
     if path.exists():
-        lines = [
-            line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step
-        ]
-        path.write_text("".join(line + "\n" for line in lines))
+        kept = [raw for raw, line in _lines(path) if line is not None and line.get("step", 0) <= last_step]
+        path.write_bytes(b"".join(raw.rstrip(b"\r\n") + b"\n" for raw in kept))
 
 
 # --- readers (compare, report, eval) ------------------------------------------------------------------------
 
 
+def _lines(path: Path) -> list[tuple[bytes, dict[str, Any] | None]]:
+    """(raw bytes, the JSON object or None where the line is damaged) for each non-blank line of ``path``; the
+    damaged ones (not UTF-8, not JSON, not an object: a torn write, a hand edit) named in one warning."""
+    out, damaged = [], []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                line = json.loads(raw.decode("utf-8"))
+            except ValueError:  # UnicodeDecodeError and JSONDecodeError alike
+                line = None
+            if not isinstance(line, dict):
+                line = None
+                damaged.append(number)
+            out.append((raw, line))
+    if damaged:
+        where = ", ".join(map(str, damaged[:5])) + (
+            f" and {len(damaged) - 5} more" if len(damaged) > 5 else ""
+        )
+        log.warning("%s: damaged line %s (not a JSON object) skipped", path, where)
+    return out
+
+
 def read_lines(run: Path, name: str = METRICS) -> list[dict[str, Any]]:
-    """The JSON lines of a run's ``name`` file, in order (empty if there is none)."""
+    """The JSON lines of a run's ``name`` file, in order (empty if there is none); a damaged line is named in
+    one warning and skipped."""
     path = Path(run) / name
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line for _, line in _lines(path) if line is not None]
 
 
 def read_status(run: Path) -> dict[str, Any]:
-    """The run's ``run.json`` (empty if there is none)."""
+    """The run's ``run.json`` (empty if there is none); one sentence if it is damaged."""
     path = Path(run) / STATUS
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        status = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+        status = exc
+    if not isinstance(status, dict):
+        raise SasrError(
+            f"{path} is damaged (not the JSON object sasr writes); restore it, or delete it and pass --task "
+            "where a command asks for the run's task"
+        )
+    return status
 
 
 def finished(run: Path) -> bool:

@@ -42,7 +42,16 @@ from sasr.process import any_rank, on_stop_signals
 from sasr.reference import ReferencePolicy
 from sasr.rewards import Rewards
 from sasr.rollout import stop_token_ids
-from sasr.run_dir import EVAL_COMPLETIONS, METRICS, RunDir, check_hub, completion_samples, resolve, strict
+from sasr.run_dir import (
+    EVAL_COMPLETIONS,
+    METRICS,
+    RunDir,
+    check_hub,
+    completion_samples,
+    hold,
+    resolve,
+    strict,
+)
 from sasr.tasks import get_task
 
 # What an evaluation sample keeps (eval_completions.jsonl, with log_completions).
@@ -138,24 +147,18 @@ class Trainer:
             check_hub()
         self.run_dir = resolve(c, overwrite, resume, acc)
         self.files = RunDir(self.run_dir, acc.is_main_process)
-        resume_from = checkpoint.latest(self.run_dir) if resume else None
         train_examples, demos, rewards = self._data(c)
         self.tokenizer = models.load_tokenizer(c.model.name)
         model, stop_ids, self.parameters = _model(c, self.tokenizer, acc, self.sharded)
-        self.collector = Collector(
-            c,
-            self.task,
-            train_examples,
-            demos,
-            self.tokenizer,
-            rewards,
-            stop_ids,
-            acc,
-            self.decoder,
-            self.cuda_graphs,
-        )
+        args = (train_examples, demos, self.tokenizer, rewards, stop_ids, acc, self.decoder, self.cuda_graphs)
+        self.collector = Collector(c, self.task, *args)
         self._learner(model)
-        self._start(resume_from, resume)
+        self.lock = hold(self.run_dir, overwrite, resume, acc)
+        try:  # released on any failure from here, as at the end of train()
+            self._start(checkpoint.latest(self.run_dir) if resume else None, resume)
+        except BaseException:
+            self.release()
+            raise
 
     def _data(self, c: TrainConfig):
         """The task, the method, and what the collector draws from: (RL examples, demonstrations, rewards)."""
@@ -248,6 +251,18 @@ class Trainer:
         return line
 
     def train(self) -> RunResult:
+        """Train from the start step to the end; the run directory's lock is released however it ends."""
+        try:
+            return self._train()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Let another command use the run directory (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _train(self) -> RunResult:
         c, acc = self.config, self.accelerator
         self.started, self.started_at = time.perf_counter(), time.time()
         if self.start_step == 0 and c.eval.before and self.test_examples:
@@ -305,10 +320,8 @@ class Trainer:
         result = RunResult(self.run_dir, dict(self.method.counts), self.eval_before, after, seconds)
         unwrapped = acc.unwrap_model(self.model)
         whole = models.whole_model(unwrapped, c, self.sharded, acc.is_main_process) if c.save_final else None
+        self._save_final(whole, result)
         if acc.is_main_process:
-            if c.save_final:
-                card = functools.partial(model_card, c, result.counts, result.eval_before, result.eval_after)
-                self.files.save_model(whole, self.tokenizer, card, c.lora.enabled)
             if c.push_to_hub:
                 self.files.push_to_hub(c.hub_model_id)
             early = {"max_flops_step": self.steps_done} if self.steps_done < c.steps else {}
@@ -316,6 +329,26 @@ class Trainer:
             trackers.finish(acc)
         acc.wait_for_everyone()
         return result
+
+    def _save_final(self, whole, result: RunResult) -> None:
+        """``final/`` (and ``adapter/``) from the main process; a failed write stops every process in one
+        sentence, the checkpoints left as they were."""
+        c, acc, error = self.config, self.accelerator, None
+        if acc.is_main_process and c.save_final:
+            card = functools.partial(model_card, c, result.counts, result.eval_before, result.eval_after)
+            try:
+                self.files.save_model(whole, self.tokenizer, card, c.lora.enabled)
+            except (
+                Exception
+            ) as exc:  # also the tokenizers library's bare Exception ("File too large (os error 27)")
+                error = exc
+        if any_rank(acc, error is not None):
+            saved = checkpoint.complete_checkpoints(self.run_dir)
+            kept = f"its checkpoint {saved[-1].name} is intact" if saved else "it has no checkpoint"
+            raise SasrError(
+                f"cannot write the final model in {self.run_dir / 'final'} ({error or 'on the main process'}); "
+                f"{kept}: free space and run sasr train --resume {self.run_dir}"
+            )
 
     # --- resume state ---------------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ configuration, a complete checkpoint) from its newest checkpoint, and trains the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -35,6 +36,7 @@ from sasr.evaluate import evaluate, settings, summarise
 from sasr.experiments.labels import included_label, is_included
 from sasr.experiments.report import markdown_table, plot_compare
 from sasr.experiments.stats import paired_bootstrap
+from sasr.locks import FolderLock
 from sasr.methods import METHODS, method_class, method_source
 from sasr.process import on_stop_signals
 from sasr.run_dir import finished, read_lines, read_status
@@ -404,9 +406,15 @@ def compare(
 
     ``jobs`` > 1 trains the runs that have not finished in that many parallel ``sasr train`` processes first.
     ``landed``: train and evaluate nothing; the table of the summaries there are (a comparison in progress),
-    each method over the seeds it has.
+    each method over the seeds it has; it only reads the summaries, so it may run beside the comparison that
+    writes them, which holds the folder (a second comparison of the same folder is refused).
     """
     output.mkdir(parents=True, exist_ok=True)
+    with contextlib.nullcontext() if landed else FolderLock(output, "sasr compare"):
+        return _compare(base, methods, seeds, output, progress, command, jobs, landed, include)
+
+
+def _compare(base, methods, seeds, output, progress, command, jobs, landed, include) -> dict[str, Any]:
     specs = {method_class(m).name: m for m in methods}  # a user's method (file.py:Class) by its name
     methods = list(specs)
     extra = included(base, include, seeds, output)  # before any training: a wrong folder fails at once
