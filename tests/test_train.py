@@ -176,6 +176,9 @@ def test_trackio_and_wandb_offline_receive_every_step(run_tiny):
     )
     offline = list((result.output_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline) == 1 and offline[0].stat().st_size > 0
+    from trackio import context_vars
+
+    assert context_vars.current_run.get() is None  # finished: nothing left for trackio to finish at exit
 
 
 def test_gradient_checkpointing_gives_the_same_step(run_tiny):

@@ -97,7 +97,14 @@ def finish(accelerator) -> None:
     """Close the trackers (not ``accelerator.end_training``: that also ends the process group, which the
     ranks still use after training)."""
     for tracker in accelerator.trackers:
-        tracker.finish()
+        if (
+            tracker.name == "trackio"
+        ):  # accelerate's finish leaves it trackio's current run, finished again at exit
+            import trackio
+
+            trackio.finish()
+        else:
+            tracker.finish()
 
 
 def _flat(tree: dict[str, Any]) -> dict[str, Any]:
