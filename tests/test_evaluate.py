@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 import torch
-from helpers import read_metrics
+from helpers import read_metrics, tiny_config
 
 from sasr.checkpoint import complete_checkpoints
 from sasr.cli import main
@@ -737,3 +737,30 @@ def test_the_committed_comparisons_reassemble_from_their_summaries(name, tmp_pat
     assert not (tmp_path / "runs").exists()
     ours = json.loads((tmp_path / "results.json").read_text())
     assert {**ours, "command": None} == {**results, "command": None}
+
+
+def test_a_run_report_draws_every_held_out_evaluation_at_whole_steps(tmp_path):
+    """`sasr report` of a `tiny` run evaluated before, every 2 steps and after: the held-out panel holds step 0,
+    2 and 4 (the last, after training) and its steps are whole numbers; a comparison's accuracy curves start at
+    the untrained model's accuracy."""
+    from matplotlib.figure import Figure
+
+    import sasr
+    from sasr.experiments.report import _draw, plot_run
+
+    out = tmp_path / "run"
+    top = {"steps": 4, "warmup_steps": 1, "eval": {"before": True, "after": True, "every": 2}}
+    sasr.train(tiny_config(out, **top), progress=False)
+    status = json.loads((out / "run.json").read_text())
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 4  # one line per optimizer step: the evaluations before and after are in run.json
+    held = plot_run(out)["training"]["held_out/held-out accuracy"]
+    assert [s for s, _ in held] == [0, 2, 4]
+    assert held[0][1] == status["eval_before"]["accuracy"] and held[-1][1] == status["eval_after"]["accuracy"]
+    assert held[1][1] == metrics[1]["eval_accuracy"]
+    ax = Figure().subplots()
+    _draw(ax, {"a": [(0, 0.1), (1, 0.2), (2, 0.3)]}, "short run")  # few steps: ticks stay whole numbers
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    curve = [{"step": s, "phase": "sft", "eval_accuracy": a} for s, a in [(50, 0.2), (100, 0.4)]]
+    plots = plot_compare({"sft": [curve]}, tmp_path / "compare", untrained=0.05)
+    assert plots["accuracy_vs_step"]["sft"][0] == (0, 0.05)

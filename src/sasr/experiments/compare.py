@@ -470,9 +470,17 @@ def _compare(base, methods, seeds, output, progress, command, jobs, landed, incl
             if m in rows
         },
         output,
+        _untrained_accuracy(summaries, seeds),
     )
     (output / "results.md").write_text(results_markdown(results, output))
     return results
+
+
+def _untrained_accuracy(summaries: dict[tuple[str, int], dict], seeds: list[int]) -> float | None:
+    """The untrained model's held-out (test) greedy accuracy, the mean over the seeds evaluated."""
+    evals = [summaries["untrained", s].get("eval", {}) for s in seeds if ("untrained", s) in summaries]
+    found = [e["test"]["summary"]["accuracy"] for e in evals if "test" in e]
+    return statistics.fmean(found) if found else None
 
 
 # --- the table ---------------------------------------------------------------------------------------------

@@ -15,12 +15,16 @@ from typing import Any
 
 from matplotlib.figure import Figure  # figures drawn straight to files: no pyplot, no display backend
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 
 from sasr.errors import SasrError
 from sasr.experiments.labels import method_of
 from sasr.run_dir import read_lines, read_status
 
 LEGEND_INSIDE = 6  # the most lines whose legend goes over the plot; more get theirs beside it
+# One colour per line for up to 16 (tab10, then six more far from its hues), each with its own dash too.
+PALETTE = [f"C{i}" for i in range(10)] + ["#000000", "#e6ab02", "#66a61e", "#a6761d", "#1b9e77", "#e7298a"]
+DASHES = ("-", "--", "-.", ":")
 PHASE_COLOURS = {"sft": "#4C72B0", "grpo": "#DD8452", "mixed": "#55A868"}
 Series = dict[str, list[tuple[float, float]]]
 
@@ -36,23 +40,25 @@ def series(rows: Sequence[dict], key: str, fn=None) -> list[tuple[float, float]]
 
 
 def _phase_strip(ax, rows: Sequence[dict]) -> None:
-    """A coloured band under the axis: one cell per step, SFT, GRPO or mixed (both in one step)."""
+    """A pale band behind the data: one cell per step, coloured SFT, GRPO or mixed (both in one step)."""
     for r in rows:
-        ax.axvspan(r["step"] - 0.5, r["step"] + 0.5, ymin=0, ymax=0.04, color=PHASE_COLOURS[r["phase"]], lw=0)
+        ax.axvspan(
+            r["step"] - 0.5, r["step"] + 0.5, color=PHASE_COLOURS[r["phase"]], alpha=0.12, lw=0, zorder=0
+        )
 
 
 def _draw(ax, data: Series, title: str, ylabel: str = "", legend: bool = False) -> None:
-    """Each series as a line; a legend when there are several, or when asked and there is one to show. Past
-    the 10 colours of the cycle the line style changes, so a comparison of every method tells each apart;
-    more than ``LEGEND_INSIDE`` lines get their legend beside the plot rather than over it."""
+    """Each series as a line; a legend when there are several, or when asked and there is one to show. Each
+    line has its own colour (up to 16) and dash, so a comparison of every method tells each apart; more than
+    ``LEGEND_INSIDE`` lines get their legend beside the plot rather than over it. Steps are whole numbers."""
     for i, (name, points) in enumerate(data.items()):
         if points:
             xs, ys = zip(*points)
-            ax.plot(
-                xs, ys, marker="o", ms=3, label=name, color=f"C{i % 10}", ls=("-", "--", ":")[i // 10 % 3]
-            )
+            colour, dash = PALETTE[i % len(PALETTE)], DASHES[i % len(DASHES)]
+            ax.plot(xs, ys, marker="o", ms=3, label=name, color=colour, ls=dash, zorder=2)
     ax.set_title(title)
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if ylabel:
         ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -93,12 +99,29 @@ def method_dynamics(method: str, rows: Sequence[dict]) -> Series:
     return data
 
 
-def run_method(run_dir: Path) -> str:
-    """The method a run directory was trained with (from its config.yaml)."""
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """A run directory's config.yaml as a dict (empty without one)."""
     import yaml
 
     config = Path(run_dir) / "config.yaml"
-    return (yaml.safe_load(config.read_text()) or {}).get("method", "") if config.is_file() else ""
+    return (yaml.safe_load(config.read_text()) or {}) if config.is_file() else {}
+
+
+def run_method(run_dir: Path) -> str:
+    """The method a run directory was trained with (from its config.yaml)."""
+    return run_config(run_dir).get("method", "")
+
+
+def held_out(run_dir: Path, rows: Sequence[dict]) -> list[tuple[float, float]]:
+    """Every held-out greedy accuracy of a run: before training at step 0 and after it at its last step (from
+    run.json), and those during training (``eval.every``, in its metrics lines)."""
+    status, points = read_status(run_dir), dict(series(rows, "eval_accuracy"))
+    if (status.get("eval_before") or {}).get("accuracy") is not None:
+        points[0] = float(status["eval_before"]["accuracy"])
+    last = status.get("max_flops_step") or max((r["step"] for r in rows), default=None)
+    if (status.get("eval_after") or {}).get("accuracy") is not None and last is not None:
+        points[last] = float(status["eval_after"]["accuracy"])
+    return sorted(points.items())
 
 
 def plot_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
@@ -126,7 +149,7 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
         "reward": {"train reward": series(rows, "reward_mean"), "train accuracy": series(rows, "accuracy")},
         "dynamics": method_dynamics(method, rows),
         "kl": {"KL to reference": series(rows, "kl")},
-        "held_out": {"held-out accuracy": series(rows, "eval_accuracy")},
+        "held_out": {"held-out accuracy": held_out(run_dir, rows)},
     }
     titles = {
         "loss": "loss",
@@ -142,7 +165,9 @@ def plot_run(run_dir: Path, out_dir: Path | None = None) -> dict[str, Any]:
         _draw(ax, data, titles[name], legend=True)
         _phase_strip(ax, rows)
     _phase_legend(fig, loc="lower center", ncol=len(PHASE_COLOURS))
-    fig.suptitle(f"{run_dir.name}")
+    config = run_config(run_dir)
+    model, task = config.get("model", {}).get("name", "?"), config.get("task", {}).get("name", "?")
+    fig.suptitle(f"{run_dir.name}: {method or '?'} on task {task}, model {model}")
     figures: dict[str, Series] = {}
     _save(
         fig,
@@ -171,10 +196,13 @@ def _moving_mean(points: list[tuple[float, float]], window: int = 3) -> list[tup
     ]
 
 
-def plot_compare(metrics: dict[str, list[list[dict]]], out_dir: Path) -> dict[str, Any]:
+def plot_compare(
+    metrics: dict[str, list[list[dict]]], out_dir: Path, untrained: float | None = None
+) -> dict[str, Any]:
     """Comparison figures from each method's metrics lines per seed: held-out accuracy (when the runs
-    evaluated during training) and train reward against step for every method (mean over seeds), and each
-    method's dynamics and KL against step over its phase strip (first seed)."""
+    evaluated during training; from ``untrained``'s accuracy at step 0 when given) and train reward against
+    step for every method (mean over seeds), and each method's dynamics and KL against step over its phase
+    strip (first seed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Series] = {}
 
@@ -201,6 +229,8 @@ def plot_compare(metrics: dict[str, list[list[dict]]], out_dir: Path) -> dict[st
             if key == "eval_accuracy":  # a run trained before its recipe evaluated during training has none
                 runs = [points for points in runs if points]
             curve = _mean_curve(runs)
+            if key == "eval_accuracy" and curve and untrained is not None and curve[0][0] > 0:
+                curve = [(0, untrained), *curve]  # every method starts from the untrained model
             data[method] = _moving_mean(curve, window) if key == "reward_mean" else curve
         if not any(data.values()):
             continue
