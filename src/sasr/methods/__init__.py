@@ -59,6 +59,13 @@ def method_source(name: str) -> dict[str, str] | None:
     return {"spec": name, "sha256": file_hash(module_name)}
 
 
+def table() -> str:
+    """The built-in methods as a markdown table, one line each (the README holds it; a test keeps it current)."""
+    lines = ["| method | what a step does | paper |", "| --- | --- | --- |"]
+    lines += [f"| `{n}` | {METHODS[n].summary} | {METHODS[n].paper or ''} |" for n in BUILT_IN]
+    return "\n".join(lines)
+
+
 def get_method(name: str, **kwargs: Any) -> Method:
     """A method by name, built with the run's budget (steps, warmup_steps, seed, batch sizes) and its options."""
     return method_class(name)(**kwargs)
