@@ -98,7 +98,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 def launched(config: str) -> list[str]:
     """The command `sasr train` under `accelerate launch` with configs/accelerate/CONFIG.yaml (ddp_cpu:
-    two gloo processes, fsdp_cpu: two FSDP processes), as the README launches it."""
+    two gloo processes, fsdp_cpu: two FSDP processes), as docs/guide.md launches it."""
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     return [*launcher, str(ACCELERATE_CONFIGS / f"{config}.yaml"), "-m", "sasr", "train"]
 

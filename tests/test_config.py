@@ -102,21 +102,22 @@ def test_every_documented_option_is_settable():
         assert key in valid_keys()
 
 
-def test_readme_option_table_matches_the_schema_both_ways():
-    """Every option of the schema (methods' included) is in the README's table with its description and
-    default, and the table holds no key the schema lacks."""
+def test_the_options_reference_matches_the_schema_both_ways():
+    """Every option of the schema (methods' included) is in docs/options.md with its description and default,
+    and the table holds no key the schema lacks."""
     from pathlib import Path
 
     from sasr.config import option_rows, options_table
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    start = readme.index("| key | default | what it does |")
-    table = readme[start : readme.index("\n\n", start)]
+    page = (Path(__file__).parent.parent / "docs" / "options.md").read_text()
+    start = page.index("| key | default | what it does |")
+    end = page.find("\n\n", start)
+    table = page[start : end if end != -1 else len(page)]
     documented = {m.group(1) for m in re.finditer(r"^\| `([a-z0-9_.-]+)` \|", table, re.M)}
     schema = {key for key, _, _ in option_rows()}
-    assert schema - documented == set(), "options missing from the README's table"
-    assert documented - schema == set(), "README keys the schema does not have"
-    assert options_table() in readme, "the README's option table is stale: run python tools/doc_tables.py"
+    assert schema - documented == set(), "options missing from docs/options.md"
+    assert documented - schema == set(), "docs/options.md has keys the schema does not"
+    assert options_table() in page, "docs/options.md is stale: run python tools/doc_tables.py"
     assert all(text for _, _, text in option_rows()), "every option needs a one-line description"
 
 

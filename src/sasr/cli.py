@@ -22,7 +22,7 @@ EXAMPLES = """examples:
 
 
 def usage() -> str:
-    """The README's command-line summary, its methods and model aliases from their registries."""
+    """docs/guide.md's command-line summary, its methods and model aliases from their registries."""
     from sasr.methods import METHODS
     from sasr.models import ALIASES
 

@@ -23,7 +23,7 @@ class Section(BaseModel):
 
 
 def F(default: Any, description: str, **bounds: Any) -> Any:
-    """A field with its one-line description (the README's option table is checked against them)."""
+    """A field with its one-line description (docs/options.md is checked against them)."""
     return Field(default, description=description, **bounds)
 
 
@@ -370,7 +370,7 @@ def sections() -> set[str]:
 
 
 def option_rows() -> list[tuple[str, Any, str]]:
-    """(key, default, description) of every option, the methods' too: the README's table of options."""
+    """(key, default, description) of every option, the methods' too: docs/options.md's table."""
 
     def rows(model: type[BaseModel], prefix: str) -> list[tuple[str, Any, str]]:
         out = []
@@ -385,7 +385,7 @@ def option_rows() -> list[tuple[str, Any, str]]:
 
 
 def options_table() -> str:
-    """The options as a markdown table (README.md holds it; a test keeps the two equal)."""
+    """The options as a markdown table (docs/options.md holds it; a test keeps the two equal)."""
     lines = ["| key | default | what it does |", "| --- | --- | --- |"]
     lines += [
         f"| `{k}` | `{yaml.safe_dump(d, default_flow_style=True).strip().removesuffix('...').strip()}` | {text} |"

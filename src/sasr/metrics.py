@@ -268,7 +268,7 @@ def postfix(line: dict[str, Any]) -> dict[str, str]:
 
 
 def table() -> str:
-    """The metrics as a markdown table (README.md holds it; a test keeps the two equal)."""
+    """The metrics as a markdown table (docs/guide.md holds it; a test keeps the two equal)."""
     lines = [
         "| metric | what it is | micro-batches / updates / sampling batches / processes |",
         "| --- | --- | --- |",
