@@ -19,8 +19,9 @@ from sasr.checkpoint import complete_checkpoints
 from sasr.cli import main
 from sasr.config import TrainConfig
 from sasr.evaluate import distinct_n, majority_correct, mean_edit_distance, pass_at_k, summarise
-from sasr.experiments.compare import most_at_once, run_config, wall_seconds
+from sasr.experiments.plan import run_config
 from sasr.experiments.report import plot_compare
+from sasr.experiments.table import most_at_once, wall_seconds
 
 
 @pytest.mark.parametrize(
@@ -180,8 +181,9 @@ def test_compare_plots_have_the_expected_series(compared):
     out, _ = compared
     plots = json.loads((out / "plots.json").read_text())
     assert set(plots["accuracy_vs_step"]) == {"sasr", "grpo"}
-    # eval.every defaults to steps // 5 = 1: held-out accuracy at every step, averaged over both seeds
-    assert [p[0] for p in plots["accuracy_vs_step"]["sasr"]] == [1, 2, 3, 4, 5, 6]
+    # eval.every defaults to steps // 5 = 1: held-out accuracy at every step, averaged over both seeds, after
+    # the untrained model's at step 0
+    assert [p[0] for p in plots["accuracy_vs_step"]["sasr"]] == [0, 1, 2, 3, 4, 5, 6]
     assert len(plots["reward_vs_step"]["grpo"]) == 6
     assert set(plots["dynamics"]) == {
         "sasr/p_t",
@@ -443,7 +445,7 @@ def test_eval_refuses_an_unknown_split_in_one_sentence(compared, capsys):
 
 
 def test_two_stage_baseline_gets_the_mean_of_sasrs_sft_steps_over_seeds():
-    from sasr.experiments.compare import _sft_budget
+    from sasr.experiments.plan import _sft_budget
 
     summaries = {("sasr", s): {"run": {"sft_steps": n}} for s, n in [(1, 3), (2, 6), (3, 6)]}
     assert _sft_budget("sft-then-grpo", summaries, [1, 2, 3]) == 5
@@ -653,7 +655,7 @@ def test_compare_gives_the_two_stage_baseline_sasrs_sft_steps(tmp_path):
     """Equal SFT budget: sft-then-grpo switches after as many SFT steps as SASR took with the same seed."""
     import yaml
 
-    from sasr.experiments.compare import _waves
+    from sasr.experiments.plan import _waves
 
     assert _waves(["sft-then-grpo", "grpo", "sasr"]) == [["grpo", "sasr"], ["sft-then-grpo"]]
     assert _waves(["sft-then-grpo", "grpo"]) == [["sft-then-grpo", "grpo"], []]

@@ -166,7 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from sasr.checkpoint import is_run_dir
     from sasr.config import build_config, load_yaml
-    from sasr.experiments.compare import evaluate_model
+    from sasr.evaluate import evaluate_model
     from sasr.run_dir import STATUS, read_status
 
     run = Path(args.model)

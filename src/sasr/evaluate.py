@@ -7,6 +7,9 @@
   of Chen et al. 2021 with n = K), ``maj@K`` (the most frequent final answer is right), and diversity among
   the K samples of a prompt: ``distinct_1..4`` (distinct word n-grams / all n-grams), ``edit_distance``
   (mean pairwise Levenshtein distance / longer length), ``distinct_answers`` (number of different final answers).
+
+``evaluate_model`` does both for a model folder or alias on a task's held-out splits (``sasr eval``, and each
+model of ``sasr compare``).
 """
 
 from __future__ import annotations
@@ -15,16 +18,21 @@ import itertools
 import math
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import Levenshtein
 import torch
 from tqdm.auto import tqdm
 
+from sasr import models
 from sasr.data import render_prompts
 from sasr.rewards import score_all
 from sasr.rollout import generate
-from sasr.tasks import Example, Task, extract_answer
+from sasr.tasks import Example, Task, extract_answer, get_task
+
+if TYPE_CHECKING:
+    from sasr.config import TrainConfig
 
 # --- the metrics, as plain functions ----------------------------------------------------------------------
 
@@ -190,4 +198,41 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, float]:
     n_sampled = sum("sample_accuracy" in r for r in records)
     if 0 < n_sampled < len(records):
         out["n_sampled"] = n_sampled
+    return out
+
+
+# --- a model on a task's held-out splits ------------------------------------------------------------------
+
+
+def evaluate_model(
+    model_path: str, config: TrainConfig, seed: int, progress: bool = True, splits: list[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Greedy (+ ``eval.samples`` sampled) evaluation of a model folder or alias on every held-out split of
+    the config's task (or on ``splits``): ``{split: {"summary": means, "records": one per question}}``. The
+    same numbers for a run's final/ and a copy of it anywhere else."""
+    from accelerate.utils import set_seed
+
+    task = get_task(config.task.name, **config.task.options())
+    splits = list(splits or task.held_out_splits)
+    for split in splits:
+        task.check_split(split)
+    tokenizer = models.load_tokenizer(model_path)
+    model = models.load_model(model_path, config.model.dtype)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    out = {}
+    for split in splits:
+        set_seed(seed)  # each split's samples independent of which splits came before
+        examples = task.examples(split, config.task.test_size, seed=config.seed)
+        records = evaluate(
+            model,
+            tokenizer,
+            task,
+            examples,
+            progress=progress,
+            desc=f"eval {Path(model_path).name} ({split})",
+            **settings(config),
+        )
+        records = [{k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in records]
+        out[split] = {"summary": summarise(records), "records": records}
     return out
