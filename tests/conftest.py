@@ -62,8 +62,10 @@ def _children() -> list[str]:
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-            if fields[1] == mine and fields[0] != "Z":
-                found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:120])
+            command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            # multiprocessing's resource tracker is the interpreter's own helper: it ends with this process
+            if fields[1] == mine and fields[0] != "Z" and "resource_tracker" not in command:
+                found.append(command[:120])
         except (OSError, IndexError):
             continue
     return found

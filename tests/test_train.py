@@ -179,6 +179,9 @@ def test_trackio_and_wandb_offline_receive_every_step(run_tiny):
     from trackio import context_vars
 
     assert context_vars.current_run.get() is None  # finished: nothing left for trackio to finish at exit
+    import wandb
+
+    wandb.teardown()  # wandb's service process outlives its runs; the test leaves no process behind
 
 
 def test_gradient_checkpointing_gives_the_same_step(run_tiny):
