@@ -134,15 +134,14 @@ def test_resume_may_extend_the_step_count(tmp_path, straight):
     assert_same_run(straight, run)
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, straight):
-    run = tmp_path / "run"
-    killed_after_checkpoint(run, 3)
+def limited_resume(run: Path, max_file_bytes: int) -> subprocess.CompletedProcess:
+    """`sasr train --resume RUN` where the OS refuses to grow any file past ``max_file_bytes``."""
 
-    def small_files():  # the OS refuses any file over 40 kB: the next checkpoint cannot be written
+    def small_files():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
 
-    limited = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "sasr", "train", "--resume", str(run), "--quiet"],
         env=ENV,
         preexec_fn=small_files,
@@ -150,6 +149,13 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, straight
         text=True,
         timeout=300,
     )
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, straight):
+    run = tmp_path / "run"
+    killed_after_checkpoint(run, 3)
+
+    limited = limited_resume(run, 40_000)  # files over 40 kB refused: the next checkpoint cannot be written
     assert limited.returncode == 2, limited.stderr
     last = limited.stderr.strip().splitlines()[-1]
     assert last.startswith("sasr: error: cannot write the checkpoint of step") and "is intact" in last
@@ -396,23 +402,6 @@ def test_relift_gathers_both_processes_failures_into_one_buffer_and_resumes(tmp_
 
 
 # --- a damaged run directory ----------------------------------------------------------------------------------
-
-
-def limited_resume(run: Path, max_file_bytes: int) -> subprocess.CompletedProcess:
-    """`sasr train --resume RUN` where the OS refuses to grow any file past ``max_file_bytes``."""
-
-    def small_files():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
-
-    return subprocess.run(
-        [sys.executable, "-m", "sasr", "train", "--resume", str(run), "--quiet"],
-        env=ENV,
-        preexec_fn=small_files,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_a_damaged_run_directory_loses_no_finished_step(tmp_path, straight, capsys, caplog):
