@@ -4,6 +4,7 @@ ranks, `accelerate launch`), and writing a reward module."""
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import subprocess
@@ -106,6 +107,18 @@ def launched(config: str) -> list[str]:
 def accelerate_launch(config: str, *argv: str, **popen) -> subprocess.Popen:
     """`sasr train ARGV` launched as ``launched(config)`` says, from the repository's root."""
     return subprocess.Popen([*launched(config), *argv], env=ENV, cwd=ROOT, **popen)
+
+
+def launch_many(
+    config: str, steps: list[dict], folder: Path, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    """``steps`` (tests/launch_many.py: `sasr train` argv lists, run directory copies) run by one
+    `accelerate launch` with configs/accelerate/CONFIG.yaml; its output captured."""
+    plan = Path(folder) / "launch_many.json"
+    plan.write_text(json.dumps(steps))
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    script = [str(ACCELERATE_CONFIGS / f"{config}.yaml"), str(ROOT / "tests" / "launch_many.py"), str(plan)]
+    return subprocess.run([*launcher, *script], env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def two_gloo_ranks(target, tmp_path, timeout: float = 180.0) -> list:

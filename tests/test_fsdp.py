@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ENV, accelerate_launch, assert_same_run, launched, read_metrics, two_gloo_ranks
+from helpers import (
+    ENV,
+    accelerate_launch,
+    assert_same_run,
+    launch_many,
+    launched,
+    read_metrics,
+    two_gloo_ranks,
+)
 from safetensors.torch import load_file
 from test_reliability import ARGS, wait_for
 from transformers import AutoModelForCausalLM
@@ -150,33 +158,22 @@ OTHERS = {
 }
 
 
-@pytest.mark.parametrize("method", list(OTHERS))
-def test_every_other_method_trains_sharded(method, tmp_path):
-    run = tmp_path / "run"
-    proc = launch(
-        *ARGS,
-        "--method",
-        method,
-        *OTHERS[method],
-        "--steps",
-        "4",
-        "--warmup-steps",
-        "2",
-        "--set",
-        "logging_ranks=true",
-        "--set",
-        "save_final=false",
-        "--output",
-        str(run),
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-    r0, r1 = (read_lines(run / "ranks", f"rank{i}.jsonl") for i in (0, 1))
-    assert len(r0) == 4 and [x["phase"] for x in r0] == [x["phase"] for x in r1]
-    assert [x["grad_norm"] for x in r0] == [x["grad_norm"] for x in r1]
-    assert json.loads((run / "run.json").read_text())["status"] == "finished"
+def test_every_other_method_trains_sharded(tmp_path):
+    """Each other method trains 4 steps under FSDP: the ranks take the same phases and read the same
+    gradient norm. One launch runs them all."""
+    steps = []
+    for method, extra in OTHERS.items():
+        argv = [*ARGS, "--method", method, *extra, "--steps", "4", "--warmup-steps", "2"]
+        argv += ["--set", "logging_ranks=true", "--set", "save_final=false"]
+        steps.append({"argv": [*argv, "--output", str(tmp_path / method)]})
+    proc = launch_many("fsdp_cpu", steps, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for method in OTHERS:
+        run = tmp_path / method
+        r0, r1 = (read_lines(run / "ranks", f"rank{i}.jsonl") for i in (0, 1))
+        assert len(r0) == 4 and [x["phase"] for x in r0] == [x["phase"] for x in r1], method
+        assert [x["grad_norm"] for x in r0] == [x["grad_norm"] for x in r1], method
+        assert json.loads((run / "run.json").read_text())["status"] == "finished", method
 
 
 def test_sharded_steps_compute_what_data_parallel_steps_do(straight, tmp_path):

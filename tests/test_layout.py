@@ -93,14 +93,22 @@ def importers(graph: dict[str, set[str]], target: str) -> set[str]:
 
 
 def test_imports_point_one_way_loop_over_stages_over_evaluation():
-    """Only the experiment tools (and the CLI, and ``sasr.train``) import the trainer or the experiment tools;
-    the evaluation and the stages of a step import nothing above them."""
+    """Only the experiment tools (and the CLI, ``sasr.train`` and ``SASRTrainer``) import the trainer or the
+    experiment tools; the evaluation and the stages of a step import nothing above them."""
     graph = module_imports(everywhere=True)
-    top = {"sasr", "sasr.cli"}
+    top = {"sasr", "sasr.cli", "sasr.api"}
     experiments = {m for m in graph if m.startswith("sasr.experiments")}
     assert importers(graph, "sasr.trainer") <= top | experiments
     assert importers(graph, "sasr.experiments") <= top | experiments
-    above = {"sasr.trainer", "sasr.cli", "sasr.experiments", "sasr.collect", "sasr.learner", "sasr.run_dir"}
+    above = {
+        "sasr.trainer",
+        "sasr.api",
+        "sasr.cli",
+        "sasr.experiments",
+        "sasr.collect",
+        "sasr.learner",
+        "sasr.run_dir",
+    }
     for leaf in ("sasr.evaluate", "sasr.rewards", "sasr.metrics"):
         assert not {d for d in graph[leaf] if any(d == a or d.startswith(a + ".") for a in above)}, leaf
     assert importers({"a": {"sasr.trainer"}}, "sasr.trainer") == {"a"}  # the check can fail
@@ -202,3 +210,17 @@ def test_no_method_module_is_over_200_lines_and_no_training_function_over_60():
     collector = ast.parse((SRC / "sasr" / "collect" / "__init__.py").read_text())
     (cls,) = [n for n in collector.body if isinstance(n, ast.ClassDef) and n.name == "Collector"]
     assert cls.end_lineno - cls.lineno + 1 <= 220
+
+
+def test_library_code_never_exits_the_interpreter():
+    """A notebook or a script catches sasr.SasrError; only the command line turns it into exit code 2."""
+    exits = []
+    for path in sorted((SRC / "sasr").rglob("*.py")):
+        if path.name in ("__main__.py", "cli.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = ast.unparse(node.func)
+                if name in ("sys.exit", "exit", "quit", "os._exit"):
+                    exits.append(f"{path.relative_to(SRC)}:{node.lineno} {name}")
+    assert not exits, exits

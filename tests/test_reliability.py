@@ -11,7 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ACCELERATE_CONFIGS, ENV, TINY_ARGS, assert_same_run, launched, read_metrics
+from helpers import (
+    ACCELERATE_CONFIGS,
+    ENV,
+    TINY_ARGS,
+    assert_same_run,
+    launch_many,
+    launched,
+    read_metrics,
+)
 
 from sasr.checkpoint import complete_checkpoints, latest
 from sasr.cli import main
@@ -284,74 +292,49 @@ def test_two_processes_take_the_same_branches(tmp_path):
     assert how == {"kind": "MULTI_CPU", "num_processes": 2, "device": "cpu"}  # a reader can tell how it ran
 
 
-@pytest.mark.parametrize("method", ["chord", "hpt", "luffy", "srft", "uft", "prefix-rft"])
-def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path, method):
-    """Two gloo ranks with different data take the same parts in every step (else the all-reduce of the
-    step's statistics would fail) and read the same global gradient norm; stopped and resumed, the run ends
-    as it would have."""
-    launch = [
-        *launched("ddp_cpu"),
-        *ARGS,
-        "--method",
-        method,
-        "--set",
-        "grpo.num_generations=3",
-        "--steps",
-        "4",
-        "--save-every",
-        "2",
-        "--set",
-        "eval.before=false",
-        *(["--set", "uft.hint_steps=4"] if method == "uft" else []),  # hints (and their NLL) in every step
-    ]
-    ranks = tmp_path / "a" / "ranks"
-    straight = subprocess.run(
-        [
-            *launch,
-            "--set",
-            "logging_ranks=true",
-            "--set",
-            "log_completions=true",
-            "--output",
-            str(tmp_path / "a"),
-        ],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    r0, r1 = (read_lines(ranks, f"rank{i}.jsonl") for i in (0, 1))
-    assert [x["phase"] for x in r0] == [x["phase"] for x in r1] == ["mixed"] * 4
-    assert [x["grad_norm"] for x in r0] == [x["grad_norm"] for x in r1]
-    # Resumed from the checkpoint of step 2 (as after a SIGKILL there): the same steps 3-4 and weights.
-    resumed = tmp_path / "b"
-    shutil.copytree(tmp_path / "a", resumed)
-    shutil.rmtree(resumed / "final")
-    cmd = [
-        *launched("ddp_cpu"),
-        "--resume",
-        str(resumed),
-        "--quiet",
-    ]
-    again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert_same_run(tmp_path / "a", resumed)
-    # The samples of both ranks, every field; after the resume the same ones again.
-    samples = read_lines(tmp_path / "a", "completions.jsonl")
-    assert len(samples) == 4 * 2 * 2 * 3 and {s["rank"] for s in samples} == {
-        0,
-        1,
-    }  # steps x ranks x prompts x G
-    assert {"prompt", "completion", "reward", "advantage", "truncated", "kind", "parts"} <= samples[0].keys()
-    kinds = {s["kind"] for s in samples}
-    others = {"luffy": {"offpolicy"}, "srft": {"offpolicy"}, "prefix-rft": {"prefixed"}}.get(method, set())
-    assert kinds == {"rollout", *others}
-    if method == "prefix-rft":  # what a prefixed row started with, and the advantage of those tokens
-        assert all(
-            s["prefix_tokens"] > 0 and "prefix_advantage" in s for s in samples if s["kind"] == "prefixed"
+MIXED = ("chord", "hpt", "luffy", "srft", "uft", "prefix-rft")
+
+
+def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path):
+    """For each method that mixes parts in a step: two gloo ranks with different data take the same parts in
+    every step (else the all-reduce of the step's statistics would fail) and read the same global gradient
+    norm; stopped and resumed, the run ends as it would have. One launch runs every method."""
+    steps = []
+    for method in MIXED:
+        argv = [*ARGS, "--method", method, "--set", "grpo.num_generations=3", "--steps", "4"]
+        argv += ["--save-every", "2", "--set", "eval.before=false"]
+        argv += (
+            ["--set", "uft.hint_steps=4"] if method == "uft" else []
+        )  # hints (and their NLL) in every step
+        argv += ["--set", "logging_ranks=true", "--set", "log_completions=true"]
+        a, b = tmp_path / f"a-{method}", tmp_path / f"b-{method}"
+        steps.append({"argv": [*argv, "--output", str(a)]})
+        # Resumed from the checkpoint of step 2 (as after a SIGKILL there): the same steps 3-4 and weights.
+        steps.append({"copy": [str(a), str(b)], "drop": ["final"]})
+        steps.append({"argv": ["--resume", str(b), "--quiet"]})
+    proc = launch_many("ddp_cpu", steps, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for method in MIXED:
+        a, b = tmp_path / f"a-{method}", tmp_path / f"b-{method}"
+        r0, r1 = (read_lines(a / "ranks", f"rank{i}.jsonl") for i in (0, 1))
+        assert [x["phase"] for x in r0] == [x["phase"] for x in r1] == ["mixed"] * 4, method
+        assert [x["grad_norm"] for x in r0] == [x["grad_norm"] for x in r1], method
+        assert_same_run(a, b)
+        # The samples of both ranks, every field; after the resume the same ones again.
+        samples = read_lines(a, "completions.jsonl")
+        assert len(samples) == 4 * 2 * 2 * 3, method  # steps x ranks x prompts x G
+        assert {s["rank"] for s in samples} == {0, 1}
+        assert {"prompt", "completion", "reward", "advantage", "truncated", "kind", "parts"} <= samples[
+            0
+        ].keys()
+        others = {"luffy": {"offpolicy"}, "srft": {"offpolicy"}, "prefix-rft": {"prefixed"}}.get(
+            method, set()
         )
-    assert (tmp_path / "a" / "completions.jsonl").read_text() == (resumed / "completions.jsonl").read_text()
+        assert {s["kind"] for s in samples} == {"rollout", *others}, method
+        if method == "prefix-rft":  # what a prefixed row started with, and the advantage of those tokens
+            prefixed = [s for s in samples if s["kind"] == "prefixed"]
+            assert all(s["prefix_tokens"] > 0 and "prefix_advantage" in s for s in prefixed)
+        assert (a / "completions.jsonl").read_text() == (b / "completions.jsonl").read_text(), method
 
 
 @pytest.mark.parametrize("method", ["chord", "hpt", "luffy", "srft", "prefix-rft"])

@@ -134,6 +134,7 @@ def test_a_reward_model_gives_each_completion_its_score(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
 
     from sasr import models
+    from sasr.inputs import reward_entries
     from sasr.rewards import RewardCall, Rewards, score_all
 
     tok = AutoTokenizer.from_pretrained(models.resolve("tiny"))
@@ -166,6 +167,10 @@ def test_a_reward_model_gives_each_completion_its_score(tmp_path):
             want = rm(**tok(chat, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
         assert value == pytest.approx(want, abs=1e-5)
     assert len(set(values)) == 3 and "rewards/tiny-rm/mean" in stats
+    loaded = AutoModelForSequenceClassification.from_pretrained(folder)  # passed as an object from Python
+    entries, objects = reward_entries([loaded])
+    again, more = Rewards(task, entries, objects=objects).score(score_all(task, texts, exs), call, exs)
+    assert again == pytest.approx(values, abs=1e-6) and "rewards/tiny-rm/mean" in more
     with pytest.raises(SasrError, match="is neither module:function nor a sequence-classification model"):
         Rewards(task, [str(tmp_path / "not-a-model")])
 

@@ -6,6 +6,8 @@ from sasr.config import TrainConfig, build_config
 from sasr.errors import SasrError
 from sasr.tasks import get_task
 
+SASRConfig = TrainConfig  # the name TRL users look for beside SASRTrainer
+
 
 def train(
     config,
@@ -14,13 +16,31 @@ def train(
     resume: bool = False,
     train_dataset=None,
     eval_dataset=None,
+    reward_funcs=None,
 ):
-    """Train with a TrainConfig, a nested dict or a YAML path (and optionally ``datasets.Dataset`` objects as
-    the data); returns a RunResult. See sasr.trainer."""
-    from sasr.trainer import train as _train
+    """Train with a SASRConfig, a nested dict or a YAML path (and optionally ``datasets.Dataset`` objects as
+    the data, reward functions as objects); returns a RunResult. A thin caller of ``SASRTrainer``."""
+    from sasr.api import train as _train
 
-    return _train(config, overwrite, progress, resume, train_dataset, eval_dataset)
+    return _train(config, overwrite, progress, resume, train_dataset, eval_dataset, reward_funcs)
 
 
-__all__ = ["SasrError", "TrainConfig", "build_config", "get_task", "train"]
+def __getattr__(name: str):
+    if name in ("SASRTrainer", "CallbackError"):  # imported on first use: torch and transformers are heavy
+        from sasr import api, callbacks
+
+        return {"SASRTrainer": api.SASRTrainer, "CallbackError": callbacks.CallbackError}[name]
+    raise AttributeError(f"module 'sasr' has no attribute '{name}'")
+
+
+__all__ = [
+    "CallbackError",
+    "SASRConfig",
+    "SASRTrainer",
+    "SasrError",
+    "TrainConfig",
+    "build_config",
+    "get_task",
+    "train",
+]
 __version__ = version("sasr")

@@ -10,6 +10,7 @@ import os
 import shlex
 import sys
 import warnings
+from pathlib import Path
 
 from sasr.errors import SasrError
 from sasr.process import exit_code, keep_freed_memory
@@ -74,8 +75,10 @@ def _train_parser(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from sasr.api import SASRTrainer
     from sasr.config import build_config, resume_config
-    from sasr.trainer import Trainer, TrainingStopped
+    from sasr.run_dir import refuse_existing
+    from sasr.trainer import TrainingStopped
 
     overrides = {
         "method": args.method,
@@ -97,9 +100,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = resume_config(args.resume, overrides, args.set)
     else:
         config = build_config(args.config, overrides, args.set)
-    trainer = Trainer(config, overwrite=args.overwrite, progress=not args.quiet, resume=bool(args.resume))
+        if config.output_dir:  # before the model loads
+            refuse_existing(Path(config.output_dir), args.overwrite, resume=False)
+    trainer = SASRTrainer(args=config, overwrite=args.overwrite, progress=not args.quiet)
     try:
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=bool(args.resume))
     except TrainingStopped as stop:
         if trainer.accelerator.is_main_process:
             print(

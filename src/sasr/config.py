@@ -515,8 +515,14 @@ def resume_config(
     saved_file = Path(run_dir) / "config.yaml"
     if not saved_file.is_file():
         raise SasrError(f"'{run_dir}' is not a run directory (no config.yaml); nothing to resume")
-    saved = build_config(saved_file)
     wanted = build_config(saved_file, overrides, sets).model_copy(update={"output_dir": str(run_dir)})
+    unsafe_changes(run_dir, saved_file, wanted)
+    return wanted
+
+
+def unsafe_changes(run_dir: str | Path, saved_file: Path, wanted: TrainConfig) -> None:
+    """One sentence naming the keys ``wanted`` changes that a resumed run may not change (none: returns)."""
+    saved = build_config(saved_file)
     old = dict(_flatten(saved.model_dump(mode="json")))
     new = dict(_flatten(wanted.model_dump(mode="json")))
     unsafe = [
@@ -530,7 +536,6 @@ def resume_config(
             f"cannot resume '{run_dir}' with a different configuration ({diff}); a resumed run may change only "
             f"{', '.join(k for k in RESUME_SAFE_KEYS[:-1] if not k.startswith(RESUME_SAFE_SECTIONS))} and eval.*"
         )
-    return wanted
 
 
 def to_yaml(config: TrainConfig) -> str:

@@ -4,10 +4,12 @@ the rewards, the tasks and the methods can all use it."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
 import inspect
+import marshal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -116,3 +118,54 @@ def verl_score(fn: Callable, data_source: Any, text: str, truth: Any, extra_info
         extra = {k: v for k, v in out.items() if k != "score"}
         return float(out["score"]), extra
     return float(out), {}
+
+
+PYTHON_OBJECT = "python:"  # a config's name for a callable passed as an object that no import can reach
+
+
+def _source_of(fn: Any) -> tuple[bytes, str]:
+    """What identifies ``fn``'s code: its source text, else (defined at a prompt) its bytecode."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    target = fn if inspect.isfunction(fn) or inspect.ismethod(fn) or isinstance(fn, type) else type(fn)
+    try:
+        return inspect.getsource(target).encode(), "source"
+    except (OSError, TypeError):
+        code = getattr(target, "__code__", None)
+        return (marshal.dumps(code) if code else repr(target).encode()), "bytecode"
+
+
+def qualified_name(fn: Any) -> str:
+    """``module.qualname`` of a function, a partial's function or a callable instance's class."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    target = fn if hasattr(fn, "__qualname__") else type(fn)
+    return f"{getattr(target, '__module__', '?')}.{target.__qualname__}"
+
+
+def callable_identity(fn: Any) -> dict[str, str]:
+    """What a run records of a callable it was handed: its qualified name and the sha256 of its code (and of
+    a partial's bound arguments), so that a resume with another function is noticed."""
+    code, of = _source_of(fn)
+    digest = hashlib.sha256(code)
+    if isinstance(fn, functools.partial):
+        digest.update(repr((fn.args, sorted(fn.keywords.items()))).encode())
+    return {"name": qualified_name(fn), "sha256": digest.hexdigest(), "of": of}
+
+
+def importable_spec(fn: Any) -> str | None:
+    """``module:name`` when importing that gives back ``fn`` itself (so a command line can load it again);
+    None for a function of a script run as __main__, a notebook, a closure or a lambda."""
+    module, name = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or module == "__main__" or "<" in name or "." in name:
+        return None
+    try:
+        found = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+    return f"{module}:{name}" if found is fn else None
+
+
+def object_spec(fn: Any) -> str:
+    """How a config names a callable passed as an object: its import spec, else ``python:module.qualname``."""
+    return importable_spec(fn) or f"{PYTHON_OBJECT}{qualified_name(fn)}"

@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -217,18 +218,21 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def apply_lora(model, lora):
-    """``model`` with peft LoRA adapters of the run's ``lora`` settings on ``lora.target_modules``."""
+def apply_lora(model, lora, peft_config=None):
+    """``model`` with peft LoRA adapters of the run's ``lora`` settings on ``lora.target_modules`` (or of a
+    caller's ``peft_config``)."""
     from peft import LoraConfig, get_peft_model
 
-    peft_config = LoraConfig(
+    peft_config = peft_config or LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config)
+    with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_config)
 
 
 @contextlib.contextmanager

@@ -41,7 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sasr.contracts import function_name, load_function, trl_contract, verl_contract, verl_score
+from sasr.contracts import (
+    PYTHON_OBJECT,
+    function_name,
+    load_function,
+    trl_contract,
+    verl_contract,
+    verl_score,
+)
 from sasr.errors import SasrError
 from sasr.metrics import metric
 from sasr.tasks import Example, Score, Task
@@ -101,13 +108,15 @@ class RewardModel:
 
     batch_size = 32
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, model=None) -> None:
         from accelerate import PartialState
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        source = spec if model is None else model.name_or_path  # a loaded model: its tokenizer by its name
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(spec)
-            model = AutoModelForSequenceClassification.from_pretrained(spec, num_labels=1)
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+            if model is None:
+                model = AutoModelForSequenceClassification.from_pretrained(spec, num_labels=1)
         except (OSError, ValueError) as exc:
             raise SasrError(
                 f"reward '{spec}' is neither module:function nor a sequence-classification model "
@@ -117,7 +126,9 @@ class RewardModel:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model = model.to(PartialState().device).eval()
-        self.__name__ = str(spec).rstrip("/").split("/")[-1]  # TRL names a reward model by its last path part
+        self.__name__ = (
+            str(source).rstrip("/").split("/")[-1]
+        )  # TRL names a reward model by its last path part
 
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
         import torch
@@ -138,14 +149,24 @@ class RewardModel:
         return scores
 
 
-def build_function(entry: str | dict[str, Any]) -> Callable:
+def build_function(entry: str | dict[str, Any], obj: Any = None) -> Callable:
     """A reward_funcs entry: 'module:function', or {function: 'module:factory', kwargs: {...}}, which calls
-    the factory with kwargs (TRL's get_soft_overlong_punishment(max_completion_len=..., ...) and the like).
+    the factory with kwargs (TRL's get_soft_overlong_punishment(max_completion_len=..., ...) and the like);
+    ``obj``: the function or reward model a Python caller passed for the entry (``sasr.inputs``).
     A function with verl's contract (``verl_contract``) is called as verl calls it."""
-    if isinstance(entry, str) and (":" not in entry or Path(entry).is_dir()):
+    if obj is not None and not callable(getattr(obj, "forward", None)):
+        fn = obj
+    elif obj is not None:
+        return RewardModel(entry, obj)
+    elif isinstance(entry, str) and entry.startswith(PYTHON_OBJECT):
+        raise SasrError(
+            f"reward function {entry[len(PYTHON_OBJECT) :]} was passed as a Python object, which a run "
+            "directory cannot load again; pass it again: SASRTrainer(..., reward_funcs=[...])"
+        )
+    elif isinstance(entry, str) and (":" not in entry or Path(entry).is_dir()):
         return RewardModel(entry)  # a model id or folder: a reward model, as TRL allows
-    if isinstance(entry, str):
-        fn = load_function(entry)
+    if obj is not None or isinstance(entry, str):
+        fn = fn if obj is not None else load_function(entry)
         if verl_contract(fn):
             return trl_from_verl(fn)
         if not trl_contract(fn):
@@ -221,10 +242,17 @@ class Rewards:
     """The task's judge plus the configured reward functions; ``score`` gives each row's reward and verdict."""
 
     def __init__(
-        self, task: Task, funcs: Sequence[str | dict], weights: Sequence[float] | None = None
+        self,
+        task: Task,
+        funcs: Sequence[str | dict],
+        weights: Sequence[float] | None = None,
+        objects: dict[str, Any] | None = None,
     ) -> None:
-        self.task = task
-        self.funcs = [None if f == TASK else build_function(f) for f in funcs]  # None: the judge
+        self.task, objects = task, objects or {}
+        self.funcs = [
+            None if f == TASK else build_function(f, objects.get(f) if isinstance(f, str) else None)
+            for f in funcs
+        ]  # None: the judge
         self.names = [task.name if f is None else function_name(f) for f in self.funcs]  # as logged
         self.specs = [e if isinstance(e, str) else e["function"] for e in funcs]  # as errors name them
         if weights is not None and len(weights) != len(self.funcs):

@@ -35,7 +35,7 @@ METRICS, COMPLETIONS, EVAL_COMPLETIONS = "metrics.jsonl", "completions.jsonl", "
 STEP_LINES = (METRICS, COMPLETIONS, EVAL_COMPLETIONS)  # one line per step's thing, each with its "step"
 
 
-def resolve(config: TrainConfig, overwrite: bool, resume: bool, acc: Accelerator) -> Path:
+def resolve(config: TrainConfig, overwrite: bool, resume: bool | None, acc: Accelerator) -> Path:
     """The run directory (identical on every rank), refused if it exists unless overwrite or resume."""
     method = config.method_class().name  # a user's file.py:Class by its name
     name = config.output_dir or f"runs/{method}-{config.task.name}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -50,11 +50,12 @@ def resolve(config: TrainConfig, overwrite: bool, resume: bool, acc: Accelerator
         raise SasrError(
             f"cannot write the run directory '{path}' in '{parent}' ({exc.strerror}); choose another --output"
         ) from None
-    _refuse_existing(path, overwrite, resume)
+    if resume is not None:  # None: the caller decides at train() (hold checks again under the lock)
+        refuse_existing(path, overwrite, resume)
     return path
 
 
-def _refuse_existing(path: Path, overwrite: bool, resume: bool) -> None:
+def refuse_existing(path: Path, overwrite: bool, resume: bool) -> None:
     if not resume and not overwrite and path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
         raise SasrError(
             f"output directory '{path}' already exists; pass --overwrite or choose another --output"
@@ -69,7 +70,7 @@ def hold(path: Path, overwrite: bool, resume: bool, acc: Accelerator) -> FolderL
     if acc.is_main_process:
         try:
             lock = FolderLock(path, "sasr train --resume" if resume else "sasr train").acquire()
-            _refuse_existing(path, overwrite, resume)
+            refuse_existing(path, overwrite, resume)
         except SasrError as exc:
             refused = exc
             if lock:
@@ -290,3 +291,41 @@ def read_status(run: Path) -> dict[str, Any]:
 def finished(run: Path) -> bool:
     """Whether the run trained to its end."""
     return read_status(run).get("status") == "finished"
+
+
+def check_resumable(run: Path, config: TrainConfig, record: dict[str, Any]) -> None:
+    """A run continues only with its own configuration (resume-safe keys aside) and the same objects: the
+    same reward functions' code and the same model weights as run.json recorded; else one sentence naming the
+    first difference."""
+    from sasr.config import unsafe_changes
+
+    saved_file = Path(run) / CONFIG
+    if not saved_file.is_file():
+        raise SasrError(f"'{run}' is not a run directory (no config.yaml); nothing to resume")
+    unsafe_changes(run, saved_file, config)
+    was = read_status(run).get("inputs")
+    if not was:  # a run from before sasr recorded its inputs
+        return
+    for i, (old, new) in enumerate(zip(was.get("reward_funcs", []), record.get("reward_funcs", []))):
+        if old.get("sha256") != new.get("sha256") or old.get("spec") != new.get("spec"):
+            name = old.get("name") or old.get("spec")
+            raise SasrError(
+                f"cannot resume '{run}': reward function {i} was {name} (sha256 {str(old.get('sha256'))[:12]}) "
+                f"and is now {new.get('name') or new.get('spec')} (sha256 {str(new.get('sha256'))[:12]}); pass "
+                "the same function, or start a new run"
+            )
+    for key in ("datasets", "demo_datasets"):
+        for name, old in (was.get(key) or {}).items():
+            new = (record.get(key) or {}).get(name, {})
+            if (old["num_rows"], old["columns"]) != (new.get("num_rows"), new.get("columns")):
+                raise SasrError(
+                    f"cannot resume '{run}': its {key[:-1]} '{name}' had {old['num_rows']} rows of columns "
+                    f"{', '.join(old['columns'])}, and the one passed now has {new.get('num_rows', 'no')} rows; "
+                    "pass the same dataset"
+                )
+    old_model, new_model = was.get("model"), record.get("model")
+    if old_model and old_model.get("sha256") != (new_model or {}).get("sha256"):
+        raise SasrError(
+            f"cannot resume '{run}': it trained the model object {old_model['name_or_path']} (weights sha256 "
+            f"{old_model['sha256'][:12]}), and another model is passed now; pass the same model as it was loaded"
+        )

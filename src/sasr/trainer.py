@@ -29,12 +29,15 @@ from tqdm.auto import tqdm
 
 from sasr import checkpoint, fsdp, metrics, models, trackers
 from sasr.batch import Apply
+from sasr.callbacks import Callbacks
 from sasr.collect import Collector
 from sasr.collect.examples import check_prompts, demonstration_source, training_examples
 from sasr.config import TrainConfig
 from sasr.errors import SasrError
 from sasr.evaluate import GREEDY, evaluate, settings, summarise
+from sasr.inputs import Inputs, function_record, ready_tokenizer
 from sasr.learner import Learner, make_optimizer
+from sasr.locks import FolderLock
 from sasr.losses import ANCHORED_SFT_LOSSES
 from sasr.methods import get_method, method_source
 from sasr.model_card import model_card
@@ -47,12 +50,15 @@ from sasr.run_dir import (
     METRICS,
     RunDir,
     check_hub,
+    check_resumable,
     completion_samples,
     hold,
+    read_lines,
     resolve,
     strict,
 )
 from sasr.tasks import get_task
+from sasr.tasks.dataset import any_text
 
 # What an evaluation sample keeps (eval_completions.jsonl, with log_completions).
 EVAL_SAMPLE_KEYS = ("question", "completion", "reward", "correct", "formatted", "length")
@@ -69,7 +75,7 @@ class RunResult:
     seconds: float
 
 
-class TrainingStopped(Exception):
+class TrainingStopped(SasrError):
     """A signal asked the run to stop; a checkpoint of ``step`` was saved."""
 
     def __init__(self, step: int, signal_name: str, run_dir: Path) -> None:
@@ -110,27 +116,41 @@ def _accelerator(c: TrainConfig, sharded: bool) -> Accelerator:
 
 
 def _model(
-    c: TrainConfig, tokenizer, acc: Accelerator, sharded: bool
+    c: TrainConfig, tokenizer, acc: Accelerator, sharded: bool, inputs: Inputs
 ) -> tuple[torch.nn.Module, list[int], int]:
     """The policy as it trains (activation checkpointing, LoRA, FSDP shards as set), the tokens that end its
-    completions (EOS, end-of-turn) and the base model's parameter count."""
-    model = models.load_model(c.model.name, c.model.dtype)
+    completions (EOS, end-of-turn) and the base model's parameter count. A caller's model object is used as it
+    is (a peft model with its own adapters, or ``inputs.peft_config``'s added)."""
+    model = inputs.model if inputs.model is not None else models.load_model(c.model.name, c.model.dtype)
+    model.config.use_cache = False
     stop_ids = stop_token_ids(model, tokenizer)
     parameters = sum(p.numel() for p in model.parameters())  # N of the FLOPs count, before any adapter
+    if hasattr(model, "peft_config"):  # adapters of its own: only they train, as TRL does
+        parameters = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     if c.model.gradient_checkpointing:
         models.enable_activation_checkpointing(model)
-    if c.lora.enabled:
-        model = models.apply_lora(model, c.lora)
+    if inputs.peft_config is not None or (c.lora.enabled and not hasattr(model, "peft_config")):
+        model = models.apply_lora(model, c.lora, inputs.peft_config)
     if sharded:  # in place, before the optimizer and the reference snapshot take its parameters
         model = fsdp.shard(model, acc)
     return model, stop_ids, parameters
 
 
 class Trainer:
+    """One run: built from a config (and a Python caller's objects, ``inputs``), checked and loaded at once;
+    ``train`` takes the run directory's lock and trains. ``resume`` None: decided by ``train``."""
+
     def __init__(
-        self, config: TrainConfig, overwrite: bool = False, progress: bool = True, resume: bool = False
+        self,
+        config: TrainConfig,
+        overwrite: bool = False,
+        progress: bool = True,
+        resume: bool | None = False,
+        inputs: Inputs | None = None,
     ) -> None:
         self.config = c = config
+        self.inputs = inputs = inputs or Inputs()
+        self.overwrite, self.resume = overwrite, resume
         self.sharded = fsdp.requested()
         if self.sharded:
             fsdp.check(c)
@@ -148,31 +168,36 @@ class Trainer:
         self.run_dir = resolve(c, overwrite, resume, acc)
         self.files = RunDir(self.run_dir, acc.is_main_process)
         train_examples, demos, rewards = self._data(c)
-        self.tokenizer = models.load_tokenizer(c.model.name)
-        model, stop_ids, self.parameters = _model(c, self.tokenizer, acc, self.sharded)
+        if inputs.tokenizer is not None:
+            self.tokenizer = ready_tokenizer(inputs.tokenizer, c.model.name)
+        else:
+            self.tokenizer = models.load_tokenizer(c.model.name)
+        model, stop_ids, self.parameters = _model(c, self.tokenizer, acc, self.sharded, inputs)
         args = (train_examples, demos, self.tokenizer, rewards, stop_ids, acc, self.decoder, self.cuda_graphs)
         self.collector = Collector(c, self.task, *args)
         self._learner(model)
-        self.lock = hold(self.run_dir, overwrite, resume, acc)
-        try:  # released on any failure from here, as at the end of train()
-            self._start(checkpoint.latest(self.run_dir) if resume else None, resume)
-        except BaseException:
-            self.release()
-            raise
+        self.callbacks = Callbacks(inputs.callbacks, self)
+        self.record = {
+            "reward_funcs": [function_record(f, e) for f, e in zip(rewards.funcs, c.reward_funcs)],
+            **inputs.record(),
+        }
+        self.lock: FolderLock | None = None
+        self._reset()
 
     def _data(self, c: TrainConfig):
         """The task, the method, and what the collector draws from: (RL examples, demonstrations, rewards)."""
-        self.task = task = get_task(c.task.name, **c.task.options())
+        self.task = task = self.inputs.task or get_task(c.task.name, **c.task.options())
         train_examples = training_examples(c, task)
         self.test_examples = task.examples("test", c.task.test_size, seed=c.seed)
-        if any(task.is_text(ex) for ex in self.test_examples):
+        if any_text(task, self.test_examples):
             self.test_examples = []  # plain text has no answer to judge: no held-out evaluation
         if not train_examples:
             raise SasrError(f"task '{c.task.name}' produced no training examples")
         self.method = get_method(c.method, **c.method_kwargs(), processes=self.accelerator.num_processes)
-        rewards = Rewards(task, c.reward_funcs, c.reward_weights)
+        rewards = Rewards(task, c.reward_funcs, c.reward_weights, self.inputs.rewards)
         check_prompts(c, task, train_examples, self.method)
-        return train_examples, demonstration_source(c, task, train_examples, self.method), rewards
+        demos = demonstration_source(c, task, train_examples, self.method, self.inputs.demo_task)
+        return train_examples, demos, rewards
 
     def _learner(self, model) -> None:
         """The reference policy, the optimizer and its schedule, the model as it trains, the learner."""
@@ -191,19 +216,24 @@ class Trainer:
             c, self.model, self.optimizer, self.lr_scheduler, self.reference, acc, self.sharded
         )
 
-    def _start(self, resume_from: Path | None, resume: bool) -> None:
-        """The run's bookkeeping from zero or from ``resume_from``'s checkpoint; its files and trackers."""
-        c, acc = self.config, self.accelerator
+    def _reset(self) -> None:
+        """The bookkeeping of a run at step 0."""
         self.eval_before: dict[str, float] | None = None
         self.seconds_before = 0.0  # wall time of the segments before a resume (a checkpoint holds it)
         self.segments_before: list[list[float]] = []  # their [start, end] Unix times
         self.started, self.started_at = time.perf_counter(), time.time()
         self.finished_at: float | None = None  # when training (with its last evaluation) ended
         self.start_step, self.flops_total = 0, 0.0
+        self.stop_signal: str | None = None
+        self.stopped_by: str | None = None  # the callback whose should_training_stop ended the run
+
+    def _start(self, resume_from: Path | None, resume: bool) -> None:
+        """The run's bookkeeping from zero or from ``resume_from``'s checkpoint; its files and trackers."""
+        c, acc = self.config, self.accelerator
+        self._reset()
         if resume_from:
             self.start_step, weights, state = checkpoint.load(resume_from, acc, self.sharded)
             self.load_state_dict(weights, state, resume_from)
-        self.stop_signal: str | None = None
         if acc.is_main_process:
             if resume:
                 self.files.reopen(c, self.start_step)
@@ -250,9 +280,18 @@ class Trainer:
         self.flops_total = line["flops_total"]
         return line
 
-    def train(self) -> RunResult:
-        """Train from the start step to the end; the run directory's lock is released however it ends."""
+    def train(self, resume: bool | str | Path | None = None) -> RunResult:
+        """Train from the start step to the end: ``resume`` True continues the run directory from its newest
+        complete checkpoint, a path from that checkpoint (None: as the constructor said). The run directory's
+        lock is held meanwhile and released however it ends."""
+        resume = self.resume if resume is None else resume
+        acc = self.accelerator
+        self.lock = hold(self.run_dir, self.overwrite, bool(resume), acc)
         try:
+            if resume:
+                check_resumable(self.run_dir, self.config, self.record)
+                source = checkpoint.latest(self.run_dir) if resume is True else Path(resume)
+            self._start(source if resume else None, bool(resume))
             return self._train()
         finally:
             self.release()
@@ -263,10 +302,14 @@ class Trainer:
             self.lock.release()
 
     def _train(self) -> RunResult:
-        c, acc = self.config, self.accelerator
+        c = self.config
         self.started, self.started_at = time.perf_counter(), time.time()
+        history = read_lines(self.run_dir)[: self.start_step] if self.start_step else []
+        self.callbacks.begin(self.run_dir, self.progress, self.start_step, history)
+        self._event("on_train_begin", self.start_step)
         if self.start_step == 0 and c.eval.before and self.test_examples:
             self.eval_before = self.evaluate("eval before", step=0)
+            self._event("on_evaluate", 0, metrics=eval_keys(self.eval_before))
         after: dict[str, float] | None = None
         nonfinite = 0
         self.steps_done = c.steps  # fewer when max_flops stops the run first
@@ -281,15 +324,18 @@ class Trainer:
         )
         with on_stop_signals(self._on_signal):
             for step in bar:
+                events = self.callbacks
+                events.event("on_step_begin", step - 1)
+                if events.raised:
+                    self._callback_failed(step - 1)
                 line = self.step(step)
                 nonfinite = nonfinite + 1 if line.get("skipped") else 0
-                if c.eval.every and step % c.eval.every == 0 and self.test_examples:
-                    if step == c.steps and c.eval.after:  # the final evaluation's greedy part is this one
-                        held_out = after = self.evaluate("eval after", c.eval.samples, step)
-                    else:
-                        held_out = self.evaluate(f"eval step {step}", step=step)
-                    line.update({f"eval_{k}": v for k, v in held_out.items() if k != "n" and k in GREEDY})
+                control = events.event("on_step_end", step)
+                after = self._held_out(step, line, control) or after
                 self._log(line)
+                if not events.raised:
+                    events.state.log_history.append(line)
+                    events.event("on_log", step, logs=line)
                 bar.set_postfix(metrics.postfix(line), refresh=False)
                 if c.max_flops and self.flops_total >= c.max_flops:  # every rank: the same reduced counts
                     self.steps_done = step
@@ -301,21 +347,73 @@ class Trainer:
                         f"{nonfinite} non-finite losses or gradient norms in a row (last at step {step}); "
                         "lower optim.learning_rate or set optim.max_grad_norm"
                     )
-                stop = self._stop_requested()
-                if stop or (c.save_every and step % c.save_every == 0 and step < c.steps):
-                    model = acc.unwrap_model(self.model)
-                    checkpoint.save(self.run_dir, step, model, self.state_dict(), acc, c.save_total_limit)
-                if stop:
-                    self._write_status("stopped", step=step)
-                    raise TrainingStopped(step, stop, self.run_dir)
+                self._save_or_stop(step, control)
+                if control.should_training_stop:  # a callback's early stop: finished, as max_flops does
+                    self.steps_done, self.stopped_by = step, events.handler.stopped_by or "a callback"
+                    break
         bar.close()
         return self._finish(after)
+
+    def _held_out(self, step: int, line: dict[str, Any], control) -> dict[str, float] | None:
+        """The evaluation ``eval.every`` or a callback asks for after ``step``, its greedy numbers added to the
+        step's line; returns it when it is the evaluation after training."""
+        c, events = self.config, self.callbacks
+        due = c.eval.every and step % c.eval.every == 0
+        if not (due or control.should_evaluate) or not self.test_examples or events.raised:
+            return None
+        final = step == c.steps and c.eval.after  # the final evaluation's greedy part is this one
+        held_out = self.evaluate(
+            *(("eval after", c.eval.samples) if final else (f"eval step {step}", 0)), step
+        )
+        line.update({f"eval_{k}": v for k, v in held_out.items() if k != "n" and k in GREEDY})
+        control.should_evaluate = False
+        events.event("on_evaluate", step, metrics=eval_keys(held_out))
+        return held_out if final else None
+
+    def _save_or_stop(self, step: int, control) -> None:
+        """A checkpoint of ``step`` when one is due, asked for, or the run stops here (a signal, a callback
+        that raised); then the stop."""
+        c, acc, events = self.config, self.accelerator, self.callbacks
+        stop = self._stop_requested()
+        due = c.save_every and step % c.save_every == 0 and step < c.steps
+        if stop or events.raised or due or control.should_save:
+            model = acc.unwrap_model(self.model)
+            checkpoint.save(self.run_dir, step, model, self.state_dict(), acc, c.save_total_limit)
+            control.should_save = False
+            if not events.raised:
+                events.event("on_save", step)
+        if events.raised:
+            self._callback_failed(step, saved=True)
+        if stop:
+            self._write_status("stopped", step=step)
+            raise TrainingStopped(step, stop, self.run_dir)
+
+    def _event(self, name: str, step: int, **kwargs: Any) -> None:
+        """A callback event outside the steps; a raise fails the run with nothing more to save."""
+        self.callbacks.event(name, step, **kwargs)
+        if self.callbacks.raised:
+            self._callback_failed(step, saved=None)
+
+    def _callback_failed(self, step: int, saved: bool | None = False) -> None:
+        """A callback raised after ``step``: that step's checkpoint is written (unless it was, or ``saved`` is
+        None: before any step), run.json says failed, and ``CallbackError`` names the callback."""
+        c, acc = self.config, self.accelerator
+        if saved is False and step > self.start_step:
+            model = acc.unwrap_model(self.model)
+            checkpoint.save(self.run_dir, step, model, self.state_dict(), acc, c.save_total_limit)
+        kept = checkpoint.complete_checkpoints(self.run_dir)
+        kept_text = f"its checkpoint {kept[-1].name} is kept" if kept else "it has no checkpoint yet"
+        error = self.callbacks.error(step, kept_text)
+        r = self.callbacks.raised
+        self._write_status("failed", step=step, callback=f"{r.name}.{r.event}", error=str(r.error))
+        raise error
 
     def _finish(self, after: dict[str, float] | None) -> RunResult:
         """The last evaluation (unless the last step's was it), the final model, run.json, the trackers."""
         c, acc = self.config, self.accelerator
         if after is None and c.eval.after and self.test_examples:
             after = self.evaluate("eval after", c.eval.samples, self.steps_done)
+            self._event("on_evaluate", self.steps_done, metrics=eval_keys(after))
         seconds, self.finished_at = self.elapsed(), time.time()
         result = RunResult(self.run_dir, dict(self.method.counts), self.eval_before, after, seconds)
         unwrapped = acc.unwrap_model(self.model)
@@ -325,9 +423,14 @@ class Trainer:
             if c.push_to_hub:
                 self.files.push_to_hub(c.hub_model_id)
             early = {"max_flops_step": self.steps_done} if self.steps_done < c.steps else {}
+            if self.stopped_by:
+                early = {"stopped_early": {"step": self.steps_done, "by": self.stopped_by}}
             self._write_status("finished", **summary(c, result), **early)
             trackers.finish(acc)
         acc.wait_for_everyone()
+        self.callbacks.event("on_train_end", self.steps_done)
+        if self.callbacks.raised:  # the run is whole: its status stays finished
+            raise self.callbacks.error(self.steps_done, "its final model is written")
         return result
 
     def _save_final(self, whole, result: RunResult) -> None:
@@ -365,6 +468,10 @@ class Trainer:
             "reference": reference is not None,
             "flops_total": self.flops_total,
         }
+        if (
+            self.callbacks.state.stateful_callbacks
+        ):  # EarlyStoppingCallback's patience, as transformers keeps it
+            trainer["callbacks"] = self.callbacks.state_dict()
         extra = {"optimizers": self.learner.optimizer_states(), "method_tensors": self.method.tensors()}
         extra = {k: v for k, v in extra.items() if v}
         if extra.get("optimizers"):
@@ -408,6 +515,7 @@ class Trainer:
         self.seconds_before = state["trainer"].get("seconds", 0.0)
         self.segments_before = state["trainer"].get("segments", [])
         self.flops_total = state["trainer"].get("flops_total", 0.0)  # 0: a checkpoint from before FLOPs
+        self.callbacks.load_state_dict(state["trainer"].get("callbacks", {}))
 
     def elapsed(self) -> float:
         """Wall seconds of the whole run so far, the segments before a resume included."""
@@ -461,7 +569,9 @@ class Trainer:
 
     def _write_status(self, status: str, **extra: Any) -> None:
         how = distributed(self.accelerator, self.sharded)
-        self.files.write_status(status, **extra, segments=self.segments(), distributed=how)
+        self.files.write_status(
+            status, **extra, segments=self.segments(), distributed=how, inputs=self.record
+        )
 
 
 def distributed(acc: Accelerator, sharded: bool) -> dict[str, Any]:
@@ -473,6 +583,11 @@ def distributed(acc: Accelerator, sharded: bool) -> dict[str, Any]:
         "device": acc.device.type,
         "threads": torch.get_num_threads(),
     }
+
+
+def eval_keys(held_out: dict[str, float]) -> dict[str, float]:
+    """An evaluation's numbers as transformers' on_evaluate gets them: ``eval_``-prefixed."""
+    return {f"eval_{k}": v for k, v in held_out.items()}
 
 
 def summary(c: TrainConfig, r: RunResult) -> dict[str, Any]:
@@ -500,33 +615,3 @@ def rank_line(line: dict[str, Any], model, optimizer) -> dict[str, Any]:
         "state_mb": fsdp.held_bytes(model, optimizer) / 2**20,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-
-
-def train(
-    config: TrainConfig | dict | str | Path,
-    overwrite: bool = False,
-    progress: bool = True,
-    resume: bool = False,
-    train_dataset=None,
-    eval_dataset=None,
-) -> RunResult:
-    """Python API: ``sasr.train(config)`` with a TrainConfig, a nested dict, or a YAML path.
-    ``resume=True`` continues ``config.output_dir`` from its newest checkpoint. ``train_dataset`` and
-    ``eval_dataset`` (``datasets.Dataset``, rows in any format the ``jsonl`` task reads: TRL's among them) are
-    the task's data in place of ``task.name``'s."""
-    from sasr.config import build_config, validate
-    from sasr.tasks.records import dataset_file
-
-    if isinstance(config, (str, Path)):
-        config = build_config(file=config)
-    elif isinstance(config, dict):
-        config = validate(config)
-    if train_dataset is not None:
-        folder = models.cache_dir() / "datasets"
-        task = {"name": f"jsonl:{dataset_file(train_dataset, folder)}"}
-        if eval_dataset is not None:
-            task["test_path"] = str(dataset_file(eval_dataset, folder))
-        config = validate({**config.model_dump(mode="json"), "task": {**config.task.model_dump(), **task}})
-    elif eval_dataset is not None:
-        raise SasrError("eval_dataset needs a train_dataset beside it")
-    return Trainer(config, overwrite=overwrite, progress=progress, resume=resume).train()

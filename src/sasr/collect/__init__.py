@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
+import numpy as np
 from accelerate import Accelerator
 
 from sasr.batch import ROLLOUT, ROW_SOURCES, Gather, Rows, cat_rows
@@ -21,6 +22,7 @@ from sasr.config import TrainConfig
 from sasr.data import demonstration_rows, pick
 from sasr.rewards import Rewards
 from sasr.tasks import Example, Task
+from sasr.tasks.dataset import ExampleView
 
 
 @dataclass
@@ -40,8 +42,8 @@ class Collector:
         self,
         config: TrainConfig,
         task: Task,
-        examples: list[Example],
-        demos: tuple[Task, list[Example]],
+        examples: Sequence[Example],
+        demos: tuple[Task, Sequence[Example]],
         tokenizer,
         rewards: Rewards,
         stop_ids: list[int],
@@ -53,19 +55,25 @@ class Collector:
         self.demo_task, self.demo_examples = demos
         self.tokenizer, self.rewards, self.stop_ids = tokenizer, rewards, stop_ids
         self.accelerator, self.decoder, self.cuda_graphs = accelerator, decoder, cuda_graphs
-        self._index = {id(ex): i for i, ex in enumerate(examples)}  # an RL example's index, for outcomes
         # the RL examples with a demonstration to pair (a method that pairs them has no demos.task)
-        self._paired = {self._index[id(ex)] for ex in self.demo_examples if id(ex) in self._index}
+        self._paired = np.zeros(len(examples), dtype=bool)
+        if isinstance(examples, ExampleView):  # a Dataset's: each example knows its index
+            self._index = None
+            if self.demo_task is task:
+                self._paired[self.demo_examples.positions] = True
+        else:
+            self._index = {id(ex): i for i, ex in enumerate(examples)}  # an RL example's index, for outcomes
+            self._paired[[self._index[id(ex)] for ex in self.demo_examples if id(ex) in self._index]] = True
 
     # --- what a row maker may use -------------------------------------------------------------------------
 
     def index_of(self, example: Example) -> int:
         """An RL example's index among the run's RL prompts (``examples``)."""
-        return self._index[id(example)]
+        return example.metadata["index"] if self._index is None else self._index[id(example)]
 
     def has_demonstration(self, index: int) -> bool:
         """Whether the RL example ``index`` has a demonstration of its own to pair with its prompt."""
-        return index in self._paired
+        return bool(self._paired[index])
 
     def draw(self, step: int, per_rank: int, kind: str, pool: list[Example] | None = None) -> list[Example]:
         """This rank's ``per_rank`` examples of the step, drawn for ``kind`` (a pure function of the step)."""

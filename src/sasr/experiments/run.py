@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from sasr import checkpoint
+from sasr.api import SASRTrainer
 from sasr.config import TrainConfig, build_config, to_yaml
 from sasr.errors import SasrError
 from sasr.evaluate import evaluate_model
@@ -29,7 +30,6 @@ from sasr.experiments.summaries import (
 from sasr.methods import method_source
 from sasr.process import on_stop_signals
 from sasr.run_dir import finished, read_lines, read_status
-from sasr.trainer import Trainer
 
 
 def _resumable(run_dir: Path, config: TrainConfig) -> bool:
@@ -138,7 +138,7 @@ def _trained(config: TrainConfig, output: Path, progress: bool, commit: str) -> 
         if progress:
             verb = "continuing" if resume else "training"
             print(f"sasr compare: {verb} {run_dir.name} -> {run_dir}", file=sys.stderr)
-        Trainer(config, overwrite=not resume, progress=progress, resume=resume).train()
+        SASRTrainer(args=config, overwrite=not resume, progress=progress).train(resume_from_checkpoint=resume)
     started = time.perf_counter()
     evals = evaluate_model(str(run_dir / "final"), config, config.seed, progress)
     status, metrics = read_status(run_dir), read_lines(run_dir)

@@ -31,13 +31,19 @@ def load_method(spec: str) -> type[Method]:
     cls = getattr(load_module(module_name, "method", once=True), class_name, None)
     if cls is None:
         raise SasrError(f"method module '{module_name}' has no class '{class_name}'")
+    return register_class(cls, spec)
+
+
+def register_class(cls: Any, spec: str) -> type[Method]:
+    """A user's method class (named ``spec`` in errors) registered under its ``name`` (default: the class's
+    own name), or one sentence saying what is wrong. Registering the same class again is a no-op."""
     if not (isinstance(cls, type) and issubclass(cls, Method)) or cls is Method:
         raise SasrError(
             f"'{spec}' is not a method: a method is a subclass of sasr.methods.Method (docs/methods.md, "
             "'Write your own hybrid')"
         )
     if "name" not in vars(cls):
-        cls.name = class_name
+        cls.name = cls.__name__
     if cls.name in BUILT_IN and METHODS[cls.name] is not cls:
         raise SasrError(
             f"method '{spec}' takes the name '{cls.name}' of a built-in method; give it another name"

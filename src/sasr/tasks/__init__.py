@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sasr.errors import unknown
+from sasr.errors import SasrError, unknown
 from sasr.tasks.arithmetic import Arithmetic
 from sasr.tasks.base import Example, Score, Task, extract_answer, split_of
 from sasr.tasks.generated import GSMSymbolic, KnightsKnaves
@@ -24,6 +24,11 @@ def get_task(name: str, **options: Any) -> Task:
     for cls in (JsonlTask, VerlTask):
         if name.startswith(f"{cls.name}:"):
             return cls(**{**options, "path": name.removeprefix(f"{cls.name}:")})
+    if name == "dataset":
+        raise SasrError(
+            "task 'dataset' was a datasets.Dataset handed over from Python, which a run directory does not "
+            "hold; pass it again (SASRTrainer(..., train_dataset=ds)), or name its rows in a file (--task jsonl:FILE)"
+        )
     if name not in TASKS:
         raise unknown("task", name, TASKS)
     return TASKS[name](**options)
