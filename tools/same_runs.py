@@ -261,6 +261,7 @@ def state_files(run: Path) -> dict[str, object]:
 
 def run_json(run: Path) -> dict:
     data = json.loads((run / "run.json").read_text())
+    data.pop("inputs", None)  # what the run was handed (reward functions' hashes): runs from before lack it
     return {k: v for k, v in data.items() if k not in TIMES} | {
         "distributed": {k: v for k, v in data.get("distributed", {}).items() if k not in TIMES}
     }
