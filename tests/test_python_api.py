@@ -252,7 +252,7 @@ def test_a_million_row_dataset_is_read_where_it_lies():
     [
         ({"reward_funcs": [lambda x: x]}, "reward function test_python_api.<lambda> takes neither TRL's"),
         ({"reward_funcs": [lambda a, b, c: 0]}, "takes neither TRL's arguments"),
-        ({"reward_funcs": [3]}, r"reward_funcs\[0\] is a int; give a function"),
+        ({"reward_funcs": [3]}, r"reward_funcs\[0\] is of type int; give a function"),
         ({"model": "torch.nn.Linear"}, "not Linear"),
         ({"train_dataset": "foo-bar"}, "has none of the columns sasr reads .* its columns are bar, foo"),
         (

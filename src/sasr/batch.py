@@ -104,6 +104,9 @@ class Rows(Sequences):
     # per-row numbers a method adds ([B] or [B, T]; 0 where a row has none), by name
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     texts: list[str] = field(default_factory=list)
+    # other prompts of the same completions, by name: left-padded ids and mask [B, P'] (a row without one of
+    # its own holds its prompt), for a pass that reads the completion under another context
+    contexts: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.kind.numel()
@@ -153,6 +156,8 @@ class Rows(Sequences):
                 picked[f.name] = {k: v[rows] for k, v in value.items()}
             elif f.name == "texts":
                 picked[f.name] = [value[i] for i in rows.tolist()] if value else []
+            elif f.name == "contexts":
+                picked[f.name] = {k: (ids[rows], mask[rows]) for k, (ids, mask) in value.items()}
             else:
                 picked[f.name] = value
         return Rows(**picked)
@@ -208,6 +213,10 @@ def cat_rows(pieces: list[Rows], pad_token_id: int) -> Rows:
     extras = {
         name: _cat_extra(pieces, name, T) for name in dict.fromkeys(k for p in pieces for k in p.extras)
     }
+    contexts = {
+        name: _cat_context(pieces, name, pad_token_id)
+        for name in dict.fromkeys(k for p in pieces for k in p.contexts)
+    }
     return Rows(
         prompt_ids=torch.cat([_pad_to(p.prompt_ids, P, pad_token_id, left=True) for p in pieces]),
         prompt_mask=torch.cat([_pad_to(p.prompt_mask, P, 0, left=True) for p in pieces]),
@@ -226,7 +235,16 @@ def cat_rows(pieces: list[Rows], pad_token_id: int) -> Rows:
         given=given,
         extras=extras,
         texts=[t for p in pieces for t in p.texts],
+        contexts=contexts,
     )
+
+
+def _cat_context(pieces: list[Rows], name: str, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One other-prompt over the pieces, left-padded to the widest; a piece without it gives its own prompt."""
+    held = [p.contexts.get(name, (p.prompt_ids, p.prompt_mask)) for p in pieces]
+    width = max(ids.size(1) for ids, _ in held)
+    ids = torch.cat([_pad_to(i, width, pad_token_id, left=True) for i, _ in held])
+    return ids, torch.cat([_pad_to(m, width, 0, left=True) for _, m in held])
 
 
 # --- what a method makes of a step's rows -----------------------------------------------------------------
@@ -254,7 +272,8 @@ class Part:
 
 @dataclass(frozen=True)
 class Ask:
-    """A registered row maker (``ROW_SOURCES``, ``GROUP_ROWS`` or ``PROMPT_EXTENSIONS``) and its arguments."""
+    """A registered row maker (``ROW_SOURCES``, ``GROUP_ROWS``, ``PROMPT_EXTENSIONS`` or ``CONTEXTS``) and its
+    arguments."""
 
     name: str
     args: dict[str, Any] = field(default_factory=dict)
@@ -270,6 +289,7 @@ class Gather:
     group_rows: int = 0  # rows per prompt that ``extend_groups`` adds to its group (rollouts where it cannot)
     extend_groups: Ask | None = None  # a GROUP_ROWS maker
     extend_prompts: Ask | None = None  # a PROMPT_EXTENSIONS maker: tokens each prompt goes on with
+    contexts: Ask | None = None  # a CONTEXTS maker: other prompts of the groups' rows, once scored
     sources: tuple[Ask, ...] = ()  # ROW_SOURCES makers: rows before or after the groups, in this order
     advantage: str = "group"  # the advantage estimator (sasr.losses.ADVANTAGES)
     scale_rewards: str | None = None  # in place of grpo.scale_rewards
@@ -329,6 +349,11 @@ class PromptExtension:
     judged: bool = False
 
 
+# Other prompts of a step's group rows, made once they are scored: make(collector, step, examples, rows,
+# **args) -> (name, one chat (messages) per row or None where the row keeps its own prompt, statistics);
+# ``examples`` the groups' RL examples, ``rows`` the group rows (``Rows.group`` indexes examples).
+ContextMaker = Callable[..., "tuple[str, list[list[dict] | None], dict[str, float]]"]
+
 # Columns a method adds to a group row's line of completions.jsonl: columns(rows, i) -> {name: value}.
 SampleColumns = Callable[[Rows, int], dict[str, Any]]
 
@@ -346,6 +371,11 @@ PROMPT_EXTENSIONS: Registry[PromptExtension] = Registry(
     "prompt extension",
     "sasr.batch.PROMPT_EXTENSIONS",
     "the tokens a prompt goes on with before its rollouts are sampled (`Gather.extend_prompts`)",
+)
+CONTEXTS: Registry[ContextMaker] = Registry(
+    "context maker",
+    "sasr.batch.CONTEXTS",
+    "other prompts of the groups' rows, for a pass that reads their completions under them (`Gather.contexts`)",
 )
 SAMPLE_COLUMNS: Registry[SampleColumns] = Registry(
     "sample columns", "sasr.batch.SAMPLE_COLUMNS", "columns of a group row's line in completions.jsonl"

@@ -7,6 +7,7 @@ one names the nearest valid key, a bad value names the key and what it must be.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -387,11 +388,15 @@ def option_rows() -> list[tuple[str, Any, str]]:
 def options_table() -> str:
     """The options as a markdown table (docs/options.md holds it; a test keeps the two equal)."""
     lines = ["| key | default | what it does |", "| --- | --- | --- |"]
-    lines += [
-        f"| `{k}` | `{yaml.safe_dump(d, default_flow_style=True).strip().removesuffix('...').strip()}` | {text} |"
-        for k, d, text in option_rows()
-    ]
+    lines += [f"| `{k}` | `{_shown(d)}` | {text} |" for k, d, text in option_rows()]
     return "\n".join(lines)
+
+
+def _shown(default: Any) -> str:
+    """A default as YAML on one line (a text with line breaks double-quoted, its breaks as \\n)."""
+    if isinstance(default, str) and "\n" in default:
+        return json.dumps(default)
+    return yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

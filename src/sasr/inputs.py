@@ -162,8 +162,8 @@ def check_reward_object(item: Any, i: int) -> None:
         return
     if not callable(item):
         raise SasrError(
-            f"reward_funcs[{i}] is a {type(item).__name__}; give a function, 'module:function', a reward "
-            "model or its hub id"
+            f"reward_funcs[{i}] is of type {type(item).__name__}; give a function, 'module:function', a "
+            "reward model or its hub id"
         )
     if not (trl_contract(item) or verl_contract(item)):
         raise SasrError(

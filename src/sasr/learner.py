@@ -133,8 +133,8 @@ def merged(stats: dict[str, float], later: Update, name: str) -> dict[str, float
     own = {"loss": later.loss, "grad_norm": later.grad_norm, "lr": later.lr}
     out = {f"update/{name}/{k}": v for k, v in own.items()}
     for key, value in later.stats.items():
-        if key == "trained_tokens":
-            out[key] = stats[key] + value
+        if key in ("trained_tokens", "scored_tokens"):
+            out[key] = stats.get(key, 0) + value
         else:
             out[key if key not in stats else f"update/{name}/{key}"] = value
     return out
@@ -208,6 +208,9 @@ class Learner:
             pieces.append(piece)
         stats = metrics.combine(pieces, "iterations")
         stats["trained_tokens"] = rows.completion_mask.sum().item() * how.iterations
+        passes = {n for p in parts for n in PART_LOSSES[p.loss].passes(options(p, self.settings))} - {ANCHOR}
+        if passes:  # a further forward pass over the rows (a teacher's), once per update: sasr.passes
+            stats["scored_tokens"] = rows.completion_mask.sum().item() * len(passes)
         if how.iterations > 1:
             stats["num_iterations"] = how.iterations
         return Update(first.loss, first.grad_norm, finite_all, lr, stats)

@@ -89,7 +89,15 @@ register_all(
             "-/sum/-/sum",
         ),
         ("generated_tokens", "tokens sampled for the step, every process and batch", "-/-/sum/sum"),
-        ("flops", "the step's compute: 6 N per trained token + 2 N per generated token (N: parameters)"),
+        (
+            "scored_tokens",
+            "completion tokens a method's further forward pass read (a teacher's: sasr.passes), every process",
+            "-/sum/-/sum",
+        ),
+        (
+            "flops",
+            "the step's compute: 6 N per trained token + 2 N per generated or scored token (N: parameters)",
+        ),
         ("flops_total", "flops summed over the run's steps so far"),
         ("tokens_per_second", "tokens / step_seconds"),
         ("step_seconds", "wall seconds of the step (the main process's), evaluation and saving left out"),
@@ -241,7 +249,8 @@ def record(
         "tokens_per_second": tokens / seconds,
         "step_seconds": seconds,
     }
-    line["flops"] = flops(parameters, line["trained_tokens"], line.get("generated_tokens", 0))
+    generated, scored = line.get("generated_tokens", 0), line.get("scored_tokens", 0)
+    line["flops"] = flops(parameters, line["trained_tokens"], generated, scored)
     line["flops_total"] = flops_before + line["flops"]
     if probe is not None:
         line["probe_grad_norm"] = probe
@@ -250,10 +259,11 @@ def record(
     return line
 
 
-def flops(parameters: int, trained_tokens: float, generated_tokens: float) -> float:
+def flops(parameters: int, trained_tokens: float, generated_tokens: float, scored_tokens: float = 0) -> float:
     """A step's compute as the 2026 re-evaluation of mixed-policy methods counts it (arXiv 2604.23747): a
-    forward and backward pass costs 6 N per token, sampling 2 N per token."""
-    return 6.0 * parameters * trained_tokens + 2.0 * parameters * generated_tokens
+    forward and backward pass costs 6 N per token, sampling 2 N per token; a method's further forward pass (a
+    teacher's) 2 N per token it reads."""
+    return 6.0 * parameters * trained_tokens + 2.0 * parameters * (generated_tokens + scored_tokens)
 
 
 def postfix(line: dict[str, Any]) -> dict[str, str]:

@@ -16,6 +16,7 @@ import numpy as np
 from accelerate import Accelerator
 
 from sasr.batch import ROLLOUT, ROW_SOURCES, Gather, Rows, cat_rows
+from sasr.collect.contexts import with_contexts
 from sasr.collect.groups import outcomes, step_groups
 from sasr.collect.sampling import in_chunks
 from sasr.config import TrainConfig
@@ -125,7 +126,11 @@ class Collector:
         if gather.prompts:
             with self.decoder() as model:  # one gathering of the weights for every rollout of the step
                 groups = step_groups(self, model, step, gather)
-            pieces.append(groups.rows)
+            group_rows = groups.rows
+            if gather.contexts is not None:  # other prompts of the same completions, once scored
+                group_rows, more = with_contexts(self, step, gather.contexts, groups.examples, group_rows)
+                stats.update(more)
+            pieces.append(group_rows)
             stats.update(groups.stats)
             extra = groups.extra
             prompts = [self.index_of(ex) for ex in groups.examples]
