@@ -441,7 +441,9 @@ def test_a_run_or_comparison_in_use_is_refused_naming_its_process(tmp_path, caps
     the first's process, as is a --resume of the run while it trains and a second `sasr compare` of a folder;
     metrics.jsonl holds one run's steps once."""
     race = tmp_path / "race"
-    argv = [*ARGS, "--steps", "8", "--warmup-steps", "2", "--save-every", "2", "--output", str(race)]
+    # 20 steps: long enough that the winner is still training when the resume below reaches the lock, even on
+    # a loaded machine (with 8 it had at times released the lock, though its process had not yet exited)
+    argv = [*ARGS, "--steps", "20", "--warmup-steps", "2", "--save-every", "2", "--output", str(race)]
     procs = [cli(*argv, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     end = time.time() + 300
     while all(p.poll() is None for p in procs) and time.time() < end:
@@ -456,7 +458,7 @@ def test_a_run_or_comparison_in_use_is_refused_naming_its_process(tmp_path, caps
         refused = capsys.readouterr().err
         assert winner.poll() is not None or (code == 2 and f"is in use by process {winner.pid}" in refused)
     assert winner.wait(timeout=300) == 0
-    assert [r["step"] for r in read_metrics(race)] == list(range(1, 9))
+    assert [r["step"] for r in read_metrics(race)] == list(range(1, 21))
 
     from sasr.locks import FolderLock
 
