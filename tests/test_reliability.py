@@ -292,11 +292,11 @@ def test_two_processes_take_the_same_branches(tmp_path):
     assert how == {"kind": "MULTI_CPU", "num_processes": 2, "device": "cpu"}  # a reader can tell how it ran
 
 
-MIXED = ("chord", "hpt", "luffy", "srft", "uft", "prefix-rft", "sdft")
+MIXED = ("chord", "hpt", "luffy", "srft", "uft", "prefix-rft", "sdft", "sdpo")
 
 
 def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path):
-    """For each method that mixes parts in a step (and SDFT, whose teacher reads another prompt): two gloo ranks with different data take the same parts in
+    """For each method that mixes parts in a step (and SDFT and SDPO, whose teacher reads another prompt): two gloo ranks with different data take the same parts in
     every step (else the all-reduce of the step's statistics would fail) and read the same global gradient
     norm; stopped and resumed, the run ends as it would have. One launch runs every method."""
     steps = []
@@ -317,7 +317,7 @@ def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path):
     for method in MIXED:
         a, b = tmp_path / f"a-{method}", tmp_path / f"b-{method}"
         r0, r1 = (read_lines(a / "ranks", f"rank{i}.jsonl") for i in (0, 1))
-        phase = "grpo" if method == "sdft" else "mixed"  # SDFT's steps hold rollouts only
+        phase = "grpo" if method in ("sdft", "sdpo") else "mixed"  # their steps hold rollouts only
         assert [x["phase"] for x in r0] == [x["phase"] for x in r1] == [phase] * 4, method
         assert [x["grad_norm"] for x in r0] == [x["grad_norm"] for x in r1], method
         assert_same_run(a, b)

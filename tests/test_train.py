@@ -35,16 +35,16 @@ def test_every_method_runs_and_writes_a_loadable_final(run_tiny, method):
     for r in rows:
         assert r.keys() >= REQUIRED and r["phase"] in ("sft", "grpo", "mixed")
         assert [k for k in r if metrics.metric(k) is None] == [], "a key sasr writes is not in sasr.metrics"
-        # No rollout trains with the clipped objective when HPT routes every prompt to SFT, nor ever in SDFT
-        # (its ratio cap has its own sdft_is_clip_fraction): no clip_fraction
-        unclipped = r.get("sft_fraction") == 1.0 or method == "sdft"
+        # No rollout trains with the clipped objective when HPT routes every prompt to SFT, nor in SDFT and SDPO
+        # at its default weight 1 (their ratio cap has its own *_is_clip_fraction): no clip_fraction
+        unclipped = r.get("sft_fraction") == 1.0 or method in ("sdft", "sdpo")
         expected = GRPO_KEYS - ({"clip_fraction"} if unclipped else set())
         assert (r.keys() >= expected) == (r["phase"] != "sft")
         if method == "hpt":  # a part with no rows has no value: loss/rl only where a prompt went to RL
             assert ("loss/rl" in r) == (r["sft_fraction"] < 1.0)
         assert (r.keys() >= SASR_KEYS) == (method == "sasr" and r["step"] > 2)
-        # a teacher's forward pass over the rollouts counts in the FLOPs (sdft: one pass, one update)
-        assert r.get("scored_tokens", 0) == (r["trained_tokens"] if method == "sdft" else 0)
+        # a teacher's forward pass over the rollouts counts in the FLOPs (one pass, one update)
+        assert r.get("scored_tokens", 0) == (r["trained_tokens"] if method in ("sdft", "sdpo") else 0)
         if r["phase"] != "sft":
             assert 1 <= r["completion_length"] <= r["completion_length_max"] <= 12  # max_completion_length
     phases = [r["phase"] for r in rows]

@@ -1,7 +1,8 @@
 """Other prompts of a step's group rows (``Gather.contexts``): a method's maker (``sasr.batch.CONTEXTS``)
 gives a chat per row, once the rows are scored; here each is rendered by the chat template as the student's
-prompt is, keeping its last ``grpo.max_prompt_length`` tokens, and laid out beside the rows' own prompts
-(``Rows.contexts``, under the maker's name), for a pass that reads the same completions under them.
+prompt is, keeping its last ``grpo.max_prompt_length`` tokens (``max_tokens`` in the ask's arguments: as many),
+and laid out beside the rows' own prompts (``Rows.contexts``, under the maker's name), for a pass that reads the
+same completions under them.
 ``Rows.extras`` gets the same name: 1 where a row got a prompt of its own, 0 where it keeps its prompt."""
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ if TYPE_CHECKING:
 
 def with_contexts(c: Collector, step: int, ask: Ask, examples: list[Example], rows: Rows):
     """``rows`` with the other prompt ``ask``'s maker gives them, and the maker's statistics."""
-    name, chats, stats = CONTEXTS[ask.name](c, step, examples, rows, **ask.args)
-    tok, limit = c.tokenizer, c.config.grpo.max_prompt_length
+    args = dict(ask.args)
+    limit = args.pop("max_tokens", c.config.grpo.max_prompt_length)  # the prompts' own limit unless asked
+    name, chats, stats = CONTEXTS[ask.name](c, step, examples, rows, **args)
+    tok = c.tokenizer
     kwargs = c.config.model.chat_template_kwargs
     own = [ids[mask.bool()].tolist() for ids, mask in zip(rows.prompt_ids, rows.prompt_mask)]
     prompts = []

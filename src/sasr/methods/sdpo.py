@@ -1,0 +1,155 @@
+"""SDPO (arXiv 2601.20802, "Reinforcement Learning via Self-Distillation"): GRPO whose rollouts are also distilled
+towards the same model shown a successful rollout of the same group; the loss is (1 - w) x policy + w x
+distillation (docs/methods.md). TRL 1.16's ``trl.experimental.sdpo`` is the reference: its option names and
+defaults, its teacher prompts (``SuccessfulRolloutTeacherContextBuilder``), its loss.
+
+The teacher and the distillation loss are ``sasr.methods.self_distillation``'s. Not yet: the ``ema`` teacher
+(TRL's default), environment feedback (sasr's rows carry none), ``topk_logits`` / ``full_logits``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field
+
+from sasr import metrics
+from sasr.batch import CONTEXTS, ROLLOUT, Ask, Gather, Part, Plan, Rows
+from sasr.losses import LOSS_AGGREGATIONS, names
+from sasr.methods.base import Method, Options, register_method
+from sasr.methods.self_distillation import TEACHERS, register_metrics, register_teacher, teacher_chat
+
+CONTEXT = "sdpo_teacher"
+
+register_metrics("sdpo", "SDPO")
+metrics.register_all(
+    [
+        (
+            "sdpo_success_group_fraction",
+            "SDPO: share of groups with a rollout at the threshold",
+            metrics.ROLLOUTS,
+        ),
+        ("sdpo_success_sample_fraction", "SDPO: share of rollouts shown a successful one", metrics.ROLLOUTS),
+    ]
+)
+register_teacher(CONTEXT)
+
+
+def successful_rollout_contexts(
+    c, step: int, examples: list, rows: Rows, reprompt: str, solution: str, threshold: float, **how
+):
+    """Each rollout's teacher chat, as TRL's SuccessfulRolloutTeacherContextBuilder builds it: the first
+    other rollout of its group whose reward reaches ``threshold`` (``dont_reprompt_self``: never the row
+    itself), decoded, set in ``solution`` and ``reprompt`` in place of the last user turn; a row of a group
+    with no such rollout keeps its prompt and trains no distillation."""
+    rewards = rows.rewards.tolist()  # NaN (no function scored it) never reaches the threshold
+    groups, chats, successes = rows.group.tolist(), [], set()
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    for i, g in enumerate(groups):
+        good = [j for j in members[g] if rewards[j] >= threshold]
+        if good:
+            successes.add(g)
+        shown = [j for j in good if not (how["dont_reprompt_self"] and j == i)]
+        if not shown:
+            chats.append(None)
+            continue
+        text = rows.texts[shown[0]]
+        if how["remove_thinking"]:
+            text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL).strip()
+        messages = c.task.messages(examples[g])
+        filled = solution.format(successful_previous_attempt=text)
+        chats.append(
+            teacher_chat(
+                messages, reprompt.format(prompt=messages[-1]["content"], solution=filled, feedback="")
+            )
+        )
+    shown_share = sum(chat is not None for chat in chats) / max(len(chats), 1)
+    stats = {
+        "sdpo_success_group_fraction": len(successes) / max(len(members), 1),
+        "sdpo_success_sample_fraction": shown_share,
+    }
+    return CONTEXT, chats, stats
+
+
+CONTEXTS.add(CONTEXT, successful_rollout_contexts)
+
+
+class SDPOOptions(Options):
+    distillation_weight: float = Field(1.0, ge=0, le=1, description="loss = (1 - w) policy + w distillation")
+    distillation_mode: Literal["sampled_token"] = Field("sampled_token", description="as TRL's default")
+    distillation_alpha: Literal[1.0] = Field(1.0, description="reverse KL (sampled_token takes no other)")
+    distillation_is_clip: float | None = Field(
+        2.0, gt=0, description="cap of the detached ratio pi / pi_old on each token's loss; null: none"
+    )
+    teacher_model_kind: Literal[TEACHERS] = Field(
+        "base", description="base (the initial model) or live (the current one); TRL's default ema: not yet"
+    )
+    success_reward_threshold: float = Field(1.0, description="a rollout is successful at this reward or more")
+    dont_reprompt_on_self_success: bool = Field(True, description="a rollout is never shown itself")
+    remove_thinking_from_demonstration: bool = Field(False, description="drop <think>...</think> from it")
+    max_reprompt_len: int = Field(10240, ge=1, description="the teacher prompt keeps its last N tokens")
+    reprompt_template: str = Field(
+        "{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n",
+        description="the teacher's last user turn",
+    )
+    solution_template: str = Field(
+        "\nCorrect solution:\n\n{successful_previous_attempt}\n\n", description="how the shown rollout is set"
+    )
+    loss_type: names(LOSS_AGGREGATIONS) = Field(
+        "dapo", description="the policy part's aggregation (TRL: dapo)"
+    )
+    epsilon: float = Field(0.2, gt=0, description="the policy part's clip range")
+    epsilon_high: float | None = Field(None, gt=0, description="its upper range; null: epsilon")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="advantages' divisor")
+
+
+@register_method
+class SDPO(Method):
+    """SDPO: GRPO plus distillation towards the model shown a successful rollout of the same group."""
+
+    name = "sdpo"
+    paper = "arXiv 2601.20802"
+    summary = "GRPO + distillation towards the model shown a successful rollout of the same group"
+    Options = SDPOOptions
+    uses_demos = False
+    routes_by_outcome = True
+    dynamics = ("sdpo_success_sample_fraction", "sdpo_teacher_kl")
+
+    def plan(self, step: int) -> Plan:
+        o = self.opts
+        args = {
+            "reprompt": o.reprompt_template,
+            "solution": o.solution_template,
+            "threshold": o.success_reward_threshold,
+            "dont_reprompt_self": o.dont_reprompt_on_self_success,
+            "remove_thinking": o.remove_thinking_from_demonstration,
+            "max_tokens": o.max_reprompt_len,
+        }
+        gather = Gather(
+            prompts=self.prompts_per_step,
+            rollouts=self.group_size,
+            contexts=Ask(CONTEXT, args),
+            scale_rewards=o.scale_rewards,
+        )
+        return Plan(step, "grpo", gather)
+
+    def parts(self, plan: Plan, rows: Rows) -> tuple[list[Part], dict[str, float]]:
+        o, w, rollout = self.opts, self.opts.distillation_weight, rows.kind == ROLLOUT
+        parts = []
+        if w < 1.0:  # TRL computes no policy loss at w = 1 and no teacher at w = 0
+            clip = {
+                "beta": 0.0,
+                "loss_type": o.loss_type,
+                "epsilon": o.epsilon,
+                "epsilon_high": o.epsilon_high,
+            }
+            parts.append(Part("policy", "pg", rollout, 1.0 - w, clip))
+        if w > 0.0:
+            options = {"context": CONTEXT, "teacher": o.teacher_model_kind, "label": "sdpo"}
+            parts.append(
+                Part("distill", "self_distill", rollout, w, {**options, "is_clip": o.distillation_is_clip})
+            )
+        return parts, {}
