@@ -1,5 +1,5 @@
-"""sasr's GRPO and SFT steps against TRL's GRPOTrainer / SFTTrainer at identical settings, and sasr's
-rollout engine against ``model.generate``.
+"""sasr's GRPO, SFT and SDFT steps against TRL's GRPOTrainer / SFTTrainer / experimental SDFTTrainer at
+identical settings, and sasr's rollout engine against ``model.generate``.
 
 Each side runs in its own subprocess (so each peak memory is its own), on the same model, prompts,
 G, number of generated tokens (min_new_tokens = max_completion_length, so both sample exactly as many),
@@ -30,7 +30,8 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WORKERS = ("rollout", "sasr-grpo", "trl-grpo", "sasr-sft", "trl-sft")
+WORKERS = ("rollout", "sasr-grpo", "trl-grpo", "sasr-sft", "trl-sft", "sasr-sdft", "trl-sdft")
+KINDS = ("sft", "grpo", "sdft")
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # HBM bytes/s by card name (SXM parts)
 
 
@@ -66,7 +67,7 @@ def run_sasr(a, kind: str) -> tuple[list[float], list[dict[str, float]]]:
     from sasr.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(validate(sasr_config(a, "grpo" if kind == "grpo" else "sft", out)), progress=False)
+        trainer = Trainer(validate(sasr_config(a, kind, out)), progress=False)
         times, pieces = [], []
         for step in range(1, a.warmup + a.steps + 1):
             _sync(a)
@@ -146,6 +147,33 @@ def run_trl(a, kind: str) -> list[float]:
             trainer = GRPOTrainer(
                 model=model,
                 reward_funcs=reward,
+                args=args,
+                train_dataset=data,
+                processing_class=tok,
+                peft_config=peft,
+                callbacks=[Timer()],
+            )
+        elif kind == "sdft":  # the teacher: the base model shown the demonstration; TRL's sampled_token loss
+            from trl.experimental.sdft import SDFTConfig, SDFTTrainer
+
+            data = Dataset.from_list(
+                [{"prompt": task.messages(ex), "privileged_context": task.target(ex)} for ex in examples]
+            )
+            args = SDFTConfig(
+                output_dir=out,
+                per_device_train_batch_size=a.prompts * a.generations,
+                num_generations=a.generations,
+                max_completion_length=a.tokens,
+                generation_kwargs={"min_new_tokens": a.tokens},
+                distillation_mode="sampled_token",
+                distillation_alpha=1.0,
+                teacher_model_kind="base",
+                temperature=1.0,
+                top_k=0,
+                **common,
+            )
+            trainer = SDFTTrainer(
+                model=model,
                 args=args,
                 train_dataset=data,
                 processing_class=tok,
@@ -366,7 +394,7 @@ def main() -> None:
         f"gradient_checkpointing={a.gradient_checkpointing}"
     )
     print(setting)
-    for kind in ("sft", "grpo"):
+    for kind in KINDS:
         if f"sasr-{kind}" in results and f"trl-{kind}" in results:
             s, t = results[f"sasr-{kind}"], results[f"trl-{kind}"]
             print(

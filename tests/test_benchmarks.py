@@ -37,7 +37,7 @@ def test_steps_times_trainer_step_against_trl_for_each_kind_of_step():
         "--sft-batch",
         "2",
     )
-    for kind in ("SFT", "GRPO"):
+    for kind in ("SFT", "GRPO", "SDFT"):
         ratio = re.search(
             rf"^{kind} step: TRL / sasr time ([0-9.]+)x, peak memory TRL / sasr ([0-9.]+)x$", out, re.M
         )
