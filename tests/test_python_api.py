@@ -308,3 +308,16 @@ def test_bad_objects_are_refused_in_one_sentence_before_anything_loads(tmp_path,
         sasr.SASRTrainer(**kwargs)
     assert "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_method_class_of_ones_own_is_taken_as_it_is(tmp_path):
+    """``method=`` takes a Method subclass defined in the caller's code: registered under its name, its
+    options in the config, nothing written before train()."""
+    from sasr.contracts import load_module
+
+    RaftSFT = load_module(
+        str(Path(__file__).parents[1] / "examples" / "raft_sft.py"), "method", once=True
+    ).RaftSFT
+    trainer = sasr.SASRTrainer(args=tiny_config(tmp_path / "run", steps=2), method=RaftSFT, progress=False)
+    assert trainer.args.method == RaftSFT.name and trainer._trainer.method.name == RaftSFT.name
+    assert not (tmp_path / "run").exists()

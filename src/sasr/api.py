@@ -77,6 +77,8 @@ class SASRTrainer:
         overwrite: bool = False,
         progress: bool = True,
     ) -> None:
+        if method is not None and isinstance(args, dict):  # checked with the method it will run
+            args = {**args, "method": _method_name(method)}
         config = as_config(args)
         tree = config.model_dump(mode="json")
         inputs = Inputs(callbacks=check_callbacks(callbacks), tokenizer=processing_class)
