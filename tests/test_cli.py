@@ -94,12 +94,14 @@ def test_subprocess_error_has_no_traceback(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2
+    from sasr.errors import nearest
     from sasr.methods import METHODS
 
     valid = ", ".join(METHODS)  # every registered method, in the registry's order
     assert proc.stderr.strip().splitlines() == [
-        f"sasr: error: unknown method 'ppo' (did you mean 'grpo'?); valid: {valid} (or path/to/file.py:Class)"
+        f"sasr: error: unknown method 'ppo'{nearest('ppo', METHODS)}; valid: {valid} (or path/to/file.py:Class)"
     ]
+    assert nearest("ppo", METHODS)  # a suggestion is made
 
 
 def test_list_commands(capsys):
