@@ -122,6 +122,14 @@ def run_trl(a, kind: str) -> list[float]:
         dataloader_num_workers=0,
         gradient_checkpointing=a.gradient_checkpointing,
     )
+    sampling = dict(  # TRL's sampling trainers (GRPO, SDFT) sample exactly as sasr does
+        per_device_train_batch_size=a.prompts * a.generations,
+        num_generations=a.generations,
+        max_completion_length=a.tokens,
+        generation_kwargs={"min_new_tokens": a.tokens},
+        temperature=1.0,
+        top_k=0,
+    )
     with tempfile.TemporaryDirectory() as out:
         if kind == "grpo":
             from trl import GRPOConfig, GRPOTrainer
@@ -132,18 +140,7 @@ def run_trl(a, kind: str) -> list[float]:
                 texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
                 return [task.score(t, Example("", "", a)).reward for t, a in zip(texts, answer)]
 
-            args = GRPOConfig(
-                output_dir=out,
-                per_device_train_batch_size=a.prompts * a.generations,
-                num_generations=a.generations,
-                max_completion_length=a.tokens,
-                generation_kwargs={"min_new_tokens": a.tokens},
-                beta=a.beta,
-                loss_type=a.loss_type,
-                temperature=1.0,
-                top_k=0,
-                **common,
-            )
+            args = GRPOConfig(output_dir=out, beta=a.beta, loss_type=a.loss_type, **sampling, **common)
             trainer = GRPOTrainer(
                 model=model,
                 reward_funcs=reward,
@@ -161,15 +158,10 @@ def run_trl(a, kind: str) -> list[float]:
             )
             args = SDFTConfig(
                 output_dir=out,
-                per_device_train_batch_size=a.prompts * a.generations,
-                num_generations=a.generations,
-                max_completion_length=a.tokens,
-                generation_kwargs={"min_new_tokens": a.tokens},
                 distillation_mode="sampled_token",
                 distillation_alpha=1.0,
                 teacher_model_kind="base",
-                temperature=1.0,
-                top_k=0,
+                **sampling,
                 **common,
             )
             trainer = SDFTTrainer(

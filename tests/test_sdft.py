@@ -90,6 +90,25 @@ def test_the_sampled_token_loss_is_trls_in_value_and_gradient(tmp_path, old, is_
         assert stats["sdft_is_clip_fraction"] > 0  # the cap was met
 
 
+def test_the_options_sdft_shares_with_trl_have_trls_defaults():
+    """Read from TRL's SDFTConfig; the mode, alpha and teacher sasr defaults to differ on purpose (TRL's
+    topk_logits at alpha 0.5 is not in sasr yet)."""
+    from trl.experimental.sdft import SDFTConfig
+
+    from sasr.methods.sdft import SDFTOptions
+
+    trl, ours = SDFTConfig(output_dir="unused", report_to="none", use_cpu=True, bf16=False), SDFTOptions()
+    shared = (
+        "distillation_is_clip",
+        "num_loss_tokens_to_skip",
+        "teacher_model_kind",
+        "teacher_prompt_template",
+    )
+    assert {k: getattr(ours, k) for k in shared} == {k: getattr(trl, k) for k in shared}
+    assert (trl.distillation_mode, trl.distillation_alpha) == ("topk_logits", 0.5)
+    assert (ours.distillation_mode, ours.distillation_alpha) == ("sampled_token", 1.0)
+
+
 def test_the_teacher_prompt_is_trls(tmp_path):
     """The teacher's chat is the one TRL's DemonstrationTeacherContextBuilder composes (system turn kept, the
     last user turn rewritten by the template), and its tokens those TRL's trainer feeds: the chat template with

@@ -189,4 +189,26 @@ def test_the_blended_loss_is_trls_in_value_and_gradient(tmp_path, weight, loss_t
     (got_grad,) = torch.autograd.grad(got, student)
     assert got.item() == pytest.approx(want.item(), rel=1e-6, abs=1e-7)
     assert torch.allclose(got_grad, want_grad, rtol=1e-5, atol=1e-7)
-    assert SDPOOptions().distillation_weight == 1.0  # TRL's default
+
+
+def test_the_options_sdpo_shares_with_trl_have_trls_defaults():
+    """Read from TRL's SDPOConfig; sasr's teacher_model_kind (base, where TRL's is ema) differs on purpose."""
+    trl = one_process_trainer(models.load_tokenizer("tiny")).args
+    ours = SDPOOptions()
+    shared = (
+        "distillation_weight",
+        "distillation_mode",
+        "distillation_alpha",
+        "distillation_is_clip",
+        "success_reward_threshold",
+        "dont_reprompt_on_self_success",
+        "remove_thinking_from_demonstration",
+        "max_reprompt_len",
+        "reprompt_template",
+        "solution_template",
+        "loss_type",
+        "epsilon",
+    )
+    assert {k: getattr(ours, k) for k in shared} == {k: getattr(trl, k) for k in shared}
+    assert (ours.epsilon_high or ours.epsilon) == trl.epsilon_high  # null: epsilon, TRL's post-init fill
+    assert trl.teacher_model_kind == "ema" and ours.teacher_model_kind == "base"

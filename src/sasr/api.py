@@ -10,6 +10,7 @@ See docs/python.md.
 
 from __future__ import annotations
 
+import copy
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -80,7 +81,8 @@ class SASRTrainer:
         if method is not None and isinstance(args, dict):  # checked with the method it will run
             args = {**args, "method": _method_name(method)}
         config = as_config(args)
-        tree = config.model_dump(mode="json")
+        given = config.model_dump(mode="json")
+        tree = copy.deepcopy(given)
         inputs = Inputs(callbacks=check_callbacks(callbacks), tokenizer=processing_class)
         if isinstance(model, (str, Path)):
             tree["model"]["name"] = str(model)
@@ -98,8 +100,8 @@ class SASRTrainer:
             tree["lora"] = lora_keys(peft_config)
         if train_dataset is not None or eval_dataset is not None or demo_dataset is not None:
             tree = with_datasets(tree, inputs, config, train_dataset, eval_dataset, demo_dataset)
-        self.args = config if tree == config.model_dump(mode="json") else validate(tree)
-        self._trainer = Trainer(self.args, overwrite=overwrite, progress=progress, resume=None, inputs=inputs)
+        self.args = config if tree == given else validate(tree)
+        self._trainer = Trainer(self.args, overwrite=overwrite, progress=progress, inputs=inputs)
         self._result: RunResult | None = None
 
     # --- what transformers' Trainer offers under the same names ------------------------------------------

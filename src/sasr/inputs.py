@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from sasr.contracts import callable_identity, object_spec, trl_contract, verl_contract
+from sasr.contracts import PYTHON_OBJECT, callable_identity, object_spec, trl_contract, verl_contract
 from sasr.errors import SasrError
+from sasr.models import prepare_tokenizer
 
 
 @dataclass
@@ -102,12 +103,7 @@ def ready_tokenizer(tokenizer: Any, name: str) -> Any:
             f"processing_class must be a transformers tokenizer (or a processor holding one), not "
             f"{type(tokenizer).__name__}"
         )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    if tokenizer.chat_template is None:
-        raise SasrError(f"the tokenizer of model '{name}' has no chat template; pass an instruct/chat model")
-    return tokenizer
+    return prepare_tokenizer(tokenizer, f"the tokenizer of model '{name}'")
 
 
 def check_peft_config(peft_config: Any, model: Any) -> None:
@@ -120,10 +116,7 @@ def check_peft_config(peft_config: Any, model: Any) -> None:
             f"{type(peft_config).__name__}"
         )
     if model is not None and hasattr(model, "peft_config"):
-        raise SasrError(
-            "model already has peft adapters and a peft_config was passed too; pass one of them (TRL refuses "
-            "the same)"
-        )
+        raise SasrError("model already has peft adapters and a peft_config was passed too; pass one of them")
 
 
 def reward_entries(reward_funcs: Any) -> tuple[list[str | dict], dict[str, Any]]:
@@ -146,7 +139,7 @@ def reward_entries(reward_funcs: Any) -> tuple[list[str | dict], dict[str, Any]]
 
 
 def _model_spec(model: torch.nn.Module) -> str:
-    return f"python:{model_name(model)}"
+    return f"{PYTHON_OBJECT}{model_name(model)}"
 
 
 def check_reward_object(item: Any, i: int) -> None:

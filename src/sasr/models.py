@@ -185,11 +185,17 @@ def load_tokenizer(spec: str):
         tok = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as exc:
         raise SasrError(f"cannot load tokenizer for model '{spec}': {str(exc).splitlines()[0]}") from exc
+    return prepare_tokenizer(tok, f"model '{spec}'")
+
+
+def prepare_tokenizer(tok, what: str):
+    """``tok`` as sasr uses a tokenizer: a pad token, left padding (generation), a chat template (``what``
+    names it in the error where there is none)."""
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     if tok.chat_template is None:
-        raise SasrError(f"model '{spec}' has no chat template; pass an instruct/chat model")
+        raise SasrError(f"{what} has no chat template; pass an instruct/chat model")
     return tok
 
 

@@ -154,32 +154,36 @@ def build_function(entry: str | dict[str, Any], obj: Any = None) -> Callable:
     the factory with kwargs (TRL's get_soft_overlong_punishment(max_completion_len=..., ...) and the like);
     ``obj``: the function or reward model a Python caller passed for the entry (``sasr.inputs``).
     A function with verl's contract (``verl_contract``) is called as verl calls it."""
-    if obj is not None and not callable(getattr(obj, "forward", None)):
-        fn = obj
-    elif obj is not None:
-        return RewardModel(entry, obj)
-    elif isinstance(entry, str) and entry.startswith(PYTHON_OBJECT):
+    if obj is not None:
+        return RewardModel(entry, obj) if callable(getattr(obj, "forward", None)) else _trl_called(obj, entry)
+    if isinstance(entry, dict):
+        factory = load_function(entry["function"])
+        try:
+            return factory(**entry.get("kwargs", {}))
+        except TypeError as exc:
+            raise SasrError(
+                f"reward factory '{entry['function']}' does not take these kwargs ({exc})"
+            ) from None
+    if entry.startswith(PYTHON_OBJECT):
         raise SasrError(
             f"reward function {entry[len(PYTHON_OBJECT) :]} was passed as a Python object, which a run "
             "directory cannot load again; pass it again: SASRTrainer(..., reward_funcs=[...])"
         )
-    elif isinstance(entry, str) and (":" not in entry or Path(entry).is_dir()):
+    if ":" not in entry or Path(entry).is_dir():
         return RewardModel(entry)  # a model id or folder: a reward model, as TRL allows
-    if obj is not None or isinstance(entry, str):
-        fn = fn if obj is not None else load_function(entry)
-        if verl_contract(fn):
-            return trl_from_verl(fn)
-        if not trl_contract(fn):
-            raise SasrError(
-                f"reward function '{entry}' takes neither TRL's arguments (completions, ..., **kwargs) nor "
-                "verl's (data_source, solution_str, ground_truth, extra_info=None)"
-            )
-        return fn
-    factory = load_function(entry["function"])
-    try:
-        return factory(**entry.get("kwargs", {}))
-    except TypeError as exc:
-        raise SasrError(f"reward factory '{entry['function']}' does not take these kwargs ({exc})") from None
+    return _trl_called(load_function(entry), entry)
+
+
+def _trl_called(fn: Callable, entry: str) -> Callable:
+    """``fn`` as TRL calls a reward function: itself, or a verl function behind TRL's contract."""
+    if verl_contract(fn):
+        return trl_from_verl(fn)
+    if not trl_contract(fn):
+        raise SasrError(
+            f"reward function '{entry}' takes neither TRL's arguments (completions, ..., **kwargs) nor "
+            "verl's (data_source, solution_str, ground_truth, extra_info=None)"
+        )
+    return fn
 
 
 def _is_async(fn: Callable) -> bool:

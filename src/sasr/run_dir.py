@@ -35,8 +35,9 @@ METRICS, COMPLETIONS, EVAL_COMPLETIONS = "metrics.jsonl", "completions.jsonl", "
 STEP_LINES = (METRICS, COMPLETIONS, EVAL_COMPLETIONS)  # one line per step's thing, each with its "step"
 
 
-def resolve(config: TrainConfig, overwrite: bool, resume: bool | None, acc: Accelerator) -> Path:
-    """The run directory (identical on every rank), refused if it exists unless overwrite or resume."""
+def resolve(config: TrainConfig, acc: Accelerator) -> Path:
+    """The run directory (identical on every rank), one that can be written; whether an existing one may be
+    used is ``hold``'s to say, under the lock."""
     method = config.method_class().name  # a user's file.py:Class by its name
     name = config.output_dir or f"runs/{method}-{config.task.name}-{datetime.now():%Y%m%d-%H%M%S}"
     name = broadcast_object_list([name])[0] if acc.num_processes > 1 else name  # one timestamp for all ranks
@@ -50,8 +51,6 @@ def resolve(config: TrainConfig, overwrite: bool, resume: bool | None, acc: Acce
         raise SasrError(
             f"cannot write the run directory '{path}' in '{parent}' ({exc.strerror}); choose another --output"
         ) from None
-    if resume is not None:  # None: the caller decides at train() (hold checks again under the lock)
-        refuse_existing(path, overwrite, resume)
     return path
 
 

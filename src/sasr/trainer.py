@@ -124,9 +124,8 @@ def _model(
     model = inputs.model if inputs.model is not None else models.load_model(c.model.name, c.model.dtype)
     model.config.use_cache = False
     stop_ids = stop_token_ids(model, tokenizer)
-    parameters = sum(p.numel() for p in model.parameters())  # N of the FLOPs count, before any adapter
-    if hasattr(model, "peft_config"):  # adapters of its own: only they train, as TRL does
-        parameters = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    # N of the FLOPs count: the base model's parameters, before our adapter and without a caller's own
+    parameters = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
     if c.model.gradient_checkpointing:
         models.enable_activation_checkpointing(model)
     if inputs.peft_config is not None or (c.lora.enabled and not hasattr(model, "peft_config")):
@@ -138,19 +137,18 @@ def _model(
 
 class Trainer:
     """One run: built from a config (and a Python caller's objects, ``inputs``), checked and loaded at once;
-    ``train`` takes the run directory's lock and trains. ``resume`` None: decided by ``train``."""
+    ``train`` takes the run directory's lock and trains."""
 
     def __init__(
         self,
         config: TrainConfig,
         overwrite: bool = False,
         progress: bool = True,
-        resume: bool | None = False,
         inputs: Inputs | None = None,
     ) -> None:
         self.config = c = config
         self.inputs = inputs = inputs or Inputs()
-        self.overwrite, self.resume = overwrite, resume
+        self.overwrite = overwrite
         self.sharded = fsdp.requested()
         if self.sharded:
             fsdp.check(c)
@@ -165,22 +163,22 @@ class Trainer:
         self.cuda_graphs = c.grpo.cuda_graphs and not self.sharded
         if c.push_to_hub:
             check_hub()
-        self.run_dir = resolve(c, overwrite, resume, acc)
+        self.run_dir = resolve(c, acc)
         self.files = RunDir(self.run_dir, acc.is_main_process)
         train_examples, demos, rewards = self._data(c)
         if inputs.tokenizer is not None:
             self.tokenizer = ready_tokenizer(inputs.tokenizer, c.model.name)
         else:
             self.tokenizer = models.load_tokenizer(c.model.name)
+        self.record = {  # run.json's inputs, a caller's model hashed before LoRA goes into it
+            "reward_funcs": [function_record(f, e) for f, e in zip(rewards.funcs, c.reward_funcs)],
+            **inputs.record(),
+        }
         model, stop_ids, self.parameters = _model(c, self.tokenizer, acc, self.sharded, inputs)
         args = (train_examples, demos, self.tokenizer, rewards, stop_ids, acc, self.decoder, self.cuda_graphs)
         self.collector = Collector(c, self.task, *args)
         self._learner(model)
         self.callbacks = Callbacks(inputs.callbacks, self)
-        self.record = {
-            "reward_funcs": [function_record(f, e) for f, e in zip(rewards.funcs, c.reward_funcs)],
-            **inputs.record(),
-        }
         self.lock: FolderLock | None = None
         self._reset()
 
@@ -280,11 +278,10 @@ class Trainer:
         self.flops_total = line["flops_total"]
         return line
 
-    def train(self, resume: bool | str | Path | None = None) -> RunResult:
+    def train(self, resume: bool | str | Path = False) -> RunResult:
         """Train from the start step to the end: ``resume`` True continues the run directory from its newest
-        complete checkpoint, a path from that checkpoint (None: as the constructor said). The run directory's
-        lock is held meanwhile and released however it ends."""
-        resume = self.resume if resume is None else resume
+        complete checkpoint, a path from that checkpoint. The run directory's lock is held meanwhile and
+        released however it ends."""
         acc = self.accelerator
         self.lock = hold(self.run_dir, self.overwrite, bool(resume), acc)
         try:

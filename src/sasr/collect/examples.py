@@ -49,10 +49,11 @@ def training_examples(config: TrainConfig, task: Task) -> Sequence[Example]:
     known = {ex.question for ex in scarce}
     if isinstance(examples, ExampleView):  # the same order, as row numbers
         rest = np.array([i for i, ex in enumerate(examples) if ex.question not in known], dtype=np.int64)
-        rows = np.concatenate([scarce.rows, examples.rows[rest[: len(examples) - len(scarce)]]])
-        keep = np.concatenate([scarce.has_demo, examples.has_demo[rest[: len(examples) - len(scarce)]]])
-        text = np.concatenate([scarce.is_text, examples.is_text[rest[: len(examples) - len(scarce)]]])
-        return ExampleView(task, examples.dataset, rows, keep, text)
+        rest = rest[: len(examples) - len(scarce)]
+        rows = np.concatenate([scarce.rows, examples.rows[rest]])
+        has_demo = np.concatenate([scarce.has_demo, examples.has_demo[rest]])
+        is_text = np.concatenate([scarce.is_text, examples.is_text[rest]])
+        return ExampleView(task, examples.dataset, rows, has_demo, is_text)
     return scarce + [ex for ex in examples if ex.question not in known][: len(examples) - len(scarce)]
 
 
