@@ -155,6 +155,7 @@ OTHERS = {
     "chord": ["--set", "grpo.num_generations=3"],
     "hpt": ["--set", "grpo.num_generations=3", "--set", "lora.enabled=false"],
     "srft": ["--set", "grpo.num_generations=3", "--set", "gradient_accumulation_steps=2"],
+    "sdft": ["--set", "sdft.teacher_model_kind=ema", "--set", "lora.enabled=false"],  # an average of shards
 }
 
 

@@ -596,7 +596,7 @@ def test_asft_is_dft_plus_beta_times_the_kl_to_the_reference_as_llama_factory_co
     attn[2, -3:] = 0  # a shorter demonstration
     T = 5
     q, negentropy = completion_distributions(reference, ids, attn, T)
-    logps, _, cross = anchored_logprobs(policy, ids, attn, T, anchor=q)
+    logps, _, cross, _ = anchored_logprobs(policy, ids, attn, T, anchor=q)
     mask = attn[:, -T:].float()
     no, kind = torch.zeros(3, dtype=torch.bool), torch.full((3,), DEMO)
     x = PartInputs(logps, mask, None, None, torch.zeros(3), kind, no, anchor_kl=negentropy - cross)

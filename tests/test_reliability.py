@@ -306,6 +306,7 @@ def test_two_processes_plan_the_same_mixed_steps_and_resume(tmp_path):
         argv += (
             ["--set", "uft.hint_steps=4"] if method == "uft" else []
         )  # hints (and their NLL) in every step
+        argv += ["--set", "sdft.teacher_model_kind=ema"] if method == "sdft" else []  # its average resumes
         argv += ["--set", "logging_ranks=true", "--set", "log_completions=true"]
         a, b = tmp_path / f"a-{method}", tmp_path / f"b-{method}"
         steps.append({"argv": [*argv, "--output", str(a)]})

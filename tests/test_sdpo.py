@@ -184,7 +184,7 @@ def test_the_blended_loss_is_trls_in_value_and_gradient(tmp_path, weight, loss_t
     parts, _ = method.parts(method.plan(1), rows)
     s = torch.log_softmax(student, -1).gather(-1, ids[..., None]).squeeze(-1)
     t = torch.log_softmax(teacher, -1).gather(-1, ids[..., None]).squeeze(-1)
-    out = PassOutputs(s, others={f"{CONTEXT}_base": t})
+    out = PassOutputs(s, others={f"{CONTEXT}_ema": t})  # the default teacher's pass
     got, _ = micro_loss(rows, parts, out, dotted(config.model_dump(mode="json")), rollouts=False)
     (got_grad,) = torch.autograd.grad(got, student)
     assert got.item() == pytest.approx(want.item(), rel=1e-6, abs=1e-7)
@@ -192,23 +192,10 @@ def test_the_blended_loss_is_trls_in_value_and_gradient(tmp_path, weight, loss_t
 
 
 def test_the_options_sdpo_shares_with_trl_have_trls_defaults():
-    """Read from TRL's SDPOConfig; sasr's teacher_model_kind (base, where TRL's is ema) differs on purpose."""
+    """Read from TRL's SDPOConfig: every option sasr shares with it has TRL's default."""
     trl = one_process_trainer(models.load_tokenizer("tiny")).args
     ours = SDPOOptions()
-    shared = (
-        "distillation_weight",
-        "distillation_mode",
-        "distillation_alpha",
-        "distillation_is_clip",
-        "success_reward_threshold",
-        "dont_reprompt_on_self_success",
-        "remove_thinking_from_demonstration",
-        "max_reprompt_len",
-        "reprompt_template",
-        "solution_template",
-        "loss_type",
-        "epsilon",
-    )
+    shared = set(SDPOOptions.model_fields) & set(vars(trl)) - {"epsilon_high"}
     assert {k: getattr(ours, k) for k in shared} == {k: getattr(trl, k) for k in shared}
+    assert {"distillation_mode", "teacher_model_kind", "teacher_update_rate", "reprompt_template"} <= shared
     assert (ours.epsilon_high or ours.epsilon) == trl.epsilon_high  # null: epsilon, TRL's post-init fill
-    assert trl.teacher_model_kind == "ema" and ours.teacher_model_kind == "base"

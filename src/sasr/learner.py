@@ -13,6 +13,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -21,6 +22,7 @@ from transformers import get_scheduler
 from sasr import fsdp, metrics
 from sasr.batch import Apply, Gather, Part, Plan, Rows
 from sasr.config import TrainConfig
+from sasr.errors import SasrError
 from sasr.logprobs import anchored_logprobs
 from sasr.losses import PART_LOSSES, Norm
 from sasr.objective import PassOutputs, loss_mask, micro_loss, options
@@ -319,15 +321,20 @@ class Learner:
         if anchored and ANCHOR not in cache:
             with metrics.timer(stats, "reference_seconds", device):
                 cache[ANCHOR] = self.anchor(sub, torch.stack(anchored).any(0), how.temperature)
-        others = sorted({n for names in needs.values() for n in names} - {ANCHOR})
+        asking = {n: p for p in parts for n in needs[p.name] if n != ANCHOR}  # pass -> a part that names it
+        others = sorted(asking)
         for name in others:  # a method's own passes (sasr.passes), once per micro-batch
             if name not in cache:
+                how_run = (
+                    {"options": options(asking[name], self.settings)} if PASSES[name].reads_options else {}
+                )
                 with torch.no_grad():
-                    cache[name] = PASSES[name].run(self, sub, how.temperature)
+                    cache[name] = PASSES[name].run(self, sub, how.temperature, **how_run)
+        divergence = self.divergence(parts, cache)
         anchor, anchor_negentropy = cache.get(ANCHOR, (None, None))
         t_policy = metrics.now(device)
         # The G rows of a prompt share one pass over it (anchored_logprobs finds them).
-        logps, entropy, cross = anchored_logprobs(
+        logps, entropy, cross, diverged = anchored_logprobs(
             self.model,
             sub.input_ids,
             sub.attention_mask,
@@ -335,14 +342,38 @@ class Learner:
             how.temperature,
             with_entropy=how.rollouts,
             anchor=anchor,
+            divergence=divergence,
         )  # [b, T]
         if how.iterations > 1 and "old" not in cache:
             cache["old"] = logps.detach()  # pi_old: the weights that sampled the rollouts
         if how.rollouts:
             stats["policy_forward_seconds"] = metrics.now(device) - t_policy
         anchor_kl = None if cross is None else anchor_negentropy - cross  # [b, T] KL(pi_ref || pi)
-        extra = {name: cache[name] for name in others}
-        return PassOutputs(logps, entropy, cache.get("ref"), cache.get("old"), anchor_kl, extra)
+        extra = {name: self.tokens_of(name, sub, cache) for name in others}
+        return PassOutputs(logps, entropy, cache.get("ref"), cache.get("old"), anchor_kl, extra, diverged)
+
+    def divergence(self, parts: list[Part], cache: dict) -> tuple[torch.Tensor, Any] | None:
+        """The whole pass's distributions [b, T, V] and the TokenDivergence the parts ask of the policy pass
+        (one per micro-batch), or None."""
+        asked = {PART_LOSSES[p.loss].divergence(options(p, self.settings)) for p in parts} - {None}
+        if len(asked) > 1:
+            raise SasrError(f"the parts of one step ask for {len(asked)} divergences; one pass computes one")
+        if not asked:
+            return None
+        (name, fn), *_ = asked
+        return cache[name], fn
+
+    @staticmethod
+    def tokens_of(name: str, sub: Rows, cache: dict) -> torch.Tensor:
+        """Pass ``name``'s per-token numbers [b, T]: a whole pass's log-probabilities of the completion tokens."""
+        if not PASSES[name].whole:
+            return cache[name]
+        key = f"{name}:tokens"
+        if key not in cache:
+            logits = cache[name]  # [b, T, V] over the temperature
+            chosen = logits.gather(-1, sub.completion_ids[..., None]).squeeze(-1)
+            cache[key] = chosen - logits.logsumexp(-1)
+        return cache[key]
 
     def anchor(
         self, sub: Rows, demo: torch.Tensor, temperature: float

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from sasr import fsdp
+from sasr.divergences import TokenDivergence, token_divergence
 from sasr.lora_linear import checkpointed, fused_lora
 
 
@@ -266,7 +267,7 @@ def completion_logprobs(
     positions are computed (``logits_to_keep``), rows of similar length together up to their longest
     (``length_groups``), and consecutive rows with one prompt compute it once.
     """
-    logps, entropy, _ = anchored_logprobs(
+    logps, entropy, _, _ = anchored_logprobs(
         model, input_ids, attention_mask, n_completion, temperature, with_entropy
     )
     return logps, entropy
@@ -280,30 +281,58 @@ def anchored_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     anchor: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``completion_logprobs`` in the same one pass, and given ``anchor`` (distributions q [B, T, V], zero rows
-    where none is wanted) the differentiable cross term sum_v q_v log pi(v) of each token [B, T] (else None)."""
+    divergence: tuple[torch.Tensor, TokenDivergence] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``completion_logprobs`` in the same one pass; given ``anchor`` (distributions q [B, T, V], zero rows
+    where none is wanted) the differentiable cross term sum_v q_v log pi(v) of each token [B, T]; given
+    ``divergence`` (the target's logits over the temperature [B, T, V] and a TokenDivergence) the
+    differentiable divergence of pi from the target at each token [B, T] (each None when not asked)."""
     T = n_completion
     P = input_ids.size(1) - T
     collective = forwards_are_collective(model)  # then one forward call, on every rank
     groups = length_groups(attention_mask[:, P:].sum(1), 1 if collective else MAX_GROUPS)
     with fused_lora(getattr(model, "module", model)):  # the peft model inside a DDP wrapper
         logits = _completion_logits(model, input_ids, attention_mask, T, groups, not collective)
-    logps, entropies, crosses = [], [], []
+    logps, entropies, crosses, divergences = [], [], [], []
     for (rows, t), parts in zip(groups, logits):  # parts: [b, t_i, V], sum t_i = t
         widths = [p.size(1) for p in parts]
         targets = input_ids[rows, P : P + t].split(widths, dim=1)
         softs = anchor[rows, :t].split(widths, dim=1) if anchor is not None else [None] * len(parts)
         out = [_selective(p, y, temperature, with_entropy, 0, q) for p, y, q in zip(parts, targets, softs)]
-        for i, into in ((0, logps), (1, entropies), (2, crosses)):
-            if out[0][i] is not None:
+        if divergence is not None:
+            target, fn = divergence
+            chunk = max(1, CHUNK_ELEMENTS // parts[0].size(-1))
+            pieces = target[rows, :t].split(widths, dim=1)
+            out = [
+                (*o, token_divergence(p, q, fn, temperature, chunk)) for o, p, q in zip(out, parts, pieces)
+            ]
+        for i, into in ((0, logps), (1, entropies), (2, crosses), (3, divergences)):
+            if i < len(out[0]) and out[0][i] is not None:
                 into.append(torch.nn.functional.pad(torch.cat([o[i] for o in out], dim=1), (0, T - t)))
     back = torch.cat([rows for rows, _ in groups]).argsort()  # [B]: group order -> row order
     return (
         torch.cat(logps)[back],
         torch.cat(entropies)[back] if with_entropy else None,
         torch.cat(crosses)[back] if anchor is not None else None,
+        torch.cat(divergences)[back] if divergence is not None else None,
     )
+
+
+@torch.no_grad()
+def completion_scaled_logits(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_completion: int,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The model's logits over the temperature at each completion position [B, T, V] (float32): its whole
+    next-token distributions, unnormalized. One plain pass, no gradient."""
+    T = n_completion
+    rows = torch.arange(input_ids.size(0), device=input_ids.device)
+    with fused_lora(getattr(model, "module", model)):
+        (parts,) = _completion_logits(model, input_ids, attention_mask, T, [(rows, T)], False)
+    return torch.cat(parts, dim=1).float().div(temperature)  # [B, T, V]
 
 
 @torch.no_grad()
@@ -316,10 +345,8 @@ def completion_distributions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's whole next-token distribution at each completion position: probs [B, T, V] (float32) and
     sum_v q_v log q_v [B, T] (minus the entropy), one plain pass, no gradient."""
-    T = n_completion
-    rows = torch.arange(input_ids.size(0), device=input_ids.device)
-    with fused_lora(getattr(model, "module", model)):
-        (parts,) = _completion_logits(model, input_ids, attention_mask, T, [(rows, T)], False)
-    logq = torch.cat(parts, dim=1).float().div(temperature).log_softmax(-1)  # [B, T, V]
+    logq = completion_scaled_logits(model, input_ids, attention_mask, n_completion, temperature).log_softmax(
+        -1
+    )
     q = logq.exp()
     return q, (q * logq).sum(-1)

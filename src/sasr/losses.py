@@ -313,6 +313,7 @@ class PartInputs:
     given: torch.Tensor | None = None  # [b, T] bool: tokens of sampled rows that were given, not sampled
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # the rows' Rows.extras
     passes: dict[str, torch.Tensor] = field(default_factory=dict)  # other passes' outputs (sasr.passes)
+    divergence: torch.Tensor | None = None  # [b, T] the policy's from a whole pass's, differentiable
 
 
 @dataclass
@@ -325,11 +326,13 @@ class PartLoss:
 class LossTerm:
     """A registered part loss: ``fn(inputs, **options) -> PartLoss``; ``settings`` maps each keyword it takes
     from the run's configuration to that dotted key (a part's own options override them); ``passes``: the
-    forward passes it needs besides the policy's, given its options (sasr.passes)."""
+    forward passes it needs besides the policy's, given its options (sasr.passes); ``divergence``: the whole
+    pass and the TokenDivergence (sasr.divergences) whose value it needs at each token, or None."""
 
     fn: Callable[..., PartLoss]
     settings: dict[str, str] = field(default_factory=dict)
     passes: Callable[[dict[str, Any]], tuple[str, ...]] = lambda options: ()
+    divergence: Callable[[dict[str, Any]], tuple[str, Any] | None] = lambda options: None
 
 
 PART_LOSSES: Registry[LossTerm] = Registry(

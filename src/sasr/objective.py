@@ -25,7 +25,8 @@ class PassOutputs:
     ref: torch.Tensor | None = None  # [s, T] the reference's, on the s sampled rows only (in their order)
     old: torch.Tensor | None = None  # [b, T] pi_old's (num_iterations > 1); None: the policy's, detached
     anchor_kl: torch.Tensor | None = None  # [b, T] KL(pi_ref || pi) per token, differentiable
-    others: dict[str, torch.Tensor] = field(default_factory=dict)  # further passes' outputs, by name
+    others: dict[str, torch.Tensor] = field(default_factory=dict)  # further passes' [b, T], by name
+    divergence: torch.Tensor | None = None  # [b, T] the policy's from a whole pass's, differentiable
 
 
 def options(part: Part, settings: dict[str, Any]) -> dict[str, Any]:
@@ -97,6 +98,7 @@ def micro_loss(
             given=_at(rows.given, pidx),
             extras={k: v[pidx] for k, v in rows.extras.items()},
             passes={k: v[pidx] for k, v in out.others.items()},
+            divergence=_at(out.divergence, pidx),
         )
         result = PART_LOSSES[part.loss].fn(x, **options(part, settings))
         term = result.loss if part.weight == 1.0 else part.weight * result.loss

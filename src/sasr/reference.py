@@ -1,4 +1,5 @@
-"""The reference policy pi_ref that the GRPO KL term is measured against.
+"""The reference policy pi_ref that the GRPO KL term is measured against, and a moving average of the weights
+(a teacher that trails the policy).
 
 - LoRA, reference 'initial': the same weights with the adapter switched off (no extra memory).
 - Otherwise a snapshot of the trainable parameters (the adapter, or every weight under full fine-tuning),
@@ -66,3 +67,28 @@ class ReferencePolicy:
         with self.active():
             logps, _ = completion_logprobs(self.model, input_ids, attention_mask, n_completion, temperature)
         return logps
+
+
+class AveragePolicy(ReferencePolicy):
+    """An exponential moving average of the trainable weights, swapped in as the reference snapshot is: under
+    LoRA it starts at zero (a zero adapter computes the base model), otherwise at the weights it is made with;
+    each ``update`` sets it to (1 - rate) x itself + rate x the current weights."""
+
+    def __init__(self, model: torch.nn.Module, use_lora: bool, rate: float) -> None:
+        super().__init__(model, use_lora)
+        self.rate = rate
+        self.snapshot()
+        if use_lora:
+            for tensor in self.snapshot_.values():
+                tensor.zero_()
+
+    @torch.no_grad()
+    def update(self) -> None:
+        fsdp.reshard(self.model)
+        r = self.rate
+        for name, p in self._trainable().items():
+            average = self.snapshot_[name]
+            if self.use_lora:  # the arithmetic of TRL's two EMA teachers, so that they are equal bit for bit
+                average.copy_((1 - r) * average + r * p.detach())
+            else:
+                average.mul_(1.0 - r).add_(p.detach(), alpha=r)

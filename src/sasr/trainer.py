@@ -201,6 +201,7 @@ class Trainer:
         """The reference policy, the optimizer and its schedule, the model as it trains, the learner."""
         c, acc = self.config, self.accelerator
         self.reference = ReferencePolicy(model, use_lora=c.lora.enabled)
+        self.method.attach(model, c.lora.enabled)
         anchored = c.sft.loss in ANCHORED_SFT_LOSSES  # ASFT's KL on demonstrations reads pi_ref too
         if not c.lora.enabled and (self.method.uses_reference or anchored):  # full fine-tuning: a copy
             self.reference.snapshot()

@@ -37,16 +37,14 @@ class Method:
     Options: ClassVar[type[Options]] = Options
     paper: ClassVar[str] = ""  # where it comes from (the README's methods table)
     summary: ClassVar[str] = ""  # what a step trains on, in a line (the README's methods table)
-    # Metric keys its dynamics plots draw beside the phase strip.
-    dynamics: ClassVar[tuple[str, ...]] = ()
+    dynamics: ClassVar[tuple[str, ...]] = ()  # metric keys its dynamics plots draw beside the phase strip
     # True: trains each RL prompt's own demonstration, so demonstrations cannot come from another source.
     pairs_demos: ClassVar[bool] = False
     # True: the method starts with SFT steps counted by warmup_steps (the others ignore warmup_steps).
     uses_warmup: ClassVar[bool] = False
     uses_demos: ClassVar[bool] = True  # trains on demonstrations at some step
     uses_reference: ClassVar[bool] = True  # samples rollouts, whose KL to the reference is measured
-    # In a comparison, this method may take as many SFT steps as the named one took with the same seed.
-    sft_budget_from: ClassVar[str | None] = None
+    sft_budget_from: ClassVar[str | None] = None  # compare: take the SFT steps this method took (same seed)
     # False: a step with rollouts also trains parts that no clipped ratio bounds (SFT, shaped or weighted
     # terms), so grpo.num_iterations > 1 would repeat them with no trust region.
     repeatable_updates: ClassVar[bool] = True
@@ -124,6 +122,9 @@ class Method:
         """With ``grpo.reference=warmup``, the step after which the reference snapshot is taken (0: never, the
         loaded model stays the reference): the end of the SFT stage."""
         return self.warmup_steps
+
+    def attach(self, model: Any, use_lora: bool) -> None:
+        """The model the run trains, before its first step and before a resume reads ``tensors``."""
 
     def observe(self, plan: Plan, grad_norm: float | None, probe: float | None = None) -> None:
         """After the step: its pre-clip gradient norm (None when not finite: the update was skipped), and the

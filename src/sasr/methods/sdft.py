@@ -3,8 +3,7 @@ the prompt alone; a teacher, the same model shown the prompt's demonstration, sc
 pulls the student's token distribution towards the teacher's (docs/methods.md). TRL 1.16's
 ``trl.experimental.sdft`` is the reference: its option names and defaults, its loss.
 
-The teacher and the loss are ``sasr.methods.self_distillation``'s (shared with SDPO). Not yet: ``topk_logits`` /
-``full_logits`` (they need the student's whole distribution in the policy pass), the ``ema`` teacher,
+The teacher and the loss are ``sasr.methods.self_distillation``'s (shared with SDPO). Not yet:
 ``generate_from_teacher``.
 """
 
@@ -17,8 +16,15 @@ from pydantic import Field, model_validator
 from sasr import metrics
 from sasr.batch import CONTEXTS, ROLLOUT, Ask, Gather, Part, Plan, Rows
 from sasr.errors import SasrError
-from sasr.methods.base import Method, Options, register_method
-from sasr.methods.self_distillation import TEACHERS, register_metrics, register_teacher, teacher_chat
+from sasr.methods.base import register_method
+from sasr.methods.self_distillation import (
+    MODES,
+    DistillationOptions,
+    SelfDistillation,
+    register_metrics,
+    register_teacher,
+    teacher_chat,
+)
 
 CONTEXT = "sdft_teacher"  # the teacher's prompt of each group row (Rows.contexts; Rows.extras: 1 where given)
 
@@ -53,22 +59,15 @@ def teacher_contexts(c, step: int, examples: list, rows: Rows, template: str, sk
 CONTEXTS.add(CONTEXT, teacher_contexts)
 
 
-class SDFTOptions(Options):
-    distillation_mode: Literal["sampled_token"] = Field(
-        "sampled_token",
-        description="TRL's sampled_token: the reverse KL's gradient on the sampled tokens (TRL's default "
-        "topk_logits is not in sasr yet)",
+class SDFTOptions(DistillationOptions):
+    distillation_mode: Literal[MODES] = Field(
+        "topk_logits", description=DistillationOptions.model_fields["distillation_mode"].description
     )
+    distillation_topk: int | None = Field(100, ge=1, description="k of topk_logits")
     distillation_alpha: float = Field(
-        1.0, ge=0, le=1, description="0 forward KL, 1 reverse KL (sampled_token: 1 only)"
-    )
-    distillation_is_clip: float | None = Field(
-        2.0, gt=0, description="cap of the detached ratio pi / pi_old on each token's loss; null: none"
+        0.5, ge=0, le=1, description="0 forward KL, 1 reverse KL, between: generalized JSD (sampled_token: 1)"
     )
     num_loss_tokens_to_skip: int = Field(0, ge=0, description="the first N completion tokens carry no loss")
-    teacher_model_kind: Literal[TEACHERS] = Field(
-        "base", description="the teacher's weights: base (the initial model), live (the current one)"
-    )
     teacher_prompt_template: str = Field(
         "{prompt}\n\n{privileged_context}",
         description="the teacher's last user turn: {prompt} its text, {privileged_context} the demonstration",
@@ -78,9 +77,7 @@ class SDFTOptions(Options):
     )
 
     @model_validator(mode="after")
-    def _consistent(self) -> SDFTOptions:
-        if self.distillation_mode == "sampled_token" and self.distillation_alpha != 1.0:
-            raise ValueError("distillation_mode sampled_token takes distillation_alpha 1.0 only (as TRL)")
+    def _template(self) -> SDFTOptions:
         for field in ("{prompt}", "{privileged_context}"):
             if field not in self.teacher_prompt_template:
                 raise ValueError(f"teacher_prompt_template must hold {field}")
@@ -88,7 +85,7 @@ class SDFTOptions(Options):
 
 
 @register_method
-class SDFT(Method):
+class SDFT(SelfDistillation):
     """SDFT: rollouts from the prompt alone, distilled towards the same model shown the demonstration."""
 
     name = "sdft"
@@ -109,11 +106,5 @@ class SDFT(Method):
 
     def parts(self, plan: Plan, rows: Rows) -> tuple[list[Part], dict[str, float]]:
         o = self.opts
-        options = {
-            "context": CONTEXT,
-            "teacher": o.teacher_model_kind,
-            "label": "sdft",
-            "is_clip": o.distillation_is_clip,
-            "skip_tokens": o.num_loss_tokens_to_skip,
-        }
+        options = {**self.distill_options(CONTEXT, "sdft"), "skip_tokens": o.num_loss_tokens_to_skip}
         return [Part("distill", "self_distill", rows.kind == ROLLOUT, 1.0, options)], {}

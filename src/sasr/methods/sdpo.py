@@ -3,8 +3,8 @@ towards the same model shown a successful rollout of the same group; the loss is
 distillation (docs/methods.md). TRL 1.16's ``trl.experimental.sdpo`` is the reference: its option names and
 defaults, its teacher prompts (``SuccessfulRolloutTeacherContextBuilder``), its loss.
 
-The teacher and the distillation loss are ``sasr.methods.self_distillation``'s. Not yet: the ``ema`` teacher
-(TRL's default), environment feedback (sasr's rows carry none), ``topk_logits`` / ``full_logits``.
+The teacher and the distillation loss are ``sasr.methods.self_distillation``'s. Not yet: environment feedback
+(sasr's rows carry none).
 """
 
 from __future__ import annotations
@@ -17,8 +17,15 @@ from pydantic import Field
 from sasr import metrics
 from sasr.batch import CONTEXTS, ROLLOUT, Ask, Gather, Part, Plan, Rows
 from sasr.losses import LOSS_AGGREGATIONS, names
-from sasr.methods.base import Method, Options, register_method
-from sasr.methods.self_distillation import TEACHERS, register_metrics, register_teacher, teacher_chat
+from sasr.methods.base import register_method
+from sasr.methods.self_distillation import (
+    TEACHERS,
+    DistillationOptions,
+    SelfDistillation,
+    register_metrics,
+    register_teacher,
+    teacher_chat,
+)
 
 CONTEXT = "sdpo_teacher"
 
@@ -77,16 +84,11 @@ def successful_rollout_contexts(
 CONTEXTS.add(CONTEXT, successful_rollout_contexts)
 
 
-class SDPOOptions(Options):
-    distillation_weight: float = Field(1.0, ge=0, le=1, description="loss = (1 - w) policy + w distillation")
-    distillation_mode: Literal["sampled_token"] = Field("sampled_token", description="as TRL's default")
-    distillation_alpha: Literal[1.0] = Field(1.0, description="reverse KL (sampled_token takes no other)")
-    distillation_is_clip: float | None = Field(
-        2.0, gt=0, description="cap of the detached ratio pi / pi_old on each token's loss; null: none"
-    )
+class SDPOOptions(DistillationOptions):
     teacher_model_kind: Literal[TEACHERS] = Field(
-        "base", description="base (the initial model) or live (the current one); TRL's default ema: not yet"
+        "ema", description=DistillationOptions.model_fields["teacher_model_kind"].description
     )
+    distillation_weight: float = Field(1.0, ge=0, le=1, description="loss = (1 - w) policy + w distillation")
     success_reward_threshold: float = Field(1.0, description="a rollout is successful at this reward or more")
     dont_reprompt_on_self_success: bool = Field(True, description="a rollout is never shown itself")
     remove_thinking_from_demonstration: bool = Field(False, description="drop <think>...</think> from it")
@@ -107,7 +109,7 @@ class SDPOOptions(Options):
 
 
 @register_method
-class SDPO(Method):
+class SDPO(SelfDistillation):
     """SDPO: GRPO plus distillation towards the model shown a successful rollout of the same group."""
 
     name = "sdpo"
@@ -148,8 +150,5 @@ class SDPO(Method):
             }
             parts.append(Part("policy", "pg", rollout, 1.0 - w, clip))
         if w > 0.0:
-            options = {"context": CONTEXT, "teacher": o.teacher_model_kind, "label": "sdpo"}
-            parts.append(
-                Part("distill", "self_distill", rollout, w, {**options, "is_clip": o.distillation_is_clip})
-            )
+            parts.append(Part("distill", "self_distill", rollout, w, self.distill_options(CONTEXT, "sdpo")))
         return parts, {}
