@@ -524,3 +524,49 @@ def test_a_steps_loss_from_given_log_probs_with_no_model_is_the_papers_arithmeti
     (theirs,) = torch.autograd.grad(want, by_hand)
     torch.testing.assert_close(ours, theirs)
     assert stats["clip_fraction"] == 0.0 and stats["kl"] > 0 and "offpolicy_shaped_weight" in stats
+
+
+def test_questa_ends_each_question_with_the_start_of_its_demonstration_50_then_25_percent():
+    """QuestA's hinted question, as foreverlasting1202/QuestA's add_prefix.py writes it: the question, then
+    '\\n\\n## Hint.' and the solution's first p of characters (after </think>), no hint under 10 characters;
+    p = 0.5 before the middle of the run and 0.25 after; the rendered prompt holds the hint in the user turn."""
+    from types import SimpleNamespace
+
+    from sasr import models
+    from sasr.collect.groups import prompt_texts
+    from sasr.config import TrainConfig
+    from sasr.tasks import Example, get_task
+
+    method = get_method("questa", steps=10, seed=0)
+    plans = [method.plan(step) for step in range(1, 11)]
+    assert [p.info["questa_hint_ratio"] for p in plans] == [0.5] * 5 + [0.25] * 5
+    assert {p.phase for p in plans} == {"grpo"}
+
+    task = get_task("arithmetic")
+    examples = [  # demonstrations: 48 characters after </think>; 19, whose half is under 10; none
+        Example(
+            "Compute (12 + 34) * 2 - 10.",
+            "<think>scratch</think>12 + 34 = 46\n46 * 2 = 92\n92 - 10 = 82",
+            "82",
+        ),
+        Example("Compute 1 + 1.", "1 + 1 = 2", "2"),
+        Example("Compute 2 + 2.", "2 + 2 = 4", "4"),
+    ]
+    tokenizer = models.load_tokenizer("tiny")
+    c = SimpleNamespace(
+        config=TrainConfig(),
+        tokenizer=tokenizer,
+        task=task,
+        has_demonstration=lambda i: i < 2,
+        index_of=examples.index,
+    )
+    for plan, shown in ((plans[0], "12 + 34 = 46\n46 * 2 = 92"), (plans[-1], "12 + 34 = 46")):
+        prompts, judged = prompt_texts(c, plan.step, examples, plan.gather)
+        hinted = [*task.messages(examples[0])[:-1], {"role": "user", "content": examples[0].question}]
+        hinted[-1]["content"] += "\n\n## Hint." + shown
+        want = tokenizer.apply_chat_template(hinted, tokenize=False, add_generation_prompt=True)
+        plain = [
+            tokenizer.apply_chat_template(task.messages(ex), tokenize=False, add_generation_prompt=True)
+            for ex in examples[1:]
+        ]
+        assert prompts == [want, *plain] and judged == ["", "", ""]  # the judge reads the completion alone

@@ -343,10 +343,12 @@ GroupRows = Callable[..., "tuple[Rows | None, list[int]]"]
 class PromptExtension:
     """Tokens a prompt goes on with before its rollouts are sampled: ``make(collector, step, example, **args)
     -> ids``; ``judged``: the judge and the reward functions read them with the completion (the start of the
-    answer, shown)."""
+    answer, shown). ``question``: ``make`` returns text instead, which goes at the end of the question (the last
+    user turn) before the chat template renders the prompt."""
 
-    make: Callable[..., list[int]]
+    make: Callable[..., list[int] | str]
     judged: bool = False
+    question: bool = False
 
 
 # Other prompts of a step's group rows, made once they are scored: make(collector, step, examples, rows,

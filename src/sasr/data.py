@@ -32,13 +32,35 @@ def render_prompts(
     """Each example's chat messages (``task.messages``) as a prompt string ending with the assistant turn's
     header, by the tokenizer's chat template; ``template_kwargs`` go to the template (e.g. enable_thinking).
     A language-modelling row's prompt is the start-of-text token alone (BOS, else EOS): all its text trains."""
+    start = tokenizer.bos_token or tokenizer.eos_token
+    chats = [None if task.is_text(ex) else task.messages(ex) for ex in examples]
     return [
-        (tokenizer.bos_token or tokenizer.eos_token)
-        if task.is_text(ex)
+        start if chat is None else prompt
+        for chat, prompt in zip(chats, render_chats(tokenizer, chats, template_kwargs))
+    ]
+
+
+def render_chats(
+    tokenizer, chats: Sequence[list[dict] | None], template_kwargs: dict[str, Any] | None = None
+) -> list[str]:
+    """Chats as prompt strings ending with the assistant turn's header (None: '')."""
+    return [
+        ""
+        if chat is None
         else tokenizer.apply_chat_template(
-            task.messages(ex), tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+            chat, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
         )
-        for ex in examples
+        for chat in chats
+    ]
+
+
+def with_question_text(messages: list[dict], text: str) -> list[dict]:
+    """``messages`` with ``text`` at the end of the last user turn."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    return [
+        *messages[:last],
+        {**messages[last], "content": messages[last]["content"] + text},
+        *messages[last + 1 :],
     ]
 
 

@@ -15,7 +15,7 @@ from transformers import TrainerState
 
 from sasr import metrics
 from sasr.batch import GROUP_ROWS, PROMPT_EXTENSIONS, ROLLOUT, Gather, Rows, cat_rows
-from sasr.data import render_prompts
+from sasr.data import render_chats, render_prompts, with_question_text
 from sasr.losses import ADVANTAGES
 from sasr.rewards import RewardCall, score_all
 from sasr.tasks import Example
@@ -78,10 +78,15 @@ def prompt_texts(
 ) -> tuple[list[str], list[str]]:
     """Each example's prompt, gone on with the tokens ``gather.extend_prompts`` gives it (if it asks), and the
     text of those tokens where the judge reads them with the completion ('' elsewhere)."""
-    prompts = render_prompts(c.tokenizer, c.task, examples, c.config.model.chat_template_kwargs)
+    kwargs = c.config.model.chat_template_kwargs
     if gather.extend_prompts is None:
-        return prompts, [""] * len(prompts)
+        return render_prompts(c.tokenizer, c.task, examples, kwargs), [""] * len(examples)
     extension, args = PROMPT_EXTENSIONS[gather.extend_prompts.name], gather.extend_prompts.args
+    if extension.question:  # text at the end of the last user turn
+        added = [extension.make(c, step, ex, **args) for ex in examples]
+        chats = [with_question_text(c.task.messages(ex), text) for ex, text in zip(examples, added)]
+        return render_chats(c.tokenizer, chats, kwargs), [""] * len(examples)
+    prompts = render_prompts(c.tokenizer, c.task, examples, kwargs)
     shown = [c.tokenizer.decode(extension.make(c, step, ex, **args)) for ex in examples]
     return [p + s for p, s in zip(prompts, shown)], shown if extension.judged else [""] * len(prompts)
 

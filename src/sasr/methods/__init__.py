@@ -13,7 +13,19 @@ from sasr.errors import SasrError
 from sasr.methods.base import METHODS, PHASES, Method, Options, cosine, register_method
 
 # The method modules, in the order the docs and the default comparison list their methods.
-MODULES = ("sasr", "baselines", "chord", "hpt", "luffy", "relift", "uft", "prefix_rft", "sdft", "sdpo")
+MODULES = (
+    "sasr",
+    "baselines",
+    "chord",
+    "hpt",
+    "luffy",
+    "relift",
+    "uft",
+    "prefix_rft",
+    "sdft",
+    "sdpo",
+    "questa",
+)
 for _module in MODULES:
     importlib.import_module(f"sasr.methods.{_module}")
 BUILT_IN = tuple(METHODS)  # the methods this package ships
