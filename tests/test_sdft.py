@@ -320,3 +320,20 @@ def test_the_teacher_prompt_is_trls(tmp_path):
     assert skipped.extras[CONTEXT].tolist() == [0.0] * B and stats == {"sdft_no_demonstration": 1.0}
     ids, mask = skipped.contexts[CONTEXT]
     assert (ids == rows.prompt_ids).all()  # a row without a demonstration keeps its own prompt
+
+
+def test_with_few_demonstrations_sdft_refuses_or_draws_only_the_prompts_that_have_one(run_tiny):
+    """demos.size=3: the RL prompts without a demonstration stop the run in one sentence by default; with
+    sdft.prompts_with_demonstration_only every prompt drawn is one of the three, and each row has a teacher."""
+    import json
+
+    from sasr.errors import SasrError
+
+    top = {"method": "sdft", "steps": 3, "demos": {"size": 3}, "log_completions": True}
+    top["eval"] = {"before": False, "after": False}
+    with pytest.raises(SasrError, match="sdft.prompts_with_demonstration_only=true"):
+        run_tiny("refused", **top)
+    result, lines = run_tiny("only", **top, sdft={"prompts_with_demonstration_only": True})
+    assert [r["sdft_no_demonstration"] for r in lines] == [0.0] * 3
+    samples = (result.output_dir / "completions.jsonl").read_text().splitlines()
+    assert len({json.loads(s)["prompt"] for s in samples}) <= 3

@@ -285,6 +285,7 @@ class Gather:
 
     demos: int = 0  # DEMO rows from the demonstration source
     prompts: int = 0  # RL prompts
+    paired_only: bool = False  # RL prompts drawn only from those with a demonstration of their own
     rollouts: int = 0  # ROLLOUT rows sampled per prompt
     group_rows: int = 0  # rows per prompt that ``extend_groups`` adds to its group (rollouts where it cannot)
     extend_groups: Ask | None = None  # a GROUP_ROWS maker

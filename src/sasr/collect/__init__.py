@@ -21,6 +21,7 @@ from sasr.collect.groups import outcomes, step_groups
 from sasr.collect.sampling import in_chunks
 from sasr.config import TrainConfig
 from sasr.data import demonstration_rows, pick
+from sasr.errors import SasrError
 from sasr.rewards import Rewards
 from sasr.tasks import Example, Task
 from sasr.tasks.dataset import ExampleView
@@ -58,6 +59,7 @@ class Collector:
         self.accelerator, self.decoder, self.cuda_graphs = accelerator, decoder, cuda_graphs
         # the RL examples with a demonstration to pair (a method that pairs them has no demos.task)
         self._paired = np.zeros(len(examples), dtype=bool)
+        self._paired_pool: list[Example] | None = None
         if isinstance(examples, ExampleView):  # a Dataset's: each example knows its index
             self._index = None
             if self.demo_task is task:
@@ -75,6 +77,20 @@ class Collector:
     def has_demonstration(self, index: int) -> bool:
         """Whether the RL example ``index`` has a demonstration of its own to pair with its prompt."""
         return bool(self._paired[index])
+
+    def prompt_pool(self, gather: Gather) -> Sequence[Example] | None:
+        """What the step's RL prompts are drawn from: every RL example (None), or with ``gather.paired_only``
+        those with a demonstration of their own."""
+        if not gather.paired_only:
+            return None
+        if self._paired_pool is None:
+            self._paired_pool = [self.examples[int(i)] for i in np.flatnonzero(self._paired)]
+        if not self._paired_pool:
+            raise SasrError(
+                "the method draws RL prompts only from those with a demonstration of their own, and none has "
+                "one; give the task's examples demonstrations (task.demo_field)"
+            )
+        return self._paired_pool
 
     def draw(self, step: int, per_rank: int, kind: str, pool: list[Example] | None = None) -> list[Example]:
         """This rank's ``per_rank`` examples of the step, drawn for ``kind`` (a pure function of the step)."""

@@ -39,14 +39,14 @@ def step_groups(c: Collector, model, step: int, gather: Gather) -> Groups:
     """The step's RL prompts and their groups. With ``grpo.dynamic_sampling``, groups whose rewards are all
     equal (no advantage: nothing to learn) are dropped and further prompts sampled in their place, up to
     ``grpo.max_num_gen_batches`` batches of prompts; if those run out, equal groups fill the batch."""
-    g, n = c.config.grpo, gather.prompts
-    first = sample_groups(c, model, c.draw(step, n, "grpo"), gather, step)
+    g, n, pool = c.config.grpo, gather.prompts, c.prompt_pool(gather)
+    first = sample_groups(c, model, c.draw(step, n, "grpo", pool), gather, step)
     if not g.dynamic_sampling:
         first.stats.update(rollout_stats(first.rows, first.spread))
         return first
     batches = [first]
     while sum(int(b.spread.sum()) for b in batches) < n and len(batches) < g.max_num_gen_batches:
-        more = c.draw(step, n, f"grpo-more{len(batches)}")  # new prompts, reproducibly drawn
+        more = c.draw(step, n, f"grpo-more{len(batches)}", pool)  # new prompts, reproducibly drawn
         batches.append(sample_groups(c, model, more, gather, step))
     # the reward functions' numbers over every sampled batch; rollout time and tokens in all
     stats = {

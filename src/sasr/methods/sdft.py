@@ -45,7 +45,8 @@ def teacher_contexts(c, step: int, examples: list, rows: Rows, template: str, sk
             if not skip:
                 raise SasrError(
                     f"SDFT shows the teacher each prompt's demonstration, and RL prompt {ex.question[:60]!r} has "
-                    "none; give every prompt one, or set sdft.skip_prompts_without_demonstration=true"
+                    "none; give every prompt one, draw only those that have one "
+                    "(sdft.prompts_with_demonstration_only=true), or set sdft.skip_prompts_without_demonstration=true"
                 )
             chats.append(None)
             continue
@@ -75,6 +76,9 @@ class SDFTOptions(DistillationOptions):
     skip_prompts_without_demonstration: bool = Field(
         False, description="a prompt without a demonstration trains nothing (false: an error)"
     )
+    prompts_with_demonstration_only: bool = Field(
+        False, description="draw RL prompts only from those with a demonstration (few demonstrations)"
+    )
 
     @model_validator(mode="after")
     def _template(self) -> SDFTOptions:
@@ -100,9 +104,11 @@ class SDFT(SelfDistillation):
         ask = Ask(
             CONTEXT, {"template": o.teacher_prompt_template, "skip": o.skip_prompts_without_demonstration}
         )
-        return Plan(
-            step, "grpo", Gather(prompts=self.prompts_per_step, rollouts=self.group_size, contexts=ask)
+        only = o.prompts_with_demonstration_only
+        gather = Gather(
+            prompts=self.prompts_per_step, paired_only=only, rollouts=self.group_size, contexts=ask
         )
+        return Plan(step, "grpo", gather)
 
     def parts(self, plan: Plan, rows: Rows) -> tuple[list[Part], dict[str, float]]:
         o = self.opts
