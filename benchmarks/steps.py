@@ -54,6 +54,10 @@ def sasr_config(a, method: str, out: str) -> dict:
             "generation_kwargs": {"min_new_tokens": a.tokens},
             "cuda_graphs": not a.no_graphs,
         },
+        "sdft": {
+            "distillation_mode": a.sdft_mode,
+            "distillation_alpha": 1.0 if a.sdft_mode == "sampled_token" else 0.5,
+        },
         "eval": {"before": False, "after": False},
         "save_final": False,
         "report_to": ["none"],
@@ -150,7 +154,7 @@ def run_trl(a, kind: str) -> list[float]:
                 peft_config=peft,
                 callbacks=[Timer()],
             )
-        elif kind == "sdft":  # the teacher: the base model shown the demonstration; TRL's sampled_token loss
+        elif kind == "sdft":  # the teacher: the base model shown the demonstration; the loss of --sdft-mode
             from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
             data = Dataset.from_list(
@@ -158,8 +162,8 @@ def run_trl(a, kind: str) -> list[float]:
             )
             args = SDFTConfig(
                 output_dir=out,
-                distillation_mode="sampled_token",
-                distillation_alpha=1.0,
+                distillation_mode=a.sdft_mode,
+                distillation_alpha=1.0 if a.sdft_mode == "sampled_token" else 0.5,
                 teacher_model_kind="base",
                 **sampling,
                 **common,
@@ -344,6 +348,12 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--loss-type", default="grpo")
     p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument(
+        "--sdft-mode",
+        default="topk_logits",
+        choices=["sampled_token", "topk_logits", "full_logits"],
+        help="SDFT's distillation_mode on both sides (TRL's and sasr's default: topk_logits, k 100, alpha 0.5)",
+    )
     p.add_argument(
         "--gradient-checkpointing", action="store_true", help="on both sides (TRL's default is on)"
     )

@@ -561,7 +561,7 @@ def test_questa_ends_each_question_with_the_start_of_its_demonstration_50_then_2
         index_of=examples.index,
     )
     for plan, shown in ((plans[0], "12 + 34 = 46\n46 * 2 = 92"), (plans[-1], "12 + 34 = 46")):
-        prompts, judged = prompt_texts(c, plan.step, examples, plan.gather)
+        prompts, judged, own = prompt_texts(c, plan.step, examples, plan.gather)
         hinted = [*task.messages(examples[0])[:-1], {"role": "user", "content": examples[0].question}]
         hinted[-1]["content"] += "\n\n## Hint." + shown
         want = tokenizer.apply_chat_template(hinted, tokenize=False, add_generation_prompt=True)
@@ -570,3 +570,4 @@ def test_questa_ends_each_question_with_the_start_of_its_demonstration_50_then_2
             for ex in examples[1:]
         ]
         assert prompts == [want, *plain] and judged == ["", "", ""]  # the judge reads the completion alone
+        assert own is None  # the rows keep the hinted prompt

@@ -337,3 +337,41 @@ def test_with_few_demonstrations_sdft_refuses_or_draws_only_the_prompts_that_hav
     assert [r["sdft_no_demonstration"] for r in lines] == [0.0] * 3
     samples = (result.output_dir / "completions.jsonl").read_text().splitlines()
     assert len({json.loads(s)["prompt"] for s in samples}) <= 3
+
+
+def test_generate_from_teacher_samples_under_trls_generation_prompt_and_trains_under_the_students(tmp_path):
+    """generate_from_teacher: the rollouts are sampled from the chat TRL's select_generation_prompts gives
+    (the teacher's), while the rows keep the prompt alone, as TRL's batch keeps the student's prompt ids."""
+    from trl.experimental.sdft.sdft_trainer import DemonstrationTeacherContextBuilder
+
+    from sasr.collect.groups import prompt_texts, under_own_prompts
+
+    task = get_task("arithmetic")
+    examples = task.examples("train", 2, seed=0)
+    tokenizer = models.load_tokenizer("tiny")
+    config = validate(tiny_config(tmp_path, method="sdft", sdft={"generate_from_teacher": True}))
+    method = get_method("sdft", **config.method_kwargs())
+    collector = SimpleNamespace(
+        config=config, tokenizer=tokenizer, task=task, has_demonstration=lambda i: True, index_of=lambda ex: 0
+    )
+    sampled, judged, own = prompt_texts(collector, 1, examples, method.plan(1).gather)
+    trl = DemonstrationTeacherContextBuilder(
+        SimpleNamespace(args=SimpleNamespace(teacher_prompt_template="{prompt}\n\n{privileged_context}"))
+    )
+    chats = trl.select_generation_prompts(
+        [task.messages(ex) for ex in examples], [task.target(ex) for ex in examples]
+    )
+    assert sampled == [
+        tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats
+    ]
+    assert own == [
+        tokenizer.apply_chat_template(task.messages(ex), tokenize=False, add_generation_prompt=True)
+        for ex in examples
+    ]
+    assert judged == ["", ""]
+    rows = _rows(torch.zeros(4, 2, dtype=torch.long), torch.ones(4, 2, dtype=torch.long))
+    rows.group, rows.sampler_logprobs = torch.tensor([0, 0, 1, 1]), torch.zeros(4, 2)
+    rows = under_own_prompts(collector, rows, own)
+    want = [tokenizer(own[g], add_special_tokens=False)["input_ids"] for g in (0, 0, 1, 1)]
+    assert [i[m.bool()].tolist() for i, m in zip(rows.prompt_ids, rows.prompt_mask)] == want
+    assert rows.sampler_logprobs is None  # the sampler's were under the teacher's prompt

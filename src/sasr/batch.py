@@ -342,14 +342,17 @@ GroupRows = Callable[..., "tuple[Rows | None, list[int]]"]
 
 @dataclass(frozen=True)
 class PromptExtension:
-    """Tokens a prompt goes on with before its rollouts are sampled: ``make(collector, step, example, **args)
-    -> ids``; ``judged``: the judge and the reward functions read them with the completion (the start of the
-    answer, shown). ``question``: ``make`` returns text instead, which goes at the end of the question (the last
-    user turn) before the chat template renders the prompt."""
+    """What a prompt shows besides its own chat when its rollouts are sampled: ``make(collector, step,
+    example, **args)`` returns, by ``where``: ``answer``, tokens the prompt goes on with after the assistant
+    turn's header; ``question``, text at the end of the question (the last user turn); ``chat``, a whole chat in
+    place of the example's. ``judged``: the judge and the reward functions read the answer's tokens with the
+    completion (its start, shown). ``sample_only``: the rollouts are sampled under the extended prompt but the
+    rows keep the example's own (trained off-policy: the sampler's log-probs are dropped)."""
 
-    make: Callable[..., list[int] | str]
+    make: Callable[..., list[int] | str | list[dict]]
     judged: bool = False
-    question: bool = False
+    where: Literal["answer", "question", "chat"] = "answer"
+    sample_only: bool = False
 
 
 # Other prompts of a step's group rows, made once they are scored: make(collector, step, examples, rows,

@@ -15,7 +15,7 @@ from transformers import TrainerState
 
 from sasr import metrics
 from sasr.batch import GROUP_ROWS, PROMPT_EXTENSIONS, ROLLOUT, Gather, Rows, cat_rows
-from sasr.data import render_chats, render_prompts, with_question_text
+from sasr.data import encode_prompts, render_chats, render_prompts, with_question_text
 from sasr.losses import ADVANTAGES
 from sasr.rewards import RewardCall, score_all
 from sasr.tasks import Example
@@ -75,20 +75,33 @@ def step_groups(c: Collector, model, step: int, gather: Gather) -> Groups:
 
 def prompt_texts(
     c: Collector, step: int, examples: list[Example], gather: Gather
-) -> tuple[list[str], list[str]]:
-    """Each example's prompt, gone on with the tokens ``gather.extend_prompts`` gives it (if it asks), and the
-    text of those tokens where the judge reads them with the completion ('' elsewhere)."""
+) -> tuple[list[str], list[str], list[str] | None]:
+    """Each example's prompt as its rollouts are sampled from it (its chat, extended as
+    ``gather.extend_prompts`` says if it asks), the text of shown answer tokens the judge reads with the
+    completion ('' elsewhere), and the example's own prompt where the rows keep it (else None)."""
     kwargs = c.config.model.chat_template_kwargs
+    plain = render_prompts(c.tokenizer, c.task, examples, kwargs)
+    none = [""] * len(examples)
     if gather.extend_prompts is None:
-        return render_prompts(c.tokenizer, c.task, examples, kwargs), [""] * len(examples)
+        return plain, none, None
     extension, args = PROMPT_EXTENSIONS[gather.extend_prompts.name], gather.extend_prompts.args
-    if extension.question:  # text at the end of the last user turn
-        added = [extension.make(c, step, ex, **args) for ex in examples]
-        chats = [with_question_text(c.task.messages(ex), text) for ex, text in zip(examples, added)]
-        return render_chats(c.tokenizer, chats, kwargs), [""] * len(examples)
-    prompts = render_prompts(c.tokenizer, c.task, examples, kwargs)
-    shown = [c.tokenizer.decode(extension.make(c, step, ex, **args)) for ex in examples]
-    return [p + s for p, s in zip(prompts, shown)], shown if extension.judged else [""] * len(prompts)
+    made = [extension.make(c, step, ex, **args) for ex in examples]
+    own = plain if extension.sample_only else None
+    if extension.where == "chat":
+        return render_chats(c.tokenizer, made, kwargs), none, own
+    if extension.where == "question":
+        chats = [with_question_text(c.task.messages(ex), text) for ex, text in zip(examples, made)]
+        return render_chats(c.tokenizer, chats, kwargs), none, own
+    shown = [c.tokenizer.decode(ids) for ids in made]
+    return [p + s for p, s in zip(plain, shown)], shown if extension.judged else none, own
+
+
+def under_own_prompts(c: Collector, rows: Rows, own: list[str]) -> Rows:
+    """Rows sampled under other prompts, given each their group's own prompt ``own[group]`` instead; the
+    sampler's log-probs, of the other prompt, are dropped."""
+    texts = [own[g] for g in rows.group.tolist()]
+    ids, mask = encode_prompts(c.tokenizer, texts, c.config.grpo.max_prompt_length, rows.prompt_ids.device)
+    return dataclasses.replace(rows, prompt_ids=ids, prompt_mask=mask, sampler_logprobs=None)
 
 
 def group_rows(c: Collector, model, examples: list[Example], prompts: list[str], gather: Gather) -> Rows:
@@ -114,9 +127,11 @@ def sample_groups(c: Collector, model, examples: list[Example], gather: Gather, 
     each whole group."""
     g, device = c.config.grpo, c.accelerator.device
     stats: dict[str, float] = {}
-    prompts, shown = prompt_texts(c, step, examples, gather)
+    prompts, shown, own = prompt_texts(c, step, examples, gather)
     with metrics.timer(stats, "rollout_seconds", device):
         rows = group_rows(c, model, examples, prompts, gather)
+    if own is not None:
+        rows = under_own_prompts(c, rows, own)
     stats["generated_tokens"] = rows.sampled().sum().item()
     size = gather.rollouts + gather.group_rows
     grouped = [ex for ex in examples for _ in range(size)]

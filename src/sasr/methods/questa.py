@@ -30,7 +30,7 @@ def hint(c, step: int, example, ratio: float, template: str, min_chars: int) -> 
     return "" if len(start) < min_chars else template.format(hint=start)
 
 
-batch.PROMPT_EXTENSIONS.add("questa_hint", batch.PromptExtension(hint, question=True))
+batch.PROMPT_EXTENSIONS.add("questa_hint", batch.PromptExtension(hint, where="question"))
 
 
 class QuestAOptions(Options):

@@ -3,18 +3,19 @@ the prompt alone; a teacher, the same model shown the prompt's demonstration, sc
 pulls the student's token distribution towards the teacher's (docs/methods.md). TRL 1.16's
 ``trl.experimental.sdft`` is the reference: its option names and defaults, its loss.
 
-The teacher and the loss are ``sasr.methods.self_distillation``'s (shared with SDPO). Not yet:
-``generate_from_teacher``.
+The teacher and the loss are ``sasr.methods.self_distillation``'s (shared with SDPO). ``generate_from_teacher``
+samples the rollouts from the teacher's prompt (a prompt extension that only samples).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from sasr import metrics
-from sasr.batch import CONTEXTS, ROLLOUT, Ask, Gather, Part, Plan, Rows
+from sasr.batch import CONTEXTS, PROMPT_EXTENSIONS, ROLLOUT, Ask, Gather, Part, Plan, PromptExtension, Rows
 from sasr.errors import SasrError
 from sasr.methods.base import register_method
 from sasr.methods.self_distillation import (
@@ -35,29 +36,38 @@ metrics.register(
 register_teacher(CONTEXT)
 
 
+def demonstration_chat(c, example, template: str, skip: bool) -> list[dict] | None:
+    """The teacher's chat of ``example``, as TRL's DemonstrationTeacherContextBuilder composes it: the turns
+    before the last kept, the last user turn rewritten by ``template`` with the prompt's own demonstration;
+    None for a prompt without one (with ``skip``; an error otherwise)."""
+    if not c.has_demonstration(c.index_of(example)):
+        if skip:
+            return None
+        raise SasrError(
+            f"SDFT shows the teacher each prompt's demonstration, and RL prompt {example.question[:60]!r} has "
+            "none; give every prompt one, draw only those that have one "
+            "(sdft.prompts_with_demonstration_only=true), or set sdft.skip_prompts_without_demonstration=true"
+        )
+    messages = c.task.messages(example)
+    text = template.format(prompt=messages[-1]["content"], privileged_context=c.task.target(example))
+    return teacher_chat(messages, text)
+
+
 def teacher_contexts(c, step: int, examples: list, rows: Rows, template: str, skip: bool):
-    """Each group row's teacher chat, as TRL's DemonstrationTeacherContextBuilder composes it: the turns
-    before the last kept, the last user turn rewritten by ``template`` with the prompt's own demonstration."""
-    chats = []
-    for g in rows.group.tolist():
-        ex = examples[g]
-        if not c.has_demonstration(c.index_of(ex)):
-            if not skip:
-                raise SasrError(
-                    f"SDFT shows the teacher each prompt's demonstration, and RL prompt {ex.question[:60]!r} has "
-                    "none; give every prompt one, draw only those that have one "
-                    "(sdft.prompts_with_demonstration_only=true), or set sdft.skip_prompts_without_demonstration=true"
-                )
-            chats.append(None)
-            continue
-        messages = c.task.messages(ex)
-        text = template.format(prompt=messages[-1]["content"], privileged_context=c.task.target(ex))
-        chats.append(teacher_chat(messages, text))
+    """Each group row's teacher chat (``demonstration_chat`` of its prompt)."""
+    by_group = {g: demonstration_chat(c, examples[g], template, skip) for g in set(rows.group.tolist())}
+    chats = [by_group[g] for g in rows.group.tolist()]
     missing = sum(chat is None for chat in chats) / max(len(chats), 1)
     return CONTEXT, chats, {"sdft_no_demonstration": missing}
 
 
+def generation_chat(c, step: int, example, template: str, skip: bool) -> list[dict]:
+    """generate_from_teacher: the chat the rollouts are sampled from, the teacher's (its own without one)."""
+    return demonstration_chat(c, example, template, skip) or c.task.messages(example)
+
+
 CONTEXTS.add(CONTEXT, teacher_contexts)
+PROMPT_EXTENSIONS.add("sdft_generation", PromptExtension(generation_chat, where="chat", sample_only=True))
 
 
 class SDFTOptions(DistillationOptions):
@@ -78,6 +88,10 @@ class SDFTOptions(DistillationOptions):
     )
     prompts_with_demonstration_only: bool = Field(
         False, description="draw RL prompts only from those with a demonstration (few demonstrations)"
+    )
+    generate_from_teacher: bool = Field(
+        False,
+        description="sample the rollouts from the teacher's prompt (the student trains on them off-policy)",
     )
 
     @model_validator(mode="after")
@@ -108,6 +122,8 @@ class SDFT(SelfDistillation):
         gather = Gather(
             prompts=self.prompts_per_step, paired_only=only, rollouts=self.group_size, contexts=ask
         )
+        if o.generate_from_teacher:
+            gather = dataclasses.replace(gather, extend_prompts=Ask("sdft_generation", ask.args))
         return Plan(step, "grpo", gather)
 
     def parts(self, plan: Plan, rows: Rows) -> tuple[list[Part], dict[str, float]]:
