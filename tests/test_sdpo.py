@@ -51,11 +51,19 @@ def one_process_trainer(tokenizer, **args):
 
 
 @pytest.mark.parametrize(
-    "dont_self, threshold, think", [(True, 1.0, False), (False, 1.0, True), (True, 0.5, False)]
+    "dont_self, threshold, think, feedback",
+    [
+        (True, 1.0, False, None),
+        (False, 1.0, True, None),
+        (True, 0.5, False, None),
+        (True, 1.0, False, "always"),
+        (False, 1.0, False, "without_solution"),
+    ],
 )
-def test_the_teacher_prompts_are_trls(tmp_path, dont_self, threshold, think):
+def test_the_teacher_prompts_are_trls(tmp_path, dont_self, threshold, think, feedback):
     """Four groups of four rollouts (rewards [1,0,0,1], [0,0,0,0], [1,1,1,1], [0,0.5,0,0]); one completion
-    thinks aloud: the teacher tokens of every row, which rows distil, and the success fractions equal TRL's."""
+    thinks aloud; with environment feedback, the prompts' privileged_context column (blank for one prompt):
+    the teacher tokens of every row, which rows distil, and the success and feedback fractions equal TRL's."""
     from trl.experimental.sdpo.sdpo_trainer import SDPOTrainer, SuccessfulRolloutTeacherContextBuilder
 
     tokenizer = models.load_tokenizer("tiny")
@@ -69,18 +77,25 @@ def test_the_teacher_prompts_are_trls(tmp_path, dont_self, threshold, think):
     ids = torch.tensor([e + [tokenizer.pad_token_id] * (T - len(e)) for e in encoded])
     mask = torch.tensor([[1] * len(e) + [0] * (T - len(e)) for e in encoded])
 
+    told = {
+        "include_environment_feedback": feedback is not None,
+        "environment_feedback_only_without_solution": feedback == "without_solution",
+    }
+    notes = ["the answer is off by 2", "  ", "check the product", "recount the signs"]  # one blank
     trainer = one_process_trainer(
         tokenizer,
         success_reward_threshold=threshold,
         dont_reprompt_on_self_success=dont_self,
         remove_thinking_from_demonstration=think,
+        **told,
     )
     trainer._tokenize_prompts_untruncated = lambda prompts: SDPOTrainer._tokenize_prompts_untruncated(
         trainer, prompts
     )
     builder = SuccessfulRolloutTeacherContextBuilder(trainer)
     prompts = [task.messages(ex) for ex in examples for _ in range(4)]
-    want = builder.build({"completion_ids": ids, "completion_mask": mask}, prompts, rewards)
+    feedbacks = [note for note in notes for _ in range(4)]
+    want = builder.build({"completion_ids": ids, "completion_mask": mask}, prompts, rewards, feedbacks)
     P = want["teacher_input_ids"].size(1) - T
     want_prompts = [
         r[:P][m[:P].bool()].tolist()
@@ -111,11 +126,14 @@ def test_the_teacher_prompts_are_trls(tmp_path, dont_self, threshold, think):
                 "success_reward_threshold": threshold,
                 "dont_reprompt_on_self_success": dont_self,
                 "remove_thinking_from_demonstration": think,
+                **told,
             },
         )
     )
     method = get_method("sdpo", **config.method_kwargs())
-    collector = SimpleNamespace(config=config, tokenizer=tokenizer, task=task)
+    columns = {ex.question: {"privileged_context": note} for ex, note in zip(examples, notes)}
+    with_notes = SimpleNamespace(messages=task.messages, columns=lambda ex: columns[ex.question])
+    collector = SimpleNamespace(config=config, tokenizer=tokenizer, task=with_notes)
     ask = method.plan(1).gather.contexts
     got, stats = with_contexts(collector, 1, ask, examples, rows)
     got_ids, got_mask = got.contexts[CONTEXT]
@@ -129,6 +147,8 @@ def test_the_teacher_prompts_are_trls(tmp_path, dont_self, threshold, think):
     metrics = builder.last_metrics
     assert stats["sdpo_success_group_fraction"] == metrics["self_distillation/success_group_fraction"]
     assert stats["sdpo_success_sample_fraction"] == metrics["self_distillation/success_sample_fraction"]
+    assert stats["sdpo_feedback_used_fraction"] == metrics["self_distillation/feedback_used_fraction"]
+    assert (stats["sdpo_feedback_used_fraction"] > 0) == (feedback is not None)
 
 
 @pytest.mark.parametrize("weight", [0.0, 0.3, 1.0])

@@ -3,8 +3,7 @@ towards the same model shown a successful rollout of the same group; the loss is
 distillation (docs/methods.md). TRL 1.16's ``trl.experimental.sdpo`` is the reference: its option names and
 defaults, its teacher prompts (``SuccessfulRolloutTeacherContextBuilder``), its loss.
 
-The teacher and the distillation loss are ``sasr.methods.self_distillation``'s. Not yet: environment feedback
-(sasr's rows carry none).
+The teacher and the distillation loss are ``sasr.methods.self_distillation``'s.
 """
 
 from __future__ import annotations
@@ -38,6 +37,11 @@ metrics.register_all(
             metrics.ROLLOUTS,
         ),
         ("sdpo_success_sample_fraction", "SDPO: share of rollouts shown a successful one", metrics.ROLLOUTS),
+        (
+            "sdpo_feedback_used_fraction",
+            "SDPO: share of rollouts shown their prompt's feedback",
+            metrics.ROLLOUTS,
+        ),
     ]
 )
 register_teacher(CONTEXT)
@@ -48,10 +52,12 @@ def successful_rollout_contexts(
 ):
     """Each rollout's teacher chat, as TRL's SuccessfulRolloutTeacherContextBuilder builds it: the first
     other rollout of its group whose reward reaches ``threshold`` (``dont_reprompt_self``: never the row
-    itself), decoded, set in ``solution`` and ``reprompt`` in place of the last user turn; a row of a group
-    with no such rollout keeps its prompt and trains no distillation."""
+    itself), decoded and set in ``solution``, and with ``feedback`` the prompt's environment feedback (its
+    row's ``privileged_context`` column, TRL's; ``feedback_only_without_solution``: where no rollout is shown),
+    set in ``reprompt`` in place of the last user turn; a row with neither keeps its prompt and trains no
+    distillation."""
     rewards = rows.rewards.tolist()  # NaN (no function scored it) never reaches the threshold
-    groups, chats, successes = rows.group.tolist(), [], set()
+    groups, chats, successes, solved, told = rows.group.tolist(), [], set(), 0, 0
     members: dict[int, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
@@ -60,23 +66,31 @@ def successful_rollout_contexts(
         if good:
             successes.add(g)
         shown = [j for j in good if not (how["dont_reprompt_self"] and j == i)]
-        if not shown:
+        raw = c.task.columns(examples[g]).get("privileged_context") if how["feedback"] else None
+        told_here = (
+            isinstance(raw, str)
+            and raw.strip() != ""
+            and not (how["feedback_only_without_solution"] and shown)
+        )
+        if not shown and not told_here:
             chats.append(None)
             continue
-        text = rows.texts[shown[0]]
-        if how["remove_thinking"]:
-            text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL).strip()
+        filled = ""
+        if shown:
+            text = rows.texts[shown[0]]
+            if how["remove_thinking"]:
+                text = re.sub(r"<think>.*?</think>", "", text, flags=re.DOTALL).strip()
+            filled, solved = solution.format(successful_previous_attempt=text), solved + 1
+        feedback = how["feedback_template"].format(feedback_raw=raw) if told_here else ""
+        told += told_here
         messages = c.task.messages(examples[g])
-        filled = solution.format(successful_previous_attempt=text)
-        chats.append(
-            teacher_chat(
-                messages, reprompt.format(prompt=messages[-1]["content"], solution=filled, feedback="")
-            )
-        )
-    shown_share = sum(chat is not None for chat in chats) / max(len(chats), 1)
+        text = reprompt.format(prompt=messages[-1]["content"], solution=filled, feedback=feedback)
+        chats.append(teacher_chat(messages, text))
+    n = max(len(chats), 1)
     stats = {
         "sdpo_success_group_fraction": len(successes) / max(len(members), 1),
-        "sdpo_success_sample_fraction": shown_share,
+        "sdpo_success_sample_fraction": solved / n,
+        "sdpo_feedback_used_fraction": told / n,
     }
     return CONTEXT, chats, stats
 
@@ -99,6 +113,16 @@ class SDPOOptions(DistillationOptions):
     )
     solution_template: str = Field(
         "\nCorrect solution:\n\n{successful_previous_attempt}\n\n", description="how the shown rollout is set"
+    )
+    include_environment_feedback: bool = Field(
+        False, description="show the teacher the prompt's feedback too (its row's privileged_context column)"
+    )
+    environment_feedback_only_without_solution: bool = Field(
+        False, description="the feedback only where no successful rollout is shown"
+    )
+    feedback_template: str = Field(
+        "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}\n\n",
+        description="how the feedback is set",
     )
     loss_type: names(LOSS_AGGREGATIONS) = Field(
         "dapo", description="the policy part's aggregation (TRL: dapo)"
@@ -129,6 +153,9 @@ class SDPO(SelfDistillation):
             "dont_reprompt_self": o.dont_reprompt_on_self_success,
             "remove_thinking": o.remove_thinking_from_demonstration,
             "max_tokens": o.max_reprompt_len,
+            "feedback": o.include_environment_feedback,
+            "feedback_only_without_solution": o.environment_feedback_only_without_solution,
+            "feedback_template": o.feedback_template,
         }
         gather = Gather(
             prompts=self.prompts_per_step,
