@@ -571,3 +571,13 @@ def test_questa_ends_each_question_with_the_start_of_its_demonstration_50_then_2
         ]
         assert prompts == [want, *plain] and judged == ["", "", ""]  # the judge reads the completion alone
         assert own is None  # the rows keep the hinted prompt
+
+
+def test_a_hint_in_the_question_joins_a_text_turn_or_a_turn_of_parts():
+    from sasr.data import with_question_text
+
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    assert with_question_text(chat, " h")[1] == {"role": "user", "content": "q h"}
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "q"}]}]
+    assert with_question_text(parts, " h")[0]["content"][-1] == {"type": "text", "text": " h"}
+    assert chat[1]["content"] == "q"  # the example's own chat is left as it was

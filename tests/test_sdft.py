@@ -375,3 +375,10 @@ def test_generate_from_teacher_samples_under_trls_generation_prompt_and_trains_u
     want = [tokenizer(own[g], add_special_tokens=False)["input_ids"] for g in (0, 0, 1, 1)]
     assert [i[m.bool()].tolist() for i, m in zip(rows.prompt_ids, rows.prompt_mask)] == want
     assert rows.sampler_logprobs is None  # the sampler's were under the teacher's prompt
+
+
+def test_a_top_k_wider_than_the_vocabulary_is_one_sentence():
+    from sasr.divergences import TokenDivergence
+
+    with pytest.raises(SasrError, match="distillation_topk is 60, more than the model's 50 tokens"):
+        TokenDivergence(0.5, topk=60)(torch.randn(2, 50), torch.randn(2, 50))

@@ -55,13 +55,11 @@ def render_chats(
 
 
 def with_question_text(messages: list[dict], text: str) -> list[dict]:
-    """``messages`` with ``text`` at the end of the last user turn."""
+    """``messages`` with ``text`` at the end of the last user turn (a text part more where it has parts)."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    return [
-        *messages[:last],
-        {**messages[last], "content": messages[last]["content"] + text},
-        *messages[last + 1 :],
-    ]
+    content = messages[last]["content"]
+    content = [*content, {"type": "text", "text": text}] if isinstance(content, list) else content + text
+    return [*messages[:last], {**messages[last], "content": content}, *messages[last + 1 :]]
 
 
 def encode_prompts(

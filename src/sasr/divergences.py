@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sasr.errors import SasrError
+
 
 def divergence(student: torch.Tensor, teacher: torch.Tensor, alpha: float) -> torch.Tensor:
     """Log-probabilities [..., K] on one support -> [...]: KL(teacher || student) at alpha 0 (forward),
@@ -48,6 +50,10 @@ class TokenDivergence:
         # logits [n, V], target [n, V] -> [n]
         if self.topk is None:
             return divergence(logits.log_softmax(-1), target.log_softmax(-1), self.alpha)
+        if self.topk > logits.size(-1):
+            raise SasrError(
+                f"distillation_topk is {self.topk}, more than the model's {logits.size(-1)} tokens; set it lower"
+            )
         top, where = logits.topk(self.topk, dim=-1)  # [n, k]: the student's own support
         student = top - logits.logsumexp(-1, keepdim=True)
         teacher = target.gather(-1, where) - target.logsumexp(-1, keepdim=True)

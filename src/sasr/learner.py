@@ -190,7 +190,8 @@ class Learner:
         iteration's log-probs)."""
         optimizer = self.optimizer_for(apply)
         micro, norms = self.pieces(rows, parts)
-        cache: list[dict[str, torch.Tensor]] = [{} for _ in micro]  # per micro-batch: reference, pi_old
+        # per micro-batch, for the later iterations: reference, pi_old, other passes (a teacher's [b, T, V] too)
+        cache: list[dict[str, torch.Tensor]] = [{} for _ in micro]
         first: Update | None = None
         finite_all, pieces = True, []
         if apply.fresh_optimizer:  # a new stage that starts as a separate run would (its own moments)
@@ -276,6 +277,8 @@ class Learner:
             with contextlib.nullcontext() if last else self.no_sync():
                 part_loss, piece = self.loss(how, rows, parts, idx, norms, cache[m])
                 self.accelerator.backward(part_loss)
+            if how.iterations == 1:  # nothing reads this micro-batch's passes again
+                cache[m].clear()
             loss += part_loss.item()
             pieces.append(piece)
         return loss, metrics.combine(pieces, "micro")
@@ -372,7 +375,7 @@ class Learner:
         if key not in cache:
             logits = cache[name]  # [b, T, V] over the temperature
             chosen = logits.gather(-1, sub.completion_ids[..., None]).squeeze(-1)
-            cache[key] = chosen - logits.logsumexp(-1)
+            cache[key] = chosen - torch.stack([row.logsumexp(-1) for row in logits])  # a [T, V] temporary
         return cache[key]
 
     def anchor(

@@ -33,8 +33,16 @@ class ReferencePolicy:
         self.snapshot_ = {n: p.detach().clone() for n, p in self._trainable().items()}
 
     @torch.no_grad()
+    def _follow(self) -> None:
+        """The snapshot onto its weights' device (the accelerator moves the model after it is taken)."""
+        for name, p in self._trainable().items():
+            if self.snapshot_[name].device != p.device:
+                self.snapshot_[name] = self.snapshot_[name].to(p.device)
+
+    @torch.no_grad()
     def _swap(self) -> None:
         fsdp.reshard(self.model)  # no gathered copy outlives the weights it was gathered from
+        self._follow()
         for name, p in self._trainable().items():
             held = p.detach().clone()
             p.copy_(self.snapshot_[name])
@@ -85,6 +93,7 @@ class AveragePolicy(ReferencePolicy):
     @torch.no_grad()
     def update(self) -> None:
         fsdp.reshard(self.model)
+        self._follow()
         r = self.rate
         for name, p in self._trainable().items():
             average = self.snapshot_[name]
