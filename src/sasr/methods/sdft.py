@@ -111,7 +111,7 @@ class SDFT(SelfDistillation):
     summary = "rollouts from the prompt alone, distilled towards the model shown the prompt's demonstration"
     Options = SDFTOptions
     pairs_demos = True
-    dynamics = ("sdft_teacher_kl", "sdft_distillation_loss")
+    dynamics = ("sdft_teacher_kl", "sdft_distillation_loss", "sdft_is_clip_fraction")
 
     def plan(self, step: int) -> Plan:
         o = self.opts

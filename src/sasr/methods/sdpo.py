@@ -142,7 +142,7 @@ class SDPO(SelfDistillation):
     Options = SDPOOptions
     uses_demos = False
     routes_by_outcome = True
-    dynamics = ("sdpo_success_sample_fraction", "sdpo_teacher_kl")
+    dynamics = ("sdpo_success_group_fraction", "sdpo_teacher_kl", "sdpo_is_clip_fraction")
 
     def plan(self, step: int) -> Plan:
         o = self.opts
