@@ -66,35 +66,53 @@ class TokenDivergence:
 
 
 class _Chunked(torch.autograd.Function):
-    """fn(logits / temperature, target) chunk by chunk of tokens. Forward keeps no graph; backward recomputes
-    one chunk's graph at a time and writes its gradient into the logits' (memory: one [chunk, V] graph)."""
+    """fn(logits / temperature, target) chunk by chunk of one row's tokens, the target read in place (a view of
+    the rows ``rows`` of a larger tensor, from token ``start`` on: nothing of it copied). Forward keeps no
+    graph; backward recomputes one chunk's graph at a time and writes its gradient into the logits' (memory:
+    one [chunk, V] graph)."""
 
     @staticmethod
-    def forward(ctx, logits, target, fn, temperature: float, chunk: int):
-        # logits [N, V], target [N, V] -> [N]
+    def forward(ctx, logits, target, rows: list[int], start: int, fn, temperature: float, chunk: int):
+        # logits [b, w, V]; target [B, T, V], of which rows[i] and tokens start .. start + w -> [b, w]
+        out = torch.empty(logits.shape[:2], dtype=torch.float32, device=logits.device)
         with torch.no_grad():
-            out = [fn(lg.float() / temperature, q) for lg, q in zip(logits.split(chunk), target.split(chunk))]
+            for i, lo, hi in _chunks(logits, chunk):
+                q = target[rows[i], start + lo : start + hi]
+                out[i, lo:hi] = fn(logits[i, lo:hi].float() / temperature, q.float())
         ctx.save_for_backward(logits, target)
-        ctx.fn, ctx.temperature, ctx.chunk = fn, temperature, chunk
-        return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+        ctx.rows, ctx.start, ctx.fn, ctx.temperature, ctx.chunk = rows, start, fn, temperature, chunk
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         logits, target = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        for lg, q, g, into in zip(*(t.split(ctx.chunk) for t in (logits, target, grad_out, grad))):
+        for i, lo, hi in _chunks(logits, ctx.chunk):
+            q = target[ctx.rows[i], ctx.start + lo : ctx.start + hi].float()
             with torch.enable_grad():
-                x = lg.detach().float().requires_grad_()
-                (dx,) = torch.autograd.grad(ctx.fn(x / ctx.temperature, q), x, g)
-            into.copy_(dx)
-        return grad, None, None, None, None
+                x = logits[i, lo:hi].detach().float().requires_grad_()
+                (dx,) = torch.autograd.grad(ctx.fn(x / ctx.temperature, q), x, grad_out[i, lo:hi])
+            grad[i, lo:hi] = dx
+        return grad, None, None, None, None, None, None
+
+
+def _chunks(logits: torch.Tensor, chunk: int):
+    """(row, first token, end) of each chunk of at most ``chunk`` tokens of each row."""
+    for i in range(logits.size(0)):
+        for lo in range(0, logits.size(1), chunk):
+            yield i, lo, min(lo + chunk, logits.size(1))
 
 
 def token_divergence(
-    logits: torch.Tensor, target: torch.Tensor, fn: TokenDivergence, temperature: float, chunk: int
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    fn: TokenDivergence,
+    temperature: float,
+    chunk: int,
+    rows: list[int] | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
-    """logits [B, T, V] (differentiable), the target's logits over the temperature [B, T, V] -> fn per token
-    [B, T], ``chunk`` tokens at a time."""
-    B, T, V = logits.shape
-    flat = _Chunked.apply(logits.reshape(B * T, V), target.reshape(B * T, V).float(), fn, temperature, chunk)
-    return flat.view(B, T)
+    """logits [b, w, V] (differentiable), the target's logits over the temperature [B, T, V] (its rows
+    ``rows``, default all, from token ``start`` on) -> fn per token [b, w], ``chunk`` tokens at a time."""
+    rows = list(range(logits.size(0))) if rows is None else rows
+    return _Chunked.apply(logits, target, rows, start, fn, temperature, chunk)

@@ -299,12 +299,13 @@ def anchored_logprobs(
         targets = input_ids[rows, P : P + t].split(widths, dim=1)
         softs = anchor[rows, :t].split(widths, dim=1) if anchor is not None else [None] * len(parts)
         out = [_selective(p, y, temperature, with_entropy, 0, q) for p, y, q in zip(parts, targets, softs)]
-        if divergence is not None:
+        if divergence is not None:  # each piece's divergence, the target read where it lies
             target, fn = divergence
-            chunk = max(1, CHUNK_ELEMENTS // parts[0].size(-1))
-            pieces = target[rows, :t].split(widths, dim=1)
+            chunk, ids = max(1, CHUNK_ELEMENTS // parts[0].size(-1)), rows.tolist()
+            starts = [sum(widths[:k]) for k in range(len(parts))]
             out = [
-                (*o, token_divergence(p, q, fn, temperature, chunk)) for o, p, q in zip(out, parts, pieces)
+                (*o, token_divergence(p, target, fn, temperature, chunk, ids, a))
+                for o, p, a in zip(out, parts, starts)
             ]
         for i, into in ((0, logps), (1, entropies), (2, crosses), (3, divergences)):
             if i < len(out[0]) and out[0][i] is not None:
