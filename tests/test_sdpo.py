@@ -219,3 +219,16 @@ def test_the_options_sdpo_shares_with_trl_have_trls_defaults():
     assert {k: getattr(ours, k) for k in shared} == {k: getattr(trl, k) for k in shared}
     assert {"distillation_mode", "teacher_model_kind", "teacher_update_rate", "reprompt_template"} <= shared
     assert (ours.epsilon_high or ours.epsilon) == trl.epsilon_high  # null: epsilon, TRL's post-init fill
+
+
+def test_steps_without_a_teacher_are_said_as_trls_diagnostic_says_them(tmp_path, caplog):
+    """No row shown a success: a warning at the first such step in a row, then every 3rd
+    (diagnostics_warning_interval), counted again after a step that had a teacher."""
+    config = validate(tiny_config(tmp_path, method="sdpo", sdpo={"diagnostics_warning_interval": 3}))
+    method = get_method("sdpo", **config.method_kwargs())
+    warned = []
+    for step, taught in enumerate([0, 0, 0, 0, 0, 0, 1, 0], start=1):
+        caplog.clear()
+        method.watch(torch.full((4,), float(taught)))
+        warned += [step] if "SDPO distils nothing" in caplog.text else []
+    assert warned == [1, 3, 6, 8]

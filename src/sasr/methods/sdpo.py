@@ -8,9 +8,11 @@ The teacher and the distillation loss are ``sasr.methods.self_distillation``'s.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from sasr import metrics
@@ -27,21 +29,14 @@ from sasr.methods.self_distillation import (
 )
 
 CONTEXT = "sdpo_teacher"
+log = logging.getLogger(__name__)
 
 register_metrics("sdpo", "SDPO")
 metrics.register_all(
     [
-        (
-            "sdpo_success_group_fraction",
-            "SDPO: share of groups with a rollout at the threshold",
-            metrics.ROLLOUTS,
-        ),
+        ("sdpo_success_group_fraction", "SDPO: share of groups with a success", metrics.ROLLOUTS),
         ("sdpo_success_sample_fraction", "SDPO: share of rollouts shown a successful one", metrics.ROLLOUTS),
-        (
-            "sdpo_feedback_used_fraction",
-            "SDPO: share of rollouts shown their prompt's feedback",
-            metrics.ROLLOUTS,
-        ),
+        ("sdpo_feedback_used_fraction", "SDPO: share of rollouts shown feedback", metrics.ROLLOUTS),
     ]
 )
 register_teacher(CONTEXT)
@@ -130,6 +125,9 @@ class SDPOOptions(DistillationOptions):
     epsilon: float = Field(0.2, gt=0, description="the policy part's clip range")
     epsilon_high: float | None = Field(None, gt=0, description="its upper range; null: epsilon")
     scale_rewards: Literal["group", "batch", "none"] = Field("group", description="advantages' divisor")
+    diagnostics_warning_interval: int = Field(
+        10, ge=0, description="warn at the first step with no teacher in a row and every N-th (0: never)"
+    )
 
 
 @register_method
@@ -143,6 +141,7 @@ class SDPO(SelfDistillation):
     uses_demos = False
     routes_by_outcome = True
     dynamics = ("sdpo_success_group_fraction", "sdpo_teacher_kl", "sdpo_is_clip_fraction")
+    idle = 0  # steps in a row with no teacher (the diagnostic)
 
     def plan(self, step: int) -> Plan:
         o = self.opts
@@ -178,4 +177,19 @@ class SDPO(SelfDistillation):
             parts.append(Part("policy", "pg", rollout, 1.0 - w, clip))
         if w > 0.0:
             parts.append(Part("distill", "self_distill", rollout, w, self.distill_options(CONTEXT, "sdpo")))
+            self.watch(rows.extras[CONTEXT])
         return parts, {}
+
+    def watch(self, taught: torch.Tensor) -> None:
+        """TRL's diagnostic: say when no row of the step had a teacher, at the first such step in a row and
+        every ``diagnostics_warning_interval``-th."""
+        every = self.opts.diagnostics_warning_interval
+        self.idle = 0 if bool(taught.any()) else self.idle + 1
+        if every and self.idle and (self.idle == 1 or self.idle % every == 0):
+            log.warning(
+                "SDPO distils nothing this step (%d in a row): no rollout of its groups reached "
+                "sdpo.success_reward_threshold (%s) and none was shown feedback; lower the threshold, give "
+                "feedback, or set sdpo.distillation_weight below 1 so that the policy part trains meanwhile",
+                self.idle,
+                self.opts.success_reward_threshold,
+            )
