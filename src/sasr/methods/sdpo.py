@@ -177,7 +177,8 @@ class SDPO(SelfDistillation):
             parts.append(Part("policy", "pg", rollout, 1.0 - w, clip))
         if w > 0.0:
             parts.append(Part("distill", "self_distill", rollout, w, self.distill_options(CONTEXT, "sdpo")))
-            self.watch(rows.extras[CONTEXT])
+            if CONTEXT in rows.extras:  # made by the collector once the groups are scored
+                self.watch(rows.extras[CONTEXT])
         return parts, {}
 
     def watch(self, taught: torch.Tensor) -> None:
