@@ -376,7 +376,8 @@ GROUP_ROWS: Registry[GroupRows] = Registry(
 PROMPT_EXTENSIONS: Registry[PromptExtension] = Registry(
     "prompt extension",
     "sasr.batch.PROMPT_EXTENSIONS",
-    "the tokens a prompt goes on with before its rollouts are sampled (`Gather.extend_prompts`)",
+    "what a prompt shows when its rollouts are sampled: tokens after the assistant header, text at the end of "
+    "the question, or another chat (`PromptExtension.where`; `Gather.extend_prompts`)",
 )
 CONTEXTS: Registry[ContextMaker] = Registry(
     "context maker",

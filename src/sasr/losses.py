@@ -338,7 +338,8 @@ class LossTerm:
 PART_LOSSES: Registry[LossTerm] = Registry(
     "part loss",
     "sasr.losses.PART_LOSSES",
-    "a loss term a `Part` names (`LossTerm`: the function, the run's settings it reads, the passes it needs)",
+    "a loss term a `Part` names (`LossTerm`: the function, the run's settings it reads, the passes it needs, "
+    "the divergence it asks of the policy pass)",
 )
 
 
