@@ -35,6 +35,11 @@ KINDS = ("sft", "grpo", "sdft")
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # HBM bytes/s by card name (SXM parts)
 
 
+def sdft_alpha(a) -> float:
+    """SDFT's alpha on both sides: 1 (the only one sampled_token takes), else TRL's default 0.5."""
+    return 1.0 if a.sdft_mode == "sampled_token" else 0.5
+
+
 def sasr_config(a, method: str, out: str) -> dict:
     return {
         "method": method,
@@ -56,7 +61,7 @@ def sasr_config(a, method: str, out: str) -> dict:
         },
         "sdft": {
             "distillation_mode": a.sdft_mode,
-            "distillation_alpha": 1.0 if a.sdft_mode == "sampled_token" else 0.5,
+            "distillation_alpha": sdft_alpha(a),
         },
         "eval": {"before": False, "after": False},
         "save_final": False,
@@ -134,6 +139,7 @@ def run_trl(a, kind: str) -> list[float]:
         temperature=1.0,
         top_k=0,
     )
+    shared = dict(model=model, processing_class=tok, peft_config=peft, callbacks=[Timer()])
     with tempfile.TemporaryDirectory() as out:
         if kind == "grpo":
             from trl import GRPOConfig, GRPOTrainer
@@ -145,15 +151,7 @@ def run_trl(a, kind: str) -> list[float]:
                 return [task.score(t, Example("", "", a)).reward for t, a in zip(texts, answer)]
 
             args = GRPOConfig(output_dir=out, beta=a.beta, loss_type=a.loss_type, **sampling, **common)
-            trainer = GRPOTrainer(
-                model=model,
-                reward_funcs=reward,
-                args=args,
-                train_dataset=data,
-                processing_class=tok,
-                peft_config=peft,
-                callbacks=[Timer()],
-            )
+            trainer = GRPOTrainer(reward_funcs=reward, args=args, train_dataset=data, **shared)
         elif kind == "sdft":  # the teacher: the base model shown the demonstration; the loss of --sdft-mode
             from trl.experimental.sdft import SDFTConfig, SDFTTrainer
 
@@ -163,19 +161,12 @@ def run_trl(a, kind: str) -> list[float]:
             args = SDFTConfig(
                 output_dir=out,
                 distillation_mode=a.sdft_mode,
-                distillation_alpha=1.0 if a.sdft_mode == "sampled_token" else 0.5,
+                distillation_alpha=sdft_alpha(a),
                 teacher_model_kind="base",
                 **sampling,
                 **common,
             )
-            trainer = SDFTTrainer(
-                model=model,
-                args=args,
-                train_dataset=data,
-                processing_class=tok,
-                peft_config=peft,
-                callbacks=[Timer()],
-            )
+            trainer = SDFTTrainer(args=args, train_dataset=data, **shared)
         else:
             from trl import SFTConfig, SFTTrainer
 
@@ -191,14 +182,7 @@ def run_trl(a, kind: str) -> list[float]:
             args = SFTConfig(
                 output_dir=out, per_device_train_batch_size=a.sft_batch, max_length=512, **common
             )
-            trainer = SFTTrainer(
-                model=model,
-                args=args,
-                train_dataset=data,
-                processing_class=tok,
-                peft_config=peft,
-                callbacks=[Timer()],
-            )
+            trainer = SFTTrainer(args=args, train_dataset=data, **shared)
         trainer.train()
     return times[a.warmup :]
 

@@ -23,7 +23,7 @@ from sasr import fsdp, metrics
 from sasr.batch import Apply, Gather, Part, Plan, Rows
 from sasr.config import TrainConfig
 from sasr.errors import SasrError
-from sasr.logprobs import anchored_logprobs
+from sasr.logprobs import anchored_logprobs, selective_log_softmax
 from sasr.losses import PART_LOSSES, Norm
 from sasr.objective import PassOutputs, loss_mask, micro_loss, options
 from sasr.passes import ANCHOR, PASSES
@@ -372,10 +372,8 @@ class Learner:
         if not PASSES[name].whole:
             return cache[name]
         key = f"{name}:tokens"
-        if key not in cache:
-            logits = cache[name]  # [b, T, V] over the temperature
-            chosen = logits.gather(-1, sub.completion_ids[..., None]).squeeze(-1)
-            cache[key] = chosen - torch.stack([row.logsumexp(-1) for row in logits])  # a [T, V] temporary
+        if key not in cache:  # its logits are over the temperature already
+            cache[key], _ = selective_log_softmax(cache[name], sub.completion_ids)
         return cache[key]
 
     def anchor(

@@ -303,12 +303,12 @@ def anchored_logprobs(
             target, fn = divergence
             chunk, ids = max(1, CHUNK_ELEMENTS // parts[0].size(-1)), rows.tolist()
             starts = [sum(widths[:k]) for k in range(len(parts))]
-            out = [
-                (*o, token_divergence(p, target, fn, temperature, chunk, ids, a))
-                for o, p, a in zip(out, parts, starts)
+            pieces = [
+                token_divergence(p, target, fn, temperature, chunk, ids, a) for p, a in zip(parts, starts)
             ]
-        for i, into in ((0, logps), (1, entropies), (2, crosses), (3, divergences)):
-            if i < len(out[0]) and out[0][i] is not None:
+            divergences.append(torch.nn.functional.pad(torch.cat(pieces, dim=1), (0, T - t)))
+        for i, into in ((0, logps), (1, entropies), (2, crosses)):
+            if out[0][i] is not None:
                 into.append(torch.nn.functional.pad(torch.cat([o[i] for o in out], dim=1), (0, T - t)))
     back = torch.cat([rows for rows, _ in groups]).argsort()  # [B]: group order -> row order
     return (
@@ -346,8 +346,7 @@ def completion_distributions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's whole next-token distribution at each completion position: probs [B, T, V] (float32) and
     sum_v q_v log q_v [B, T] (minus the entropy), one plain pass, no gradient."""
-    logq = completion_scaled_logits(model, input_ids, attention_mask, n_completion, temperature).log_softmax(
-        -1
-    )
+    scaled = completion_scaled_logits(model, input_ids, attention_mask, n_completion, temperature)
+    logq = scaled.log_softmax(-1)  # [B, T, V]
     q = logq.exp()
     return q, (q * logq).sum(-1)

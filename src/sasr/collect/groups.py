@@ -79,19 +79,18 @@ def prompt_texts(
     """Each example's prompt as its rollouts are sampled from it (its chat, extended as
     ``gather.extend_prompts`` says if it asks), the text of shown answer tokens the judge reads with the
     completion ('' elsewhere), and the example's own prompt where the rows keep it (else None)."""
-    kwargs = c.config.model.chat_template_kwargs
-    plain = render_prompts(c.tokenizer, c.task, examples, kwargs)
-    none = [""] * len(examples)
+    kwargs, none = c.config.model.chat_template_kwargs, [""] * len(examples)
     if gather.extend_prompts is None:
-        return plain, none, None
+        return render_prompts(c.tokenizer, c.task, examples, kwargs), none, None
     extension, args = PROMPT_EXTENSIONS[gather.extend_prompts.name], gather.extend_prompts.args
     made = [extension.make(c, step, ex, **args) for ex in examples]
-    own = plain if extension.sample_only else None
+    own = render_prompts(c.tokenizer, c.task, examples, kwargs) if extension.sample_only else None
     if extension.where == "chat":
         return render_chats(c.tokenizer, made, kwargs), none, own
     if extension.where == "question":
         chats = [with_question_text(c.task.messages(ex), text) for ex, text in zip(examples, made)]
         return render_chats(c.tokenizer, chats, kwargs), none, own
+    plain = own if own is not None else render_prompts(c.tokenizer, c.task, examples, kwargs)
     shown = [c.tokenizer.decode(ids) for ids in made]
     return [p + s for p, s in zip(plain, shown)], shown if extension.judged else none, own
 

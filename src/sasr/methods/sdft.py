@@ -48,9 +48,7 @@ def demonstration_chat(c, example, template: str, skip: bool) -> list[dict] | No
             "none; give every prompt one, draw only those that have one "
             "(sdft.prompts_with_demonstration_only=true), or set sdft.skip_prompts_without_demonstration=true"
         )
-    messages = c.task.messages(example)
-    text = template.format(prompt=messages[-1]["content"], privileged_context=c.task.target(example))
-    return teacher_chat(messages, text)
+    return teacher_chat(c.task.messages(example), template, privileged_context=c.task.target(example))
 
 
 def teacher_contexts(c, step: int, examples: list, rows: Rows, template: str, skip: bool):

@@ -78,9 +78,7 @@ def successful_rollout_contexts(
             filled, solved = solution.format(successful_previous_attempt=text), solved + 1
         feedback = how["feedback_template"].format(feedback_raw=raw) if told_here else ""
         told += told_here
-        messages = c.task.messages(examples[g])
-        text = reprompt.format(prompt=messages[-1]["content"], solution=filled, feedback=feedback)
-        chats.append(teacher_chat(messages, text))
+        chats.append(teacher_chat(c.task.messages(examples[g]), reprompt, solution=filled, feedback=feedback))
     n = max(len(chats), 1)
     stats = {
         "sdpo_success_group_fraction": len(successes) / max(len(members), 1),

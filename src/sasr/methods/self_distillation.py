@@ -92,11 +92,15 @@ def register_metrics(label: str, method: str) -> None:
     )
 
 
-def teacher_chat(messages: list[dict], text: str) -> list[dict]:
-    """``messages`` with the last turn (a user turn, as TRL requires) replaced by one with ``text``."""
+def teacher_chat(messages: list[dict], template: str, **fields: str) -> list[dict]:
+    """``messages`` with the last turn (a user turn, as TRL requires) replaced by one holding ``template``
+    filled with its text (``{prompt}``) and ``fields``."""
     if not messages or messages[-1].get("role") != "user":
         raise SasrError("a teacher prompt needs a prompt that ends with a user turn, as TRL's")
-    return [*messages[:-1], {"role": "user", "content": text}]
+    return [
+        *messages[:-1],
+        {"role": "user", "content": template.format(prompt=messages[-1]["content"], **fields)},
+    ]
 
 
 def teacher_pass(options: dict[str, Any]) -> str:
